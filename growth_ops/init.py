@@ -1,0 +1,34 @@
+"""Initial values of canonical tensors: the rule shared by fresh models and new weights
+added by growth, so grown structures start at the model's own init scale."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import ModelSpec, is_norm, is_output_projection
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's geometric slopes (Press et al.), with their rule for non-power-of-2 counts."""
+    def power_of_2(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if heads & (heads - 1) == 0:
+        return torch.tensor(power_of_2(heads))
+    below = 2 ** math.floor(math.log2(heads))
+    extra = power_of_2(2 * below)[0::2][: heads - below]
+    return torch.tensor(power_of_2(below) + extra)
+
+
+def init_tensor(name: str, shape: tuple[int, ...], spec: ModelSpec,
+                generator: torch.Generator | None) -> torch.Tensor:
+    if name == "alibi_slopes":
+        return alibi_slopes(shape[0])
+    if is_norm(name):
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    std = spec.init_std
+    if is_output_projection(name):
+        std = std / math.sqrt(2 * spec.layers)  # GPT-2: keep the residual's variance flat in depth
+    return torch.empty(shape).normal_(0.0, std, generator=generator)

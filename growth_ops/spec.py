@@ -1,0 +1,117 @@
+"""The canonical model description: shape, architecture options and tensor names.
+
+Every engine builds its model from a `ModelSpec` and names its parameters exactly as
+`parameter_axes` does, so a canonical checkpoint is just `{name: tensor}` and growth
+operators can work on it without knowing any engine.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    position: str = "rope"  # rope | alibi
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head (1 for multi-head attention)."""
+        return self.heads // self.kv_heads
+
+    def with_shape(self, **shape) -> "ModelSpec":
+        return replace(self, **shape)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**d)
+
+
+# Axis kinds of a tensor dimension; growth maps each kind with its own index map.
+HIDDEN, FFN, Q, KV, HEADS, VOCAB = "hidden", "ffn", "q", "kv", "heads", "vocab"
+
+
+def layer_parameter_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """Names (relative to `layers.<i>.`) and axis kinds of one block's tensors."""
+    axes = {
+        "attn_norm.weight": (HIDDEN,),
+        "attn.q.weight": (Q, HIDDEN),
+        "attn.k.weight": (KV, HIDDEN),
+        "attn.v.weight": (KV, HIDDEN),
+        "attn.o.weight": (HIDDEN, Q),
+        "mlp_norm.weight": (HIDDEN,),
+        "mlp.up.weight": (FFN, HIDDEN),
+        "mlp.down.weight": (HIDDEN, FFN),
+    }
+    if spec.mlp == "swiglu":
+        axes["mlp.gate.weight"] = (FFN, HIDDEN)
+    if spec.norm == "layernorm":
+        axes["attn_norm.bias"] = (HIDDEN,)
+        axes["mlp_norm.bias"] = (HIDDEN,)
+    return axes
+
+
+def parameter_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """Every trainable tensor of the canonical state, in model order, with axis kinds."""
+    axes: dict[str, tuple[str, ...]] = {"embed.weight": (VOCAB, HIDDEN)}
+    for i in range(spec.layers):
+        for name, kinds in layer_parameter_axes(spec).items():
+            axes[f"layers.{i}.{name}"] = kinds
+    axes["final_norm.weight"] = (HIDDEN,)
+    if spec.norm == "layernorm":
+        axes["final_norm.bias"] = (HIDDEN,)
+    if not spec.tie_embeddings:
+        axes["head.weight"] = (VOCAB, HIDDEN)
+    return axes
+
+
+def buffer_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """Non-trainable tensors that are part of the function (kept in checkpoints)."""
+    return {"alibi_slopes": (HEADS,)} if spec.position == "alibi" else {}
+
+
+def axis_size(spec: ModelSpec, kind: str) -> int:
+    return {HIDDEN: spec.hidden, FFN: spec.ffn, Q: spec.q_dim, KV: spec.kv_dim,
+            HEADS: spec.heads, VOCAB: spec.vocab}[kind]
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    total = 0
+    for kinds in parameter_axes(spec).values():
+        n = 1
+        for k in kinds:
+            n *= axis_size(spec, k)
+        total += n
+    return total
+
+
+def is_output_projection(name: str) -> bool:
+    """Projections writing into the residual stream get the depth-scaled init."""
+    return name.endswith("attn.o.weight") or name.endswith("mlp.down.weight")
+
+
+def is_norm(name: str) -> bool:
+    return "norm." in name

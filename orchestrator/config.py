@@ -1,0 +1,169 @@
+"""Typed schema of a run's configuration.
+
+Hydra composes plain YAML; `orchestrator.validate.load_config` checks it against these
+dataclasses (unknown keys, types, ranges, shapes, growth reachability) and returns a
+`RunConfig` before any compute is spent. Field comments document the allowed values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Architecture options fixed for the whole schedule (shapes live in the stages)."""
+
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    position: str = "rope"  # rope | alibi
+    rope_theta: float = 10000.0
+    head_dim: int = 32  # fixed across growth: RoPE frequencies depend on it
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    vocab_size: Optional[int] = None  # null: the tokenizer's, padded to vocab_multiple
+    vocab_multiple: int = 64
+
+
+@dataclass
+class ShapeConfig:
+    layers: int = 2
+    hidden: int = 64
+    ffn: int = 172
+    heads: int = 2
+    kv_heads: Optional[int] = None  # null: same as heads (multi-head attention)
+
+
+@dataclass
+class LRConfig:
+    peak: Optional[float] = None  # null: inherit the learning rate the last stage ended at
+    warmup_steps: int = 0  # linear 0 -> peak; after a growth this is the re-warm
+    min: float = 0.0  # floor of the decay
+    decay: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class GrowthConfig:
+    """How a stage's shape is reached from the previous one. Null fields inherit the
+    top-level `growth` group."""
+
+    operator: Optional[str] = None  # msg
+    ramp_steps: Optional[int] = None  # steps for the masks to go 0 -> 1
+    layer_insert: Optional[str] = None  # append | interleave
+    tolerance: Optional[float] = None  # max |val_after - val_before| for preserving operators
+
+
+@dataclass
+class LayoutConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: Optional[int] = None  # null: the whole per-rank batch at once
+
+
+@dataclass
+class StageConfig:
+    name: str = "???"
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    tokens: int = 0  # training tokens; rounded down to whole steps of batch_size*seq_len
+    batch_size: int = 16  # sequences per global batch
+    seq_len: int = 128
+    lr: LRConfig = field(default_factory=LRConfig)
+    growth: Optional[GrowthConfig] = None  # null on the first stage
+    mixture: Optional[Dict[str, float]] = None  # weights over data.sources; null: all equal
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "default"
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "byte"  # byte | bpe
+    vocab_size: int = 4096  # bpe only
+    train_chars: int = 20_000_000  # bpe only: characters of training text to learn from
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "embedded"  # embedded | files
+    paths: List[str] = field(default_factory=list)  # files: files or directories
+    format: str = "auto"  # auto | text | jsonl
+    jsonl_key: str = "text"
+    glob: str = "*"  # files in directories that are read
+
+
+@dataclass
+class DataConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    val_fraction: float = 0.02  # of documents, chosen by a hash of their name
+    cache_dir: str = "~/.cache/growth-orchestrator"
+
+
+@dataclass
+class TrainConfig:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: off
+    eval_every_steps: int = 100
+    eval_batches: int = 4
+    log_every_steps: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    keep: int = 2  # newest mid-stage checkpoints kept per stage; stage-final ones are kept
+
+
+@dataclass
+class EngineConfig:
+    name: str = "local"  # local
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16
+    threads: Optional[int] = None  # torch intra-op threads; null: torch's default
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    usd_per_gpu_hour: float = 0.0
+    peak_tflops_per_gpu: float = 1.0  # for MFU
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # null: MLflow's default, sqlite:///<cwd>/mlflow.db
+    experiment: str = "growth"
+    flush_every_s: float = 5.0
+
+
+@dataclass
+class BudgetConfig:
+    max_usd: Optional[float] = None
+    max_flops: Optional[float] = None
+    max_tokens: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    run_dir: str = "???"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)

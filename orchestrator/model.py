@@ -1,0 +1,221 @@
+"""One decoder-only LM for every engine, with MSG growth masks built in.
+
+Parameter names equal the canonical checkpoint's (`growth_ops.spec.parameter_axes`), and
+the network is a flat sequence (embedding, blocks, final norm, head) so a pipeline can cut
+it between blocks. Masks are None outside a growth ramp, and then cost nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growth_ops.init import init_tensor
+from growth_ops.masks import MaskState
+from growth_ops.spec import ModelSpec, buffer_axes, count_parameters, parameter_axes
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm. Under a hidden-size mask the statistics are taken over the
+    masked coordinates (divided by the mask's sum), so at mask 0 the new residual
+    coordinates, which are then zero, leave the old output exactly unchanged."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.kind, self.eps = spec.norm, spec.norm_eps
+        self.weight = nn.Parameter(torch.ones(spec.hidden))
+        self.bias = nn.Parameter(torch.zeros(spec.hidden)) if spec.norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            if self.kind == "rmsnorm":
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        count = mask.sum()
+        if self.kind == "layernorm":
+            mean = (x * mask).sum(-1, keepdim=True) / count
+            x = x - mean
+        var = (x * x * mask).sum(-1, keepdim=True) / count
+        y = x * torch.rsqrt(var + self.eps) * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y * mask
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout (as Llama)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
+    pos = torch.arange(seq_len, device=slopes.device)
+    distance = (pos[None, :] - pos[:, None]).float()  # j - i, <= 0 below the diagonal
+    bias = slopes.float()[:, None, None] * distance[None]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=slopes.device).tril()
+    return bias.masked_fill(~causal, float("-inf"))[None]  # [1, heads, T, T]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
+        self.q = nn.Linear(spec.hidden, spec.q_dim, bias=False)
+        self.k = nn.Linear(spec.hidden, spec.kv_dim, bias=False)
+        self.v = nn.Linear(spec.hidden, spec.kv_dim, bias=False)
+        self.o = nn.Linear(spec.q_dim, spec.hidden, bias=False)
+
+    def forward(self, x, rope, bias, head_mask):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = self.kv_heads != self.heads
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=gqa)
+        if head_mask is not None:
+            y = y * head_mask[None, :, None, None]
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.swiglu = spec.mlp == "swiglu"
+        self.up = nn.Linear(spec.hidden, spec.ffn, bias=False)
+        self.gate = nn.Linear(spec.hidden, spec.ffn, bias=False) if self.swiglu else None
+        self.down = nn.Linear(spec.ffn, spec.hidden, bias=False)
+
+    def forward(self, x, ffn_mask):
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x))
+        if ffn_mask is not None:
+            h = h * ffn_mask
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attn_norm, self.attn = Norm(spec), Attention(spec)
+        self.mlp_norm, self.mlp = Norm(spec), MLP(spec)
+        # (head mask, ffn mask, layer mask); set by DecoderLM.set_masks
+        self.masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
+
+    def forward(self, x, hidden_mask, rope, bias):
+        head_mask, ffn_mask, layer_mask = self.masks
+        a = self.attn(self.attn_norm(x, hidden_mask), rope, bias, head_mask)
+        if hidden_mask is not None:
+            a = a * hidden_mask
+        f = self.mlp(self.mlp_norm(x + a, hidden_mask), ffn_mask)
+        if hidden_mask is not None:
+            f = f * hidden_mask
+        if layer_mask is not None:  # MSG depth: m * Block(x) + (1 - m) * x
+            return x + layer_mask * (a + f)
+        return x + a + f
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab, spec.hidden)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.layers))
+        self.final_norm = Norm(spec)
+        self.head = None if spec.tie_embeddings else nn.Linear(spec.hidden, spec.vocab, bias=False)
+        if spec.position == "alibi":
+            self.register_buffer("alibi_slopes", torch.zeros(spec.heads))
+        self.hidden_mask: torch.Tensor | None = None
+        self._rope_cache: dict = {}
+
+    # -- canonical state -------------------------------------------------------------
+    def init_weights(self, generator: torch.Generator) -> None:
+        state = {name: init_tensor(name, tuple(t.shape), self.spec, generator)
+                 for name, t in self.canonical_state().items()}
+        self.load_canonical(state)
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        names = {**parameter_axes(self.spec), **buffer_axes(self.spec)}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_canonical(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=True)
+
+    # -- growth masks ----------------------------------------------------------------
+    def set_masks(self, masks: MaskState | None) -> None:
+        """Install mask tensors for the current ramp value; None (or a finished ramp)
+        removes them so the forward pass is the plain one."""
+        dev = self.embed.weight.device
+        if masks is None or masks.done:
+            self.hidden_mask = None
+            for block in self.layers:
+                block.masks = (None, None, None)
+            return
+
+        def vector(size: int, new: list[int]) -> torch.Tensor | None:
+            if not new:
+                return None
+            m = torch.ones(size, device=dev)
+            m[new] = masks.value
+            return m
+
+        spec = self.spec
+        self.hidden_mask = vector(spec.hidden, masks.hidden_new)
+        heads, ffn = vector(spec.heads, masks.heads_new), vector(spec.ffn, masks.ffn_new)
+        layer = torch.tensor(masks.value, device=dev)
+        for i, block in enumerate(self.layers):
+            block.masks = (None, None, layer) if i in masks.layers_new else (heads, ffn, None)
+
+    # -- forward ---------------------------------------------------------------------
+    def _positions(self, t: int, device):
+        if self.spec.position == "alibi":
+            return None, alibi_bias(self.alibi_slopes, t)
+        key = (t, device)
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_tables(t, self.spec.head_dim, self.spec.rope_theta, device)}
+        return self._rope_cache[key], None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.hidden_mask is not None:
+            x = x * self.hidden_mask
+        rope, bias = self._positions(tokens.shape[1], tokens.device)
+        for block in self.layers:
+            x = block(x, self.hidden_mask, rope, bias)
+        x = self.final_norm(x, self.hidden_mask)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a [B, T+1] token batch, in fp32."""
+        logits = self(batch[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> DecoderLM:
+    model = DecoderLM(spec)
+    if seed is not None:
+        model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs of QK^T and AV per token (PaLM's 12 * L * H * d_head * T)."""
+    return 12.0 * spec.layers * spec.q_dim * seq_len
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """6 x the parameters that do matrix work per token (all but the embedding lookup;
+    the output head counts, tied or not) plus the attention term."""
+    matmul_params = count_parameters(spec) - (0 if spec.tie_embeddings else spec.vocab * spec.hidden)
+    return 6.0 * matmul_params + attention_flops_per_token(spec, seq_len)
