@@ -33,15 +33,15 @@ def check_growth(old: ModelSpec, new: ModelSpec, layer_insert: str = "append") -
         if getattr(old, f) != getattr(new, f):
             raise GrowthError(f, f"growth cannot change the architecture ({getattr(old, f)!r} -> "
                                  f"{getattr(new, f)!r})")
+    for f in ("layers", "hidden", "ffn", "heads", "kv_heads"):
+        if getattr(new, f) < getattr(old, f):
+            raise GrowthError(f, f"cannot shrink ({getattr(old, f)} -> {getattr(new, f)}); "
+                                 f"allowed: >= {getattr(old, f)}")
     if new.head_dim != old.head_dim:
         raise GrowthError("head_dim", f"must stay {old.head_dim}: growth adds heads, "
                                       "it never changes the head dimension")
     if new.vocab != old.vocab:
         raise GrowthError("vocab", f"must stay {old.vocab}")
-    for f in ("layers", "hidden", "ffn", "heads", "kv_heads"):
-        if getattr(new, f) < getattr(old, f):
-            raise GrowthError(f, f"cannot shrink ({getattr(old, f)} -> {getattr(new, f)}); "
-                                 f"allowed: >= {getattr(old, f)}")
     if new.heads % new.kv_heads:
         raise GrowthError("kv_heads", f"{new.kv_heads} does not divide heads={new.heads}")
     if new.group_size < old.group_size:

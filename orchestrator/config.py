@@ -18,7 +18,6 @@ class ModelConfig:
     mlp: str = "swiglu"  # swiglu | gelu
     position: str = "rope"  # rope | alibi
     rope_theta: float = 10000.0
-    head_dim: int = 32  # fixed across growth: RoPE frequencies depend on it
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -28,6 +27,9 @@ class ModelConfig:
 
 @dataclass
 class ShapeConfig:
+    """head_dim = hidden / heads, and it must stay fixed across growth (RoPE's
+    frequencies depend on it), so width growth adds heads."""
+
     layers: int = 2
     hidden: int = 64
     ffn: int = 172
@@ -71,7 +73,7 @@ class StageConfig:
     seq_len: int = 128
     lr: LRConfig = field(default_factory=LRConfig)
     growth: Optional[GrowthConfig] = None  # null on the first stage
-    mixture: Optional[Dict[str, float]] = None  # weights over data.sources; null: all equal
+    mixture: Dict[str, float] = field(default_factory=dict)  # weights over data.sources; {}: all equal
     layout: LayoutConfig = field(default_factory=LayoutConfig)
 
 
@@ -167,3 +169,11 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+def register_schema() -> None:
+    """Make the schema Hydra's base config (`- schema` in conf/config.yaml), so every key
+    of a stage exists with its default and can be overridden without a `+`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RunConfig)

@@ -1,0 +1,167 @@
+"""The canonical checkpoint: full tensors by self-explaining name, Adam moments beside
+them, and a JSON with everything else needed to resume (shape, masks, step, tokens, data
+cursor, RNG, ledger, tracking ids).
+
+Layout: `<run_dir>/checkpoints/<index>-<stage>/step_<NNNNNNNN>/` holding `model.safetensors`,
+`optimizer.safetensors`, `meta.json` and `manifest.json` (sha256 of each file). A
+checkpoint is written under a temporary name, fsynced and renamed; `latest` is replaced
+last, so it never points at a partial checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def checkpoint_dir(run_dir: Path, stage_index: int, stage_name: str, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{stage_index}-{stage_name}" / f"step_{step:08d}"
+
+
+def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
+                    moments: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
+    """Write a checkpoint atomically at `path` and point `latest` at it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / "model.safetensors")
+    optim = {f"{kind}.{name}": t.detach().contiguous().cpu()
+             for kind in MOMENTS for name, t in moments.get(kind, {}).items()}
+    save_file(optim, tmp / "optimizer.safetensors")
+    with open(tmp / "meta.json", "w") as f:
+        json.dump({"format": FORMAT_VERSION, **meta}, f, indent=1)
+    files = ["model.safetensors", "optimizer.safetensors", "meta.json"]
+    for name in files:
+        _fsync_file(tmp / name)
+    manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in files}
+    with open(tmp / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+    _fsync_file(tmp / "manifest.json")
+    _fsync_dir(tmp)
+    if path.exists():  # the same step saved again after a resume: swap, never leave a gap
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    latest = path.parents[1] / "latest"
+    write_json_atomic(latest, {"path": str(path.relative_to(path.parents[1]))})
+    return path
+
+
+def verify(path: Path) -> None:
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.exists():
+        raise CheckpointError(f"{manifest_path} is missing")
+    manifest = json.loads(manifest_path.read_text())
+    for name, entry in manifest.items():
+        f = Path(path) / name
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing")
+        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"{f} does not match its checksum")
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict]:
+    path = Path(path)
+    verify(path)
+    model = load_file(path / "model.safetensors")
+    optim = load_file(path / "optimizer.safetensors")
+    moments: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in MOMENTS}
+    for key, t in optim.items():
+        kind, name = key.split(".", 1)
+        moments[kind][name] = t
+    return model, moments, read_meta(path)
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by stage index, then step)."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    for stage_dir in root.glob("*-*"):
+        idx = stage_dir.name.split("-", 1)[0]
+        if not (stage_dir.is_dir() and idx.isdigit()):
+            continue
+        for ckpt in stage_dir.glob("step_*"):
+            if ckpt.is_dir():
+                found.append((int(idx), int(ckpt.name[5:]), ckpt))
+    return [p for _, _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `latest` if it verifies, else the newest one that
+    does, with a warning naming what was skipped."""
+    root = Path(run_dir) / "checkpoints"
+    candidates = list(reversed(all_checkpoints(run_dir)))
+    pointer = root / "latest"
+    if pointer.exists():
+        target = root / json.loads(pointer.read_text())["path"]
+        candidates = [target] + [c for c in candidates if c != target]
+    for ckpt in candidates:
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def prune(stage_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints of a stage (stage-final ones stay)."""
+    ckpts = sorted(p for p in Path(stage_dir).glob("step_*") if p.is_dir())
+    mid = [p for p in ckpts if not read_meta(p).get("stage_complete")]
+    for p in mid[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""The local engine: plain PyTorch in one process, on the CPU or one GPU."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from growth_ops.masks import MaskState
+from growth_ops.spec import ModelSpec
+
+from ..config import RunConfig, StageConfig
+from ..model import DecoderLM
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+class LocalEngine:
+    devices = 1  # devices billed per step
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, spec: ModelSpec):
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        self.cfg, self.spec = cfg, spec
+        self.device = pick_device(cfg.engine.device)
+        self.bf16 = cfg.engine.dtype == "bf16"
+        self.micro = stage.layout.micro_batch_size or stage.batch_size
+        self.model = DecoderLM(spec).to(self.device)
+        t = cfg.train
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
+        self.masks: MaskState | None = None
+
+    # -- canonical state -------------------------------------------------------------
+    def load(self, state: dict, moments: dict | None, step: int, masks: MaskState | None) -> None:
+        self.model.load_canonical({k: v.to(self.device) for k, v in state.items()})
+        self.masks = masks
+        self.model.set_masks(masks)
+        if step == 0 or not moments:
+            return
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": moments["exp_avg"][name].to(self.device, torch.float32).clone(),
+                "exp_avg_sq": moments["exp_avg_sq"][name].to(self.device, torch.float32).clone()}
+
+    def export(self) -> tuple[dict, dict, int]:
+        """(weights, {exp_avg, exp_avg_sq}, optimizer step) on the CPU."""
+        state = {k: v.detach().cpu().clone() for k, v in self.model.canonical_state().items()}
+        moments: dict = {"exp_avg": {}, "exp_avg_sq": {}}
+        step = 0
+        for name, p in self.model.named_parameters():
+            s = self.optimizer.state.get(p)
+            if s:
+                moments["exp_avg"][name] = s["exp_avg"].detach().cpu().clone()
+                moments["exp_avg_sq"][name] = s["exp_avg_sq"].detach().cpu().clone()
+                step = int(s["step"])
+        return state, moments, step
+
+    # -- compute ---------------------------------------------------------------------
+    def _autocast(self, exact: bool = False):
+        if self.bf16 and not exact:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        """One optimizer step on a global batch [B, T+1]; returns (loss, grad norm)."""
+        self.model.set_masks(self.masks)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch.to(self.device, non_blocking=True)
+        chunks = batch.split(self.micro)
+        total = torch.zeros((), device=self.device)
+        for chunk in chunks:
+            with self._autocast():
+                loss = self.model.loss(chunk) / len(chunks)
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masks is not None:
+            self.masks.advance()
+        return total.item(), norm.item()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
+        """Mean loss over fixed batches; `exact` forces fp32 (for growth checks)."""
+        self.model.eval()
+        self.model.set_masks(self.masks)
+        losses = []
+        for b in batches:
+            with self._autocast(exact):
+                losses.append(self.model.loss(b.to(self.device)).item())
+        self.model.train()
+        return sum(losses) / len(losses)

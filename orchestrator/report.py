@@ -1,0 +1,101 @@
+"""What the user sees at the end: summary.json, a table, and the loss curve with growths."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import write_json_atomic
+from .ledger import Ledger
+
+
+class MetricsLog:
+    """`metrics.jsonl`: every logged point, kept on disk for the plot. Steps redone after
+    a resume are appended again; readers keep the last value per (key, step)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, stage: str, step: int, metrics: dict) -> None:
+        self._file.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        points: dict[tuple, dict] = {}
+        if Path(path).exists():
+            for line in Path(path).read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                points[(rec["step"], tuple(sorted(k for k in rec if k not in ("stage", "step"))))] = rec
+        return sorted(points.values(), key=lambda r: r["step"])
+
+
+def build_summary(entries: list[dict], ledger: Ledger, tracking: dict, status: str) -> dict:
+    total = ledger.total
+    return {
+        "status": status,
+        "stages": entries,
+        "totals": {"tokens": total.tokens, "flops": total.flops, "gpu_hours": total.gpu_hours,
+                   "cost_usd": total.cost_usd, "wall_s": total.wall_s},
+        "mlflow": {"tracking_uri": tracking.get("tracking_uri"), "experiment": tracking.get("experiment"),
+                   "parent_run_id": tracking.get("parent_run_id")},
+    }
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    path = Path(run_dir) / "summary.json"
+    write_json_atomic(path, summary)
+    return path
+
+
+def print_table(console: Console, summary: dict) -> None:
+    table = Table(title=f"Growth schedule: {summary['status']}")
+    for col in ("stage", "params", "tokens", "steps", "PFLOPs", "growth", "val before -> after", "val loss"):
+        table.add_column(col, justify="left" if col in ("stage", "growth") else "right")
+    for s in summary["stages"]:
+        g = s["growth"]
+        table.add_row(s["name"], f"{s['params']:,}", f"{s['tokens']:,}", str(s["steps"]),
+                      f"{s['flops'] / 1e15:.4f}", g["operator"] if g else "-",
+                      f"{g['val_loss_before']:.5f} -> {g['val_loss_after']:.5f}" if g else "-",
+                      f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "-")
+    t = summary["totals"]
+    table.add_row("total", "", f"{t['tokens']:,}", "", f"{t['flops'] / 1e15:.4f}", "", "",
+                  "", style="bold")
+    console.print(table)
+    console.print(f"GPU-hours {t['gpu_hours']:.4f}  cost ${t['cost_usd']:.4f}  wall {t['wall_s']:.1f} s")
+
+
+def plot_losses(metrics_path: Path, out: Path, growth_steps: list[tuple[int, str]]) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = MetricsLog.read(metrics_path)
+    train = [(p["step"], p["train/loss"]) for p in points if "train/loss" in p]
+    val = [(p["step"], p["val/loss"]) for p in points if "val/loss" in p]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label="validation loss")
+    for step, name in growth_steps:
+        ax.axvline(step, color="tab:red", ls="--", lw=1)
+        ax.annotate(f"grow -> {name}", (step, 1), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,284 @@
+"""Run a growth schedule: resume from the latest checkpoint, grow between stages (checking
+the function is preserved), train each stage, and report."""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from growth_ops import MaskState, ModelSpec, get_operator
+
+from .checkpoint import MOMENTS, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import new_cursor, prepare_data, validation_batches
+from .engines import make_engine
+from .ledger import BudgetGuard, Ledger
+from .model import build_model
+from .report import MetricsLog, build_summary, plot_losses, print_table, write_summary
+from .stage_loop import SignalFlag, StageLoop, StageProgress, StopRequested, set_rng_state
+from .tracking import make_tracker
+from .validate import ConfigError, effective_growth, stage_spec
+
+# Config sections that define what a run computes; a resume must not change them.
+FIXED_ON_RESUME = ("seed", "model", "schedule", "growth", "data", "train")
+
+
+class GrowthCheckError(RuntimeError):
+    pass
+
+
+class RunLock:
+    """One `grow run` per run directory. flock is released by the kernel when the holder
+    dies, so a killed run never leaves the directory stuck."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+
+    def __enter__(self):
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 64).decode().strip() or "?"
+            os.close(self._fd)
+            raise ConfigError("run_dir", f"{self.path.parent} is in use by another grow run "
+                                         f"(pid {holder}); wait for it or pick another hydra.run.dir") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
+    path = run_dir / "config.json"
+    current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in FIXED_ON_RESUME}
+    if not path.exists():
+        path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in FIXED_ON_RESUME}
+
+    def diff(a, b, key=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                found = diff(a.get(k), b.get(k), f"{key}.{k}".lstrip("."))
+                if found:
+                    return found
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                found = diff(x, y, f"{key}.{i}")
+                if found:
+                    return found
+        elif a != b:
+            return key, a, b
+        return None
+
+    found = diff(saved, current)
+    if found:
+        key, old, new = found
+        raise ConfigError(key, f"differs from the run already in {run_dir} ({old!r} -> {new!r}); "
+                               "resume with the same settings or use another hydra.run.dir")
+
+
+class RunContext:
+    """What every stage shares: config, data, tracking, ledger, console."""
+
+    def __init__(self, cfg: RunConfig, console: Console):
+        self.cfg, self.console = cfg, console
+        self.run_dir = Path(cfg.run_dir)
+        self.data = prepare_data(cfg.data)
+        tok = self.data.tokenizer.vocab_size
+        m = cfg.model
+        self.vocab = m.vocab_size or -(-tok // m.vocab_multiple) * m.vocab_multiple
+        if self.vocab < tok:
+            raise ConfigError("model.vocab_size", f"{m.vocab_size} is below the tokenizer's {tok}")
+        self.specs = [stage_spec(cfg, s, self.vocab) for s in cfg.schedule.stages]
+        self.ledger = Ledger()
+        self.guard = BudgetGuard(cfg.budget, cfg.cluster)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
+                                    _flat_params(dataclasses.asdict(cfg)))
+        self._val: dict = {}
+
+    def val_batches(self, stage) -> list[torch.Tensor]:
+        key = (stage.batch_size, stage.seq_len, tuple(sorted(stage.mixture or self.data.val)))
+        if key not in self._val:
+            streams = {n: self.data.val[n] for n in key[2]}
+            self._val[key] = validation_batches(streams, stage.batch_size, stage.seq_len,
+                                                self.cfg.train.eval_batches)
+        return self._val[key]
+
+
+def _flat_params(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_params(v, key + "."))
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for i, item in enumerate(v):
+                out.update(_flat_params(item, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path):
+    """Start stage `index` from the previous stage's final checkpoint, growing the model
+    if the shape changes; checks a preserving operator kept the validation loss."""
+    cfg, stage, new_spec = ctx.cfg, ctx.cfg.schedule.stages[index], ctx.specs[index]
+    state, moments, meta = load_checkpoint(prev_ckpt)
+    ctx.ledger = Ledger.from_dict(meta["ledger"])
+    old_spec = ModelSpec.from_dict(meta["spec"])
+    progress = StageProgress(index=index, step=0, global_step_start=meta["global_step"],
+                             lr_peak=stage.lr.peak if stage.lr.peak is not None else meta["lr"],
+                             cursor=meta["data_cursor"], growth=None,
+                             completed=meta["completed_stages"])
+    if old_spec == new_spec:
+        engine = make_engine(cfg, stage, new_spec)
+        engine.load(state, moments, meta["optimizer_step"], None)
+        return engine, progress
+    growth = effective_growth(cfg, stage)
+    op = get_operator(growth.operator)
+    batches = ctx.val_batches(stage)
+    old_engine = make_engine(cfg, stage, old_spec)
+    old_engine.load(state, None, 0, None)
+    before = old_engine.evaluate(batches, exact=True)
+    del old_engine
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    grown, masks, maps = op.grow(state, old_spec, new_spec, ramp_steps=growth.ramp_steps,
+                                 layer_insert=growth.layer_insert, generator=generator)
+    grown_moments = {k: op.grow_moments(moments[k], old_spec, new_spec, maps) for k in MOMENTS}
+    engine = make_engine(cfg, stage, new_spec)
+    engine.load(grown, grown_moments, meta["optimizer_step"], masks)
+    after = engine.evaluate(batches, exact=True)
+    progress.growth = {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
+                       "preserves_function": op.PRESERVES_FUNCTION}
+    ctx.console.print(f"[bold]grow[/] {meta['stage_name']} -> {stage.name} with {growth.operator}: "
+                      f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
+    if op.PRESERVES_FUNCTION and abs(after - before) > growth.tolerance:
+        raise GrowthCheckError(
+            f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
+            f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
+            f"{growth.tolerance:g}); the operator did not preserve the function")
+    return engine, progress
+
+
+def _fresh_start(ctx: RunContext):
+    stage = ctx.cfg.schedule.stages[0]
+    engine = make_engine(ctx.cfg, stage, ctx.specs[0])
+    engine.load(build_model(ctx.specs[0], seed=ctx.cfg.seed).canonical_state(), None, 0, None)
+    progress = StageProgress(index=0, step=0, global_step_start=0, lr_peak=stage.lr.peak,
+                             cursor=new_cursor(sorted(ctx.data.train)), growth=None)
+    return engine, progress
+
+
+def _resume_stage(ctx: RunContext, ckpt: Path):
+    state, moments, meta = load_checkpoint(ckpt)
+    index = meta["stage_index"]
+    stage = ctx.cfg.schedule.stages[index]
+    engine = make_engine(ctx.cfg, stage, ctx.specs[index])
+    engine.load(state, moments, meta["optimizer_step"], MaskState.from_dict(meta["masks"]))
+    set_rng_state(meta["rng"])
+    progress = StageProgress(index=index, step=meta["step"], global_step_start=meta["global_step"] - meta["step"],
+                             lr_peak=meta["lr_peak"], cursor=meta["data_cursor"], growth=meta["growth"],
+                             lr=meta["lr"], val_loss=meta["val_loss"], completed=meta["completed_stages"])
+    ctx.ledger = Ledger.from_dict(meta["ledger"])
+    return engine, progress
+
+
+def run_schedule(cfg: RunConfig, console: Console | None = None) -> dict:
+    console = console or Console(stderr=False)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        _check_same_run(run_dir, cfg)
+        ctx = RunContext(cfg, console)
+        try:
+            summary = _run(ctx)
+        except StopRequested as stop:
+            console.print(f"[yellow]{stop}[/]; run the same command again to resume")
+            ctx.tracker.finish("KILLED")
+            raise
+        except BaseException:
+            ctx.tracker.finish("FAILED")
+            raise
+        finally:
+            ctx.metrics.close()
+    return summary
+
+
+def _run(ctx: RunContext) -> dict:
+    cfg, console, stages = ctx.cfg, ctx.console, ctx.cfg.schedule.stages
+    ckpt = latest_checkpoint(ctx.run_dir)
+    meta = json.loads((ckpt / "meta.json").read_text()) if ckpt else None
+    if meta is None:
+        engine, progress = _fresh_start(ctx)
+    elif meta["stage_complete"] and meta["stage_index"] + 1 < len(stages):
+        console.print(f"resuming after stage {meta['stage_name']} from {ckpt}")
+        engine, progress = _grow_into(ctx, meta["stage_index"] + 1, ckpt)
+        _save_growth_checkpoint(ctx, engine, progress)
+    elif meta["stage_complete"]:
+        console.print(f"{ctx.run_dir} already finished; nothing to do")
+        ctx.ledger = Ledger.from_dict(meta["ledger"])
+        return _finish(ctx, meta["completed_stages"], "complete")
+    else:
+        console.print(f"resuming stage {meta['stage_name']} at step {meta['step']} from {ckpt}")
+        engine, progress = _resume_stage(ctx, ckpt)
+
+    with SignalFlag() as signals:
+        while True:
+            index = progress.index
+            loop = StageLoop(ctx, stages[index], ctx.specs[index], engine, progress)
+            if progress.step == 0 and progress.growth:
+                loop._log_point({"growth/val_loss_before": progress.growth["val_loss_before"],
+                                 "growth/val_loss_after": progress.growth["val_loss_after"]})
+            outcome = loop.run(signals)
+            if outcome != "complete":
+                path = loop.checkpoint()
+                console.print(f"[yellow]stopped at the step boundary before {outcome} would be "
+                              f"exceeded[/]; checkpoint {path}")
+                entry = {**loop.summary_entry(), "checkpoint": str(path)}
+                return _finish(ctx, progress.completed + [entry], f"stopped: {outcome}")
+            entry = loop.summary_entry()
+            entry["checkpoint"] = str(checkpoint_dir(ctx.run_dir, index, stages[index].name, progress.step))
+            progress.completed = progress.completed + [entry]
+            final = loop.checkpoint(complete=True)
+            ctx.tracker.finish_stage(stages[index].name)
+            console.print(f"[green]stage {stages[index].name} done[/]: val loss {progress.val_loss:.4f}")
+            if index + 1 == len(stages):
+                return _finish(ctx, progress.completed, "complete")
+            engine, progress = _grow_into(ctx, index + 1, final)
+            _save_growth_checkpoint(ctx, engine, progress)
+
+
+def _save_growth_checkpoint(ctx: RunContext, engine, progress: StageProgress) -> None:
+    """Step 0 of a grown stage: the growth is done once, even if the run dies right after."""
+    stage = ctx.cfg.schedule.stages[progress.index]
+    loop = StageLoop(ctx, stage, ctx.specs[progress.index], engine, progress)
+    loop.checkpoint()
+
+
+def _finish(ctx: RunContext, entries: list[dict], status: str) -> dict:
+    summary = build_summary(entries, ctx.ledger, ctx.tracker.info, status)
+    write_summary(ctx.run_dir, summary)
+    growth_steps, step = [], 0
+    for e in entries:
+        if e["growth"]:
+            growth_steps.append((step, e["name"]))
+        step += e["steps"]
+    plot = plot_losses(ctx.run_dir / "metrics.jsonl", ctx.run_dir / "loss.png", growth_steps)
+    print_table(ctx.console, summary)
+    for path in (ctx.run_dir / "config.json", ctx.run_dir / "summary.json", plot):
+        if path:
+            ctx.tracker.artifact(None, path)
+    ctx.tracker.finish("FINISHED")  # a budget stop is a clean end too; a resume reopens the runs
+    ctx.console.print(f"summary: {ctx.run_dir / 'summary.json'}")
+    return summary

@@ -1,0 +1,313 @@
+"""Check a composed config against the schema and the rules of a growth schedule.
+
+Everything here runs before any data is read or any model built, so a bad key costs the
+user seconds, not a queue slot. Errors name the full key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from growth_ops import GrowthError, ModelSpec, get_operator
+
+from .config import GrowthConfig, RunConfig, StageConfig
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+# -- schema: keys and types -------------------------------------------------------------
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _build(next(a for a in args if a is not type(None)), value, key)
+    if value is None:
+        raise ConfigError(key, f"must be set (expected {_type_name(tp)})")
+    if value == "???":
+        raise ConfigError(key, "is required and missing")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping with keys {_field_names(tp)}")
+        hints = typing.get_type_hints(tp)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}" if key else unknown[0],
+                              f"unknown key; allowed: {', '.join(_field_names(tp))}")
+        kwargs = {f.name: _build(hints[f.name], value[f.name], f"{key}.{f.name}".lstrip("."))
+                  for f in dataclasses.fields(tp) if f.name in value}
+        return tp(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_build(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e6 in YAML/overrides
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp} not supported")  # a bug in config.py, not user input
+
+
+def allowed_keys(key: str) -> list[str] | None:
+    """The keys the schema allows beside `key` (a dotted path), or None if unknown."""
+    tp: Any = RunConfig
+    for part in key.split(".")[:-1]:
+        while typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        if tp is None:
+            return None
+    while typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return _field_names(tp) if dataclasses.is_dataclass(tp) else None
+
+
+def _field_names(tp) -> list[str]:
+    return [f.name for f in dataclasses.fields(tp)]
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+# -- rules ------------------------------------------------------------------------------
+
+def stage_spec(cfg: RunConfig, stage: StageConfig, vocab: int) -> ModelSpec:
+    m, s = cfg.model, stage.shape
+    return ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads,
+                     kv_heads=s.kv_heads or s.heads, head_dim=s.hidden // s.heads, vocab=vocab,
+                     norm=m.norm, mlp=m.mlp, position=m.position, rope_theta=m.rope_theta,
+                     tie_embeddings=m.tie_embeddings, norm_eps=m.norm_eps, init_std=m.init_std)
+
+
+def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:
+    """The stage's growth fields over the top-level `growth` defaults."""
+    merged = dataclasses.asdict(cfg.growth)
+    merged.update({k: v for k, v in dataclasses.asdict(stage.growth or GrowthConfig()).items()
+                   if v is not None})
+    return GrowthConfig(**merged)
+
+
+def stage_steps(stage: StageConfig) -> int:
+    return stage.tokens // (stage.batch_size * stage.seq_len)
+
+
+def _check_model(cfg: RunConfig) -> None:
+    m = cfg.model
+    _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
+    _choice("model.mlp", m.mlp, ("swiglu", "gelu"))
+    _choice("model.position", m.position, ("rope", "alibi"))
+    for key in ("rope_theta", "norm_eps", "init_std", "vocab_multiple"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.vocab_size", m.vocab_size)
+
+
+def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig | None) -> None:
+    key = f"schedule.stages.{i}"
+    if not stage.name or "/" in stage.name:
+        raise ConfigError(f"{key}.name", "must be a non-empty name without '/'")
+    s = stage.shape
+    for f in ("layers", "hidden", "ffn", "heads", "kv_heads"):
+        _positive(f"{key}.shape.{f}", getattr(s, f))
+    if s.hidden % s.heads:
+        raise ConfigError(f"{key}.shape.heads", f"{s.heads} does not divide hidden={s.hidden} "
+                                                "(head_dim = hidden / heads)")
+    if (s.hidden // s.heads) % 2 and cfg.model.position == "rope":
+        raise ConfigError(f"{key}.shape.heads", "RoPE needs an even head_dim = hidden / heads")
+    if s.kv_heads and s.heads % s.kv_heads:
+        raise ConfigError(f"{key}.shape.kv_heads", f"{s.kv_heads} does not divide heads={s.heads}")
+    for f in ("tokens", "batch_size", "seq_len"):
+        _positive(f"{key}.{f}", getattr(stage, f))
+    if stage.tokens < stage.batch_size * stage.seq_len:
+        raise ConfigError(f"{key}.tokens", f"{stage.tokens} is less than one step "
+                                           f"(batch_size x seq_len = {stage.batch_size * stage.seq_len})")
+    lr = stage.lr
+    if lr.peak is None and prev is None:
+        raise ConfigError(f"{key}.lr.peak", "the first stage has no learning rate to inherit; set a number")
+    _positive(f"{key}.lr.peak", lr.peak)
+    _positive(f"{key}.lr.warmup_steps", lr.warmup_steps, allow_zero=True)
+    _positive(f"{key}.lr.min", lr.min, allow_zero=True)
+    _choice(f"{key}.lr.decay", lr.decay, ("cosine", "linear", "constant"))
+    if lr.peak is not None and lr.min > lr.peak:
+        raise ConfigError(f"{key}.lr.min", f"{lr.min} is above lr.peak={lr.peak}")
+    _check_layout(cfg, key, stage)
+    if stage.mixture:
+        for name, w in stage.mixture.items():
+            if name not in cfg.data.sources:
+                raise ConfigError(f"{key}.mixture.{name}", f"no such source; allowed: {', '.join(cfg.data.sources)}")
+            _positive(f"{key}.mixture.{name}", w, allow_zero=True)
+        if not any(w > 0 for w in stage.mixture.values()):
+            raise ConfigError(f"{key}.mixture", "needs at least one positive weight")
+    if prev is None:
+        if stage.growth is not None:
+            raise ConfigError(f"{key}.growth", "the first stage has nothing to grow from; set null")
+        return
+    _check_growth(cfg, key, stage, prev)
+
+
+def _check_layout(cfg: RunConfig, key: str, stage: StageConfig) -> None:
+    lay = stage.layout
+    for f in ("tp", "pp", "dp", "micro_batch_size"):
+        _positive(f"{key}.layout.{f}", getattr(lay, f))
+    if cfg.engine.name == "local" and (lay.tp, lay.pp, lay.dp) != (1, 1, 1):
+        raise ConfigError(f"{key}.layout", f"engine.name=local runs tp=pp=dp=1, got tp={lay.tp} "
+                                           f"pp={lay.pp} dp={lay.dp}")
+    if stage.batch_size % lay.dp:
+        raise ConfigError(f"{key}.batch_size", f"{stage.batch_size} is not divisible by layout.dp={lay.dp}")
+    per_rank = stage.batch_size // lay.dp
+    if lay.micro_batch_size and per_rank % lay.micro_batch_size:
+        raise ConfigError(f"{key}.layout.micro_batch_size",
+                          f"{lay.micro_batch_size} does not divide the per-rank batch {per_rank}")
+
+
+def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfig) -> None:
+    growth = effective_growth(cfg, stage)
+    try:
+        op = get_operator(growth.operator or "")
+    except GrowthError as e:
+        raise ConfigError(f"{key}.growth.operator", str(e).split(": ", 1)[1]) from None
+    old, new = stage_spec(cfg, prev, 1), stage_spec(cfg, stage, 1)
+    if old == new:
+        return  # no shape change: the stage only changes tokens, batch, context or data
+    fields = {"head_dim": "shape.heads", "hidden": "shape.hidden", "layers": "shape.layers",
+              "ffn": "shape.ffn", "heads": "shape.heads", "kv_heads": "shape.kv_heads",
+              "layer_insert": "growth.layer_insert"}
+    try:
+        op.check_growth(old, new, growth.layer_insert or "append")
+    except GrowthError as e:
+        msg = str(e).split(": ", 1)[1]
+        if e.field == "head_dim":
+            msg = (f"head_dim = hidden / heads must stay {old.head_dim} across growth "
+                   f"(got {new.head_dim}); grow heads with hidden")
+        raise ConfigError(f"{key}.{fields.get(e.field, e.field)}", msg) from None
+    if growth.ramp_steps is None or growth.ramp_steps < 0:
+        raise ConfigError(f"{key}.growth.ramp_steps", "must be >= 0")
+    if growth.ramp_steps >= stage_steps(stage):
+        raise ConfigError(f"{key}.growth.ramp_steps",
+                          f"{growth.ramp_steps} must be below the stage's {stage_steps(stage)} steps "
+                          "so the masks are gone before the next growth")
+    _positive(f"{key}.growth.tolerance", growth.tolerance)
+
+
+def _check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    _choice("data.tokenizer.kind", d.tokenizer.kind, ("byte", "bpe"))
+    _positive("data.tokenizer.vocab_size", d.tokenizer.vocab_size)
+    if d.tokenizer.kind == "bpe" and d.tokenizer.vocab_size < 300:
+        raise ConfigError("data.tokenizer.vocab_size", "a BPE needs >= 300 (256 bytes + merges)")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    if not d.sources:
+        raise ConfigError("data.sources", "needs at least one source")
+    for name, src in d.sources.items():
+        key = f"data.sources.{name}"
+        _choice(f"{key}.kind", src.kind, ("embedded", "files"))
+        _choice(f"{key}.format", src.format, ("auto", "text", "jsonl"))
+        if src.kind == "files":
+            if not src.paths:
+                raise ConfigError(f"{key}.paths", "a files source needs at least one file or directory")
+            for j, p in enumerate(src.paths):
+                path = Path(p).expanduser()
+                if not path.exists():
+                    raise ConfigError(f"{key}.paths.{j}", f"{p} does not exist")
+                if not os.access(path, os.R_OK):
+                    raise ConfigError(f"{key}.paths.{j}", f"{p} is not readable")
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
+
+
+def _check_rest(cfg: RunConfig) -> None:
+    t = cfg.train
+    for f in ("beta1", "beta2"):
+        if not 0 <= getattr(t, f) < 1:
+            raise ConfigError(f"train.{f}", f"must be in [0, 1), got {getattr(t, f)}")
+    for f in ("weight_decay", "grad_clip"):
+        _positive(f"train.{f}", getattr(t, f), allow_zero=True)
+    for f in ("eps", "eval_every_steps", "eval_batches", "log_every_steps"):
+        _positive(f"train.{f}", getattr(t, f))
+    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _choice("engine.name", cfg.engine.name, ("local",))
+    _choice("engine.device", cfg.engine.device, ("auto", "cpu", "cuda"))
+    _choice("engine.dtype", cfg.engine.dtype, ("fp32", "bf16"))
+    _positive("engine.threads", cfg.engine.threads)
+    _positive("cluster.usd_per_gpu_hour", cfg.cluster.usd_per_gpu_hour, allow_zero=True)
+    _positive("cluster.peak_tflops_per_gpu", cfg.cluster.peak_tflops_per_gpu)
+    if cfg.tracking.uri is not None:
+        scheme = cfg.tracking.uri.split(":", 1)[0].split("+", 1)[0] if ":" in cfg.tracking.uri else ""
+        if scheme not in TRACKING_SCHEMES:
+            raise ConfigError("tracking.uri", f"{cfg.tracking.uri!r} has no supported scheme; "
+                                              f"allowed: {', '.join(TRACKING_SCHEMES)}")
+    _positive("tracking.flush_every_s", cfg.tracking.flush_every_s)
+    for f in ("max_usd", "max_flops", "max_tokens"):
+        _positive(f"budget.{f}", getattr(cfg.budget, f))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    _check_model(cfg)
+    _check_data(cfg)
+    _check_rest(cfg)
+    stages = cfg.schedule.stages
+    if not stages:
+        raise ConfigError("schedule.stages", "needs at least one stage")
+    names = [s.name for s in stages]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"schedule.stages.{i}.name", f"{name!r} is used by two stages")
+    for i, stage in enumerate(stages):
+        _check_stage(cfg, i, stage, stages[i - 1] if i else None)
+    return cfg
+
+
+def load_config(raw: DictConfig | dict) -> RunConfig:
+    """Composed Hydra config (or plain dict) -> a validated `RunConfig`, or ConfigError."""
+    if isinstance(raw, DictConfig):
+        try:
+            raw = OmegaConf.to_container(raw, resolve=True)
+        except Exception as e:  # an interpolation that cannot resolve
+            key = getattr(e, "full_key", None) or "config"
+            raise ConfigError(str(key), str(e).splitlines()[0]) from None
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    return validate(_build(RunConfig, raw, ""))
