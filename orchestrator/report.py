@@ -58,17 +58,16 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
 
 def print_table(console: Console, summary: dict) -> None:
     table = Table(title=f"Growth schedule: {summary['status']}")
-    for col in ("stage", "params", "tokens", "steps", "PFLOPs", "growth", "val before -> after", "val loss"):
+    for col in ("stage", "params", "tokens", "steps", "FLOPs", "growth", "|val change|", "val loss"):
         table.add_column(col, justify="left" if col in ("stage", "growth") else "right")
     for s in summary["stages"]:
         g = s["growth"]
         table.add_row(s["name"], f"{s['params']:,}", f"{s['tokens']:,}", str(s["steps"]),
-                      f"{s['flops'] / 1e15:.4f}", g["operator"] if g else "-",
-                      f"{g['val_loss_before']:.5f} -> {g['val_loss_after']:.5f}" if g else "-",
+                      f"{s['flops']:.3g}", g["operator"] if g else "-",
+                      f"{abs(g['val_loss_after'] - g['val_loss_before']):.1e}" if g else "-",
                       f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "-")
     t = summary["totals"]
-    table.add_row("total", "", f"{t['tokens']:,}", "", f"{t['flops'] / 1e15:.4f}", "", "",
-                  "", style="bold")
+    table.add_row("total", "", f"{t['tokens']:,}", "", f"{t['flops']:.3g}", "", "", "", style="bold")
     console.print(table)
     console.print(f"GPU-hours {t['gpu_hours']:.4f}  cost ${t['cost_usd']:.4f}  wall {t['wall_s']:.1f} s")
 

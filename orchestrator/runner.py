@@ -195,7 +195,10 @@ def _resume_stage(ctx: RunContext, ckpt: Path):
 
 
 def run_schedule(cfg: RunConfig, console: Console | None = None) -> dict:
-    console = console or Console(stderr=False)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: room for the table, no wrapping
+            console = Console(width=120)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):

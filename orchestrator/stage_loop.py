@@ -175,7 +175,7 @@ class StageLoop:
             metrics["budget/left_usd"] = ctx.cfg.budget.max_usd - total.cost_usd
         self._log_point(metrics)
         if self.p.step % ctx.cfg.train.log_every_steps == 0 and not ctx.console.is_terminal:
-            ctx.console.print(f"[{self.stage.name}] step {self.p.step}/{self.steps} loss {loss:.4f} "
+            ctx.console.print(f"\\[{self.stage.name}] step {self.p.step}/{self.steps} loss {loss:.4f} "
                               f"lr {self.p.lr:.2e} {tokens_per_s:,.0f} tok/s")
 
     def _log_point(self, metrics: dict) -> None:
