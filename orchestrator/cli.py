@@ -5,6 +5,7 @@ and one line naming the key, before any data is read or model built.
 """
 from __future__ import annotations
 
+import importlib
 import re
 import signal
 import sys
@@ -12,12 +13,19 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-USAGE = """usage: grow <command> [hydra overrides]
+# name -> ("module:function", help). A command function takes the remaining argv and
+# returns an exit status; modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("orchestrator.cli:run_command",
+            "train a growth schedule (grow run hydra.run.dir=runs/x schedule=tiny);\n"
+            "          again on the same hydra.run.dir resumes where it stopped"),
+}
 
-commands:
-  run     train a growth schedule (e.g. grow run hydra.run.dir=runs/x schedule=tiny)
-          a second `grow run` on the same hydra.run.dir resumes where the first stopped
-"""
+
+def usage() -> str:
+    lines = ["usage: grow <command> [args]", "", "commands:"]
+    lines += [f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
 
 EXIT_CONFIG = 2
 EXIT_GROWTH_CHECK = 3
@@ -100,12 +108,13 @@ def run_command(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "run":
-        return run_command(rest)
-    return _fail(EXIT_CONFIG, f"unknown command {command!r}\n{USAGE}")
+    if command not in COMMANDS:
+        return _fail(EXIT_CONFIG, f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
+    module, func = COMMANDS[command][0].split(":")
+    return getattr(importlib.import_module(module), func)(rest)
 
 
 if __name__ == "__main__":
