@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .faults import failpoint
+
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -85,6 +88,7 @@ def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
         json.dump(manifest, f, indent=1)
     _fsync_file(tmp / "manifest.json")
     _fsync_dir(tmp)
+    failpoint("checkpoint.tmp_written")
     if path.exists():  # the same step saved again after a resume: swap, never leave a gap
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -93,8 +97,10 @@ def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
     else:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+    failpoint("checkpoint.renamed")
     latest = path.parents[1] / "latest"
     write_json_atomic(latest, {"path": str(path.relative_to(path.parents[1]))})
+    failpoint("checkpoint.done")
     return path
 
 
@@ -102,12 +108,18 @@ def verify(path: Path) -> None:
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.exists():
         raise CheckpointError(f"{manifest_path} is missing")
-    manifest = json.loads(manifest_path.read_text())
-    for name, entry in manifest.items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = [(name, e["sha256"], e["bytes"]) for name, e in manifest.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{manifest_path} is not a valid manifest") from None
+    if {n for n, _, _ in entries} != {"model.safetensors", "optimizer.safetensors", "meta.json"}:
+        raise CheckpointError(f"{manifest_path} does not list the checkpoint's files")
+    for name, sha, size in entries:
         f = Path(path) / name
         if not f.exists():
             raise CheckpointError(f"{f} is missing")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+        if f.stat().st_size != size or _sha256(f) != sha:
             raise CheckpointError(f"{f} does not match its checksum")
 
 
@@ -141,27 +153,38 @@ def all_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, damaged: list[str] | None = None) -> Path | None:
     """The checkpoint to resume from: `latest` if it verifies, else the newest one that
-    does, with a warning naming what was skipped."""
+    does, with a warning naming what was skipped (also appended to `damaged`)."""
     root = Path(run_dir) / "checkpoints"
     candidates = list(reversed(all_checkpoints(run_dir)))
     pointer = root / "latest"
     if pointer.exists():
-        target = root / json.loads(pointer.read_text())["path"]
-        candidates = [target] + [c for c in candidates if c != target]
+        try:
+            target = root / json.loads(pointer.read_text())["path"]
+            candidates = [target] + [c for c in candidates if c != target]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring damaged pointer %s", pointer)
     for ckpt in candidates:
         try:
             verify(ckpt)
             return ckpt
         except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+            log.warning("skipping damaged checkpoint: %s", e)
+            if damaged is not None:
+                damaged.append(str(e))
     return None
 
 
 def prune(stage_dir: Path, keep: int) -> None:
     """Remove all but the newest `keep` checkpoints of a stage (stage-final ones stay)."""
     ckpts = sorted(p for p in Path(stage_dir).glob("step_*") if p.is_dir())
-    mid = [p for p in ckpts if not read_meta(p).get("stage_complete")]
+    def complete(p: Path) -> bool:
+        try:
+            return bool(read_meta(p).get("stage_complete"))
+        except (OSError, ValueError):
+            return False
+
+    mid = [p for p in ckpts if not complete(p)]
     for p in mid[:-keep]:
         shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,43 @@
+"""Failpoints: named places where a test can make the process die as if killed.
+
+`GROW_FAILPOINTS="checkpoint.files_written@3,growth.done"` SIGKILLs the process the 3rd
+time `failpoint("checkpoint.files_written")` runs, or the 1st time for `growth.done`.
+Unset (always, outside the fault-tolerance tests) it costs one dict lookup.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+_armed: dict[str, int] | None = None
+_hits: dict[str, int] = {}
+
+
+def _parse() -> dict[str, int]:
+    armed = {}
+    for item in filter(None, os.environ.get("GROW_FAILPOINTS", "").split(",")):
+        name, _, nth = item.partition("@")
+        armed[name.strip()] = int(nth or 1)
+    return armed
+
+
+def failpoint(name: str) -> None:
+    global _armed
+    if _armed is None:
+        _armed = _parse()
+    if name not in _armed:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] == _armed[name]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# The places the runner passes through, in order; the kill harness aims at each.
+FAILPOINTS = (
+    "checkpoint.tmp_written",  # checkpoint files in the temp dir, not yet renamed
+    "checkpoint.renamed",  # renamed into place, `latest` not yet updated
+    "checkpoint.done",  # `latest` updated
+    "growth.done",  # grown in memory, step-0 checkpoint of the new stage not written
+    "stage.complete",  # stage-final checkpoint written, next stage not started
+    "step.done",  # after an optimizer step, before its bookkeeping
+)
