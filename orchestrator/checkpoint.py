@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .faults import failpoint
@@ -67,8 +68,22 @@ def checkpoint_dir(run_dir: Path, stage_index: int, stage_name: str, step: int) 
 
 def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
                     moments: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
-    """Write a checkpoint atomically at `path` and point `latest` at it."""
+    """Write a checkpoint atomically at `path` and point `latest` at it. On a write
+    error (disk full...) the partial files are removed and CheckpointError says that the
+    previous checkpoint is untouched."""
     path = Path(path)
+    try:
+        return _save(path, model, moments, meta)
+    except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
+        shutil.rmtree(path.with_name(f".{path.name}.tmp-{os.getpid()}"), ignore_errors=True)
+        latest = path.parents[1] / "latest"
+        kept = json.loads(latest.read_text())["path"] if latest.exists() else "none"
+        reason = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
+                              f"the previous checkpoint ({kept}) is intact") from e
+
+
+def _save(path: Path, model, moments, meta) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +128,7 @@ def verify(path: Path) -> None:
         entries = [(name, e["sha256"], e["bytes"]) for name, e in manifest.items()]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{manifest_path} is not a valid manifest") from None
-    if {n for n, _, _ in entries} != {"model.safetensors", "optimizer.safetensors", "meta.json"}:
+    if not _complete_file_set({n for n, _, _ in entries}):
         raise CheckpointError(f"{manifest_path} does not list the checkpoint's files")
     for name, sha, size in entries:
         f = Path(path) / name
@@ -123,6 +138,31 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{f} does not match its checksum")
 
 
+def shard_name(kind: str, index: int, count: int) -> str:
+    """File of one writer of a checkpoint written by several ranks (`kind`: model or
+    optimizer). Shards split the set of tensors, never a tensor: each holds full tensors."""
+    return f"{kind}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _complete_file_set(names: set[str]) -> bool:
+    """meta.json plus either model/optimizer.safetensors or every shard of both."""
+    if names == {"model.safetensors", "optimizer.safetensors", "meta.json"}:
+        return True
+    shards = sorted(names - {"meta.json"})
+    if "meta.json" not in names or not shards:
+        return False
+    count = shards[0].rsplit("-of-", 1)[-1].split(".")[0]
+    if not count.isdigit():
+        return False
+    want = {shard_name(k, i, int(count)) for k in ("model", "optimizer") for i in range(int(count))}
+    return set(shards) == want
+
+
+def _data_files(path: Path, kind: str) -> list[Path]:
+    single = path / f"{kind}.safetensors"
+    return [single] if single.exists() else sorted(path.glob(f"{kind}-*-of-*.safetensors"))
+
+
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
@@ -130,8 +170,11 @@ def read_meta(path: Path) -> dict:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict]:
     path = Path(path)
     verify(path)
-    model = load_file(path / "model.safetensors")
-    optim = load_file(path / "optimizer.safetensors")
+    model, optim = {}, {}
+    for f in _data_files(path, "model"):
+        model.update(load_file(f))
+    for f in _data_files(path, "optimizer"):
+        optim.update(load_file(f))
     moments: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in MOMENTS}
     for key, t in optim.items():
         kind, name = key.split(".", 1)
