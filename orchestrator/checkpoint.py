@@ -14,10 +14,11 @@ import json
 import os
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .faults import failpoint
@@ -179,6 +180,50 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
     for key, t in optim.items():
         kind, name = key.split(".", 1)
         moments[kind][name] = t
+    return model, moments, read_meta(path)
+
+
+class LazyTensors(Mapping):
+    """Tensors of a checkpoint's safetensors files, read on access: `t[name]` reads one
+    full tensor, `t.slice(name, dim, index, parts)` only chunk `index` of `parts` along
+    `dim` (as `tensor.chunk`), so a rank reads just the slice it owns."""
+
+    def __init__(self, files: list[Path], prefix: str = ""):
+        self._where: dict[str, tuple[Path, str]] = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                for key in h.keys():
+                    if key.startswith(prefix):
+                        self._where[key[len(prefix):]] = (f, key)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, key = self._where[name]
+        with safe_open(f, framework="pt") as h:
+            return h.get_tensor(key)
+
+    def slice(self, name: str, dim: int, index: int, parts: int) -> torch.Tensor:
+        f, key = self._where[name]
+        with safe_open(f, framework="pt") as h:
+            sl = h.get_slice(key)
+            shape = sl.get_shape()
+            size = -(-shape[dim] // parts)  # tensor.chunk's sizes
+            lo, hi = min(index * size, shape[dim]), min((index + 1) * size, shape[dim])
+            idx = tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(shape)))
+            return sl[idx]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def open_checkpoint(path: Path) -> tuple[LazyTensors, dict[str, LazyTensors], dict]:
+    """As `load_checkpoint`, but nothing is read until asked for (see LazyTensors)."""
+    path = Path(path)
+    verify(path)
+    model = LazyTensors(_data_files(path, "model"))
+    moments = {kind: LazyTensors(_data_files(path, "optimizer"), f"{kind}.") for kind in MOMENTS}
     return model, moments, read_meta(path)
 
 

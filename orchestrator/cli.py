@@ -5,7 +5,9 @@ and one line naming the key, before any data is read or model built.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import re
 import signal
 import sys
@@ -19,6 +21,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("orchestrator.cli:run_command",
             "train a growth schedule (grow run hydra.run.dir=runs/x schedule=tiny);\n"
             "          again on the same hydra.run.dir resumes where it stopped"),
+    "plan": ("orchestrator.plan_command:plan_command",
+             "cost of a schedule before it runs: per stage and vs from scratch, budget check\n"
+             "          (grow plan schedule=flm101b cluster=a800_192 [budget.max_usd=N plan.fit=true])"),
+    "submit": ("orchestrator.slurm.submit:submit_command",
+               "one chained Slurm job per stage (grow submit hydra.run.dir=runs/x [submit.dry_run=true])"),
+    "status": ("orchestrator.slurm.status:status_command",
+               "a submitted run's stages: job ids, state, requeues, tokens, spend (grow status run_dir=DIR)"),
+    "grow": ("orchestrator.grow_command:grow_command",
+             "grow a checkpoint on disk, tensor by tensor (grow grow ckpt=SRC out=DST growth=clone\n"
+             "          hidden=256 ffn=1024 [layers= heads= kv_heads= layer_insert= init= moments= seed=])"),
+    "expand": ("orchestrator.grow_command:grow_command", "same as grow grow"),
+    "import-hf": ("orchestrator.hf_interop:import_command",
+                  "Hugging Face Llama -> canonical checkpoint (grow import-hf src=HF_DIR out=CKPT)"),
+    "export-hf": ("orchestrator.hf_interop:export_command",
+                  "canonical checkpoint -> LlamaForCausalLM dir (grow export-hf ckpt=CKPT out=HF_DIR)"),
 }
 
 
@@ -76,8 +93,16 @@ def _run_job(raw_cfg) -> None:
     from .stage_loop import StopRequested
     from .validate import ConfigError, load_config
 
+    from .slurm.sweep import sweep_member_params
+
     try:
-        run_schedule(load_config(raw_cfg))
+        cfg = load_config(raw_cfg)
+        if cfg.engine.name == "deepspeed":
+            from .launch import drive, in_launch
+
+            if not in_launch():  # start the ranks ourselves, one torchrun per stage
+                sys.exit(drive(cfg))
+        run_schedule(cfg, extra_params=sweep_member_params())
     except (ConfigError, DataError) as e:
         sys.exit(_fail(EXIT_CONFIG, f"config error: {e}"))
     except GrowthCheckError as e:
@@ -86,9 +111,23 @@ def _run_job(raw_cfg) -> None:
         sys.exit(_fail(1, f"checkpoint error: {e}"))
     except StopRequested as e:
         sys.exit(128 + e.signum)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        sys.exit(_fail(1, f"disk full: {e.strerror} writing {e.filename or 'a file'}; "
+                          "checkpoints already written are intact - free space and run again"))
+
+
+def _no_world_writable_files() -> None:
+    """Whatever umask we were started with, nothing we write is group/world-writable."""
+    os.umask(os.umask(0o022) | 0o022)
 
 
 def run_command(args: list[str]) -> int:
+    _no_world_writable_files()
+    from .slurm.signals import install_early_handlers
+
+    install_early_handlers()  # a Slurm signal during startup becomes a checkpoint, not a kill
     multirun = "-m" in args or "--multirun" in args
     if not multirun:  # a sweep's members are each checked by the task itself
         code = _precheck([a for a in args if not a.startswith("-")])

@@ -50,10 +50,12 @@ class GrowthConfig:
     """How a stage's shape is reached from the previous one. Null fields inherit the
     top-level `growth` group."""
 
-    operator: Optional[str] = None  # msg
-    ramp_steps: Optional[int] = None  # steps for the masks to go 0 -> 1
-    layer_insert: Optional[str] = None  # append | interleave
+    operator: Optional[str] = None  # msg | zero | clone | stack (stack does not preserve the function)
+    ramp_steps: Optional[int] = None  # steps for the masks to go 0 -> 1 (msg only)
+    layer_insert: Optional[str] = None  # append | interleave | "i,j": positions of the new blocks
     tolerance: Optional[float] = None  # max |val_after - val_before| for preserving operators
+    init: Optional[str] = None  # new weights: random | copy (msg); null: the operator's own
+    moments: Optional[str] = None  # Adam moments: keep | staged; null: the operator's default
 
 
 @dataclass
@@ -123,21 +125,34 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 100
     keep: int = 2  # newest mid-stage checkpoints kept per stage; stage-final ones are kept
+    # With checkpoints present but none intact, a run refuses to start over unless this is true.
+    allow_fresh_start: bool = False
 
 
 @dataclass
 class EngineConfig:
-    name: str = "local"  # local
+    name: str = "local"  # local | deepspeed (tp/pp/dp per stage in schedule.stages.N.layout)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16
     threads: Optional[int] = None  # torch intra-op threads; null: torch's default
+    zero_stage: int = 1  # deepspeed: ZeRO stage (1 or 2; 2 only with pp=1; 3 refused)
+    timeout_s: float = 120.0  # deepspeed: process-group timeout, how long a stalled rank is awaited
 
 
 @dataclass
 class ClusterConfig:
+    """The machine a schedule runs on, for `grow plan` and the in-run budget projection.
+    Time = FLOPs / (GPUs x TFLOP/s per GPU); a stage's TFLOP/s per GPU is its entry in
+    `achieved_tflops_per_gpu` if there is one, else peak x expected_mfu."""
+
     name: str = "local"
     usd_per_gpu_hour: float = 0.0
     peak_tflops_per_gpu: float = 1.0  # for MFU
+    gpus: int = 1  # GPUs a stage's layout may use (tp x pp x dp <= gpus)
+    gpus_per_node: Optional[int] = None  # null: one node; tensor parallelism should stay within a node
+    gpu_memory_gb: Optional[float] = None  # null: not checked; else model states must fit per GPU
+    expected_mfu: float = 0.4  # fraction of peak a stage reaches when not measured
+    achieved_tflops_per_gpu: Dict[str, float] = field(default_factory=dict)  # stage name -> measured
 
 
 @dataclass
@@ -153,6 +168,48 @@ class BudgetConfig:
     max_usd: Optional[float] = None
     max_flops: Optional[float] = None
     max_tokens: Optional[int] = None
+    warn_at: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # fractions of each cap
+    project_after_steps: int = 5  # measured steps of a stage before the cost projection speaks
+
+
+@dataclass
+class PlanConfig:
+    """`grow plan`: the cost of a schedule before anything runs (orchestrator/planner.py)."""
+
+    fit: bool = False  # scale the stages' tokens so the plan fits budget.max_* (and uses it)
+    fit_rule: str = "proportional"  # proportional: every stage's tokens x the same factor
+    recompute: str = "none"  # none | selective | full: activation recomputation (time, not model FLOPs)
+
+
+@dataclass
+class SubmitConfig:
+    """`grow submit`: one sbatch job per stage, chained with --dependency=afterok.
+    Templates live in slurm/; `grow run` inside the job runs just that stage."""
+
+    template: str = "stage.sbatch"  # file in slurm/ (or a path): string.Template placeholders
+    nodes: int = 1  # at least this many; more when a stage's layout needs more ranks than fit
+    tasks_per_node: int = 1  # max ranks (torchrun --nproc_per_node) per node; a stage runs tp*pp*dp ranks
+    gpus_per_node: int = 0  # 0: no --gpus-per-node line
+    cpus_per_task: int = 1
+    mem: Optional[str] = None  # e.g. 64G; null: the partition's default
+    time: str = "01:00:00"  # per job (per requeue); [D-]HH:MM:SS or minutes
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    extra_sbatch: List[str] = field(default_factory=list)  # extra lines, e.g. "--constraint=h100"
+    setup: List[str] = field(default_factory=list)  # shell lines before srun: module load, source venv
+    container: List[str] = field(default_factory=list)  # srun flags, e.g. --container-image=...
+    launcher: str = "auto"  # auto | torchrun | python (auto: torchrun when a stage has > 1 rank)
+    rdzv_port: int = 29500
+    python: Optional[str] = None  # interpreter inside the job; null: the one running grow submit
+    signal_delay_s: int = 120  # --signal=B:USR1@this: save and requeue this long before the limit
+    max_failures: int = 3  # consecutive failed attempts of a stage before it stops requeueing
+    dry_run: bool = False  # write and print the scripts, submit nothing
+
+
+@dataclass
+class RunSelectConfig:
+    only_stage: Optional[str] = None  # run just this stage (growing into it first), then stop
 
 
 @dataclass
@@ -169,6 +226,9 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    run: RunSelectConfig = field(default_factory=RunSelectConfig)
 
 
 def register_schema() -> None:

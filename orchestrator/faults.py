@@ -1,23 +1,29 @@
 """Failpoints: named places where a test can make the process die as if killed.
 
-`GROW_FAILPOINTS="checkpoint.files_written@3,growth.done"` SIGKILLs the process the 3rd
-time `failpoint("checkpoint.files_written")` runs, or the 1st time for `growth.done`.
-Unset (always, outside the fault-tolerance tests) it costs one dict lookup.
+`GROW_FAILPOINTS="checkpoint.done@3,growth.done"` SIGKILLs the process the 3rd time
+`failpoint("checkpoint.done")` runs, or the 1st time for `growth.done`; a `=raise` suffix
+(`step.done@5=raise`) raises an exception there instead, as a crash would. Unset (always,
+outside the fault-tolerance tests) it costs one dict lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
 
-_armed: dict[str, int] | None = None
+_armed: dict[str, tuple[int, bool]] | None = None
 _hits: dict[str, int] = {}
 
 
-def _parse() -> dict[str, int]:
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _parse() -> dict[str, tuple[int, bool]]:
     armed = {}
     for item in filter(None, os.environ.get("GROW_FAILPOINTS", "").split(",")):
+        item, _, action = item.partition("=")
         name, _, nth = item.partition("@")
-        armed[name.strip()] = int(nth or 1)
+        armed[name.strip()] = (int(nth or 1), action == "raise")
     return armed
 
 
@@ -28,7 +34,10 @@ def failpoint(name: str) -> None:
     if name not in _armed:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] == _armed[name]:
+    nth, raise_ = _armed[name]
+    if _hits[name] == nth:
+        if raise_:
+            raise InjectedFault(f"failpoint {name} (hit {nth})")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -32,9 +32,18 @@ class Spend:
 @dataclass
 class Ledger:
     stages: dict[str, Spend] = field(default_factory=dict)
+    # Per stage: restarts (requeue, preemption, crash) and wall seconds lost to them (from the
+    # checkpoint resumed to the restart: queue wait, startup, work redone). Kept apart from
+    # the spend above, which counts every token and second of useful work once.
+    lost: dict[str, dict] = field(default_factory=dict)
 
     def stage(self, name: str) -> Spend:
         return self.stages.setdefault(name, Spend())
+
+    def add_lost(self, name: str, seconds: float) -> None:
+        entry = self.lost.setdefault(name, {"restarts": 0, "lost_s": 0.0})
+        entry["restarts"] += 1
+        entry["lost_s"] += seconds
 
     @property
     def total(self) -> Spend:
@@ -45,11 +54,19 @@ class Ledger:
         return t
 
     def to_dict(self) -> dict:
-        return {name: asdict(s) for name, s in self.stages.items()}
+        out = {name: asdict(s) for name, s in self.stages.items()}
+        if self.lost:
+            out[LOST_KEY] = {k: dict(v) for k, v in self.lost.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ledger":
-        return cls({name: Spend(**s) for name, s in d.items()})
+        d = dict(d)
+        lost = d.pop(LOST_KEY, {})
+        return cls({name: Spend(**s) for name, s in d.items()}, {k: dict(v) for k, v in lost.items()})
+
+
+LOST_KEY = "_lost"  # in the serialized ledger, beside the stage names
 
 
 class BudgetGuard:
@@ -57,10 +74,16 @@ class BudgetGuard:
 
     def __init__(self, budget: BudgetConfig, cluster: ClusterConfig):
         self.budget, self.cluster = budget, cluster
+        # Used when the caller has no step time yet (a stage's first step in a process), so
+        # a run resumed at its dollar cap stops instead of taking one more step; set by
+        # budget_watch from the ledger's or the plan's step time.
+        self.expected_step_seconds = 0.0
 
     def blocks(self, total: Spend, step_tokens: int, step_flops: float, step_seconds: float,
                devices: int) -> str | None:
         b = self.budget
+        if step_seconds <= 0:
+            step_seconds = self.expected_step_seconds
         if b.max_tokens is not None and total.tokens + step_tokens > b.max_tokens:
             return f"budget.max_tokens={b.max_tokens}"
         if b.max_flops is not None and total.flops + step_flops > b.max_flops:

@@ -63,14 +63,23 @@ def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
     return bias.masked_fill(~causal, float("-inf"))[None]  # [1, heads, T, T]
 
 
+def plain_linear(in_features: int, out_features: int, parallel: str) -> nn.Module:
+    """The default linear factory. `parallel` says how a tensor-parallel engine splits it:
+    "column" (output features: q, k, v, up, gate) or "row" (input features: o, down)."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    """`tp` > 1 holds heads/tp query and kv_heads/tp kv heads; `linear` then builds
+    Megatron column/row-parallel layers (orchestrator.engines.parallel_model)."""
+
+    def __init__(self, spec: ModelSpec, tp: int = 1, linear=plain_linear):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
-        self.q = nn.Linear(spec.hidden, spec.q_dim, bias=False)
-        self.k = nn.Linear(spec.hidden, spec.kv_dim, bias=False)
-        self.v = nn.Linear(spec.hidden, spec.kv_dim, bias=False)
-        self.o = nn.Linear(spec.q_dim, spec.hidden, bias=False)
+        self.heads, self.kv_heads, self.head_dim = spec.heads // tp, spec.kv_heads // tp, spec.head_dim
+        self.q = linear(spec.hidden, spec.q_dim, "column")
+        self.k = linear(spec.hidden, spec.kv_dim, "column")
+        self.v = linear(spec.hidden, spec.kv_dim, "column")
+        self.o = linear(spec.q_dim, spec.hidden, "row")
 
     def forward(self, x, rope, bias, head_mask):
         b, t, _ = x.shape
@@ -90,12 +99,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, linear=plain_linear):
         super().__init__()
         self.swiglu = spec.mlp == "swiglu"
-        self.up = nn.Linear(spec.hidden, spec.ffn, bias=False)
-        self.gate = nn.Linear(spec.hidden, spec.ffn, bias=False) if self.swiglu else None
-        self.down = nn.Linear(spec.ffn, spec.hidden, bias=False)
+        self.up = linear(spec.hidden, spec.ffn, "column")
+        self.gate = linear(spec.hidden, spec.ffn, "column") if self.swiglu else None
+        self.down = linear(spec.ffn, spec.hidden, "row")
 
     def forward(self, x, ffn_mask):
         h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x))
@@ -105,10 +114,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: int = 1, linear=plain_linear):
         super().__init__()
-        self.attn_norm, self.attn = Norm(spec), Attention(spec)
-        self.mlp_norm, self.mlp = Norm(spec), MLP(spec)
+        self.attn_norm, self.attn = Norm(spec), Attention(spec, tp, linear)
+        self.mlp_norm, self.mlp = Norm(spec), MLP(spec, linear)
         # (head mask, ffn mask, layer mask); set by DecoderLM.set_masks
         self.masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -20,7 +21,7 @@ class MetricsLog:
         self._file = open(self.path, "a", buffering=1)
 
     def write(self, stage: str, step: int, metrics: dict) -> None:
-        self._file.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\n")
+        self._file.write(json.dumps({"stage": stage, "step": step, "time": round(time.time(), 3), **metrics}) + "\n")
 
     def close(self) -> None:
         self._file.close()
@@ -34,7 +35,7 @@ class MetricsLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-                points[(rec["step"], tuple(sorted(k for k in rec if k not in ("stage", "step"))))] = rec
+                points[(rec["step"], tuple(sorted(k for k in rec if k not in ("stage", "step", "time"))))] = rec
         return sorted(points.values(), key=lambda r: r["step"])
 
 

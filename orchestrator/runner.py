@@ -2,10 +2,13 @@
 the function is preserved), train each stage, and report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -13,10 +16,12 @@ from rich.console import Console
 
 from growth_ops import MaskState, ModelSpec, get_operator
 
-from .checkpoint import MOMENTS, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (MOMENTS, CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint,
+                         open_checkpoint, save_checkpoint)
 from .config import RunConfig
 from .data import new_cursor, prepare_data, validation_batches
 from .engines import make_engine
+from .faults import failpoint
 from .ledger import BudgetGuard, Ledger
 from .model import build_model
 from .report import MetricsLog, build_summary, plot_losses, print_table, write_summary
@@ -90,7 +95,7 @@ def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
 class RunContext:
     """What every stage shares: config, data, tracking, ledger, console."""
 
-    def __init__(self, cfg: RunConfig, console: Console):
+    def __init__(self, cfg: RunConfig, console: Console, extra_params: dict | None = None):
         self.cfg, self.console = cfg, console
         self.run_dir = Path(cfg.run_dir)
         self.data = prepare_data(cfg.data)
@@ -104,7 +109,7 @@ class RunContext:
         self.guard = BudgetGuard(cfg.budget, cfg.cluster)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
-                                    _flat_params(dataclasses.asdict(cfg)))
+                                    {**_flat_params(dataclasses.asdict(cfg)), **(extra_params or {})}, console)
         self._val: dict = {}
 
     def val_batches(self, stage) -> list[torch.Tensor]:
@@ -134,7 +139,7 @@ def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path):
     """Start stage `index` from the previous stage's final checkpoint, growing the model
     if the shape changes; checks a preserving operator kept the validation loss."""
     cfg, stage, new_spec = ctx.cfg, ctx.cfg.schedule.stages[index], ctx.specs[index]
-    state, moments, meta = load_checkpoint(prev_ckpt)
+    state, moments, meta = _read_for_engine(cfg, prev_ckpt)  # growth below reads it all
     ctx.ledger = Ledger.from_dict(meta["ledger"])
     old_spec = ModelSpec.from_dict(meta["spec"])
     progress = StageProgress(index=index, step=0, global_step_start=meta["global_step"],
@@ -152,15 +157,20 @@ def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path):
     old_engine.load(state, None, 0, None)
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
+    # growth maps whole tensors: every rank of the new layout grows the full state
+    state, moments = dict(state.items()), {k: dict(moments[k].items()) for k in MOMENTS}
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
     grown, masks, maps = op.grow(state, old_spec, new_spec, ramp_steps=growth.ramp_steps,
-                                 layer_insert=growth.layer_insert, generator=generator)
-    grown_moments = {k: op.grow_moments(moments[k], old_spec, new_spec, maps) for k in MOMENTS}
+                                 layer_insert=growth.layer_insert, generator=generator,
+                                 init=growth.init, moments=growth.moments)
+    # masks is None for operators exact without masks (zero, clone) and for stack
+    grown_moments = {k: op.grow_moments(moments[k], old_spec, new_spec, maps, kind=k) for k in MOMENTS}
     engine = make_engine(cfg, stage, new_spec)
     engine.load(grown, grown_moments, meta["optimizer_step"], masks)
     after = engine.evaluate(batches, exact=True)
     progress.growth = {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
                        "preserves_function": op.PRESERVES_FUNCTION}
+    failpoint("growth.done")
     ctx.console.print(f"[bold]grow[/] {meta['stage_name']} -> {stage.name} with {growth.operator}: "
                       f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
     if op.PRESERVES_FUNCTION and abs(after - before) > growth.tolerance:
@@ -180,8 +190,14 @@ def _fresh_start(ctx: RunContext):
     return engine, progress
 
 
+def _read_for_engine(cfg: RunConfig, ckpt: Path):
+    """A multi-rank engine reads only its slices (lazily, checkpoint.LazyTensors); the local
+    engine the whole checkpoint."""
+    return open_checkpoint(ckpt) if cfg.engine.name == "deepspeed" else load_checkpoint(ckpt)
+
+
 def _resume_stage(ctx: RunContext, ckpt: Path):
-    state, moments, meta = load_checkpoint(ckpt)
+    state, moments, meta = _read_for_engine(ctx.cfg, ckpt)
     index = meta["stage_index"]
     stage = ctx.cfg.schedule.stages[index]
     engine = make_engine(ctx.cfg, stage, ctx.specs[index])
@@ -191,19 +207,64 @@ def _resume_stage(ctx: RunContext, ckpt: Path):
                              lr_peak=meta["lr_peak"], cursor=meta["data_cursor"], growth=meta["growth"],
                              lr=meta["lr"], val_loss=meta["val_loss"], completed=meta["completed_stages"])
     ctx.ledger = Ledger.from_dict(meta["ledger"])
+    if meta.get("saved_at"):  # a restart (requeue, preemption, crash): time since the checkpoint is lost
+        ctx.ledger.add_lost(stage.name, max(0.0, time.time() - meta["saved_at"]))
     return engine, progress
 
 
-def run_schedule(cfg: RunConfig, console: Console | None = None) -> dict:
+def _only_stage(ctx: RunContext, meta: dict | None) -> int | None:
+    """`run.only_stage`: the index to stop after, or None. Raises ConfigError if the stages
+    before it are not finished; returns -1 if that stage is already finished."""
+    name = ctx.cfg.run.only_stage
+    if name is None:
+        return None
+    names = [s.name for s in ctx.cfg.schedule.stages]
+    only = names.index(name)
+    if meta is None:
+        current = 0
+    else:
+        current = meta["stage_index"] + (1 if meta["stage_complete"] else 0)
+    if only < current:
+        return -1
+    if only > current:
+        done = names[current - 1] if current else "nothing"
+        raise ConfigError("run.only_stage", f"stage {name!r} needs {names[only - 1]!r} finished first "
+                                            f"(finished so far: {done}) in {ctx.run_dir}")
+    return only
+
+
+def is_leader(cfg: RunConfig) -> bool:
+    """Rank 0 of a multi-rank engine (or the only process) logs, tracks and reports."""
+    return cfg.engine.name == "local" or int(os.environ.get("RANK", "0")) == 0
+
+
+def _mark_finished(ctx: RunContext, index: int) -> None:
+    if not is_leader(ctx.cfg):
+        return
+    from .slurm.paths import finished_flag, write_json_atomic
+    flag = finished_flag(ctx.run_dir, index, ctx.cfg.schedule.stages[index].name)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(flag, {"finished_at": time.time(), "job_id": os.environ.get("SLURM_JOB_ID")})
+
+
+def run_schedule(cfg: RunConfig, console: Console | None = None, extra_params: dict | None = None) -> dict:
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: room for the table, no wrapping
             console = Console(width=120)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        _check_same_run(run_dir, cfg)
-        ctx = RunContext(cfg, console)
+    leader = is_leader(cfg)
+    if not leader:  # other ranks of a multi-rank engine: compute and write shards, never report
+        console = Console(file=io.StringIO())
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, enabled=False))
+    with RunLock(run_dir) if leader else contextlib.nullcontext():
+        if leader:
+            _check_same_run(run_dir, cfg)
+        ctx = RunContext(cfg, console, extra_params)
+        if not leader:
+            ctx.metrics.close()
+            ctx.metrics = MetricsLog(Path(os.devnull))
         try:
             summary = _run(ctx)
         except StopRequested as stop:
@@ -220,8 +281,20 @@ def run_schedule(cfg: RunConfig, console: Console | None = None) -> dict:
 
 def _run(ctx: RunContext) -> dict:
     cfg, console, stages = ctx.cfg, ctx.console, ctx.cfg.schedule.stages
-    ckpt = latest_checkpoint(ctx.run_dir)
+    damaged: list[str] = []
+    ckpt = latest_checkpoint(ctx.run_dir, damaged)
+    for problem in damaged:
+        console.print(f"[yellow]warning:[/] damaged checkpoint skipped: {problem}")
+    if ckpt is None and damaged and not cfg.checkpoint.allow_fresh_start:
+        raise CheckpointError(f"no intact checkpoint in {ctx.run_dir / 'checkpoints'} "
+                              f"({len(damaged)} damaged); refusing to start from scratch - pass "
+                              "checkpoint.allow_fresh_start=true to do that")
     meta = json.loads((ckpt / "meta.json").read_text()) if ckpt else None
+    only = _only_stage(ctx, meta)
+    if only == -1:
+        console.print(f"stage {cfg.run.only_stage} of {ctx.run_dir} already finished; nothing to do")
+        ctx.tracker.finish("FINISHED")
+        return {"status": "already finished"}
     if meta is None:
         engine, progress = _fresh_start(ctx)
     elif meta["stage_complete"] and meta["stage_index"] + 1 < len(stages):
@@ -254,10 +327,14 @@ def _run(ctx: RunContext) -> dict:
             entry["checkpoint"] = str(checkpoint_dir(ctx.run_dir, index, stages[index].name, progress.step))
             progress.completed = progress.completed + [entry]
             final = loop.checkpoint(complete=True)
+            failpoint("stage.complete")
             ctx.tracker.finish_stage(stages[index].name)
+            _mark_finished(ctx, index)
             console.print(f"[green]stage {stages[index].name} done[/]: val loss {progress.val_loss:.4f}")
             if index + 1 == len(stages):
                 return _finish(ctx, progress.completed, "complete")
+            if index == only:  # one stage per job: growth into the next happens in its own job
+                return _finish(ctx, progress.completed, f"stopped: run.only_stage={stages[index].name} done")
             engine, progress = _grow_into(ctx, index + 1, final)
             _save_growth_checkpoint(ctx, engine, progress)
 
@@ -270,6 +347,10 @@ def _save_growth_checkpoint(ctx: RunContext, engine, progress: StageProgress) ->
 
 
 def _finish(ctx: RunContext, entries: list[dict], status: str) -> dict:
+    if not is_leader(ctx.cfg):
+        return {"status": status}
+    for e in entries:  # a stage run created after the store came back has its id only now
+        e["mlflow_run_id"] = ctx.tracker.run_id(e["name"]) or e.get("mlflow_run_id")
     summary = build_summary(entries, ctx.ledger, ctx.tracker.info, status)
     write_summary(ctx.run_dir, summary)
     growth_steps, step = [], 0
@@ -280,8 +361,7 @@ def _finish(ctx: RunContext, entries: list[dict], status: str) -> dict:
     plot = plot_losses(ctx.run_dir / "metrics.jsonl", ctx.run_dir / "loss.png", growth_steps)
     print_table(ctx.console, summary)
     for path in (ctx.run_dir / "config.json", ctx.run_dir / "summary.json", plot):
-        if path:
-            ctx.tracker.artifact(None, path)
+        ctx.tracker.artifact(path)
     ctx.tracker.finish("FINISHED")  # a budget stop is a clean end too; a resume reopens the runs
     ctx.console.print(f"summary: {ctx.run_dir / 'summary.json'}")
     return summary

@@ -11,8 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from growth_ops.spec import count_parameters
 
+from . import budget_watch
 from .checkpoint import checkpoint_dir, prune, save_checkpoint
 from .data import next_global_batch
+from .faults import failpoint
 from .lr import lr_at
 from .model import flops_per_token
 from .validate import stage_steps
@@ -36,8 +38,10 @@ class SignalFlag:
         self._old = {}
 
     def __enter__(self):
+        from .slurm.signals import take_pending
         for s in self.SIGNALS:
             self._old[s] = signal.signal(s, self._set)
+        self.signum = take_pending()  # one that came while the job was starting up
         return self
 
     def _set(self, signum, frame):
@@ -81,7 +85,7 @@ class StageLoop:
         self.names = sorted(stage.mixture) if stage.mixture else sorted(ctx.data.train)
         self.streams = {n: ctx.data.train[n] for n in self.names}
         self.mixture = stage.mixture or None
-        self.run_id = ctx.tracker.stage_run(stage.name, self._params())
+        ctx.tracker.stage_run(stage.name, self._params())
 
     def _params(self) -> dict:
         s = self.stage
@@ -100,13 +104,20 @@ class StageLoop:
                 "masks": None if masks is None or masks.done else masks.to_dict(),
                 "lr_peak": p.lr_peak, "lr": p.lr, "data_cursor": p.cursor, "rng": rng_state(),
                 "ledger": ctx.ledger.to_dict(), "tracking": ctx.tracker.info, "growth": p.growth,
-                "val_loss": p.val_loss, "completed_stages": p.completed}
+                "val_loss": p.val_loss, "completed_stages": p.completed, "saved_at": time.time()}
 
     def checkpoint(self, complete: bool = False):
         state, moments, opt_step = self.engine.export()
         meta = {**self.meta(complete), "optimizer_step": opt_step}
         path = checkpoint_dir(self.ctx.run_dir, self.p.index, self.stage.name, self.p.step)
-        save_checkpoint(path, state, moments, meta)
+        shard = getattr(self.engine, "checkpoint_shard", None)
+        if shard is None:
+            save_checkpoint(path, state, moments, meta)
+        else:  # many ranks: each writes its share of full tensors (engines/sharding.py)
+            from .engines.sharding import save_sharded_checkpoint
+            save_sharded_checkpoint(path, state, moments, meta, shard)
+            if not shard["leader"]:
+                return path
         prune(path.parent, self.ctx.cfg.checkpoint.keep)
         self.ctx.tracker.flush(force=True)
         return path
@@ -122,12 +133,15 @@ class StageLoop:
                 "layout": {"tp": self.stage.layout.tp, "pp": self.stage.layout.pp, "dp": self.stage.layout.dp},
                 "val_loss": self.p.val_loss, "growth": self.p.growth,
                 "complete": self.p.step >= self.steps, "checkpoint": None,
-                "mlflow_run_id": self.run_id}
+                "mlflow_run_id": self.ctx.tracker.run_id(self.stage.name),
+                "restarts": self.ctx.ledger.lost.get(self.stage.name, {}).get("restarts", 0),
+                "lost_s": self.ctx.ledger.lost.get(self.stage.name, {}).get("lost_s", 0.0)}
 
     def run(self, signals: SignalFlag) -> str:
         """Train to the end of the stage. Returns "complete" or the budget cap that stopped it."""
         ctx, p, s, cfg = self.ctx, self.p, self.stage, self.ctx.cfg
         lr_cfg = s.lr
+        budget_watch.stage_start(self)
         last_step_s, mark = 0.0, time.perf_counter()
         with Progress(TextColumn(f"[bold]{s.name}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -143,6 +157,7 @@ class StageLoop:
                 p.lr = lr_at(p.step, self.steps, p.lr_peak, lr_cfg.warmup_steps, lr_cfg.min, lr_cfg.decay)
                 mask = self.engine.masks.value if self.engine.masks else 1.0
                 loss, grad_norm = self.engine.train_step(batch, p.lr)
+                failpoint("step.done")
                 p.step, p.cursor = p.step + 1, cursor
                 now = time.perf_counter()
                 last_step_s, mark = now - mark, now
@@ -150,6 +165,7 @@ class StageLoop:
                 spend.add(self.step_tokens, self.step_flops, last_step_s, self.engine.devices,
                           cfg.cluster.usd_per_gpu_hour)
                 self._log(loss, grad_norm, mask, last_step_s)
+                budget_watch.after_step(self, last_step_s)
                 if p.step % cfg.train.eval_every_steps == 0 and p.step < self.steps:
                     p.val_loss = self.evaluate()
                     self._log_point({"val/loss": p.val_loss})
@@ -179,9 +195,6 @@ class StageLoop:
                               f"lr {self.p.lr:.2e} {tokens_per_s:,.0f} tok/s")
 
     def _log_point(self, metrics: dict) -> None:
-        step = self.p.global_step_start + self.p.step
-        self.ctx.metrics.write(self.stage.name, step, metrics)
-        parent = {k: v for k, v in metrics.items() if k in ("train/loss", "val/loss") or k.startswith("budget/")}
-        self.ctx.tracker.log(self.run_id, step, metrics)
-        if parent:
-            self.ctx.tracker.log(self.ctx.tracker.info.get("parent_run_id", ""), step, parent)
+        """On disk first (metrics.jsonl), then to MLflow when the tracker's flush is due."""
+        self.ctx.metrics.write(self.stage.name, self.p.global_step_start + self.p.step, metrics)
+        self.ctx.tracker.flush()

@@ -1,20 +1,28 @@
 """MLflow tracking: one parent run per schedule run, one child run per stage.
 
-Run ids are kept in `<run_dir>/tracking.json`, so a resumed run continues the same MLflow
-runs. Metrics are buffered and sent in batches; after a resume, points at steps that the
-run already logged are dropped, so redone steps are not logged twice.
+Metrics reach MLflow from `metrics.jsonl`, the run's on-disk record: every point is
+written there first, and the tracker sends what is new since the offset it last sent
+(kept in `tracking.json` with the run ids). So a tracking server that is down at start or
+dies mid-run costs nothing: training goes on, and the points go out when it is back (or
+at the next `grow run` on the directory). Points at steps MLflow already holds for a key
+are dropped, so neither a resend nor a step redone after a crash is logged twice.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
-import warnings
 from pathlib import Path
+
+from rich.console import Console
 
 from .checkpoint import write_json_atomic
 from .config import TrackingConfig
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+PARENT_KEYS = re.compile(r"^(train/loss|val/loss|budget/.*|growth/val_loss_.*)$")
+SECRET_NAME = re.compile(r"token|secret|passw|api_?key|credential", re.I)
 
 
 def default_tracking_uri() -> str:
@@ -22,21 +30,28 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def redact(params: dict) -> dict:
+    """Never send secrets as params: values of secret-looking keys, and any value equal to
+    a secret-looking environment variable (a config may interpolate one)."""
+    secrets = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4}
+    return {k: "***" if SECRET_NAME.search(k) or str(v) in secrets else v for k, v in params.items()}
+
+
 class NullTracker:
     """Tracking switched off: same interface, records nothing."""
 
     info: dict = {}
 
-    def stage_run(self, name: str, params: dict) -> str:
-        return ""
+    def stage_run(self, name: str, params: dict) -> str | None:
+        return None
 
-    def log(self, run: str, step: int, metrics: dict) -> None:
-        pass
+    def run_id(self, stage: str) -> str | None:
+        return None
 
     def flush(self, force: bool = False) -> None:
         pass
 
-    def artifact(self, run: str | None, path: Path) -> None:
+    def artifact(self, path: Path) -> None:
         pass
 
     def finish_stage(self, name: str) -> None:
@@ -47,101 +62,198 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict):
-        import mlflow  # slow import: only when tracking is on
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict,
+                 console: Console | None = None):
+        # Fail fast instead of MLflow's minutes of retries: the next flush retries anyway.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
-        self.cfg, self.path = cfg, Path(run_dir) / "tracking.json"
-        saved = json.loads(self.path.read_text()) if self.path.exists() else None
-        uri = (saved or {}).get("tracking_uri") or cfg.uri or default_tracking_uri()
-        mlflow.set_tracking_uri(uri)
+        self.cfg, self.console = cfg, console or Console(stderr=True)
+        self.path, self.metrics_path = Path(run_dir) / "tracking.json", Path(run_dir) / "metrics.jsonl"
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        uri = saved.get("tracking_uri") or cfg.uri or default_tracking_uri()
+        # pending_params: run key ("" = parent, else stage) -> params not logged yet; kept on
+        # disk so runs whose creation the store missed are created by a later process
+        self.info = {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": None,
+                     "parent_run_id": None, "stage_run_ids": {}, "sent_offset": 0,
+                     "pending_params": {"": redact(params)}, **saved}
+        self._params = self.info["pending_params"]
         self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-        self._buffer: dict[str, list] = {}
-        self._last_logged: dict[str, dict[str, int]] = {}
-        self._pending: list = []
-        self._last_flush = time.monotonic()
-        if saved:
-            self.info = saved
-            for run_id in [saved["parent_run_id"], *saved["stage_run_ids"].values()]:
-                self._resume(run_id)
-        else:
-            run = self.client.create_run(exp_id, run_name=run_name, tags={"run_dir": str(run_dir)})
-            self.info = {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": exp_id,
-                         "parent_run_id": run.info.run_id, "stage_run_ids": {}}
-            self._params(run.info.run_id, params)
-            self._save()
+        self._run_name = run_name
+        self._last_step: dict[str, dict[str, int]] | None = None  # run id -> key -> step
+        self._online, self._next_try, self._last_flush, self._warned = False, 0.0, 0.0, False
+        self._save()
+        self._connect()
 
+    # -- connection ------------------------------------------------------------------
     def _save(self) -> None:
         write_json_atomic(self.path, self.info)
 
-    def _params(self, run_id: str, params: dict) -> None:
+    def _offline(self, error: Exception) -> None:
+        self._online, self._last_step = False, None
+        self._next_try = time.monotonic() + max(5.0, 2 * self.cfg.flush_every_s)
+        if not self._warned:
+            self._warned = True
+            first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            self.console.print(f"[yellow]warning:[/] MLflow at {self.info['tracking_uri']} is unreachable "
+                               f"({first}); training goes on, metrics stay in {self.metrics_path} and "
+                               "are sent when it is back")
+
+    def _connect(self) -> bool:
+        """Create or reopen the experiment and runs; note each run's last logged steps."""
+        if self._online:
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        try:
+            info = self.info
+            if info["experiment_id"] is None:
+                exp = self.client.get_experiment_by_name(info["experiment"])
+                info["experiment_id"] = exp.experiment_id if exp else self.client.create_experiment(info["experiment"])
+            if info["parent_run_id"] is None:
+                run = self.client.create_run(info["experiment_id"], run_name=self._run_name,
+                                             tags={"run_dir": str(self.path.parent)})
+                info["parent_run_id"] = run.info.run_id
+                self._save()
+            for name in [n for n in self._params if n and n not in info["stage_run_ids"]]:
+                run = self.client.create_run(info["experiment_id"], run_name=name,
+                                             tags={"mlflow.parentRunId": info["parent_run_id"]})
+                info["stage_run_ids"][name] = run.info.run_id
+                self._save()
+            for key in list(self._params):
+                run_id = info["parent_run_id"] if key == "" else info["stage_run_ids"][key]
+                self._log_params(run_id, self._params[key])
+                del self._params[key]
+                self._save()
+            self._last_step = {}
+            for run_id in [info["parent_run_id"], *info["stage_run_ids"].values()]:
+                run = self.client.get_run(run_id)
+                if run.info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+                self._last_step[run_id] = {
+                    key: max(m.step for m in self.client.get_metric_history(run_id, key))
+                    for key in run.data.metrics}
+        except Exception as e:  # any failure to reach the store: stay offline, retry later
+            self._offline(e)
+            return False
+        if self._warned:
+            self.console.print(f"MLflow at {self.info['tracking_uri']} is reachable again")
+            self._warned = False
+        self._online = True
+        return True
+
+    def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        existing = self.client.get_run(run_id).data.params  # params cannot be overwritten
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
-    def _resume(self, run_id: str) -> None:
-        """Mark a run RUNNING again and note the last step of each metric it holds."""
-        self.client.update_run(run_id, status="RUNNING")
-        last = {}
-        for key in self.client.get_run(run_id).data.metrics:
-            history = self.client.get_metric_history(run_id, key)
-            last[key] = max(m.step for m in history)
-        self._last_logged[run_id] = last
-
-    def stage_run(self, name: str, params: dict) -> str:
-        ids = self.info["stage_run_ids"]
-        if name not in ids:
-            run = self.client.create_run(self.info["experiment_id"], run_name=name,
-                                         tags={"mlflow.parentRunId": self.info["parent_run_id"]})
-            ids[name] = run.info.run_id
-            self._params(run.info.run_id, params)
+    # -- runs ------------------------------------------------------------------------
+    def stage_run(self, name: str, params: dict) -> str | None:
+        if name not in self.info["stage_run_ids"] and name not in self._params:
+            self._params[name] = redact(params)
             self._save()
-        return ids[name]
+            if self._online:
+                self._online = False  # reconnect creates the run and logs its params
+                self._next_try = 0.0
+            self._connect()
+        return self.run_id(name)
 
-    def log(self, run: str, step: int, metrics: dict) -> None:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        last = self._last_logged.get(run, {})
-        buf = self._buffer.setdefault(run, [])
-        for key, value in metrics.items():
-            if step > last.get(key, -1):
-                buf.append(Metric(key, float(value), now, step))
-        self.flush()
+    def run_id(self, stage: str) -> str | None:
+        return self.info["stage_run_ids"].get(stage)
+
+    # -- metrics ---------------------------------------------------------------------
+    def _pending(self) -> tuple[list[dict], int]:
+        """Complete lines of metrics.jsonl after the sent offset, and the offset after them."""
+        start = self.info["sent_offset"]
+        if not self.metrics_path.exists():
+            return [], start
+        with open(self.metrics_path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next flush
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill, completed by a later write
+                continue
+        return records, start + end
 
     def flush(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last_flush < self.cfg.flush_every_s:
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.cfg.flush_every_s:
             return
-        self._last_flush = time.monotonic()
-        for run_id, metrics in self._buffer.items():
-            while metrics:
-                chunk = metrics[:MAX_BATCH]
-                try:
-                    self.client.log_batch(run_id, metrics=chunk, synchronous=True)
-                except Exception as e:  # keep training; the buffer is retried at the next flush
-                    warnings.warn(f"MLflow logging failed, will retry: {e}", stacklevel=2)
-                    return
-                del metrics[:MAX_BATCH]
+        self._last_flush = now
+        if not self._connect():
+            return
+        from mlflow.entities import Metric
+        records, end = self._pending()
+        ids, parent = self.info["stage_run_ids"], self.info["parent_run_id"]
+        batches: dict[str, list] = {}
+        stamp = int(time.time() * 1000)
+        for rec in records:
+            step, stage = rec["step"], rec["stage"]
+            for key, value in rec.items():
+                if key in ("stage", "step", "time"):
+                    continue
+                targets = [ids.get(stage)] + ([parent] if PARENT_KEYS.match(key) else [])
+                for run_id in filter(None, targets):
+                    last = self._last_step.setdefault(run_id, {})
+                    if step > last.get(key, -1):
+                        last[key] = step
+                        batches.setdefault(run_id, []).append(
+                            Metric(key, float(value), int(rec.get("time", stamp / 1000) * 1000), step))
+        try:
+            for run_id, metrics in batches.items():
+                for i in range(0, len(metrics), MAX_BATCH):
+                    self.client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH], synchronous=True)
+        except Exception as e:
+            self._offline(e)  # resend from the old offset; the last-step check drops repeats
+            return
+        self.info["sent_offset"] = end
+        self._save()
 
-    def artifact(self, run: str | None, path: Path) -> None:
-        if Path(path).exists():
-            self.client.log_artifact(run or self.info["parent_run_id"], str(path))
+    # -- ends ------------------------------------------------------------------------
+    def artifact(self, path: Path) -> None:
+        if path and Path(path).exists() and self._connect():
+            try:
+                self.client.log_artifact(self.info["parent_run_id"], str(path))
+            except Exception as e:
+                self._offline(e)
 
-    def finish(self, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED; the parent and any still-running child."""
-        self.flush(force=True)
-        for run_id in [*self.info["stage_run_ids"].values(), self.info["parent_run_id"]]:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, status)
+    def _terminate(self, run_id: str, status: str) -> None:
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status)
 
     def finish_stage(self, name: str) -> None:
         self.flush(force=True)
-        self.client.set_terminated(self.info["stage_run_ids"][name], "FINISHED")
+        if self._online and name in self.info["stage_run_ids"]:
+            try:
+                self._terminate(self.info["stage_run_ids"][name], "FINISHED")
+            except Exception as e:
+                self._offline(e)
+
+    def finish(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED, for the parent and every child still running. If the
+        store is unreachable the runs stay RUNNING and unsent points stay on disk."""
+        self.flush(force=True)
+        if not self._online:
+            records, _ = self._pending()
+            self.console.print(f"[yellow]warning:[/] {len(records)} metric records not sent to MLflow yet; "
+                               "`grow run` on this run directory sends them when the store is back")
+            return
+        try:
+            for run_id in [*self.info["stage_run_ids"].values(), self.info["parent_run_id"]]:
+                self._terminate(run_id, status)
+        except Exception as e:
+            self._offline(e)
 
 
-def make_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict):
+def make_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict,
+                 console: Console | None = None):
     if not cfg.enabled:
         return NullTracker()
-    return MlflowTracker(cfg, run_dir, run_name, params)
+    return MlflowTracker(cfg, run_dir, run_name, params, console)

@@ -190,15 +190,46 @@ def _check_layout(cfg: RunConfig, key: str, stage: StageConfig) -> None:
     lay = stage.layout
     for f in ("tp", "pp", "dp", "micro_batch_size"):
         _positive(f"{key}.layout.{f}", getattr(lay, f))
-    if cfg.engine.name == "local" and (lay.tp, lay.pp, lay.dp) != (1, 1, 1):
-        raise ConfigError(f"{key}.layout", f"engine.name=local runs tp=pp=dp=1, got tp={lay.tp} "
-                                           f"pp={lay.pp} dp={lay.dp}")
     if stage.batch_size % lay.dp:
         raise ConfigError(f"{key}.batch_size", f"{stage.batch_size} is not divisible by layout.dp={lay.dp}")
     per_rank = stage.batch_size // lay.dp
     if lay.micro_batch_size and per_rank % lay.micro_batch_size:
         raise ConfigError(f"{key}.layout.micro_batch_size",
                           f"{lay.micro_batch_size} does not divide the per-rank batch {per_rank}")
+
+
+def _check_engine_layouts(cfg: RunConfig) -> None:
+    """What the configured engine can run (`grow plan` checks layouts against the cluster)."""
+    for i, stage in enumerate(cfg.schedule.stages):
+        lay = stage.layout
+        if cfg.engine.name == "local" and (lay.tp, lay.pp, lay.dp) != (1, 1, 1):
+            raise ConfigError(f"schedule.stages.{i}.layout", f"engine.name=local runs tp=pp=dp=1, got "
+                                                              f"tp={lay.tp} pp={lay.pp} dp={lay.dp}")
+        if cfg.engine.name == "deepspeed":
+            _check_parallel_layout(cfg, f"schedule.stages.{i}", i)
+
+
+def _check_parallel_layout(cfg: RunConfig, key: str, i: int) -> None:
+    """What a TP/PP layout must divide: heads, kv heads, FFN and vocab by tp, layers by pp;
+    also the previous stage's shape, which the growth check evaluates on this layout."""
+    stages = cfg.schedule.stages
+    stage, lay = stages[i], stages[i].layout
+    shapes = [("", stage.shape)] + ([(" (the previous stage's shape, which the growth check runs on "
+                                      "this layout)", stages[i - 1].shape)] if i else [])
+    for note, s in shapes:
+        for f, v in (("heads", s.heads), ("kv_heads", s.kv_heads or s.heads), ("ffn", s.ffn)):
+            if v % lay.tp:
+                raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide {f}={v}{note}")
+        if s.layers % lay.pp:
+            raise ConfigError(f"{key}.layout.pp", f"{lay.pp} does not divide layers={s.layers}{note}")
+    m = cfg.model
+    if (m.vocab_size or m.vocab_multiple) % lay.tp:
+        raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide the vocabulary "
+                                              "(model.vocab_size, or model.vocab_multiple when null)")
+    if lay.pp > 1 and cfg.engine.zero_stage > 1:
+        raise ConfigError("engine.zero_stage", f"{cfg.engine.zero_stage} cannot run with a pipeline "
+                                               f"({key}.layout.pp={lay.pp}): DeepSpeed's pipeline runs "
+                                               "ZeRO-1 only; use engine.zero_stage=1, or pp=1 in every stage")
 
 
 def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfig) -> None:
@@ -212,9 +243,10 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
         return  # no shape change: the stage only changes tokens, batch, context or data
     fields = {"head_dim": "shape.heads", "hidden": "shape.hidden", "layers": "shape.layers",
               "ffn": "shape.ffn", "heads": "shape.heads", "kv_heads": "shape.kv_heads",
-              "layer_insert": "growth.layer_insert"}
+              "layer_insert": "growth.layer_insert", "init": "growth.init", "moments": "growth.moments",
+              "operator": "growth.operator"}
     try:
-        op.check_growth(old, new, growth.layer_insert or "append")
+        op.check_growth(old, new, growth.layer_insert or "append", growth.init, growth.moments)
     except GrowthError as e:
         msg = str(e).split(": ", 1)[1]
         if e.field == "head_dim":
@@ -269,7 +301,13 @@ def _check_rest(cfg: RunConfig) -> None:
         _positive(f"train.{f}", getattr(t, f))
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
-    _choice("engine.name", cfg.engine.name, ("local",))
+    _choice("engine.name", cfg.engine.name, ("local", "deepspeed"))
+    if cfg.engine.zero_stage == 3:
+        raise ConfigError("engine.zero_stage", "3 is not supported: engine=deepspeed reads and writes the "
+                                               "canonical checkpoint through ZeRO-1/2 partitions; use 1 "
+                                               "(any layout) or 2 (stages with layout.pp=1)")
+    _choice("engine.zero_stage", str(cfg.engine.zero_stage), ("1", "2"))
+    _positive("engine.timeout_s", cfg.engine.timeout_s)
     _choice("engine.device", cfg.engine.device, ("auto", "cpu", "cuda"))
     _choice("engine.dtype", cfg.engine.dtype, ("fp32", "bf16"))
     _positive("engine.threads", cfg.engine.threads)
@@ -283,12 +321,76 @@ def _check_rest(cfg: RunConfig) -> None:
     _positive("tracking.flush_every_s", cfg.tracking.flush_every_s)
     for f in ("max_usd", "max_flops", "max_tokens"):
         _positive(f"budget.{f}", getattr(cfg.budget, f))
+    _check_cluster_budget_plan(cfg)
 
 
-def validate(cfg: RunConfig) -> RunConfig:
+def _check_cluster_budget_plan(cfg: RunConfig) -> None:
+    c, b, p = cfg.cluster, cfg.budget, cfg.plan
+    for f in ("gpus", "gpus_per_node", "gpu_memory_gb"):
+        _positive(f"cluster.{f}", getattr(c, f))
+    if not 0 < c.expected_mfu <= 1:
+        raise ConfigError("cluster.expected_mfu", f"must be in (0, 1], got {c.expected_mfu}")
+    for name, tflops in c.achieved_tflops_per_gpu.items():
+        _positive(f"cluster.achieved_tflops_per_gpu.{name}", tflops)
+        if tflops > c.peak_tflops_per_gpu:
+            raise ConfigError(f"cluster.achieved_tflops_per_gpu.{name}",
+                              f"{tflops} is above cluster.peak_tflops_per_gpu={c.peak_tflops_per_gpu}")
+    for i, frac in enumerate(b.warn_at):
+        if not 0 < frac <= 1:
+            raise ConfigError(f"budget.warn_at.{i}", f"must be a fraction in (0, 1], got {frac}")
+    _positive("budget.project_after_steps", b.project_after_steps)
+    _choice("plan.fit_rule", p.fit_rule, ("proportional",))
+    _choice("plan.recompute", p.recompute, ("none", "selective", "full"))
+
+
+_SLURM_TIME = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
+
+
+def _check_submit(cfg: RunConfig) -> None:
+    """`submit` (grow submit) and `run.only_stage` (one stage per Slurm job)."""
+    import re
+    s = cfg.submit
+    for f in ("nodes", "tasks_per_node", "cpus_per_task", "rdzv_port", "max_failures"):
+        _positive(f"submit.{f}", getattr(s, f))
+    _positive("submit.gpus_per_node", s.gpus_per_node, allow_zero=True)
+    _positive("submit.signal_delay_s", s.signal_delay_s, allow_zero=True)
+    _choice("submit.launcher", s.launcher, ("auto", "torchrun", "python"))
+    if not re.match(_SLURM_TIME, s.time):
+        raise ConfigError("submit.time", f"{s.time!r} is not a Slurm time; allowed: MM, HH:MM:SS, D-HH:MM:SS")
+    if s.mem is not None and not re.match(r"^\d+[KMGT]?$", s.mem):
+        raise ConfigError("submit.mem", f"{s.mem!r}; allowed: a number with K, M, G or T (e.g. 64G)")
+    for key in ("extra_sbatch", "setup", "container"):
+        for i, line in enumerate(getattr(s, key)):
+            if "\n" in line:
+                raise ConfigError(f"submit.{key}.{i}", "one line per entry (no newlines)")
+    names = [st.name for st in cfg.schedule.stages]
+    if cfg.run.only_stage is not None and cfg.run.only_stage not in names:
+        raise ConfigError("run.only_stage", f"{cfg.run.only_stage!r} is not a stage; allowed: {', '.join(names)}")
+
+
+def _check_budget_covers_a_step(cfg: RunConfig) -> None:
+    """A cap below the first step would stop a run before it starts: refuse it here."""
+    from .model import flops_per_token
+
+    first = cfg.schedule.stages[0]
+    tokens = first.batch_size * first.seq_len
+    if cfg.budget.max_tokens is not None and cfg.budget.max_tokens < tokens:
+        raise ConfigError("budget.max_tokens", f"{cfg.budget.max_tokens} is below one step of stage "
+                                               f"{first.name!r}; allowed: >= {tokens}")
+    # vocabulary not known before the tokenizer: 256 (bytes) bounds the step's FLOPs below
+    spec = stage_spec(cfg, first, cfg.model.vocab_size or 256)
+    flops = flops_per_token(spec, first.seq_len) * tokens
+    if cfg.budget.max_flops is not None and cfg.budget.max_flops < flops:
+        raise ConfigError("budget.max_flops", f"{cfg.budget.max_flops:.4g} is below one step of stage "
+                                              f"{first.name!r}; allowed: >= {flops:.4g}")
+
+
+def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
+    """`planning`: for `grow plan`, which checks layouts against the cluster, not the engine."""
     _check_model(cfg)
     _check_data(cfg)
     _check_rest(cfg)
+    _check_submit(cfg)
     stages = cfg.schedule.stages
     if not stages:
         raise ConfigError("schedule.stages", "needs at least one stage")
@@ -298,10 +400,13 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"schedule.stages.{i}.name", f"{name!r} is used by two stages")
     for i, stage in enumerate(stages):
         _check_stage(cfg, i, stage, stages[i - 1] if i else None)
+    _check_budget_covers_a_step(cfg)
+    if not planning:
+        _check_engine_layouts(cfg)
     return cfg
 
 
-def load_config(raw: DictConfig | dict) -> RunConfig:
+def load_config(raw: DictConfig | dict, planning: bool = False) -> RunConfig:
     """Composed Hydra config (or plain dict) -> a validated `RunConfig`, or ConfigError."""
     if isinstance(raw, DictConfig):
         try:
@@ -310,4 +415,4 @@ def load_config(raw: DictConfig | dict) -> RunConfig:
             key = getattr(e, "full_key", None) or "config"
             raise ConfigError(str(key), str(e).splitlines()[0]) from None
     raw = {k: v for k, v in raw.items() if k != "hydra"}
-    return validate(_build(RunConfig, raw, ""))
+    return validate(_build(RunConfig, raw, ""), planning)

@@ -37,12 +37,31 @@ BAD = [
     ("data.tokenizer.kind=wordpiece", "data.tokenizer.kind", "allowed: byte, bpe"),
     ("train.beta2=1.5", "train.beta2", "[0, 1)"),
     ("schedule=nope", "", "Could not find 'schedule/nope'"),
+    ("budget.max_tokens=100", "budget.max_tokens", "below one step"),
+    ("budget.max_flops=1000", "budget.max_flops", "below one step"),
+    ("budget.max_flops=abc", "budget.max_flops", "converted to Float"),
+    ("engine=deepspeed schedule.stages.0.layout.tp=3", "schedule.stages.0.layout.tp", "does not divide heads"),
+    ("engine=deepspeed schedule.stages.2.layout.pp=3", "schedule.stages.2.layout.pp", "does not divide layers"),
+    ("schedule.stages.1.name=small", "schedule.stages.1.name", "used by two stages"),
+    ("schedule.stages.0.name=a/b", "schedule.stages.0.name", "without '/'"),
+    ("schedule.stages.0.seq_len=0", "schedule.stages.0.seq_len", "> 0"),
+    ("schedule.stages.1.shape.kv_heads=3", "schedule.stages.1.shape.kv_heads", "does not divide heads"),
+    ("growth.layer_insert=middle", "schedule.stages.1.growth.layer_insert", "allowed: append, interleave"),
+    ("checkpoint.every_steps=0", "checkpoint.every_steps", "> 0"),
+    ("train.grad_clip=-1", "train.grad_clip", ">= 0"),
+    ("model.init_std=0", "model.init_std", "> 0"),
+    ("model.tie_embeddings=maybe", "model.tie_embeddings", "not a valid bool"),
+    ("tracking.uri=localhost:5000", "tracking.uri", "no supported scheme"),
 ]
+
+
+def test_at_least_30_distinct_bad_configs():
+    assert len({b[0] for b in BAD}) >= 30
 
 
 @pytest.mark.parametrize("override,key,why", BAD, ids=[b[0] for b in BAD])
 def test_bad_config_is_one_line_naming_the_key(override, key, why, capsys):
-    assert _precheck([override]) == 2  # on the default schedule
+    assert _precheck(override.split()) == 2  # on the default schedule
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("grow: config error: ")
@@ -57,6 +76,35 @@ def test_missing_data_path_is_refused(tmp_path, capsys):
 def test_good_configs_pass():
     assert _precheck(["schedule=tiny"]) is None
     assert _precheck(["schedule=default", "model=gpt_tiny"]) is None
+
+
+@pytest.mark.parametrize("case", ["not-utf8", "no-matching-files", "vocab-too-small"])
+def test_data_problems_exit_2_before_training(case, tmp_path):
+    """Found when the data is read (after Hydra starts), still before any training step."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    args = ["schedule=tiny", "tracking=off", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.tokenizer.kind=byte", f"data.sources.mine.paths=[{corpus}]", "data=files"]
+    if case == "not-utf8":
+        (corpus / "good.txt").write_text("hello world " * 100)
+        (corpus / "bad.txt").write_bytes(b"caf\xe9 latin-1 text " * 10)
+        expect = ("bad.txt", "UTF-8")
+    elif case == "no-matching-files":
+        (corpus / "data.bin").write_bytes(b"x")
+        args.append("data.sources.mine.glob=*.txt")
+        expect = (str(corpus), "no files")
+    else:
+        for i in range(20):
+            (corpus / f"doc{i}.txt").write_text(f"document {i} " * 100)
+        args.append("model.vocab_size=128")
+        expect = ("model.vocab_size", "below the tokenizer")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(grow_cmd("run", f"hydra.run.dir={run_dir}", *args), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("grow: config error:") and all(e in line for e in expect), line
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_cli_exits_2_before_creating_anything(tmp_path):

@@ -8,6 +8,10 @@ from .local import LocalEngine
 def make_engine(cfg: RunConfig, stage: StageConfig, spec):
     if cfg.engine.name == "local":
         return LocalEngine(cfg, stage, spec)
+    if cfg.engine.name == "deepspeed":  # imported only here: deepspeed/megatron load slowly
+        from .deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, stage, spec)
     raise ValueError(f"engine.name={cfg.engine.name!r} is not available")
 
 

@@ -1,0 +1,88 @@
+"""`zero`: exact growth without masks.
+
+New output-side weights (o-proj columns of new heads, down-proj columns of new neurons,
+whole o/down of new blocks) are zero and input-side weights random, so new structure adds
+nothing until it trains. Width: the residual stream is scaled by c = sqrt(D'/D) (embedding
+and the old o/down rows times c, norm gains divided by c), so a norm over the wider hidden
+sees exactly the old statistics, eps included:
+- RMSNorm: new residual coordinates are zero, so mean(x'^2) = c^2 mean(x^2) D/D' = mean(x^2);
+- LayerNorm: every writer into the residual writes the mean of its old rows into the new
+  coordinates, so they hold the old mean: the mean is unchanged and so is the variance.
+Tied embeddings: the head reads the c-scaled embedding, so the final norm's gain (and bias)
+is divided by c once more. New blocks are exact identities (zero o and down projections).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import (MOMENT_RULES, GrowthPlan, check_choice, check_common, check_group,
+                     grow_moments_with, grow_state, layer_name, new_layer_positions,
+                     placement_axes, random_fill)
+from .spec import HIDDEN, ModelSpec, is_norm
+
+PRESERVES_FUNCTION = True
+USES_MASKS = False
+INITS = ("random",)
+DEFAULT_MOMENTS = "keep"
+WRITERS = ("attn.o.weight", "mlp.down.weight")  # into the residual stream (hidden on axis 0)
+
+
+def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
+                 moments: str | None = None) -> None:
+    check_common(old, new)
+    check_group(old, new)
+    new_layer_positions(layer_insert, old.layers, new.layers)
+    check_choice("init", init or "random", INITS, "zero")
+    check_choice("moments", moments or DEFAULT_MOMENTS, MOMENT_RULES, "zero")
+
+
+def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
+                moments: str | None = None) -> GrowthPlan:
+    from .msg import layer_sources
+    c = math.sqrt(new.hidden / old.hidden)
+    scales = {"embed.weight": c, "attn.o.weight": c, "mlp.down.weight": c,
+              "attn_norm.weight": 1 / c, "mlp_norm.weight": 1 / c,
+              "final_norm.weight": 1 / (c * c) if new.tie_embeddings else 1 / c}
+    if new.tie_embeddings:
+        scales["final_norm.bias"] = 1 / c
+    return GrowthPlan(old, new, placement_axes(old, new), layer_sources(old.layers, new.layers, layer_insert),
+                      scales=scales, moments_rule=moments or DEFAULT_MOMENTS, init="random")
+
+
+def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch.Tensor:
+    rest = layer_name(name)[1]
+    if is_norm(name):  # gains at the scaled stream's level; biases zero (new outputs stay 0)
+        return torch.full(shape, plan.scale(name)) if name.endswith("weight") else torch.zeros(shape)
+    if rest in WRITERS or name == "embed.weight":
+        return torch.zeros(shape)  # output side: new structure writes nothing yet
+    return random_fill(plan, name, shape, get_old, generator)
+
+
+def finish(plan: GrowthPlan, name: str, out: torch.Tensor) -> torch.Tensor:
+    """LayerNorm: new residual coordinates receive the mean of the old ones."""
+    if plan.new.norm != "layernorm" or plan.new.hidden == plan.old.hidden:
+        return out
+    old, new = plan.axes[HIDDEN] >= 0, plan.axes[HIDDEN] < 0
+    if name == "embed.weight":
+        out[:, new] = out[:, old].mean(1, keepdim=True)
+    elif layer_name(name)[1] in WRITERS:
+        out[new] = out[old].mean(0, keepdim=True)
+    return out
+
+
+def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
+         layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
+         moments: str | None = None) -> tuple[dict[str, torch.Tensor], None, GrowthPlan]:
+    """The grown state (exact without masks: returns masks=None) and the plan."""
+    check_growth(old, new, layer_insert, init, moments)
+    plan = plan_growth(old, new, layer_insert, init, moments)
+    return grow_state(plan, fill, state, generator, finish), None, plan
+
+
+def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
+                 maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
+    """`keep`: old entries' moments as they were, new zero. `staged`: rescaled by the
+    gradient change the c-scaling causes (m / a, v / a^2 for an entry scaled by a)."""
+    return grow_moments_with(maps, moments, kind)

@@ -1,0 +1,197 @@
+"""Budget control while a schedule runs: what is spent and left, warnings, projection.
+
+The stage loop calls `stage_start` before a stage's first step (in this process) and
+`after_step` after every step. They log `budget/*` to MLflow (spent and left dollars,
+GPU-hours, FLOPs, tokens; the projected total), print a warning the first time spending
+crosses each `budget.warn_at` fraction of a cap, and project the schedule's cost from the
+measured step time: when it will miss `budget.max_usd`, the runner says so early, by how
+much, and where the run will stop. The hard cap itself is `ledger.BudgetGuard`; this
+module gives the guard a step-time estimate for a stage's first step, so a resumed run
+that is already at its cap does not take one more step.
+"""
+from __future__ import annotations
+
+from .ledger import Spend
+from .planner import CAPS, StageRates, stage_rates, stop_point
+from .validate import stage_steps
+
+CAP_UNITS = {"max_usd": "$", "max_flops": "FLOPs", "max_tokens": "tokens"}
+
+
+def _spent(total: Spend, cap: str) -> float:
+    return {"max_usd": total.cost_usd, "max_flops": total.flops, "max_tokens": total.tokens}[cap]
+
+
+def _fmt(cap: str, value: float) -> str:
+    if cap == "max_usd":
+        return f"${value:,.4g}" if value < 1000 else f"${value:,.0f}"
+    return f"{value:.4g} {CAP_UNITS[cap]}"
+
+
+class BudgetWatch:
+    """One per run process (kept on the run context)."""
+
+    def __init__(self, ctx):
+        cfg = ctx.cfg
+        self.ctx, self.budget, self.cluster = ctx, cfg.budget, cfg.cluster
+        self.stages = cfg.schedule.stages
+        self.names = [s.name for s in self.stages]
+        self.steps = [stage_steps(s) for s in self.stages]
+        self.rates: list[StageRates] = [stage_rates(cfg, s, spec) for s, spec in zip(self.stages, ctx.specs)]
+        self.warned: set[tuple[str, float]] = set()
+        self.times: list[float] = []  # measured step seconds of the current stage, this process
+        self.ratio: float | None = None  # measured / planned step time, last measured stage
+        self.reported_over: tuple | None = None  # last announced (stop point, overrun USD)
+        self.skipped_first = False
+        self.started = False
+
+    # -- estimates -------------------------------------------------------------------
+    def _step_estimate(self, index: int) -> float:
+        """Seconds for one step of stage `index`: measured in this process, else the
+        ledger's average for the stage (a resume), else the plan scaled by what earlier
+        stages measured."""
+        if self.times:
+            return sum(self.times) / len(self.times)
+        spend = self.ctx.ledger.stages.get(self.names[index])
+        if spend is not None and spend.steps:
+            return spend.wall_s / spend.steps
+        return self.rates[index].step_seconds * (self.ratio or 1.0)
+
+    def projection(self, index: int, step: int) -> dict:
+        """Total cost of the whole schedule if the rest runs at the measured speed."""
+        total = self.ctx.ledger.total
+        per = self._step_estimate(index)
+        ratio = per / self.rates[index].step_seconds if self.rates[index].step_seconds > 0 else 1.0
+        left_s = [0.0] * len(self.steps)
+        left_s[index] = (self.steps[index] - step) * per
+        for j in range(index + 1, len(self.steps)):
+            left_s[j] = self.steps[j] * self.rates[j].step_seconds * ratio
+        gpu_hours = sum(s * r.gpus / 3600.0 for s, r in zip(left_s, self.rates))
+        left_flops = (self.steps[index] - step) * self.rates[index].step_flops + sum(
+            self.steps[j] * self.rates[j].step_flops for j in range(index + 1, len(self.steps)))
+        return {"usd": total.cost_usd + gpu_hours * self.cluster.usd_per_gpu_hour,
+                "gpu_hours": total.gpu_hours + gpu_hours, "flops": total.flops + left_flops,
+                "step_s": per, "planned_step_s": self.rates[index].step_seconds, "ratio": ratio}
+
+    def _stop(self, cap: str, index: int, step: int, step_usd: list[float] | None = None):
+        left = getattr(self.budget, cap) - _spent(self.ctx.ledger.total, cap)
+        rates = self.rates
+        if step_usd is not None:  # measured prices per step
+            rates = [StageRates(r.step_tokens, r.step_flops, r.step_hw_flops, r.gpus, r.tflops_per_gpu,
+                                r.throughput, r.step_seconds, r.step_gpu_hours, u) for r, u in zip(rates, step_usd)]
+        return stop_point(self.names, rates, self.steps, cap, left, (index, step))
+
+    # -- hooks -----------------------------------------------------------------------
+    def stage_start(self, loop) -> None:
+        index, step = loop.p.index, loop.p.step
+        if self.times and index > 0:  # what the stage before measured, against its plan
+            self.ratio = (sum(self.times) / len(self.times)) / max(self.rates[index - 1].step_seconds, 1e-12)
+        self.times, self.skipped_first = [], False
+        self.reported_over = None
+        self.ctx.guard.expected_step_seconds = self._step_estimate(index)
+        if self.started:
+            return
+        self.started = True
+        total, console = self.ctx.ledger.total, self.ctx.console
+        for cap in CAPS:
+            limit = getattr(self.budget, cap)
+            if limit is None:
+                continue
+            spent = _spent(total, cap)
+            passed = [f for f in self.budget.warn_at if spent >= f * limit]
+            self.warned.update((cap, f) for f in passed)
+            if passed:
+                console.print(f"[yellow]budget[/]: {100 * spent / limit:.0f}% of budget.{cap}="
+                              f"{_fmt(cap, limit)} already spent ({_fmt(cap, spent)})")
+            if cap != "max_usd":  # FLOPs and tokens are known in advance: say now where it stops
+                where = self._stop(cap, index, step)
+                if where:
+                    console.print(f"[yellow]budget[/]: budget.{cap}={_fmt(cap, limit)} stops this schedule "
+                                  f"in stage {where[0]} at step {where[1]} of {self.steps[self.names.index(where[0])]}")
+
+    def after_step(self, loop, seconds: float) -> None:
+        index, step = loop.p.index, loop.p.step
+        if seconds > 0:
+            if self.skipped_first:
+                self.times.append(seconds)
+            self.skipped_first = True  # a stage's first step in a process includes warm-up
+        total = self.ctx.ledger.total
+        metrics = {"budget/spent_usd": total.cost_usd, "budget/spent_gpu_hours": total.gpu_hours,
+                   "budget/spent_flops": total.flops, "budget/spent_tokens": float(total.tokens)}
+        b, price = self.budget, self.cluster.usd_per_gpu_hour
+        if b.max_usd is not None:
+            metrics["budget/left_usd"] = b.max_usd - total.cost_usd
+            if price > 0:
+                metrics["budget/left_gpu_hours"] = (b.max_usd - total.cost_usd) / price
+        if b.max_flops is not None:
+            metrics["budget/left_flops"] = b.max_flops - total.flops
+        if b.max_tokens is not None:
+            metrics["budget/left_tokens"] = float(b.max_tokens - total.tokens)
+        measured = len(self.times) >= self.budget.project_after_steps
+        if measured:
+            proj = self.projection(index, step)
+            metrics.update({"budget/projected_usd": proj["usd"], "budget/projected_gpu_hours": proj["gpu_hours"],
+                            "budget/projected_flops": proj["flops"]})
+            if b.max_usd is not None:
+                metrics["budget/projected_over_usd"] = proj["usd"] - b.max_usd
+                self._announce_projection(index, step, proj)
+        loop._log_point(metrics)
+        self._threshold_warnings(total)
+        if self.times:
+            self.ctx.guard.expected_step_seconds = self.times[-1]
+
+    def _threshold_warnings(self, total: Spend) -> None:
+        for cap in CAPS:
+            limit = getattr(self.budget, cap)
+            if limit is None:
+                continue
+            spent = _spent(total, cap)
+            crossed = [f for f in sorted(self.budget.warn_at) if spent >= f * limit and (cap, f) not in self.warned]
+            if crossed:
+                self.warned.update((cap, f) for f in crossed)
+                self.ctx.console.print(f"[yellow]budget[/]: {100 * crossed[-1]:.0f}% of budget.{cap}="
+                                       f"{_fmt(cap, limit)} spent ({_fmt(cap, spent)}; "
+                                       f"{_fmt(cap, limit - spent)} left)")
+
+    def _announce_projection(self, index: int, step: int, proj: dict) -> None:
+        limit = self.budget.max_usd
+        over = proj["usd"] - limit
+        if over <= 0:
+            if self.reported_over is not None:
+                self.ctx.console.print(f"[green]budget[/]: now projected to fit budget.max_usd="
+                                       f"{_fmt('max_usd', limit)} (${proj['usd']:,.4g})")
+                self.reported_over = None
+            return
+        price = self.cluster.usd_per_gpu_hour
+        step_usd = [self.rates[j].step_seconds * proj["ratio"] * self.rates[j].gpus / 3600.0 * price
+                    for j in range(len(self.rates))]
+        step_usd[index] = proj["step_s"] * self.rates[index].gpus / 3600.0 * price
+        where = self._stop("max_usd", index, step, step_usd)
+        last = self.reported_over
+        if last is not None and (where is None or last[0] is None or (where[0] == last[0][0] and abs(
+                where[1] - last[0][1]) <= max(1, self.steps[self.names.index(where[0])] // 10))):
+            return  # said already; speak again when the expected stop moves by a tenth of a stage
+        self.reported_over = (where, over)
+        at = f"; it will stop in stage {where[0]} around step {where[1]}" if where else ""
+        self.ctx.console.print(
+            f"[yellow]budget[/]: at the measured {proj['step_s']:.3g} s/step (plan {proj['planned_step_s']:.3g} s, "
+            f"x{proj['ratio']:.2f}) the schedule will cost ${proj['usd']:,.4g}, ${over:,.4g} "
+            f"({100 * over / limit:.0f}%) over budget.max_usd={_fmt('max_usd', limit)}{at}")
+
+
+def watch_for(ctx) -> BudgetWatch:
+    watch = getattr(ctx, "_budget_watch", None)
+    if watch is None:
+        watch = BudgetWatch(ctx)
+        ctx._budget_watch = watch
+    return watch
+
+
+def stage_start(loop) -> None:
+    """Hook: before a stage's first step in this process."""
+    watch_for(loop.ctx).stage_start(loop)
+
+
+def after_step(loop, seconds: float) -> None:
+    """Hook: after each step, once the ledger has counted it."""
+    watch_for(loop.ctx).after_step(loop, seconds)

@@ -1,0 +1,309 @@
+"""The `deepspeed` engine: Megatron-core tensor parallelism, a DeepSpeed pipeline and ZeRO-1
+data parallelism over one model definition (`parallel_model`), fp32 on CPU with gloo; with
+`engine.zero_stage=2` (pp=1 only) the same layers run as one module in DeepSpeed's plain
+engine with Megatron's parallel state as its `mpu`.
+
+Every rank builds only its pipeline stage with its TP slices, loads exactly those slices
+of the canonical state (weights and Adam moments), and at export hands back full tensors
+of its share of the model only (gathered across its TP group, tensors spread round-robin
+over the TP ranks of DP rank 0), so a checkpoint is written by many ranks in parallel and
+never gathered on one. Megatron's parallel state and DeepSpeed's grid use the same rank
+order (tp fastest, then dp, then pp); `load` asserts they agree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from growth_ops.masks import MaskState
+from growth_ops.spec import ModelSpec
+
+from ..checkpoint import MOMENTS
+from ..config import RunConfig, StageConfig
+from ..data import rank_slice
+from .parallel_model import (FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
+                             vocab_parallel_loss)
+
+
+def init_distributed(timeout_s: float, backend: str = "gloo") -> None:
+    """Join the process group torchrun/srun described in the environment (once)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun, no torchrun
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                               verbose=False)
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, spec: ModelSpec):
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        lay = stage.layout
+        self.cfg, self.spec = cfg, spec
+        self.tp, self.pp, self.dp = lay.tp, lay.pp, lay.dp
+        self.devices = self.tp * self.pp * self.dp
+        if cfg.engine.dtype != "fp32":
+            raise ValueError("engine=deepspeed runs fp32 on CPU/gloo here; bf16 needs CUDA/NCCL")
+        init_distributed(cfg.engine.timeout_s)
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from megatron.core import parallel_state as ps
+
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        world = dist.get_world_size()
+        if world != self.devices:
+            raise RuntimeError(f"stage {stage.name!r} needs tp*pp*dp = {self.devices} ranks, "
+                               f"this job has {world}")
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(self.tp, self.pp)
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.rank = dist.get_rank()
+        per_rank = stage.batch_size // self.dp
+        self.micro = lay.micro_batch_size or per_rank
+        self.gas = per_rank // self.micro
+        self.box = MaskBox()
+        config = megatron_config(spec, self.tp, self.pp, torch.float32)
+        # ZeRO-1 runs in DeepSpeed's pipeline engine (any pp); ZeRO-2, which that engine
+        # refuses, runs the same layers as one module (pp=1, checked by validate.py)
+        self.pipelined = cfg.engine.zero_stage < 2
+        if self.pipelined:
+            self.topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+            self.module = PipelineModule(layers=layer_specs(spec, self.tp, self.tp_rank, config, self.box),
+                                         topology=self.topology, loss_fn=vocab_parallel_loss,
+                                         partition_method="type:BlockLayer")
+        elif self.pp == 1:
+            self.module = FlatModel(spec, self.tp, self.tp_rank, config, self.box)
+        else:
+            raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} needs layout.pp=1 (got {self.pp})")
+        self.ds_config = {
+            "train_batch_size": stage.batch_size, "train_micro_batch_size_per_gpu": self.micro,
+            "gradient_accumulation_steps": self.gas,
+            "gradient_clipping": cfg.train.grad_clip,
+            "zero_optimization": {"stage": cfg.engine.zero_stage},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False, "dump_state": False,
+        }
+        self.engine = None
+        self.masks: MaskState | None = None
+
+    # -- which canonical tensor each local parameter slices -------------------------
+    def _slices(self) -> list[tuple[str, torch.Tensor]]:
+        """(canonical name, local tensor) of this rank's stage, model order, no repeats."""
+        out, seen = [], set()
+        for module in self.module.modules():
+            if hasattr(module, "canonical_slices"):
+                for name, t in module.canonical_slices():
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        out.append((name, t))
+        return out
+
+    def _owns(self, name: str) -> bool:
+        """Tensors present on several pipeline stages (tied embedding, ALiBi slopes) are
+        written by stage 0 only."""
+        return self.pp_rank == 0 or name not in ("embed.weight", "alibi_slopes")
+
+    def _local(self, tensors, name: str) -> torch.Tensor:
+        """This rank's TP slice of canonical tensor `name` from `tensors` (a dict, or a
+        `checkpoint.LazyTensors`, which reads only the slice from disk)."""
+        d = split_dim(name)
+        if d is None or self.tp == 1:
+            return tensors[name]
+        if hasattr(tensors, "slice"):
+            return tensors.slice(name, d, self.tp_rank, self.tp)
+        return tensors[name].chunk(self.tp, dim=d)[self.tp_rank]
+
+    def _gather_tp(self, local: torch.Tensor, name: str) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        d = split_dim(name)
+        if d is None or self.tp == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        return torch.cat(parts, dim=d)
+
+    # -- canonical state -------------------------------------------------------------
+    def load(self, state, moments: dict | None, step: int, masks: MaskState | None) -> None:
+        import deepspeed
+
+        if self.engine is not None:
+            raise RuntimeError("a DeepSpeedEngine loads its state once")
+        with torch.no_grad():
+            for name, t in self._slices():
+                t.copy_(self._local(state, name))
+        t = self.cfg.train
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
+        self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
+                                               mpu=None if self.pipelined else MegatronMpu())
+        if self.pipelined:
+            self._check_grid()
+        if step and moments:
+            self._set_moments(moments, step)
+        self.masks = masks
+        self._apply_masks()
+
+    def _check_grid(self) -> None:
+        grid = self.engine.grid
+        got = (grid.get_slice_parallel_rank(), grid.get_data_parallel_rank(), grid.get_pipe_parallel_rank())
+        if got != (self.tp_rank, self.dp_rank, self.pp_rank):
+            raise RuntimeError(f"rank {self.rank}: DeepSpeed grid (tp, dp, pp) = {got} disagrees with "
+                               f"Megatron's {(self.tp_rank, self.dp_rank, self.pp_rank)}")
+
+    def _zero(self):
+        zopt = self.engine.optimizer
+        if not hasattr(zopt, "single_partition_of_fp32_groups"):
+            raise RuntimeError("canonical moments need ZeRO stage 1 or 2 (engine.zero_stage)")
+        return zopt
+
+    def _set_moments(self, moments: dict, step: int) -> None:
+        """Write this rank's ZeRO partition of the Adam moments of its TP slices."""
+        zopt = self._zero()
+        names = {id(t): name for name, t in self._slices()}
+        for i, hp in enumerate(zopt.single_partition_of_fp32_groups):
+            st = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(hp),
+                  "exp_avg_sq": torch.zeros_like(hp)}
+            for lp in zopt.bit16_groups[i]:
+                m = getattr(lp, "_hp_mapping", None)
+                if m is None:
+                    continue
+                name = names[id(lp)]
+                for key in MOMENTS:
+                    flat = self._local(moments[key], name).reshape(-1).to(hp.dtype)
+                    st[key].narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel).copy_(
+                        flat.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel))
+            zopt.optimizer.state[hp] = st
+        zopt._hp_optimizer_states_linked = False
+        zopt._lazy_init_hp_params_optimizer_state()
+
+    def export(self) -> tuple[dict, dict, int]:
+        """This rank's share of the canonical state, as full tensors (see module doc)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        zopt = self._zero()
+        has_state = bool(zopt.optimizer.state)
+        if has_state:  # (re)link the moments' fragments: DeepSpeed may have linked before they existed
+            zopt._hp_optimizer_states_linked = False
+            zopt._lazy_init_hp_params_optimizer_state()
+        state: dict = {}
+        moments: dict = {k: {} for k in MOMENTS}
+        owned = [(n, t) for n, t in self._slices() if self._owns(n)]
+        for j, (name, t) in enumerate(owned):
+            writer = self.dp_rank == 0 and j % self.tp == self.tp_rank
+            full = self._gather_tp(t.detach(), name)
+            if writer:
+                state[name] = full.cpu().clone()
+            if has_state and isinstance(t, torch.nn.Parameter):
+                for key in MOMENTS:
+                    local = safe_get_full_optimizer_state(t, key)  # all-reduce over DP
+                    full = self._gather_tp(local.reshape(t.shape), name)
+                    if writer:
+                        moments[key][name] = full.cpu().clone()
+        step = 0
+        if has_state:
+            step = int(next(iter(zopt.optimizer.state.values()))["step"])
+        return state, moments, step
+
+    @property
+    def checkpoint_shard(self) -> dict:
+        """How this rank takes part in a checkpoint write (orchestrator.checkpoint)."""
+        writers = self.tp * self.pp
+        return {"index": self.pp_rank * self.tp + self.tp_rank if self.dp_rank == 0 else None,
+                "count": writers, "leader": self.rank == 0, "barrier": dist.barrier}
+
+    # -- masks -----------------------------------------------------------------------
+    def _apply_masks(self) -> None:
+        from .parallel_model import BlockLayer
+
+        masks, spec = self.masks, self.spec
+        blocks = [m for m in self.module.modules() if isinstance(m, BlockLayer)]
+        if masks is None or masks.done:
+            self.box.hidden = None
+            for b in blocks:
+                b.block.masks = (None, None, None)
+            return
+
+        def vector(size: int, new: list[int]) -> torch.Tensor | None:
+            if not new:
+                return None
+            v = torch.ones(size)
+            v[new] = masks.value
+            return v
+
+        self.box.hidden = vector(spec.hidden, masks.hidden_new)
+        heads, ffn = vector(spec.heads, masks.heads_new), vector(spec.ffn, masks.ffn_new)
+        heads = None if heads is None else heads.chunk(self.tp)[self.tp_rank]
+        ffn = None if ffn is None else ffn.chunk(self.tp)[self.tp_rank]
+        layer = torch.tensor(masks.value)
+        for b in blocks:
+            b.block.masks = (None, None, layer) if b.index in masks.layers_new else (heads, ffn, None)
+
+    # -- compute ---------------------------------------------------------------------
+    def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        loss = loss.detach().clone()
+        if self.dp > 1:
+            dist.all_reduce(loss, group=ps.get_data_parallel_group())
+            loss /= self.dp
+        return loss
+
+    def _micro_batches(self, batch: torch.Tensor):
+        local = rank_slice(batch, self.dp_rank, self.dp)
+        chunks = local.split(self.micro)
+        return len(chunks), iter([(c[:, :-1].contiguous(), c[:, 1:].contiguous()) for c in chunks])
+
+    def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        self._apply_masks()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        _, it = self._micro_batches(batch)
+        if self.pipelined:
+            loss = self.engine.train_batch(data_iter=it)
+        else:
+            losses = []
+            for x, y in it:  # DeepSpeed scales each by 1/gas and steps at the boundary
+                micro_loss = self.engine(x, y)
+                self.engine.backward(micro_loss)
+                self.engine.step()
+                losses.append(micro_loss.detach())
+            loss = self._dp_mean(torch.stack(losses).mean())
+        norm = self.engine.get_global_grad_norm()
+        if self.masks is not None:
+            self.masks.advance()
+        return float(loss), float(norm) if norm is not None else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
+        self._apply_masks()
+        losses = []
+        if not self.pipelined:
+            self.engine.eval()
+        for b in batches:
+            n, it = self._micro_batches(b)
+            if self.pipelined:
+                losses.append(float(self.engine.eval_batch(it, num_micro_batches=n)))
+            else:
+                losses.append(float(self._dp_mean(torch.stack([self.engine(x, y) for x, y in it]).mean())))
+        self.engine.train()
+        return sum(losses) / len(losses)

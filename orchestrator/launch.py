@@ -1,0 +1,116 @@
+"""Multi-rank runs of `grow run engine=deepspeed`.
+
+Outside a launch (no RANK/SLURM_PROCID in the environment) `drive` starts one torchrun per
+stage, each with that stage's tp*pp*dp ranks on a free port (`--standalone`) and
+`run.only_stage` set, because every stage may need a different world size; growth into a
+stage runs in that stage's job, on its new layout, from the canonical checkpoint. Inside
+a launch (torchrun or srun already started the ranks) the runner runs in place.
+
+Fail fast: torchrun is told never to restart and polls its workers every 0.2 s; when one
+rank dies it stops the others and reports the failed rank (its traceback is recorded by
+`@record`), and the process-group timeout (`engine.timeout_s`) bounds any collective
+still waiting on a dead peer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import RunConfig
+
+ONLY_STAGE_DONE = "stopped: run.only_stage="
+
+
+def in_launch() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def stage_world(cfg: RunConfig, index: int) -> int:
+    lay = cfg.schedule.stages[index].layout
+    return lay.tp * lay.pp * lay.dp
+
+
+def next_stage(cfg: RunConfig) -> int | None:
+    """The stage the next job runs (None: the schedule is finished)."""
+    from .checkpoint import latest_checkpoint, read_meta
+
+    ckpt = latest_checkpoint(Path(cfg.run_dir))
+    if ckpt is None:
+        return 0
+    meta = read_meta(ckpt)
+    index = meta["stage_index"] + (1 if meta["stage_complete"] else 0)
+    return index if index < len(cfg.schedule.stages) else None
+
+
+def drive(cfg: RunConfig) -> int:
+    """Run the schedule stage by stage, one torchrun per stage; returns an exit status."""
+    from .data import prepare_data
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data(cfg.data)  # tokenize once here, not racing in every rank
+    names = [s.name for s in cfg.schedule.stages]
+    while True:
+        index = next_stage(cfg)
+        if index is None:
+            print(f"{run_dir} already finished; nothing to do", flush=True)
+            return 0
+        if cfg.run.only_stage is not None and names.index(cfg.run.only_stage) < index:
+            print(f"stage {cfg.run.only_stage} of {run_dir} already finished; nothing to do", flush=True)
+            return 0
+        only = cfg.run.only_stage or names[index]
+        job = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, only_stage=only))
+        path = run_dir / f".launch-{index}.json"
+        path.write_text(json.dumps(dataclasses.asdict(job)))
+        world = stage_world(cfg, names.index(only))
+        print(f"launching stage {only} on {world} ranks", flush=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.launch", str(path)]
+        env = {"DS_ACCELERATOR": "cpu" if cfg.engine.device != "cuda" else "cuda", "PYTHONUNBUFFERED": "1",
+               **os.environ}
+        code = subprocess.run(cmd, env=env).returncode
+        if code != 0:
+            print(f"grow: stage {only} failed: a rank exited with status {code} (see its error above); "
+                  f"run the same command again to resume from the last checkpoint", file=sys.stderr, flush=True)
+            return code if 0 < code < 128 else 1
+        summary = run_dir / "summary.json"
+        status = json.loads(summary.read_text()).get("status", "") if summary.exists() else ""
+        if cfg.run.only_stage is not None or not status.startswith(ONLY_STAGE_DONE):
+            return 0
+
+
+def _rank_main(config_path: str) -> int:
+    """One rank: read the resolved config the driver wrote, join the group, run."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .engines.deepspeed_engine import init_distributed
+    from .runner import GrowthCheckError, run_schedule
+    from .stage_loop import StopRequested
+    from .validate import ConfigError, load_config
+
+    cfg = load_config(json.loads(Path(config_path).read_text()))
+    init_distributed(cfg.engine.timeout_s, "nccl" if cfg.engine.device == "cuda" else "gloo")
+    try:
+        run_schedule(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"grow: config error: {e}", file=sys.stderr)
+        return 2
+    except GrowthCheckError as e:
+        print(f"grow: {e}", file=sys.stderr)
+        return 3
+    except CheckpointError as e:
+        print(f"grow: checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except StopRequested as e:
+        return 128 + e.signum
+    return 0
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(_rank_main)(sys.argv[1]))

@@ -1,0 +1,150 @@
+"""`grow plan [overrides]`: what a schedule will cost, before anything runs.
+
+Composes the same config `grow run` would (Hydra's compose API; no data read, no model
+built), prints a table per stage and in total against training the final model from
+scratch, and writes `plan.json` into hydra.run.dir (default plans/<schedule>/<time>).
+Exit status: 0 the plan fits its budget, 2 a bad config, an impossible layout or a budget
+too small to fit (one line naming the key), 4 the plan is over a budget cap.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_CONFIG = 2
+EXIT_OVER_BUDGET = 4
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"grow: {message}", file=sys.stderr)
+    return code
+
+
+def compose_config(overrides: list[str]):
+    """Compose and validate for planning; ConfigError carries the key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .cli import CONF_DIR
+    from .config import register_schema
+    from .validate import ConfigError, allowed_keys, load_config
+
+    register_schema()
+    job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            raw = compose("config", overrides=job + ["run_dir=/unused"])
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        key = getattr(cause, "full_key", None)
+        key = key.replace("[", ".").replace("]", "") if key else None
+        first = " ".join(str(cause).split()) or type(cause).__name__
+        if key and ("not in struct" in first or re.search(r"Key '\w+' not in '\w+'", first)):
+            allowed = allowed_keys(key)
+            first = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        first = first.split(" full_key:")[0].split(" Config search path:")[0]
+        raise ConfigError(key or "overrides", first) from None
+    return load_config(raw, planning=True)
+
+
+def _run_dir(args: list[str], schedule: str) -> Path:
+    for a in args:
+        if a.startswith("hydra.run.dir="):
+            return Path(a.split("=", 1)[1])
+    return Path("plans") / schedule / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _num(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e6:
+        return f"{x:.3g}"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.0f}" if x >= 100 else f"${x:,.4g}"
+
+
+def _params(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) -> None:
+    p = plan
+    title = (f"Plan: schedule {p.schedule} on cluster {p.cluster}"
+             + (f", recompute={p.recompute}" if p.recompute != "none" else ""))
+    table = Table(title=title)
+    for col in ("stage", "params", "layers x hidden (heads)", "tokens", "steps", "tp/pp/dp", "GPUs",
+                "FLOPs", "TFLOP/s/GPU", "GPU-hours", "days", "USD", "states GiB/GPU"):
+        table.add_column(col, justify="left" if col in ("stage", "layers x hidden (heads)") else "right")
+    for s in p.stages:
+        lay = s.layout
+        table.add_row(s.name, _params(s.params), f"{s.shape['layers']} x {s.shape['hidden']} ({s.shape['heads']})",
+                      _params(s.tokens), f"{s.steps:,}", f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(s.gpus),
+                      f"{s.flops:.3e}", f"{s.tflops_per_gpu:.4g}" + ("" if s.throughput == "measured" else "*"),
+                      _num(s.gpu_hours), f"{s.days:.3g}", _usd(s.usd), f"{s.state_gib_per_gpu:.3g}")
+    t, sc = p.totals, p.scratch
+    table.add_section()
+    table.add_row("[bold]total[/]", "", "", _params(t["tokens"]), "", "", "", f"{t['flops']:.3e}", "",
+                  _num(t["gpu_hours"]), f"{t['days']:.3g}", _usd(t["usd"]), "")
+    lay = sc["layout"]
+    table.add_row("from scratch", _params(sc["params"]), "final shape", _params(sc["tokens"]), "",
+                  f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(sc["gpus"]), f"{sc['flops']:.3e}", "",
+                  _num(sc["gpu_hours"]), f"{sc['days']:.3g}", _usd(sc["usd"]), "")
+    console.print(table)
+    if any(s.throughput != "measured" for s in p.stages):
+        console.print("* TFLOP/s per GPU = cluster.peak_tflops_per_gpu x cluster.expected_mfu (not measured)")
+    console.print(f"growth saves [bold]{p.saving_pct:.1f}%[/] of the cost of training the final model from "
+                  f"scratch on the same {_params(t['tokens'])} tokens ({_usd(t['usd'])} vs {_usd(sc['usd'])}, "
+                  f"{t['days']:.3g} vs {sc['days']:.3g} days; {p.saving_pct_flops:.1f}% of the FLOPs)")
+    if p.fit:
+        f = p.fit
+        console.print(f"fitted to the budget (rule {f['rule']}): tokens x {f['factor']:.4g}; steps "
+                      f"{f['original_steps']} -> {f['steps']}; run it with:\n  grow run "
+                      + " ".join([o for o in overrides if not o.startswith(("plan.", "hydra."))] + f["overrides"]))
+    for w in p.warnings:
+        console.print(f"[yellow]warning[/]: {w}")
+    b = p.budget
+    caps = [f"budget.{k}={b[k]:g}" for k in ("max_usd", "max_flops", "max_tokens") if b.get(k) is not None]
+    if caps and b["fits"]:
+        console.print(f"[green]fits the budget[/] ({', '.join(caps)})")
+    for v in b["violations"]:
+        console.print(f"[red]over budget[/]: {v['message']}")
+    console.print(f"plan: {path}")
+
+
+def plan_command(args: list[str]) -> int:
+    from .checkpoint import write_json_atomic
+    from .planner import make_plan
+    from .validate import ConfigError
+
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        cfg = compose_config(overrides)
+        plan = make_plan(cfg)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, f"config error: {e}")
+    run_dir = _run_dir(overrides, cfg.schedule.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "plan.json"
+    write_json_atomic(path, plan.to_dict())
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    print_plan(console, plan, path, overrides)
+    return 0 if plan.budget["fits"] else EXIT_OVER_BUDGET

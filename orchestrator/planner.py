@@ -1,0 +1,352 @@
+"""What a schedule will cost, before anything runs: pure arithmetic on the config.
+
+Per stage: parameters (from the shape), trained tokens (whole steps, as the run rounds
+them), FLOPs with the very `flops_per_token` the ledger uses (so plan and ledger agree),
+the FLOPs the GPUs execute (more with activation recomputation), GPU-hours, days and
+dollars on the configured cluster; the same for training the final model from scratch on
+the schedule's total tokens; the saving; the budget check; and `fit_steps`, which scales
+a schedule to a budget.
+
+Time model: a stage executes `hw_flops` at `tflops_per_gpu` on each of its tp x pp x dp
+GPUs. `tflops_per_gpu` is `cluster.achieved_tflops_per_gpu[stage name]` when measured
+(FLM-101B published its own), else `peak_tflops_per_gpu x expected_mfu`. The rate is read
+as executed FLOP/s, so recomputation costs time but is not model FLOPs (what MFU and the
+ledger count).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from growth_ops.spec import ModelSpec, count_parameters
+
+from .config import RunConfig, StageConfig
+from .model import attention_flops_per_token, flops_per_token
+from .validate import ConfigError, _check_engine_layouts, effective_growth, stage_spec, stage_steps, validate
+
+GIB = 2.0**30
+
+
+def resolve_vocab(cfg: RunConfig) -> int:
+    """The vocabulary a run will use, without reading data: model.vocab_size, else the
+    tokenizer's size padded to model.vocab_multiple (a trained BPE may come out smaller
+    than asked for on a small corpus; then the run's vocabulary, and FLOPs, are a little lower)."""
+    from .data.tokenizer import ByteTokenizer
+
+    m, t = cfg.model, cfg.data.tokenizer
+    if m.vocab_size:
+        return m.vocab_size
+    tok = ByteTokenizer.vocab_size if t.kind == "byte" else t.vocab_size
+    return -(-tok // m.vocab_multiple) * m.vocab_multiple
+
+
+def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> float:
+    """Training FLOPs the hardware executes per token. Full recomputation repeats the forward
+    pass (2N + 4 L q T more: x4/3); selective (Megatron) repeats only the attention core."""
+    model = flops_per_token(spec, seq_len)
+    if recompute == "full":
+        return model * 4.0 / 3.0
+    if recompute == "selective":
+        return model + attention_flops_per_token(spec, seq_len) / 3.0
+    return model
+
+
+def state_bytes_per_param(dtype: str, dp: int) -> float:
+    """Model states per parameter on one GPU with the optimizer sharded over data parallelism
+    (ZeRO-1 / Megatron's distributed optimizer): bf16 keeps bf16 weights (2), fp32 gradients
+    (4) and fp32 master weights + Adam moments (12 / dp); fp32 keeps weights and gradients
+    (8) and the moments (8 / dp). Activations are not counted."""
+    return 2 + 4 + 12 / dp if dtype == "bf16" else 8 + 8 / dp
+
+
+@dataclass
+class StageRates:
+    """One optimizer step of a stage, planned."""
+
+    step_tokens: int
+    step_flops: float  # model FLOPs (the ledger's)
+    step_hw_flops: float  # executed, with recomputation
+    gpus: int
+    tflops_per_gpu: float
+    throughput: str  # measured | mfu
+    step_seconds: float
+    step_gpu_hours: float
+    step_usd: float
+
+
+def stage_rates(cfg: RunConfig, stage: StageConfig, spec: ModelSpec) -> StageRates:
+    lay, c = stage.layout, cfg.cluster
+    tokens = stage.batch_size * stage.seq_len
+    flops = flops_per_token(spec, stage.seq_len) * tokens
+    hw = executed_flops_per_token(spec, stage.seq_len, cfg.plan.recompute) * tokens
+    gpus = lay.tp * lay.pp * lay.dp
+    measured = c.achieved_tflops_per_gpu.get(stage.name)
+    tflops = measured if measured is not None else c.peak_tflops_per_gpu * c.expected_mfu
+    seconds = hw / (gpus * tflops * 1e12)
+    gpu_hours = seconds * gpus / 3600.0
+    return StageRates(tokens, flops, hw, gpus, tflops, "measured" if measured is not None else "mfu",
+                      seconds, gpu_hours, gpu_hours * c.usd_per_gpu_hour)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    params: int
+    shape: dict
+    tokens: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    layout: dict
+    gpus: int
+    flops: float
+    hw_flops: float
+    tflops_per_gpu: float
+    throughput: str
+    gpu_hours: float
+    days: float
+    usd: float
+    state_gib_per_gpu: float
+
+
+@dataclass
+class Plan:
+    schedule: str
+    cluster: str
+    recompute: str
+    vocab: int
+    stages: list[StagePlan]
+    totals: dict
+    scratch: dict
+    saving_pct: float  # of cost (GPU-hours, hence dollars) against training from scratch
+    saving_pct_flops: float
+    budget: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    fit: dict | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _stage_plan(cfg: RunConfig, stage: StageConfig, spec: ModelSpec, steps: int) -> StagePlan:
+    r = stage_rates(cfg, stage, spec)
+    lay = stage.layout
+    mp = lay.tp * lay.pp
+    return StagePlan(
+        name=stage.name, params=count_parameters(spec),
+        shape={"layers": spec.layers, "hidden": spec.hidden, "ffn": spec.ffn, "heads": spec.heads,
+               "kv_heads": spec.kv_heads},
+        tokens=steps * r.step_tokens, steps=steps, batch_size=stage.batch_size, seq_len=stage.seq_len,
+        layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}, gpus=r.gpus,
+        flops=steps * r.step_flops, hw_flops=steps * r.step_hw_flops, tflops_per_gpu=r.tflops_per_gpu,
+        throughput=r.throughput, gpu_hours=steps * r.step_gpu_hours, days=steps * r.step_seconds / 86400,
+        usd=steps * r.step_usd,
+        state_gib_per_gpu=count_parameters(spec) / mp * state_bytes_per_param(cfg.engine.dtype, lay.dp) / GIB)
+
+
+def _sum(stages: list[StagePlan]) -> dict:
+    return {"tokens": sum(s.tokens for s in stages), "flops": sum(s.flops for s in stages),
+            "hw_flops": sum(s.hw_flops for s in stages), "gpu_hours": sum(s.gpu_hours for s in stages),
+            "days": sum(s.days for s in stages), "usd": sum(s.usd for s in stages)}
+
+
+def _scratch(cfg: RunConfig, final: StageConfig, spec: ModelSpec, tokens: int) -> dict:
+    """The final model trained from scratch on the schedule's tokens, with the final stage's
+    context, layout and throughput."""
+    r = stage_rates(cfg, final, spec)
+    steps = tokens / r.step_tokens
+    return {"params": count_parameters(spec), "tokens": tokens, "seq_len": final.seq_len,
+            "layout": {"tp": final.layout.tp, "pp": final.layout.pp, "dp": final.layout.dp},
+            "gpus": r.gpus, "flops": steps * r.step_flops, "hw_flops": steps * r.step_hw_flops,
+            "gpu_hours": steps * r.step_gpu_hours, "days": steps * r.step_seconds / 86400,
+            "usd": steps * r.step_usd}
+
+
+def _saving(plan_value: float, scratch_value: float) -> float:
+    return 100.0 * (1.0 - plan_value / scratch_value) if scratch_value > 0 else 0.0
+
+
+# -- layouts against the cluster ---------------------------------------------------------
+
+def check_layouts(cfg: RunConfig, specs: list[ModelSpec]) -> list[str]:
+    """Raise ConfigError for a layout that cannot run on the cluster; return warnings for
+    ones that run badly."""
+    c, warnings = cfg.cluster, []
+    for i, (stage, spec) in enumerate(zip(cfg.schedule.stages, specs)):
+        key, lay = f"schedule.stages.{i}.layout", stage.layout
+        gpus = lay.tp * lay.pp * lay.dp
+        if gpus > c.gpus:
+            raise ConfigError(key, f"tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {gpus} GPUs, "
+                                   f"but cluster.gpus={c.gpus}")
+        for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
+            if n % lay.tp:
+                raise ConfigError(f"{key}.tp", f"{lay.tp} does not divide {what}={n} "
+                                               "(tensor parallelism splits it evenly)")
+        if spec.layers % lay.pp:
+            raise ConfigError(f"{key}.pp", f"{lay.pp} does not divide layers={spec.layers} "
+                                           "(pipeline stages hold equal numbers of blocks)")
+        per_gpu = count_parameters(spec) / (lay.tp * lay.pp) * state_bytes_per_param(cfg.engine.dtype, lay.dp)
+        if c.gpu_memory_gb is not None and per_gpu / GIB > c.gpu_memory_gb:
+            raise ConfigError(key, f"model states need {per_gpu / GIB:.1f} GiB per GPU "
+                                   f"(engine.dtype={cfg.engine.dtype}, optimizer sharded over dp={lay.dp}), more than "
+                                   f"cluster.gpu_memory_gb={c.gpu_memory_gb:g}; raise tp, pp or dp")
+        if c.gpus_per_node is not None and lay.tp > c.gpus_per_node:
+            warnings.append(f"{stage.name}: tp={lay.tp} spans nodes (cluster.gpus_per_node="
+                            f"{c.gpus_per_node}); tensor parallelism across nodes is slow")
+        if lay.pp > 1:
+            micro = lay.micro_batch_size or stage.batch_size // lay.dp
+            if (stage.batch_size // lay.dp) // micro < lay.pp:
+                warnings.append(f"{stage.name}: {(stage.batch_size // lay.dp) // micro} micro-batches "
+                                f"per step for pp={lay.pp}; the pipeline bubble dominates")
+        if gpus < c.gpus:
+            warnings.append(f"{stage.name}: uses {gpus} of the cluster's {c.gpus} GPUs; "
+                            "the plan bills the GPUs the layout uses")
+    return warnings
+
+
+# -- budget ------------------------------------------------------------------------------
+
+CAPS = ("max_usd", "max_flops", "max_tokens")
+
+
+def _per_step(r: StageRates, cap: str) -> float:
+    return {"max_usd": r.step_usd, "max_flops": r.step_flops, "max_tokens": r.step_tokens}[cap]
+
+
+def stop_point(names: list[str], rates: list[StageRates], steps: list[int], cap: str,
+               left: float, start: tuple[int, int] = (0, 0)) -> tuple[str, int] | None:
+    """Where a run from (stage index, step) stops under `left` of a cap, or None if it
+    finishes. The guard refuses the step that would cross the cap."""
+    first, step0 = start
+    for i in range(first, len(steps)):
+        per, todo = _per_step(rates[i], cap), steps[i] - (step0 if i == first else 0)
+        if per <= 0:
+            continue
+        affordable = math.floor(left / per + 1e-9)
+        if affordable < todo:
+            return names[i], (step0 if i == first else 0) + max(affordable, 0)
+        left -= todo * per
+    return None
+
+
+def _planned(totals: dict, cap: str) -> float:
+    return {"max_usd": totals["usd"], "max_flops": totals["flops"], "max_tokens": totals["tokens"]}[cap]
+
+
+def _fmt(cap: str, value: float) -> str:
+    if cap == "max_usd":
+        return f"${value:,.2f}"
+    if cap == "max_flops":
+        return f"{value:.4g} FLOPs"
+    return f"{value:,.0f} tokens"
+
+
+def budget_check(cfg: RunConfig, plan: Plan, rates: list[StageRates]) -> dict:
+    b = cfg.budget
+    out: dict = {"max_usd": b.max_usd, "max_flops": b.max_flops, "max_tokens": b.max_tokens,
+                 "fits": True, "violations": []}
+    names, steps = [s.name for s in plan.stages], [s.steps for s in plan.stages]
+    for cap in CAPS:
+        limit = getattr(b, cap)
+        if limit is None:
+            continue
+        planned = _planned(plan.totals, cap)
+        if planned <= limit:
+            continue
+        where = stop_point(names, rates, steps, cap, limit)
+        stop = f"; the run would stop in stage {where[0]} at step {where[1]}" if where else ""
+        out["fits"] = False
+        out["violations"].append({
+            "key": f"budget.{cap}", "limit": limit, "planned": planned,
+            "over_pct": 100.0 * (planned / limit - 1.0),
+            "stop": {"stage": where[0], "step": where[1]} if where else None,
+            "message": f"budget.{cap}: the plan needs {_fmt(cap, planned)}, {100 * (planned / limit - 1):.1f}% "
+                       f"over the cap of {_fmt(cap, limit)}{stop}"})
+    return out
+
+
+# -- fitting a schedule to a budget ------------------------------------------------------
+
+def min_useful_steps(cfg: RunConfig, index: int) -> int:
+    """The fewest steps that make a stage worth running: past its warmup and, after a growth,
+    past the mask ramp (the validator's rule: ramp_steps < steps)."""
+    stage = cfg.schedule.stages[index]
+    least = max(1, stage.lr.warmup_steps)
+    if index > 0 and stage_spec(cfg, stage, 1) != stage_spec(cfg, cfg.schedule.stages[index - 1], 1):
+        least = max(least, (effective_growth(cfg, stage).ramp_steps or 0) + 1)
+    return least
+
+
+def fit_steps(cfg: RunConfig, rates: list[StageRates]) -> tuple[list[int], dict]:
+    """Rule `proportional`: every stage's steps x the same factor, the largest that keeps
+    each set cap (rounded down to whole steps, then trimmed from the stage furthest above
+    the factor). Refuses a budget below the smallest useful schedule: the same proportions
+    scaled until the binding stage reaches `min_useful_steps`."""
+    b, stages = cfg.budget, cfg.schedule.stages
+    steps = [stage_steps(s) for s in stages]
+    caps = {cap: getattr(b, cap) for cap in CAPS if getattr(b, cap) is not None}
+    if not caps:
+        raise ConfigError("plan.fit", "needs a budget to fit; set budget.max_usd, budget.max_flops "
+                                      "or budget.max_tokens")
+    binding = {cap: v for cap, v in caps.items() if any(_per_step(r, cap) > 0 for r in rates)}
+    if not binding:
+        raise ConfigError("budget.max_usd", "cannot bind: cluster.usd_per_gpu_hour is 0, so nothing costs money")
+
+    def total(cap: str, st: list[int]) -> float:
+        return sum(n * _per_step(r, cap) for n, r in zip(st, rates))
+
+    least = [min_useful_steps(cfg, i) for i in range(len(stages))]
+    f_min = max(m / n for m, n in zip(least, steps))
+    smallest = [max(m, math.ceil(f_min * n - 1e-9)) for m, n in zip(least, steps)]
+    for cap, limit in binding.items():
+        need = total(cap, smallest)
+        if need > limit:
+            raise ConfigError(f"budget.{cap}", f"{_fmt(cap, limit)} cannot pay for the smallest useful "
+                                               f"schedule ({', '.join(f'{s.name}: {n} steps' for s, n in zip(stages, smallest))}"
+                                               f"; each stage past its warmup and growth ramp, in the "
+                                               f"schedule's proportions), which needs {_fmt(cap, need)}; "
+                                               f"allowed: >= {_fmt(cap, need)}")
+    factor = min(limit / total(cap, steps) for cap, limit in binding.items())
+    fitted = [max(m, math.floor(factor * n + 1e-9)) for m, n in zip(smallest, steps)]
+    while any(total(cap, fitted) > limit for cap, limit in binding.items()):
+        over = [(fitted[i] / steps[i], i) for i in range(len(steps)) if fitted[i] > smallest[i]]
+        fitted[max(over)[1]] -= 1  # terminates: `smallest` fits every cap
+    info = {"rule": cfg.plan.fit_rule, "factor": factor, "original_steps": steps, "steps": fitted,
+            "min_steps": smallest, "min": {cap: total(cap, smallest) for cap in binding}}
+    return fitted, info
+
+
+def with_steps(cfg: RunConfig, steps: list[int]) -> RunConfig:
+    """A copy of the config whose stages train exactly `steps` steps, re-validated."""
+    new = copy.deepcopy(cfg)
+    for stage, n in zip(new.schedule.stages, steps):
+        stage.tokens = n * stage.batch_size * stage.seq_len
+    return validate(new, planning=True)
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+def make_plan(cfg: RunConfig) -> Plan:
+    """The plan of a validated config (fitted to the budget when plan.fit is set)."""
+    vocab = resolve_vocab(cfg)
+    specs = [stage_spec(cfg, s, vocab) for s in cfg.schedule.stages]
+    warnings = check_layouts(cfg, specs)
+    if cfg.engine.name != "local":  # what a parallel engine needs beyond the cluster
+        _check_engine_layouts(cfg)
+    rates = [stage_rates(cfg, s, spec) for s, spec in zip(cfg.schedule.stages, specs)]
+    fit = None
+    if cfg.plan.fit:
+        steps, fit = fit_steps(cfg, rates)
+        cfg = with_steps(cfg, steps)
+        fit["overrides"] = [f"schedule.stages.{i}.tokens={s.tokens}" for i, s in enumerate(cfg.schedule.stages)]
+    stages = [_stage_plan(cfg, s, spec, stage_steps(s)) for s, spec in zip(cfg.schedule.stages, specs)]
+    totals = _sum(stages)
+    scratch = _scratch(cfg, cfg.schedule.stages[-1], specs[-1], totals["tokens"])
+    plan = Plan(schedule=cfg.schedule.name, cluster=cfg.cluster.name, recompute=cfg.plan.recompute,
+                vocab=vocab, stages=stages, totals=totals, scratch=scratch,
+                saving_pct=_saving(totals["gpu_hours"], scratch["gpu_hours"]),
+                saving_pct_flops=_saving(totals["flops"], scratch["flops"]), warnings=warnings, fit=fit)
+    plan.budget = budget_check(cfg, plan, rates)
+    return plan

@@ -1,0 +1,143 @@
+"""Render one sbatch script per stage from a template in slurm/.
+
+Templates use `{{name}}` placeholders (so bash's own `${...}` stays untouched); an unknown
+placeholder is an error. Secrets never land in a script: the job inherits the submitting
+environment (sbatch's default --export=ALL), and any value that equals a secret-looking
+environment variable (TOKEN, PASSWORD, SECRET, KEY, ...) is written as a reference to that
+variable instead; credentials inside a URL are refused.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from ..config import RunConfig, StageConfig
+from ..validate import ConfigError
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
+SECRET_NAME = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH)",
+                         re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+MIN_SECRET_LEN = 6
+
+
+def secret_values(environ=None) -> dict[str, str]:
+    """value -> variable name, for environment variables whose name looks secret."""
+    environ = os.environ if environ is None else environ
+    found = {}
+    for name, value in environ.items():
+        if SECRET_NAME.search(name) and len(value) >= MIN_SECRET_LEN:
+            found[value] = name
+    return found
+
+
+def _dq(text: str) -> str:
+    return re.sub(r'([\\"$`])', r"\\\1", text)
+
+
+def shell_word(text: str, secrets: dict[str, str]) -> str:
+    """Quote `text` for bash; secret values become "${VAR}" references."""
+    hits = [(text.find(v), v, n) for v, n in secrets.items() if v in text]
+    if not hits:
+        return shlex.quote(text)
+    out, rest = '"', text
+    while True:
+        hits = sorted((rest.find(v), -len(v), v, n) for v, n in secrets.items() if v in rest)
+        if not hits:
+            return out + _dq(rest) + '"'
+        pos, _, value, name = hits[0]
+        out += _dq(rest[:pos]) + "${" + name + "}"
+        rest = rest[pos + len(value):]
+
+
+def scrub_line(line: str, secrets: dict[str, str]) -> str:
+    """A raw shell line (setup, extra #SBATCH): secret values become ${VAR} references."""
+    for value, name in sorted(secrets.items(), key=lambda kv: -len(kv[0])):
+        line = line.replace(value, "${" + name + "}")
+    return line
+
+
+def check_no_url_credentials(texts: list[str]) -> None:
+    for t in texts:
+        if URL_CREDENTIALS.search(t):
+            raise ConfigError("submit", "a URL with user:password@ would be written into the sbatch "
+                                        "script; pass credentials through the environment instead "
+                                        "(e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+
+
+def fill(template: str, values: dict[str, str], source: str) -> str:
+    def sub(m):
+        if m.group(1) not in values:
+            raise ConfigError("submit.template", f"{source}: unknown placeholder {{{{{m.group(1)}}}}}; "
+                                                 f"allowed: {', '.join(sorted(values))}")
+        return str(values[m.group(1)])
+    return PLACEHOLDER.sub(sub, template)
+
+
+def template_path(name: str) -> Path:
+    p = Path(name).expanduser()
+    if not p.is_absolute() and not p.exists():
+        p = TEMPLATE_DIR / name
+    if not p.is_file():
+        raise ConfigError("submit.template", f"{name!r} not found (looked in {TEMPLATE_DIR})")
+    return p
+
+
+def stage_ranks(cfg: RunConfig, index: int, stage: StageConfig) -> tuple[int, int]:
+    """(nodes, ranks per node) for a stage: its layout's tp x pp x dp ranks, at most
+    submit.tasks_per_node per node, on at least submit.nodes nodes. So each job gets the
+    layout its stage needs, and the layout can change between stages."""
+    s, lay = cfg.submit, stage.layout
+    ranks = lay.tp * lay.pp * lay.dp
+    nodes = max(s.nodes, -(-ranks // s.tasks_per_node))
+    if ranks % nodes:
+        raise ConfigError(f"schedule.stages.{index}.layout",
+                          f"{ranks} ranks (tp={lay.tp} pp={lay.pp} dp={lay.dp}) do not split evenly over "
+                          f"{nodes} nodes (submit.nodes={s.nodes}, submit.tasks_per_node={s.tasks_per_node})")
+    return nodes, ranks // nodes
+
+
+def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, workdir: Path,
+                 overrides: list[str], environ=None) -> str:
+    s = cfg.submit
+    secrets = secret_values(environ)
+    check_no_url_credentials([*overrides, *s.setup, *s.extra_sbatch, *s.container])
+    python = s.python or __import__("sys").executable
+    nodes, per_node = stage_ranks(cfg, index, stage)
+    use_torchrun = s.launcher == "torchrun" or (s.launcher == "auto" and nodes * per_node > 1)
+    py = shlex.quote(python)
+    if use_torchrun:
+        launch = (f"{py} -m torch.distributed.run --nnodes={nodes} --nproc_per_node={per_node} "
+                  f"--rdzv_backend=c10d --rdzv_endpoint=\"$HEAD_NODE:{s.rdzv_port}\" "
+                  f"--rdzv_id=\"$SLURM_JOB_ID\" -m orchestrator.cli")
+    else:
+        launch = f"{py} -m orchestrator.cli"
+    sbatch = []
+    if s.gpus_per_node:
+        sbatch.append(f"--gpus-per-node={s.gpus_per_node}")
+    for key in ("mem", "partition", "account", "qos"):
+        if getattr(s, key) is not None:
+            sbatch.append(f"--{key}={getattr(s, key)}")
+    sbatch += s.extra_sbatch
+    sbatch_lines = "\n".join("#SBATCH " + scrub_line(x if x.startswith("-") else "--" + x, secrets)
+                             for x in sbatch)
+    values = {
+        "index": str(index), "stage": stage.name, "stage_q": shlex.quote(stage.name),
+        "job_name": f"grow-{run_dir.name}-{index}-{stage.name}"[:120],
+        "run_dir": str(run_dir), "run_dir_q": shlex.quote(str(run_dir)),
+        "log_dir": str(run_dir / "slurm" / "logs"), "workdir": shlex.quote(str(workdir)),
+        "nodes": str(nodes), "tasks_per_node": str(per_node),
+        "cpus_per_task": str(s.cpus_per_task), "time": s.time,
+        "signal_delay_s": str(s.signal_delay_s), "max_failures": str(s.max_failures),
+        "sbatch_lines": sbatch_lines,
+        "setup_lines": "\n".join(scrub_line(x, secrets) for x in s.setup),
+        "container": " ".join(shell_word(x, secrets) for x in s.container),
+        "python": py, "launch": launch,
+        "forward_signal": "TERM" if use_torchrun else "USR1",  # torchrun passes TERM on to its workers
+        "overrides": " ".join(shell_word(o, secrets) for o in overrides),
+    }
+    path = template_path(s.template)
+    return fill(path.read_text(), values, str(path))

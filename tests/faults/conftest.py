@@ -1,0 +1,62 @@
+"""Shared by the fault tests: the tiny run they break, and the uninterrupted reference."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from orchestrator.checkpoint import verify
+
+from ..conftest import grow_cmd, read_summary
+
+ARGS = ("schedule=tiny", "tracking=off", "engine.threads=1", "checkpoint.every_steps=3",
+        "train.eval_every_steps=8")
+
+
+def run_cmd(run_dir: Path, cache: Path) -> list[str]:
+    return grow_cmd("run", *ARGS, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}")
+
+
+def run_env(failpoints: str = "") -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("GROW_FAILPOINTS", None)
+    if failpoints:
+        env["GROW_FAILPOINTS"] = failpoints
+    return env
+
+
+def final_weights(run_dir: Path) -> dict:
+    summary = read_summary(run_dir)
+    return load_file(Path(summary["stages"][-1]["checkpoint"]) / "model.safetensors")
+
+
+def ledger_of(run_dir: Path) -> list[tuple]:
+    return [(s["name"], s["tokens"], s["steps"], s["flops"]) for s in read_summary(run_dir)["stages"]]
+
+
+def latest_is_complete(run_dir: Path) -> None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if pointer.exists():
+        verify(run_dir / "checkpoints" / json.loads(pointer.read_text())["path"])
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(run_cmd(run_dir, data_cache), env=run_env(), check=True, capture_output=True, timeout=600)
+    return final_weights(run_dir), ledger_of(run_dir)
+
+
+def assert_same_as_reference(run_dir: Path, reference) -> None:
+    weights, ledger = reference
+    got = final_weights(run_dir)
+    assert got.keys() == weights.keys()
+    for name in weights:
+        assert got[name].equal(weights[name]), f"{name} differs after kills and resumes"
+    assert ledger_of(run_dir) == ledger  # every token, step and FLOP counted once
+
+

@@ -1,0 +1,170 @@
+"""The deepspeed engine (Megatron TP + DeepSpeed PP + ZeRO-1, CPU/gloo) against the local
+engine: per-step losses with clipping active, growth masks in flight and Adam moments
+loaded at step 3; exported canonical state; layouts refused early; a dead rank ends the
+job fast; a three-stage schedule across layouts matches the local run.
+
+Multi-process runs cost ~25-70 s each on 2 cores, so they are few and marked slow.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("megatron.core")
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from .conftest import REPO, grow_cmd, read_summary, run_grow  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel_worker import case_config, case_spec, run_case  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": str(REPO)}
+
+
+def torchrun(world: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           "--max-restarts", "0", str(REPO / "tests" / "parallel_worker.py"), *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp,tied,zero", [
+    (1, 1, 2, 1, 1), (2, 1, 1, 0, 1),                     # world 2
+    (2, 2, 1, 0, 1), (2, 1, 2, 1, 2),                     # world 4 (ZeRO-2: no pipeline)
+    (2, 2, 2, 1, 1), (2, 2, 2, 0, 1),                     # world 8
+], ids=["dp2-tied", "tp2-untied", "tp2pp2-untied", "tp2dp2-tied-zero2", "tp2pp2dp2-tied", "tp2pp2dp2-untied"])
+def test_training_matches_local_engine(tmp_path, tp, pp, dp, tied, zero):
+    from orchestrator.engines.local import LocalEngine
+    from orchestrator.engines.parallel_model import split_dim
+
+    proc = torchrun(tp * pp * dp, str(tmp_path), str(tp), str(pp), str(dp), str(tied), "2", str(zero))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    spec = case_spec(bool(tied))
+    cfg, stage = case_config()
+    local = LocalEngine(cfg, stage, spec)
+    want = run_case(local, spec)
+    assert min(want["grad_norms"]) > cfg.train.grad_clip  # clipping is active on every step
+    for rank in range(tp * pp * dp):
+        got = json.loads((tmp_path / f"result-{rank}.json").read_text())
+        for a, b in zip(got["losses"], want["losses"], strict=True):
+            assert abs(a - b) <= 1e-5 * abs(b), (rank, got["losses"], want["losses"])
+        assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"]
+        assert got["step"] == 8
+        # each rank read from the checkpoint files only the TP slices it owns
+        if tp > 1:
+            assert all(split_dim(n) is None for n in got["full_reads"]), got["full_reads"]
+    # the shares the ranks export together are the local engine's canonical state
+    state, moments, _ = local.export()
+    shared, shared_m = {}, {}
+    for f in glob.glob(str(tmp_path / "state-*.safetensors")):
+        part = load_file(f)
+        assert not set(part) & set(shared)  # every tensor written by exactly one rank
+        shared.update(part)
+    for f in glob.glob(str(tmp_path / "moments-*.safetensors")):
+        shared_m.update(load_file(f))
+    assert set(shared) == set(state)
+    for k, v in state.items():
+        torch.testing.assert_close(shared[k], v, rtol=1e-4, atol=2e-6)
+        for kind in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(shared_m[f"{kind}.{k}"], moments[kind][k], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("engine.zero_stage=3", "3 is not supported"),
+    ("engine.zero_stage=2 schedule.stages.2.layout.pp=2", "DeepSpeed's pipeline runs ZeRO-1 only"),
+    ("schedule.stages.1.layout.tp=3", "3 does not divide heads=4"),
+    ("schedule.stages.2.layout.pp=3", "3 does not divide layers=4"),
+    ("schedule.stages.1.layout.tp=4", "4 does not divide heads=2 (the previous stage's shape"),
+    ("schedule.stages.0.layout.dp=3", "not divisible by layout.dp=3"),
+])
+def test_impossible_layouts_refused_before_any_process(tmp_path, data_cache, override, message):
+    start = time.time()
+    proc = run_grow(tmp_path, "engine=deepspeed", *override.split(), f"hydra.run.dir={tmp_path / 'run'}",
+                    cache=data_cache, check=False, schedule="default")
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert time.time() - start < 60
+
+
+SMALL = ["tracking.enabled=false", "growth.ramp_steps=8", *[f"schedule.stages.{i}.{k}" for i in range(3) for k in
+         ("tokens=49152", "lr.warmup_steps=4")]]
+LAYOUTS = ["schedule.stages.0.layout.dp=2", "schedule.stages.1.layout.tp=2", "schedule.stages.1.layout.dp=2",
+           "schedule.stages.2.layout.tp=2", "schedule.stages.2.layout.pp=2", "schedule.stages.2.layout.dp=2"]
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    cmd = grow_cmd("run", "schedule=default", f"data.cache_dir={data_cache}", "engine=deepspeed",
+                   f"hydra.run.dir={run_dir}", "engine.timeout_s=300", *SMALL, "schedule.stages.0.tokens=983040",
+                   "schedule.stages.0.layout.dp=2")
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            time.sleep(0.5)
+        ranks = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                 if "orchestrator.launch" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        victim = max(ranks, key=lambda p: p.pid)
+        killed = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=120)
+        took = time.time() - killed
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    print(f"job ended {took:.1f} s after SIGKILL of rank pid {victim.pid}")
+    assert driver.returncode != 0
+    assert took < 60, took
+    assert "stage small failed" in out and ("Signal 9" in out or "SIGKILL" in out), out[-3000:]
+
+
+@pytest.mark.slow
+def test_three_stage_schedule_across_layouts_matches_local(tmp_path, data_cache):
+    local = run_grow(tmp_path, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    del local
+    run_grow(tmp_path, *SMALL, "engine=deepspeed", *LAYOUTS, "hydra.run.dir=ds", cache=data_cache,
+             schedule="default", timeout=900)
+    want, got = read_summary(tmp_path / "local"), read_summary(tmp_path / "ds")
+    assert got["status"] == "complete"
+    for w, g in zip(want["stages"], got["stages"], strict=True):
+        assert abs(g["val_loss"] - w["val_loss"]) <= 1e-5 * w["val_loss"], (w, g)
+        if g["growth"]:
+            assert abs(g["growth"]["val_loss_after"] - g["growth"]["val_loss_before"]) <= 1e-5
+    assert [s["layout"] for s in got["stages"]] == [{"tp": 1, "pp": 1, "dp": 2}, {"tp": 2, "pp": 1, "dp": 2},
+                                                    {"tp": 2, "pp": 2, "dp": 2}]
+
+
+def test_lazy_checkpoint_reads_slices(tmp_path):
+    """A rank reads its TP slice of a tensor from the canonical files without the rest."""
+    from safetensors.torch import save_file
+
+    from orchestrator.checkpoint import LazyTensors
+
+    t = {"a": torch.randn(6, 4), "b": torch.randn(3, 8)}
+    save_file({f"exp_avg.{k}": v for k, v in t.items()}, tmp_path / "optimizer-00000-of-00002.safetensors")
+    save_file({"exp_avg_sq.a": t["a"] * 2}, tmp_path / "optimizer-00001-of-00002.safetensors")
+    lazy = LazyTensors(sorted(tmp_path.glob("optimizer-*")), "exp_avg.")
+    assert sorted(lazy) == ["a", "b"]
+    for name, v in t.items():
+        for dim in (0, 1):
+            for parts in (1, 2):
+                for i in range(parts):
+                    assert torch.equal(lazy.slice(name, dim, i, parts), v.chunk(parts, dim=dim)[i])
+        assert torch.equal(lazy[name], v)

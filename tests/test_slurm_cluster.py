@@ -1,0 +1,183 @@
+"""`grow submit`, requeue, cancel, `grow status` and submitit sweeps against a real
+one-node Slurm cluster on loopback (tests/slurm_cluster.py starts it; CI installs it)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.slurm.paths import stage_state_file
+
+from .conftest import grow_cmd, read_summary, run_grow
+from .slurm_cluster import SlurmCluster, install_if_needed
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = install_if_needed()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    subprocess.run(["scancel", "--user", "root"], capture_output=True)  # jobs of this cluster only
+    cluster.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def grow(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(grow_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"grow {args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def status(cwd: Path, run_dir: Path) -> dict:
+    return json.loads(grow(cwd, "status", f"run_dir={run_dir}", "format=json").stdout)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 2.0, on_timeout=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    extra = on_timeout() if on_timeout else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{extra}")
+
+
+def logs(run_dir: Path) -> str:
+    return "\n".join(f"== {p}\n{p.read_text()[-4000:]}" for p in sorted((run_dir / "slurm" / "logs").glob("*")))
+
+
+def queue_empty() -> bool:
+    out = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    return not out.strip()
+
+
+def submit(cwd: Path, run_dir: Path, cache: Path, *overrides: str) -> list[str]:
+    proc = grow(cwd, "submit", "schedule=tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}",
+                "engine.threads=1", f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", *overrides)
+    record = json.loads((run_dir / "slurm" / "jobs.json").read_text())
+    ids = [s["job_id"] for s in record["submissions"][-1]["stages"]]
+    assert len(set(ids)) == 3, proc.stdout
+    return ids
+
+
+def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    ids = submit(tmp_path, run_dir, data_cache)
+    for i, job in enumerate(ids[1:], 1):  # chained: each waits for the previous one to succeed
+        text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        assert f"afterok:{ids[i - 1]}" in text or "Dependency=(null)" in text  # (null) once satisfied
+    wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
+             and queue_empty(), 600, "the three jobs", on_timeout=lambda: logs(run_dir))
+    # the same config in one `grow run`
+    local = tmp_path / "local"
+    run_grow(tmp_path, f"hydra.run.dir={local}", f"tracking.uri=sqlite:///{tmp_path / 'local.db'}",
+             cache=data_cache)
+    chained, single = read_summary(run_dir), read_summary(local)
+    assert [s["name"] for s in chained["stages"]] == [s["name"] for s in single["stages"]] == ["s1", "s2", "s3"]
+    assert chained["stages"][-1]["val_loss"] == pytest.approx(single["stages"][-1]["val_loss"], abs=1e-6)
+    assert chained["totals"]["tokens"] == single["totals"]["tokens"]
+    # one job per stage, each started after the previous one finished
+    attempts = [json.loads(stage_state_file(run_dir, n).read_text())["attempts"] for n in ("s1", "s2", "s3")]
+    assert [a[0]["job_id"] for a in attempts] == ids
+    assert attempts[0][-1]["end"] <= attempts[1][0]["start"] and attempts[1][-1]["end"] <= attempts[2][0]["start"]
+    st = status(tmp_path, run_dir)
+    assert [r["state"] for r in st["stages"]] == ["FINISHED"] * 3
+    assert [r["tokens"] for r in st["stages"]] == [16384] * 3 and st["running"] == []
+    # one MLflow parent run for the chain, continued by each job
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(chained["mlflow"]["tracking_uri"])
+    parent = client.get_run(chained["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert len({s["mlflow_run_id"] for s in chained["stages"]}) == 3
+
+
+def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache):
+    """s1 needs more than its 2-minute limit: USR1 arrives ~60 s before it (Slurm may send it
+    up to a minute early), the stage checkpoints, the job requeues itself and resumes."""
+    run_dir = tmp_path / "run"
+    tokens = 1_280_000  # 2500 steps of 8 x 64: well over a minute on 2 busy cores
+    ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={tokens}", "submit.time=2",
+                 "submit.signal_delay_s=60", "train.eval_every_steps=500", "checkpoint.every_steps=500")
+    wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
+             and queue_empty(), 900, "the requeued chain", interval=5, on_timeout=lambda: logs(run_dir))
+    s1 = json.loads(stage_state_file(run_dir, "s1").read_text())
+    outcomes = [a.get("outcome") for a in s1["attempts"]]
+    assert "requeue" in outcomes and outcomes[-1] == "finished", outcomes
+    assert {a["job_id"] for a in s1["attempts"]} == {ids[0]}  # the same job, requeued
+    assert [a["restart"] for a in s1["attempts"]] == list(range(len(outcomes)))
+    summary = read_summary(run_dir)
+    # every token counted once across requeues: the same count as an uninterrupted run
+    assert summary["stages"][0]["tokens"] == tokens
+    assert summary["totals"]["tokens"] == tokens + 2 * 16384
+    assert summary["stages"][0]["restarts"] == len(outcomes) - 1 and summary["stages"][0]["lost_s"] > 0
+    assert summary["stages"][0]["steps"] == tokens // 512
+    log = logs(run_dir)
+    assert "USR1" in log and "stopped by SIGUSR1" in log and "requeueing job" in log
+    st = status(tmp_path, run_dir)
+    assert st["stages"][0]["requeues"] >= 1 and st["stages"][0]["state"] == "FINISHED"
+    # the MLflow stage run continued across the requeues: one run, every step once
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    history = client.get_metric_history(summary["stages"][0]["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, tokens // 512 + 1))
+
+
+def test_cancelling_stage_one_leaves_later_stages_not_running(slurm, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    ids = submit(tmp_path, run_dir, data_cache, "schedule.stages.0.tokens=5120000")
+    wait_for(lambda: status(tmp_path, run_dir)["stages"][0]["slurm_state"] == "RUNNING", 120, "stage 1 to start")
+    subprocess.run(["scancel", ids[0]], check=True)
+
+    def settled():
+        st = status(tmp_path, run_dir)
+        return st if st["stages"][0]["slurm_state"] == "CANCELLED" and "will not run" in st["stages"][2]["state"] else None
+    st = wait_for(settled, 60, "the cancel to show")
+    assert st["running"] == []
+    assert [r["job_ids"] for r in st["stages"]] == [[i] for i in ids]
+    for row in st["stages"][1:]:
+        assert row["slurm_state"] == "PENDING" and "will not run" in row["state"] and row["tokens"] == 0
+    table = grow(tmp_path, "status", f"run_dir={run_dir}").stdout
+    assert "CANCELLED" in table and "will not run" in table and "running now: nothing" in table
+    time.sleep(5)
+    assert status(tmp_path, run_dir)["stages"][1]["slurm_state"] == "PENDING"  # still not started
+    # while they are queued a second submit of the same run is refused
+    env = {**os.environ}
+    proc = subprocess.run(grow_cmd("submit", "schedule=tiny", f"hydra.run.dir={run_dir}"), cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "still queued" in proc.stderr
+    subprocess.run(["scancel", *ids[1:]], check=True)
+
+
+def test_sweep_through_submitit_slurm(slurm, tmp_path, data_cache):
+    sweep_dir, db = tmp_path / "sweep", tmp_path / "sweep.db"
+    grow(tmp_path, "run", "-m", "hydra/launcher=submitit_slurm", "schedule=tiny", "seed=0,1",
+         f"data.cache_dir={data_cache}", "engine.threads=1", f"tracking.uri=sqlite:///{db}",
+         "tracking.experiment=sweep", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    report = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    members = report["members"]
+    assert [m["swept"] for m in members] == [{"seed": "0"}, {"seed": "1"}]
+    assert all(m["status"] == "complete" and m["final_val_loss"] > 0 and m["cost_usd"] > 0 for m in members)
+    assert members[0]["final_val_loss"] != members[1]["final_val_loss"]
+    assert list((sweep_dir / ".submitit").iterdir())  # the members really went through Slurm
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("sweep")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2
+    assert sorted(r.data.params["sweep/seed"] for r in parents) == ["0", "1"]
+    assert {r.info.run_id for r in parents} == {m["mlflow_parent_run_id"] for m in members}
