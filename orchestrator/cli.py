@@ -70,7 +70,9 @@ def _precheck(overrides: list[str]) -> int | None:
         load_config(cfg)
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"config error: {e}")
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, AssertionError, AttributeError) as e:
+        # (OmegaConf raises bare AssertionError/AttributeError for some bad overrides, e.g.
+        # a key added under a null node)
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__

@@ -216,6 +216,9 @@ class RunSelectConfig:
 class RunConfig:
     seed: int = 0
     run_dir: str = "???"
+    # A canonical checkpoint (e.g. from `grow import-hf`) that stage 1 starts from instead
+    # of a fresh init; grown into stage 1's shape with stage 1's growth settings if smaller.
+    init_from: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)

@@ -30,7 +30,7 @@ from .tracking import make_tracker
 from .validate import ConfigError, effective_growth, stage_spec
 
 # Config sections that define what a run computes; a resume must not change them.
-FIXED_ON_RESUME = ("seed", "model", "schedule", "growth", "data", "train")
+FIXED_ON_RESUME = ("seed", "init_from", "model", "schedule", "growth", "data", "train")
 
 
 class GrowthCheckError(RuntimeError):
@@ -136,20 +136,29 @@ def _flat_params(d: dict, prefix: str = "") -> dict:
 
 
 def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path):
-    """Start stage `index` from the previous stage's final checkpoint, growing the model
-    if the shape changes; checks a preserving operator kept the validation loss."""
-    cfg, stage, new_spec = ctx.cfg, ctx.cfg.schedule.stages[index], ctx.specs[index]
-    state, moments, meta = _read_for_engine(cfg, prev_ckpt)  # growth below reads it all
+    """Start stage `index` from the previous stage's final checkpoint."""
+    stage = ctx.cfg.schedule.stages[index]
+    state, moments, meta = _read_for_engine(ctx.cfg, prev_ckpt)  # growth below reads it all
     ctx.ledger = Ledger.from_dict(meta["ledger"])
-    old_spec = ModelSpec.from_dict(meta["spec"])
     progress = StageProgress(index=index, step=0, global_step_start=meta["global_step"],
                              lr_peak=stage.lr.peak if stage.lr.peak is not None else meta["lr"],
                              cursor=meta["data_cursor"], growth=None,
                              completed=meta["completed_stages"])
+    engine, progress.growth = _start_stage(ctx, index, state, moments, ModelSpec.from_dict(meta["spec"]),
+                                           meta["optimizer_step"], meta["stage_name"])
+    return engine, progress
+
+
+def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpec, opt_step: int,
+                 source: str):
+    """The engine for stage `index`, from a model state of shape `old_spec` (and its Adam
+    moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine
+    and the growth record; a preserving operator must keep the validation loss."""
+    cfg, stage, new_spec = ctx.cfg, ctx.cfg.schedule.stages[index], ctx.specs[index]
     if old_spec == new_spec:
         engine = make_engine(cfg, stage, new_spec)
-        engine.load(state, moments, meta["optimizer_step"], None)
-        return engine, progress
+        engine.load(state, moments, opt_step, None)
+        return engine, None
     growth = effective_growth(cfg, stage)
     op = get_operator(growth.operator)
     batches = ctx.val_batches(stage)
@@ -158,35 +167,50 @@ def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path):
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
     # growth maps whole tensors: every rank of the new layout grows the full state
-    state, moments = dict(state.items()), {k: dict(moments[k].items()) for k in MOMENTS}
+    state = dict(state.items())
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
     grown, masks, maps = op.grow(state, old_spec, new_spec, ramp_steps=growth.ramp_steps,
                                  layer_insert=growth.layer_insert, generator=generator,
                                  init=growth.init, moments=growth.moments)
     # masks is None for operators exact without masks (zero, clone) and for stack
-    grown_moments = {k: op.grow_moments(moments[k], old_spec, new_spec, maps, kind=k) for k in MOMENTS}
+    grown_moments = None
+    if opt_step:
+        grown_moments = {k: op.grow_moments(dict(moments[k].items()), old_spec, new_spec, maps, kind=k)
+                         for k in MOMENTS}
     engine = make_engine(cfg, stage, new_spec)
-    engine.load(grown, grown_moments, meta["optimizer_step"], masks)
+    engine.load(grown, grown_moments, opt_step, masks)
     after = engine.evaluate(batches, exact=True)
-    progress.growth = {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
-                       "preserves_function": op.PRESERVES_FUNCTION}
     failpoint("growth.done")
-    ctx.console.print(f"[bold]grow[/] {meta['stage_name']} -> {stage.name} with {growth.operator}: "
+    ctx.console.print(f"[bold]grow[/] {source} -> {stage.name} with {growth.operator}: "
                       f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
     if op.PRESERVES_FUNCTION and abs(after - before) > growth.tolerance:
         raise GrowthCheckError(
             f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
             f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
             f"{growth.tolerance:g}); the operator did not preserve the function")
-    return engine, progress
+    return engine, {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
+                    "preserves_function": op.PRESERVES_FUNCTION}
 
 
 def _fresh_start(ctx: RunContext):
-    stage = ctx.cfg.schedule.stages[0]
-    engine = make_engine(ctx.cfg, stage, ctx.specs[0])
-    engine.load(build_model(ctx.specs[0], seed=ctx.cfg.seed).canonical_state(), None, 0, None)
+    """Stage 1 from a fresh initialisation, or from `init_from` (an imported or earlier
+    checkpoint), grown into stage 1's shape if it is smaller."""
+    cfg, stage = ctx.cfg, ctx.cfg.schedule.stages[0]
     progress = StageProgress(index=0, step=0, global_step_start=0, lr_peak=stage.lr.peak,
                              cursor=new_cursor(sorted(ctx.data.train)), growth=None)
+    if cfg.init_from is None:
+        engine = make_engine(cfg, stage, ctx.specs[0])
+        engine.load(build_model(ctx.specs[0], seed=cfg.seed).canonical_state(), None, 0, None)
+        return engine, progress
+    state, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
+    spec = ModelSpec.from_dict(meta["spec"])
+    target = ctx.specs[0]
+    for field in ("vocab", "norm", "mlp", "position", "tie_embeddings", "rope_theta", "head_dim"):
+        if getattr(spec, field) != getattr(target, field):
+            raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
+                                           f"this run's {getattr(target, field)!r} (model.* and the tokenizer "
+                                           "must match the checkpoint)")
+    engine, progress.growth = _start_stage(ctx, 0, state, None, spec, 0, Path(cfg.init_from).name)
     return engine, progress
 
 

@@ -180,8 +180,9 @@ def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig |
         if not any(w > 0 for w in stage.mixture.values()):
             raise ConfigError(f"{key}.mixture", "needs at least one positive weight")
     if prev is None:
-        if stage.growth is not None:
-            raise ConfigError(f"{key}.growth", "the first stage has nothing to grow from; set null")
+        if stage.growth is not None and cfg.init_from is None:
+            raise ConfigError(f"{key}.growth", "the first stage has nothing to grow from (no init_from); "
+                                               "set null")
         return
     _check_growth(cfg, key, stage, prev)
 
@@ -368,6 +369,12 @@ def _check_submit(cfg: RunConfig) -> None:
         raise ConfigError("run.only_stage", f"{cfg.run.only_stage!r} is not a stage; allowed: {', '.join(names)}")
 
 
+def _check_init_from(cfg: RunConfig) -> None:
+    if cfg.init_from is not None and not (Path(cfg.init_from).expanduser() / "manifest.json").exists():
+        raise ConfigError("init_from", f"{cfg.init_from} is not a canonical checkpoint directory "
+                                       "(no manifest.json); make one with `grow import-hf`")
+
+
 def _check_budget_covers_a_step(cfg: RunConfig) -> None:
     """A cap below the first step would stop a run before it starts: refuse it here."""
     from .model import flops_per_token
@@ -401,6 +408,7 @@ def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
     for i, stage in enumerate(stages):
         _check_stage(cfg, i, stage, stages[i - 1] if i else None)
     _check_budget_covers_a_step(cfg)
+    _check_init_from(cfg)
     if not planning:
         _check_engine_layouts(cfg)
     return cfg

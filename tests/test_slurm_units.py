@@ -154,3 +154,16 @@ def test_each_stage_gets_the_ranks_its_layout_needs(tmp_path):
     cfg.submit.nodes = 3
     with pytest.raises(ConfigError, match="do not split evenly"):
         stage_ranks(cfg, 1, stages[1])
+
+
+def test_ledger_keeps_restarts_and_lost_time_apart_from_spend():
+    from orchestrator.ledger import Ledger
+    ledger = Ledger()
+    ledger.stage("s1").add(512, 1e9, 2.0, 1, 3.0)
+    ledger.add_lost("s1", 40.0)
+    ledger.add_lost("s1", 20.0)
+    back = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert back.lost == {"s1": {"restarts": 2, "lost_s": 60.0}}
+    assert back.total.tokens == 512 and back.total.wall_s == 2.0  # lost time is not spend
+    assert set(back.stages) == {"s1"}
+    assert Ledger.from_dict({"s1": back.to_dict()["s1"]}).lost == {}  # checkpoints from before
