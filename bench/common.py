@@ -80,3 +80,28 @@ def timed(fn, device=None) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t
+
+
+def stage_literal(name: str, shape, tokens: int, batch: int, seq: int, peak: float, warmup: int,
+                  min_lr: float, growth: dict | None = None) -> str:
+    """One `schedule.stages` element in Hydra's override grammar; shape = (layers, hidden, ffn, heads)."""
+    layers, hidden, ffn, heads = shape
+    g = "null" if growth is None else "{" + ",".join(f"{k}:{v}" for k, v in growth.items()) + "}"
+    return (f"{{name:{name},shape:{{layers:{layers},hidden:{hidden},ffn:{ffn},heads:{heads},kv_heads:null}},"
+            f"tokens:{tokens},batch_size:{batch},seq_len:{seq},"
+            f"lr:{{peak:{peak},warmup_steps:{warmup},min:{min_lr:.3g},decay:cosine}},growth:{g}}}")
+
+
+def one_stage_config(shape, batch: int, seq: int, steps: int = 1000, extra: list[str] | None = None):
+    """A validated RunConfig with one stage of `shape` (tracking off unless `extra` says so),
+    its ModelSpec, and the prepared embedded data."""
+    from orchestrator.data import prepare_data
+    from orchestrator.plan_command import compose_config
+    from orchestrator.validate import stage_spec
+    stage = stage_literal("s", shape, steps * batch * seq, batch, seq, 1e-3, 10, 1e-4)
+    cfg = compose_config(["tracking=off", "schedule.name=bench", f"schedule.stages=[{stage}]", *(extra or [])])
+    data = prepare_data(cfg.data)
+    m = cfg.model
+    tok = data.tokenizer.vocab_size
+    vocab = m.vocab_size or -(-tok // m.vocab_multiple) * m.vocab_multiple
+    return cfg, stage_spec(cfg, cfg.schedule.stages[0], vocab), data

@@ -41,7 +41,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: grow <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS)) + 2
+    lines += [f"  {name:<{width}}{help_.replace(chr(10) + ' ' * 10, chr(10) + ' ' * (width + 2))}"
+              for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 EXIT_CONFIG = 2

@@ -8,6 +8,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -62,6 +63,16 @@ class RunLock:
         os.close(self._fd)
 
 
+def _set(tree, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    if isinstance(tree, list):
+        tree[int(last)] = value
+    else:
+        tree[last] = value
+
+
 def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
     path = run_dir / "config.json"
     current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in FIXED_ON_RESUME}
@@ -86,6 +97,11 @@ def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
         return None
 
     found = diff(saved, current)
+    while found and re.fullmatch(r"schedule\.stages\.\d+\.layout(\..*)?", found[0]):
+        # a layout may change on resume (e.g. fewer GPUs after a requeue): the canonical
+        # checkpoint and the global data cursor do not depend on it
+        _set(saved, found[0], found[2])
+        found = diff(saved, current)
     if found:
         key, old, new = found
         raise ConfigError(key, f"differs from the run already in {run_dir} ({old!r} -> {new!r}); "

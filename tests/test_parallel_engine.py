@@ -171,3 +171,39 @@ def test_lazy_checkpoint_reads_slices(tmp_path):
                 for i in range(parts):
                     assert torch.equal(lazy.slice(name, dim, i, parts), v.chunk(parts, dim=dim)[i])
         assert torch.equal(lazy[name], v)
+
+
+@pytest.mark.slow
+def test_crash_and_resume_reads_slices_and_matches_local(tmp_path, data_cache, monkeypatch):
+    """A TP2 stage crashes after its step-8 checkpoint; the rerun resumes every rank from
+    its slices of the sharded canonical checkpoint and ends on the local engine's loss."""
+    only = ["run.only_stage=small", "checkpoint.every_steps=8"]
+    run_grow(tmp_path, *SMALL, *only, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    args = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.tp=2", "hydra.run.dir=ds"]
+    monkeypatch.setenv("GROW_FAILPOINTS", "step.done@12=raise")
+    crashed = run_grow(tmp_path, *args, cache=data_cache, schedule="default", check=False, timeout=300)
+    assert crashed.returncode != 0 and "failpoint step.done" in crashed.stdout + crashed.stderr
+    monkeypatch.delenv("GROW_FAILPOINTS")
+    resumed = run_grow(tmp_path, *args, cache=data_cache, schedule="default", timeout=300)
+    assert "resuming stage small at step 8" in resumed.stdout
+    want, got = read_summary(tmp_path / "local")["stages"][0], read_summary(tmp_path / "ds")["stages"][0]
+    assert got["steps"] == want["steps"] == 24
+    assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (want, got)
+
+
+def test_resume_on_a_different_layout_reads_the_same_data(tmp_path, data_cache, monkeypatch):
+    """A DP2 stage dies after its step-8 checkpoint; it resumes as TP2 (another world
+    size and layout) through the canonical checkpoint and ends on the local engine's loss."""
+    only = ["run.only_stage=small", "checkpoint.every_steps=8"]
+    run_grow(tmp_path, *SMALL, *only, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    first = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.dp=2", "hydra.run.dir=ds"]
+    monkeypatch.setenv("GROW_FAILPOINTS", "step.done@12=raise")
+    crashed = run_grow(tmp_path, *first, cache=data_cache, schedule="default", check=False, timeout=300)
+    assert crashed.returncode != 0
+    monkeypatch.delenv("GROW_FAILPOINTS")
+    second = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.tp=2", "hydra.run.dir=ds"]
+    resumed = run_grow(tmp_path, *second, cache=data_cache, schedule="default", timeout=300)
+    assert "resuming stage small at step 8" in resumed.stdout
+    want, got = read_summary(tmp_path / "local")["stages"][0], read_summary(tmp_path / "ds")["stages"][0]
+    assert got["steps"] == want["steps"] == 24 and got["tokens"] == want["tokens"]
+    assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (want, got)
