@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import fsync_dir, fsync_file, write_json_atomic
 from .faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -32,35 +33,12 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def checkpoint_dir(run_dir: Path, stage_index: int, stage_name: str, step: int) -> Path:
@@ -93,30 +71,36 @@ def _save(path: Path, model, moments, meta) -> Path:
     optim = {f"{kind}.{name}": t.detach().contiguous().cpu()
              for kind in MOMENTS for name, t in moments.get(kind, {}).items()}
     save_file(optim, tmp / "optimizer.safetensors")
+    return seal_and_publish(tmp, path, meta)
+
+
+def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = True) -> Path:
+    """Finish a checkpoint whose tensor files are in `tmp`: write meta.json, fsync, write
+    the manifest of every file, rename to `path` (swapping out an older copy of the same
+    step, never leaving a gap) and, in a run directory, point `latest` at it last."""
     with open(tmp / "meta.json", "w") as f:
         json.dump({"format": FORMAT_VERSION, **meta}, f, indent=1)
-    files = ["model.safetensors", "optimizer.safetensors", "meta.json"]
-    for name in files:
-        _fsync_file(tmp / name)
-    manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                for name in files}
+    names = sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json")
+    for name in names:
+        fsync_file(tmp / name)
+    manifest = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names}
     with open(tmp / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
-    _fsync_file(tmp / "manifest.json")
-    _fsync_dir(tmp)
+    fsync_file(tmp / "manifest.json")
+    fsync_dir(tmp)
     failpoint("checkpoint.tmp_written")
-    if path.exists():  # the same step saved again after a resume: swap, never leave a gap
+    if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     failpoint("checkpoint.renamed")
-    latest = path.parents[1] / "latest"
-    write_json_atomic(latest, {"path": str(path.relative_to(path.parents[1]))})
-    failpoint("checkpoint.done")
+    if point_latest:
+        write_json_atomic(path.parents[1] / "latest", {"path": str(path.relative_to(path.parents[1]))})
+        failpoint("checkpoint.done")
     return path
 
 

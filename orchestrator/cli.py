@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -62,7 +61,7 @@ def _precheck(overrides: list[str]) -> int | None:
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import register_schema
-    from .validate import ConfigError, allowed_keys, load_config
+    from .validate import COMPOSITION_ERRORS, ConfigError, composition_error, load_config
 
     register_schema()
     job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
@@ -72,20 +71,8 @@ def _precheck(overrides: list[str]) -> int | None:
         load_config(cfg)
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"config error: {e}")
-    except (HydraException, OmegaConfBaseException, AssertionError, AttributeError) as e:
-        # (OmegaConf raises bare AssertionError/AttributeError for some bad overrides, e.g.
-        # a key added under a null node)
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        key = getattr(cause, "full_key", None)
-        key = key.replace("[", ".").replace("]", "") if key else key
-        first = " ".join(str(cause).split()) or type(cause).__name__
-        if key and ("not in struct" in first or re.search(r"Key '\w+' not in '\w+'", first)):
-            allowed = allowed_keys(key)
-            first = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-        first = first.split(" full_key:")[0].split(" Config search path:")[0]
-        return _fail(EXIT_CONFIG, f"config error: {key + ': ' if key else ''}{first}")
+    except (HydraException, OmegaConfBaseException, *COMPOSITION_ERRORS) as e:
+        return _fail(EXIT_CONFIG, f"config error: {composition_error(e)}")
     return None
 
 

@@ -26,7 +26,7 @@ from growth_ops import GrowthError, MaskState, ModelSpec, get_operator, iter_gro
 from growth_ops.common import all_axes
 from growth_ops.spec import axis_size, parameter_axes
 
-from .checkpoint import FORMAT_VERSION, MOMENTS, _fsync_dir, _fsync_file, _sha256
+from .checkpoint import MOMENTS, seal_and_publish
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 EXIT_USAGE = 2
@@ -88,19 +88,7 @@ def write_checkpoint_dir(out: Path, write_files: Callable[[Path], None], meta: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_files(tmp)
-    with open(tmp / "meta.json", "w") as f:
-        json.dump({"format": FORMAT_VERSION, **meta}, f, indent=1)
-    files = ["model.safetensors", "optimizer.safetensors", "meta.json"]
-    for name in files:
-        _fsync_file(tmp / name)
-    manifest = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync_file(tmp / "manifest.json")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    return out
+    return seal_and_publish(tmp, out, meta, point_latest=False)
 
 
 class LazyTensors:

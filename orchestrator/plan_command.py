@@ -8,7 +8,6 @@ too small to fit (one line naming the key), 4 the plan is over a budget cap.
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,25 +32,15 @@ def compose_config(overrides: list[str]):
 
     from .cli import CONF_DIR
     from .config import register_schema
-    from .validate import ConfigError, allowed_keys, load_config
+    from .validate import COMPOSITION_ERRORS, composition_error, load_config
 
     register_schema()
     job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             raw = compose("config", overrides=job + ["run_dir=/unused"])
-    except (HydraException, OmegaConfBaseException) as e:
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        key = getattr(cause, "full_key", None)
-        key = key.replace("[", ".").replace("]", "") if key else None
-        first = " ".join(str(cause).split()) or type(cause).__name__
-        if key and ("not in struct" in first or re.search(r"Key '\w+' not in '\w+'", first)):
-            allowed = allowed_keys(key)
-            first = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-        first = first.split(" full_key:")[0].split(" Config search path:")[0]
-        raise ConfigError(key or "overrides", first) from None
+    except (HydraException, OmegaConfBaseException, *COMPOSITION_ERRORS) as e:
+        raise composition_error(e) from None
     return load_config(raw, planning=True)
 
 
@@ -126,7 +115,7 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
 
 
 def plan_command(args: list[str]) -> int:
-    from .checkpoint import write_json_atomic
+    from .atomic import write_json_atomic
     from .planner import make_plan
     from .validate import ConfigError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import write_json_atomic
+from .atomic import write_json_atomic
 from .ledger import Ledger
 
 

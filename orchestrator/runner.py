@@ -18,7 +18,7 @@ from rich.console import Console
 from growth_ops import MaskState, ModelSpec, get_operator
 
 from .checkpoint import (MOMENTS, CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint,
-                         open_checkpoint, save_checkpoint)
+                         open_checkpoint)
 from .config import RunConfig
 from .data import new_cursor, prepare_data, validation_batches
 from .engines import make_engine

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .checkpoint import write_json_atomic
+from .atomic import write_json_atomic
 from .config import TrackingConfig
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request

@@ -414,6 +414,27 @@ def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
     return cfg
 
 
+def composition_error(e: Exception) -> ConfigError:
+    """A Hydra/OmegaConf error from composing overrides, as a one-line ConfigError naming
+    the key (and for an unknown key, the allowed ones)."""
+    import re
+    cause = e
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    key = getattr(cause, "full_key", None)
+    key = key.replace("[", ".").replace("]", "") if key else None
+    first = " ".join(str(cause).split()) or type(cause).__name__
+    if key and ("not in struct" in first or re.search(r"Key '\w+' not in '\w+'", first)):
+        allowed = allowed_keys(key)
+        first = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    return ConfigError(key or "overrides", first.split(" full_key:")[0].split(" Config search path:")[0])
+
+
+# OmegaConf raises bare AssertionError/AttributeError for some bad overrides (a key added
+# under a null node); Hydra and OmegaConf raise their own for the rest.
+COMPOSITION_ERRORS = (AssertionError, AttributeError)
+
+
 def load_config(raw: DictConfig | dict, planning: bool = False) -> RunConfig:
     """Composed Hydra config (or plain dict) -> a validated `RunConfig`, or ConfigError."""
     if isinstance(raw, DictConfig):

@@ -3,7 +3,6 @@
 grown into stage 1's shape with a preserving operator."""
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 import torch

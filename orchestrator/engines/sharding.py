@@ -8,15 +8,13 @@ one file, so `load_checkpoint` and every reader see the same format either way.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..checkpoint import (FORMAT_VERSION, MOMENTS, _fsync_dir, _fsync_file, _sha256, shard_name,
-                          write_json_atomic)
+from ..atomic import fsync_file
+from ..checkpoint import MOMENTS, seal_and_publish, shard_name
 
 
 def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, shard: dict) -> Path:
@@ -35,26 +33,9 @@ def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, 
         save_file({f"{kind}.{name}": t.detach().contiguous().cpu()
                    for kind in MOMENTS for name, t in moments.get(kind, {}).items()}, files[1])
         for f in files:
-            _fsync_file(f)
+            fsync_file(f)
     barrier()
     if leader:
-        with open(tmp / "meta.json", "w") as f:
-            json.dump({"format": FORMAT_VERSION, **meta}, f, indent=1)
-        _fsync_file(tmp / "meta.json")
-        names = sorted(p.name for p in tmp.iterdir())
-        manifest = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names}
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1)
-        _fsync_file(tmp / "manifest.json")
-        _fsync_dir(tmp)
-        if path.exists():  # the same step saved again after a resume: swap, never leave a gap
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        write_json_atomic(path.parents[1] / "latest", {"path": str(path.relative_to(path.parents[1]))})
+        seal_and_publish(tmp, path, meta)
     barrier()
     return path

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import write_json_atomic  # noqa: F401  (re-exported for job-side helpers)
+
 
 def slurm_dir(run_dir) -> Path:
     return Path(run_dir) / "slurm"
@@ -37,15 +39,3 @@ def latest_meta(run_dir) -> dict | None:
     if not pointer or "path" not in pointer:
         return None
     return read_json(root / pointer["path"] / "meta.json", None)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Like checkpoint.write_json_atomic, without importing torch (job-side helpers)."""
-    import os
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -136,7 +136,11 @@ def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, 
         "setup_lines": "\n".join(scrub_line(x, secrets) for x in s.setup),
         "container": " ".join(shell_word(x, secrets) for x in s.container),
         "python": py, "launch": launch,
-        "forward_signal": "TERM" if use_torchrun else "USR1",  # torchrun passes TERM on to its workers
+        # srun passes USR1 on to its tasks; a torchrun task would die of it (and srun treats a
+        # TERM to itself as a cancel), so TERM goes to every process of the job's steps:
+        # the workers checkpoint, torchrun waits for them.
+        "forward": ('scancel --signal=TERM "$SLURM_JOB_ID"' if use_torchrun
+                    else 'kill -USR1 "$child" 2>/dev/null'),
         "overrides": " ".join(shell_word(o, secrets) for o in overrides),
     }
     path = template_path(s.template)

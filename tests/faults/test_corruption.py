@@ -2,7 +2,6 @@
 good one, names the bad file, and never silently starts from scratch."""
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
