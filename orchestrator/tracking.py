@@ -131,9 +131,7 @@ class MlflowTracker(NullTracker):
                 run = self.client.get_run(run_id)
                 if run.info.status != "RUNNING":
                     self.client.update_run(run_id, status="RUNNING")
-                self._last_step[run_id] = {
-                    key: max(m.step for m in self.client.get_metric_history(run_id, key))
-                    for key in run.data.metrics}
+                self._last_step[run_id] = self._last_steps(run)
         except Exception as e:  # any failure to reach the store: stay offline, retry later
             self._offline(e)
             return False
@@ -142,6 +140,15 @@ class MlflowTracker(NullTracker):
             self._warned = False
         self._online = True
         return True
+
+    def _last_steps(self, run) -> dict[str, int]:
+        """The highest logged step of each metric. MLflow's latest-metric entities carry it
+        (one row per key), so a long run does not re-read its whole history on resume."""
+        latest = getattr(run.data, "_metric_objs", None)
+        if latest is not None:
+            return {m.key: m.step for m in latest}
+        return {key: max(m.step for m in self.client.get_metric_history(run.info.run_id, key))
+                for key in run.data.metrics}
 
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from orchestrator.slurm import jobstate
 from orchestrator.slurm.paths import finished_flag, stage_state_file
 from orchestrator.slurm.render import scrub_line, shell_word
 
-from .conftest import REPO, grow_cmd
+from .conftest import grow_cmd
 
 SECRET = "s3cr3t-Value-42"
 
@@ -148,7 +147,7 @@ def test_each_stage_gets_the_ranks_its_layout_needs(tmp_path):
     assert [stage_ranks(cfg, i, st) for i, st in enumerate(stages)] == [(1, 1), (2, 4), (1, 2)]
     text = render_stage(cfg, 1, stages[1], tmp_path / "run", tmp_path, ["engine=deepspeed"])
     assert "#SBATCH --nodes=2" in text and "--nnodes=2 --nproc_per_node=4" in text
-    assert 'rdzv_endpoint="$HEAD_NODE:29500"' in text and "kill -TERM" in text
+    assert 'rdzv_endpoint="$HEAD_NODE:29500"' in text and 'scancel --signal=TERM "$SLURM_JOB_ID"' in text
     one = render_stage(cfg, 0, stages[0], tmp_path / "run", tmp_path, [])
     assert "torch.distributed.run" not in one and "kill -USR1" in one
     cfg.submit.nodes = 3

@@ -65,7 +65,7 @@ def end(run_dir, name: str, index: int, rc: int, signalled: bool, max_failures: 
     done = finished_flag(run_dir, index, name).exists()
     progressed = tokens > attempt.get("tokens_before", 0)
     attempt.update({"end": time.time(), "rc": rc, "signalled": signalled, "tokens_after": tokens})
-    if done and rc == 0:
+    if done:  # the stage completed; a signal right at the end (torchrun then exits non-zero) is moot
         outcome, code = "finished", 0
     elif rc in NOT_RETRIED and not signalled:
         outcome, code = "failed (not retried)", 1

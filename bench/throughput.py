@@ -1,0 +1,174 @@
+"""Training throughput: our LocalEngine against transformers' LlamaForCausalLM.
+
+Both train the identical model (same shape, RMSNorm + SwiGLU + RoPE, tied embeddings, same
+initial weights copied tensor by tensor), on the same batches from the embedded corpus, with
+the same AdamW (decay on matrices only, same betas/eps/weight decay), the same gradient
+clipping and the same fp32 cross-entropy on [B, T+1] token batches; both read the loss and
+the grad norm back each step as the engine does. Runs alternate in one process (ours, HF,
+HF, ours, ... per repetition) so both see the same machine load; the figure per size is the
+ratio of median tokens/s (ours / HF; >= 1.0 means we are not slower).
+
+    python bench/throughput.py                              # 3 CPU sizes, ~5-10 min on 2 busy cores
+    python bench/throughput.py --sizes 2x128,4x256 --reps 7 --steps 4
+    python bench/throughput.py --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # GPU (+ MFU)
+
+A size is LAYERSxHIDDEN (ffn = 8/3 hidden rounded up to 16, head_dim 32 below hidden 512,
+else 64), or LAYERSxHIDDENxFFNxHEADS. Writes bench/results/throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import console, machine, median, one_stage_config, sync, table, write_json  # noqa: E402
+
+DEFAULT_SIZES = "2x128,4x256,6x384"
+
+
+def parse_size(s: str):
+    parts = [int(x) for x in s.lower().split("x")]
+    if len(parts) == 4:
+        return tuple(parts)
+    layers, hidden = parts
+    ffn = -(-int(hidden * 8 / 3) // 16) * 16
+    head_dim = 32 if hidden < 512 else 64
+    return layers, hidden, ffn, hidden // head_dim
+
+
+class HFRunner:
+    """LlamaForCausalLM trained exactly as LocalEngine trains DecoderLM."""
+
+    def __init__(self, spec, engine, seq: int, attn: str):
+        from transformers import LlamaForCausalLM
+
+        from orchestrator.hf_interop import hf_config, hf_name
+        cfg = hf_config(spec, max_positions=max(seq, 128))
+        cfg._attn_implementation = attn
+        self.device, self.bf16 = engine.device, engine.bf16
+        self.model = LlamaForCausalLM(cfg).to(self.device)
+        ours = engine.model.canonical_state()
+        hf_state = {hf_name(k): v.detach().clone() for k, v in ours.items()}
+        if spec.tie_embeddings:
+            hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
+        missing, unexpected = self.model.load_state_dict(hf_state, strict=False)
+        missing = [m for m in missing if m != "lm_head.weight" and "rotary" not in m]
+        assert not missing and not unexpected, (missing, unexpected)
+        t = engine.cfg.train
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
+        self.clip = t.grad_clip
+        self.model.train()
+
+    def train_step(self, batch: torch.Tensor, lr: float):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batch = batch.to(self.device, non_blocking=True)
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else torch.autocast(
+            self.device.type, enabled=False)
+        with ctx:
+            logits = self.model(input_ids=batch[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), norm.item()
+
+
+def measure(size: str, a) -> dict:
+    from orchestrator.data import new_cursor, next_global_batch
+    from orchestrator.engines.local import LocalEngine
+    from orchestrator.model import build_model, flops_per_token
+
+    shape = parse_size(size)
+    extra = [f"engine.device={a.device}", f"engine.dtype={'bf16' if a.bf16 else 'fp32'}"]
+    cfg, spec, data = one_stage_config(shape, a.batch, a.seq, extra=extra)
+    stage = cfg.schedule.stages[0]
+    ours = LocalEngine(cfg, stage, spec)
+    ours.load(build_model(spec, seed=0).canonical_state(), None, 0, None)
+    hf = HFRunner(spec, ours, a.seq, a.attn)
+    streams = {n: data.train[n] for n in sorted(data.train)}
+    cursor = new_cursor(sorted(data.train))
+    batches = []
+    for _ in range(a.warmup + a.reps * a.steps):
+        b, cursor = next_global_batch(streams, cursor, None, a.batch, a.seq)
+        batches.append(b)
+    lr = 1e-3
+    # the same first steps on both: a check that the two are the same model and optimizer
+    check = [(ours.train_step(b, lr)[0], hf.train_step(b, lr)[0]) for b in batches[:a.warmup]]
+    times = {"ours": [], "hf": []}
+    runners = {"ours": ours, "hf": hf}
+    i = a.warmup
+    for rep in range(a.reps):
+        order = ("ours", "hf") if rep % 2 == 0 else ("hf", "ours")
+        chunk = batches[i:i + a.steps]
+        i += a.steps
+        for name in order:
+            r = runners[name]
+            sync(ours.device)
+            t = time.perf_counter()
+            for b in chunk:
+                r.train_step(b, lr)
+            sync(ours.device)
+            times[name].append((time.perf_counter() - t) / len(chunk))
+    tokens = a.batch * a.seq
+    tps = {k: tokens / median(v) for k, v in times.items()}
+    fpt = flops_per_token(spec, a.seq)
+    out = {"shape": dict(zip(("layers", "hidden", "ffn", "heads"), shape)), "params": sum(
+        p.numel() for p in ours.model.parameters()), "batch": a.batch, "seq": a.seq,
+           "ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"], "ratio": tps["ours"] / tps["hf"],
+           "ours_step_s": times["ours"], "hf_step_s": times["hf"],
+           "first_losses_ours_hf": check, "max_first_loss_diff": max(abs(x - y) for x, y in check) if check else None,
+           "achieved_tflops_ours": fpt * tps["ours"] / 1e12, "achieved_tflops_hf": fpt * tps["hf"] / 1e12}
+    if a.peak_tflops:
+        out["mfu_ours"] = out["achieved_tflops_ours"] / a.peak_tflops
+        out["mfu_hf"] = out["achieved_tflops_hf"] / a.peak_tflops
+    del ours, hf
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated LAYERSxHIDDEN[xFFNxHEADS]")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
+    p.add_argument("--reps", type=int, default=6, help="alternating repetitions (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (also a loss check)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--attn", default="sdpa", help="transformers attn_implementation (ours uses SDPA)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak, for MFU (e.g. 989 on H100 bf16)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    results = {}
+    for size in a.sizes.split(","):
+        console.print(f"size {size}: measuring ...")
+        results[size] = measure(size, a)
+        r = results[size]
+        console.print(f"  ours {r['ours_tokens_per_s']:,.0f} tok/s  hf {r['hf_tokens_per_s']:,.0f} tok/s  "
+                      f"ratio {r['ratio']:.3f}  (first-step loss diff {r['max_first_loss_diff']:.2e})")
+    rows = [[s, r["params"], r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ratio"], r["max_first_loss_diff"]]
+            for s, r in results.items()]
+    table(f"training tokens/s, ours vs transformers LlamaForCausalLM (batch {a.batch} x seq {a.seq}, "
+          f"{a.device}{' bf16' if a.bf16 else ' fp32'})",
+          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "first-loss diff"], rows)
+    write_json("throughput.json", {"args": vars(a), "machine": machine(), "sizes": results}, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

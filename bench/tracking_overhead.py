@@ -1,0 +1,151 @@
+"""MLflow tracking overhead: step time with logging on (sqlite store in a temp dir) vs off.
+
+One process, one engine, one data stream; two run contexts built by the runner's own
+RunContext - one with MLflow tracking on (MlflowTracker, sqlite store in a temp dir), one
+with tracking off (NullTracker) - and a StageLoop on each. Steps go in alternating blocks
+(on, off, off, on, ...); every step does exactly what the stage loop does after a train step:
+ledger, `StageLoop._log` (metrics.jsonl + tracker.flush) and the budget watch. The tracker
+flushes on its own clock (tracking.flush_every_s); the time spent in off blocks is taken off
+that clock, so flushes happen as often per on-step as in a run with tracking always on.
+Overhead = (total on time / on steps) / (total off time / off steps) - 1 (aim < 1%).
+
+    python bench/tracking_overhead.py                          # ~3-5 min on 2 busy cores
+    python bench/tracking_overhead.py --shape 4x128x352x4 --blocks 20 --block-steps 10
+
+Also reports the one-time costs (tracker start, stage-run creation, finish). Writes
+bench/results/tracking_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import console, machine, median, one_stage_config, table, write_json  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="2x128x352x4", help="LAYERSxHIDDENxFFNxHEADS")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--blocks", type=int, default=16, help="blocks per mode (alternating)")
+    p.add_argument("--block-steps", type=int, default=10)
+    p.add_argument("--flush-every-s", type=float, default=None, help="default: the tracking config's")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from rich.console import Console
+
+    from orchestrator import budget_watch
+    from orchestrator.data import new_cursor, next_global_batch
+    from orchestrator.engines.local import LocalEngine
+    from orchestrator.model import build_model
+    from orchestrator.runner import RunContext
+    from orchestrator.stage_loop import StageLoop, StageProgress
+
+    shape = tuple(int(x) for x in a.shape.split("x"))
+    steps = 2 * a.blocks * a.block_steps + 10
+    cfg, spec, data = one_stage_config(shape, a.batch, a.seq, steps=steps)
+    tmp = Path(tempfile.mkdtemp(prefix="tracking_overhead_"))
+    quiet = Console(file=io.StringIO())
+    on_tracking = dataclasses.replace(cfg.tracking, enabled=True, uri=f"sqlite:///{tmp / 'mlflow.db'}",
+                                      experiment="bench-tracking-overhead",
+                                      flush_every_s=a.flush_every_s or cfg.tracking.flush_every_s)
+    off_tracking = dataclasses.replace(cfg.tracking, enabled=False)
+    stage = cfg.schedule.stages[0]
+    engine = LocalEngine(cfg, stage, spec)
+    engine.load(build_model(spec, seed=0).canonical_state(), None, 0, None)
+    one_time = {}
+    loops = {}
+    for mode, tracking in (("on", on_tracking), ("off", off_tracking)):
+        run_dir = tmp / mode
+        run_dir.mkdir()
+        c = dataclasses.replace(cfg, run_dir=str(run_dir), tracking=tracking)
+        t = time.perf_counter()
+        ctx = RunContext(c, quiet)
+        progress = StageProgress(index=0, step=0, global_step_start=0, lr_peak=stage.lr.peak,
+                                 cursor=new_cursor(sorted(ctx.data.train)), growth=None)
+        loop = StageLoop(ctx, stage, spec, engine, progress)
+        budget_watch.stage_start(loop)
+        one_time[f"start_{mode}_s"] = time.perf_counter() - t
+        loops[mode] = loop
+    step_tokens = a.batch * a.seq
+    cursor = new_cursor(sorted(data.train))
+    streams = {n: data.train[n] for n in sorted(data.train)}
+
+    def step(loop) -> float:
+        nonlocal cursor
+        ctx, prog = loop.ctx, loop.p
+        t = time.perf_counter()
+        batch, cursor = next_global_batch(streams, cursor, None, a.batch, a.seq)
+        prog.lr = 1e-3
+        loss, gn = engine.train_step(batch, prog.lr)
+        prog.step += 1
+        dt = time.perf_counter() - t
+        ctx.ledger.stage(stage.name).add(step_tokens, loop.step_flops, dt, engine.devices,
+                                         cfg.cluster.usd_per_gpu_hour)
+        loop._log(loss, gn, 1.0, dt)
+        budget_watch.after_step(loop, dt)
+        return time.perf_counter() - t
+
+    for _ in range(3):  # warm-up, untimed
+        step(loops["off"])
+    flush_calls = {"n": 0, "s": 0.0, "sent": 0}
+    tracker = loops["on"].ctx.tracker
+    real_flush = tracker.flush
+
+    def counted_flush(force: bool = False):
+        before = tracker.info["sent_offset"]
+        t = time.perf_counter()
+        real_flush(force)
+        flush_calls["s"] += time.perf_counter() - t
+        flush_calls["n"] += 1
+        flush_calls["sent"] += tracker.info["sent_offset"] != before
+    tracker.flush = counted_flush
+    blocks = {"on": [], "off": []}
+    for b in range(a.blocks):
+        for mode in (("on", "off") if b % 2 == 0 else ("off", "on")):
+            t = time.perf_counter()
+            for _ in range(a.block_steps):
+                step(loops[mode])
+            took = time.perf_counter() - t
+            blocks[mode].append(took)
+            if mode == "off":  # off time does not count toward the tracker's flush interval
+                tracker._last_flush += took
+    t = time.perf_counter()
+    loops["on"].ctx.tracker.finish("FINISHED")
+    one_time["finish_on_s"] = time.perf_counter() - t
+    for loop in loops.values():
+        loop.ctx.metrics.close()
+    per_step = {m: sum(v) / (len(v) * a.block_steps) for m, v in blocks.items()}
+    med = {m: median(v) / a.block_steps for m, v in blocks.items()}
+    overhead = per_step["on"] / per_step["off"] - 1
+    result = {"overhead_pct": 100 * overhead, "overhead_pct_median_blocks": 100 * (med["on"] / med["off"] - 1),
+              "step_s_on": per_step["on"], "step_s_off": per_step["off"],
+              "flushes_sent": flush_calls["sent"], "flush_calls": flush_calls["n"], "flush_s_total": flush_calls["s"],
+              "flush_pct_of_on_time": 100 * flush_calls["s"] / sum(blocks["on"]),
+              "one_time": one_time, "blocks_s": blocks, "args": vars(a), "machine": machine(),
+              "store": on_tracking.uri}
+    table(f"MLflow logging overhead ({a.shape}, batch {a.batch} x {a.seq}, {a.blocks} x {a.block_steps} steps each)",
+          ["tracking", "s/step (mean)", "s/step (median block)", "flushes sent", "time in flush (s)"],
+          [["off", per_step["off"], med["off"], None, None],
+           ["on (sqlite)", per_step["on"], med["on"], flush_calls["sent"], flush_calls["s"]]])
+    console.print(f"overhead {result['overhead_pct']:+.2f}% (mean), {result['overhead_pct_median_blocks']:+.2f}% "
+                  f"(median blocks); time inside tracker.flush = {result['flush_pct_of_on_time']:.2f}% of on time; "
+                  f"one-time: {', '.join(f'{k} {v:.2f}s' for k, v in one_time.items())}")
+    write_json("tracking_overhead.json", result, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
