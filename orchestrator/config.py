@@ -160,7 +160,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # null: MLflow's default, sqlite:///<cwd>/mlflow.db
     experiment: str = "growth"
-    flush_every_s: float = 5.0
+    flush_every_s: float = 15.0  # metrics.jsonl has every point at once; MLflow gets them in batches
 
 
 @dataclass

@@ -32,6 +32,7 @@ def test_kill_at_every_failpoint_then_resume(tmp_path, data_cache, reference):
         kills += 1
         latest_is_complete(run_dir)
     subprocess.run(run_cmd(run_dir, data_cache), env=run_env(), check=True, capture_output=True, timeout=600)
+    print(f"failpoint kills survived: {kills}")
     assert kills >= 8
     assert_same_as_reference(run_dir, reference)
 
@@ -58,4 +59,5 @@ def test_kill_at_random_moments_then_resume(tmp_path, data_cache, reference):
                 kills += 1
                 latest_is_complete(run_dir)
         assert_same_as_reference(run_dir, reference)
+    print(f"random kills survived: {kills} over {trials} trials")
     assert kills >= 12
