@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -46,13 +47,15 @@ def latest_is_complete(run_dir: Path) -> None:
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, data_cache):
+    """(final weights, ledger, seconds the uninterrupted run took)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
+    start = time.monotonic()
     subprocess.run(run_cmd(run_dir, data_cache), env=run_env(), check=True, capture_output=True, timeout=600)
-    return final_weights(run_dir), ledger_of(run_dir)
+    return final_weights(run_dir), ledger_of(run_dir), time.monotonic() - start
 
 
 def assert_same_as_reference(run_dir: Path, reference) -> None:
-    weights, ledger = reference
+    weights, ledger = reference[:2]
     got = final_weights(run_dir)
     assert got.keys() == weights.keys()
     for name in weights:

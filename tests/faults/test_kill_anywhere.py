@@ -39,24 +39,28 @@ def test_kill_at_every_failpoint_then_resume(tmp_path, data_cache, reference):
 
 def test_kill_at_random_moments_then_resume(tmp_path, data_cache, reference):
     """SIGKILL at random times (start-up, mid-step, mid-checkpoint, mid-growth...) until
-    the run gets through; fresh trials until at least 12 kills, each trial checked."""
+    the run gets through; fresh trials until at least 12 kills, each trial checked. Delays
+    scale with how long an uninterrupted run takes on this machine, and a trial stops
+    being killed after 4 kills, so a slow machine cannot make the test run forever."""
     rng = random.Random(1234)
+    duration = reference[2]
     kills, trials = 0, 0
     while kills < 12 and trials < 8:
         trials += 1
         run_dir = tmp_path / f"run{trials}"
-        finished = False
+        finished, in_trial = False, 0
         while not finished:
             proc = subprocess.Popen(run_cmd(run_dir, data_cache), env=run_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
+            delay = rng.uniform(0.2, 0.9) * duration if in_trial < 4 else None
             try:
-                proc.wait(timeout=rng.uniform(0.5, 6.0))
+                proc.wait(timeout=delay)
                 assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
                 finished = True
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                kills += 1
+                kills, in_trial = kills + 1, in_trial + 1
                 latest_is_complete(run_dir)
         assert_same_as_reference(run_dir, reference)
     print(f"random kills survived: {kills} over {trials} trials")
