@@ -45,14 +45,14 @@ def test_kill_at_random_moments_then_resume(tmp_path, data_cache, reference):
     rng = random.Random(1234)
     duration = reference[2]
     kills, trials = 0, 0
-    while kills < 12 and trials < 8:
+    while kills < 12 and trials < 16:
         trials += 1
         run_dir = tmp_path / f"run{trials}"
         finished, in_trial = False, 0
         while not finished:
             proc = subprocess.Popen(run_cmd(run_dir, data_cache), env=run_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
-            delay = rng.uniform(0.2, 0.9) * duration if in_trial < 4 else None
+            delay = rng.uniform(0.15, 0.6) * duration if in_trial < 4 else None
             try:
                 proc.wait(timeout=delay)
                 assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
