@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .common import (MOMENT_RULES, GrowthError, GrowthPlan, check_choice, check_common,
-                     grow_moments_with, grow_state, new_layer_positions, tiling_axes)
+                     new_layer_positions, tiling_axes, unmasked_operator)
 from .spec import FFN, HEADS, HIDDEN, KV, Q, ModelSpec
 from .zero import fill as zero_block_fill
 
@@ -79,14 +79,4 @@ def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch
 finish = None
 
 
-def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
-         layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
-         moments: str | None = None) -> tuple[dict[str, torch.Tensor], None, GrowthPlan]:
-    check_growth(old, new, layer_insert, init, moments)
-    plan = plan_growth(old, new, layer_insert, init, moments)
-    return grow_state(plan, fill, state, generator), None, plan
-
-
-def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
-                 maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
-    return grow_moments_with(maps, moments, kind)
+grow, grow_moments = unmasked_operator(check_growth, plan_growth, fill)

@@ -290,3 +290,19 @@ def random_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -
     from .init import init_tensor
     return init_tensor(name, shape, plan.new, generator)
 
+
+def unmasked_operator(check_growth, plan_growth, fill, finish=None):
+    """`grow` and `grow_moments` of an operator that needs no masks (exact by
+    construction, or not preserving at all): grow returns masks=None."""
+    def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
+             layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
+             moments: str | None = None) -> tuple[dict[str, torch.Tensor], None, GrowthPlan]:
+        check_growth(old, new, layer_insert, init, moments)
+        plan = plan_growth(old, new, layer_insert, init, moments)
+        return grow_state(plan, fill, state, generator, finish), None, plan
+
+    def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
+                     maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
+        return grow_moments_with(maps, moments, kind)
+
+    return grow, grow_moments

@@ -7,10 +7,9 @@ same here: depth copies are not symmetric copies of one function, nothing is res
 """
 from __future__ import annotations
 
-import torch
 
 from .common import (LAYER_INSERTS, MOMENT_RULES, GrowthError, GrowthPlan, check_choice,
-                     check_common, grow_moments_with, grow_state, placement_axes, random_fill)
+                     check_common, placement_axes, random_fill, unmasked_operator)
 from .spec import ModelSpec
 
 PRESERVES_FUNCTION = False
@@ -50,14 +49,4 @@ fill = random_fill  # never used: every entry of a stacked model is a copy
 finish = None
 
 
-def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
-         layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
-         moments: str | None = None) -> tuple[dict[str, torch.Tensor], None, GrowthPlan]:
-    check_growth(old, new, layer_insert, init, moments)
-    plan = plan_growth(old, new, layer_insert, init, moments)
-    return grow_state(plan, fill, state, generator), None, plan
-
-
-def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
-                 maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
-    return grow_moments_with(maps, moments, kind)
+grow, grow_moments = unmasked_operator(check_growth, plan_growth, fill)

@@ -18,8 +18,8 @@ import math
 import torch
 
 from .common import (MOMENT_RULES, GrowthPlan, check_choice, check_common, check_group,
-                     grow_moments_with, grow_state, layer_name, new_layer_positions,
-                     placement_axes, random_fill)
+                     layer_name, new_layer_positions,
+                     placement_axes, random_fill, unmasked_operator)
 from .spec import HIDDEN, ModelSpec, is_norm
 
 PRESERVES_FUNCTION = True
@@ -72,17 +72,6 @@ def finish(plan: GrowthPlan, name: str, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
-         layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
-         moments: str | None = None) -> tuple[dict[str, torch.Tensor], None, GrowthPlan]:
-    """The grown state (exact without masks: returns masks=None) and the plan."""
-    check_growth(old, new, layer_insert, init, moments)
-    plan = plan_growth(old, new, layer_insert, init, moments)
-    return grow_state(plan, fill, state, generator, finish), None, plan
-
-
-def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
-                 maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
-    """`keep`: old entries' moments as they were, new zero. `staged`: rescaled by the
-    gradient change the c-scaling causes (m / a, v / a^2 for an entry scaled by a)."""
-    return grow_moments_with(maps, moments, kind)
+# `keep`: old entries' moments as they were, new zero. `staged`: rescaled by the gradient
+# change the c-scaling causes (m / a, v / a^2 for an entry scaled by a).
+grow, grow_moments = unmasked_operator(check_growth, plan_growth, fill, finish)

@@ -35,3 +35,13 @@ def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Exactness tests on one thread: reductions then do not depend on the machine's cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

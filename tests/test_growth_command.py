@@ -21,12 +21,7 @@ TARGETS = {  # operator -> (shape args, options)
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_ckpt(path, spec, state, moments):

@@ -23,12 +23,7 @@ CASES = [  # (heads, kv_heads, tied, rope_theta)
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_model(heads, kv_heads, tied, theta, seed=0):
