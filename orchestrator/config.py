@@ -54,6 +54,7 @@ class GrowthConfig:
     ramp_steps: Optional[int] = None  # steps for the masks to go 0 -> 1 (msg only)
     layer_insert: Optional[str] = None  # append | interleave | "i,j": positions of the new blocks
     tolerance: Optional[float] = None  # max |val_after - val_before| for preserving operators
+    tolerance_bf16: Optional[float] = None  # the same where the check itself runs in bf16 (deepspeed bf16)
     init: Optional[str] = None  # new weights: random | copy (msg); null: the operator's own
     moments: Optional[str] = None  # Adam moments: keep | staged; null: the operator's default
 

@@ -48,10 +48,18 @@ def next_stage(cfg: RunConfig) -> int | None:
 
 def drive(cfg: RunConfig) -> int:
     """Run the schedule stage by stage, one torchrun per stage; returns an exit status."""
+    import torch
+
     from .data import prepare_data
+    from .engines.device import pick_device
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        device = pick_device(cfg.engine.device)
+    except RuntimeError as e:
+        print(f"grow: config error: {e}", file=sys.stderr, flush=True)
+        return 2
     prepare_data(cfg.data)  # tokenize once here, not racing in every rank
     names = [s.name for s in cfg.schedule.stages]
     while True:
@@ -67,11 +75,15 @@ def drive(cfg: RunConfig) -> int:
         path = run_dir / f".launch-{index}.json"
         path.write_text(json.dumps(dataclasses.asdict(job)))
         world = stage_world(cfg, names.index(only))
-        print(f"launching stage {only} on {world} ranks", flush=True)
+        if device.type == "cuda" and world > torch.cuda.device_count():
+            print(f"grow: config error: stage {only} needs {world} ranks, one GPU each; this machine has "
+                  f"{torch.cuda.device_count()} (engine.device=cpu runs the ranks on the CPU)",
+                  file=sys.stderr, flush=True)
+            return 2
+        print(f"launching stage {only} on {world} ranks ({device.type})", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.launch", str(path)]
-        env = {"DS_ACCELERATOR": "cpu" if cfg.engine.device != "cuda" else "cuda", "PYTHONUNBUFFERED": "1",
-               **os.environ}
+        env = {"DS_ACCELERATOR": device.type, "PYTHONUNBUFFERED": "1", **os.environ}
         code = subprocess.run(cmd, env=env).returncode
         if code != 0:
             print(f"grow: stage {only} failed: a rank exited with status {code} (see its error above); "
@@ -93,7 +105,7 @@ def _rank_main(config_path: str) -> int:
     from .validate import ConfigError, load_config
 
     cfg = load_config(json.loads(Path(config_path).read_text()))
-    init_distributed(cfg.engine.timeout_s, "nccl" if cfg.engine.device == "cuda" else "gloo")
+    init_distributed(cfg.engine.timeout_s, cfg.engine.device)
     try:
         run_schedule(cfg)
     except (ConfigError, DataError) as e:

@@ -31,7 +31,8 @@ class Norm(nn.Module):
             if self.kind == "rmsnorm":
                 return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        count = mask.sum()
+        dtype, x, mask = x.dtype, x.float(), mask.float()  # statistics in fp32, as F.rms_norm's
+        count = mask.sum()  # exact in fp32 (a bf16 sum of 3000 ones is not 3000)
         if self.kind == "layernorm":
             mean = (x * mask).sum(-1, keepdim=True) / count
             x = x - mean
@@ -39,7 +40,7 @@ class Norm(nn.Module):
         y = x * torch.rsqrt(var + self.eps) * self.weight
         if self.bias is not None:
             y = y + self.bias
-        return y * mask
+        return (y * mask).to(dtype)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:

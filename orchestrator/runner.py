@@ -199,13 +199,15 @@ def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpe
     failpoint("growth.done")
     ctx.console.print(f"[bold]grow[/] {source} -> {stage.name} with {growth.operator}: "
                       f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
-    if op.PRESERVES_FUNCTION and abs(after - before) > growth.tolerance:
+    # the local engine checks in fp32 even when it trains in bf16; deepspeed bf16 cannot
+    tolerance = growth.tolerance if engine.check_dtype == "fp32" else growth.tolerance_bf16
+    if op.PRESERVES_FUNCTION and abs(after - before) > tolerance:
         raise GrowthCheckError(
             f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
             f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
-            f"{growth.tolerance:g}); the operator did not preserve the function")
+            f"{tolerance:g} in {engine.check_dtype}); the operator did not preserve the function")
     return engine, {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
-                    "preserves_function": op.PRESERVES_FUNCTION}
+                    "preserves_function": op.PRESERVES_FUNCTION, "check_dtype": engine.check_dtype}
 
 
 def _fresh_start(ctx: RunContext):

@@ -261,6 +261,7 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
                           f"{growth.ramp_steps} must be below the stage's {stage_steps(stage)} steps "
                           "so the masks are gone before the next growth")
     _positive(f"{key}.growth.tolerance", growth.tolerance)
+    _positive(f"{key}.growth.tolerance_bf16", growth.tolerance_bf16)
 
 
 def _check_data(cfg: RunConfig) -> None:

@@ -1,10 +1,11 @@
 """One rank of a parallel-vs-local comparison (run under torchrun by tests/test_parallel_engine.py).
 
-Usage: parallel_worker.py OUT_DIR TP PP DP TIED [MICRO [ZERO_STAGE]]
+Usage: parallel_worker.py OUT_DIR TP PP DP TIED [MICRO [ZERO_STAGE [DTYPE]]]
 
 Trains `CASE_STEPS` steps from `case_start()` (weights, Adam moments at step 3, growth masks
 mid-ramp) with clipping active, and writes per-step losses, grad norms, the validation
-loss and this rank's exported share of the canonical state to OUT_DIR.
+loss and this rank's exported share of the canonical state to OUT_DIR (in bf16 also the
+share exported right after loading, before any step).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ def case_spec(tied: bool) -> ModelSpec:
                      tie_embeddings=tied)
 
 
-def case_config(tp=1, pp=1, dp=1, micro=None, engine="local", zero=1) -> tuple[RunConfig, StageConfig]:
+def case_config(tp=1, pp=1, dp=1, micro=None, engine="local", zero=1, dtype="fp32") -> tuple[RunConfig, StageConfig]:
     cfg = RunConfig(run_dir="/unused")
     cfg.engine.name, cfg.engine.threads, cfg.engine.timeout_s = engine, 1, 60.0
-    cfg.engine.zero_stage = zero
+    cfg.engine.zero_stage, cfg.engine.dtype = zero, dtype
     cfg.train.grad_clip = 0.5  # the gradient norms here are ~1-3: clipping is active
     stage = StageConfig(name="s", batch_size=8, seq_len=16,
                         layout=LayoutConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=micro))
@@ -52,11 +53,13 @@ def case_batches(spec: ModelSpec, n: int, seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, spec.vocab, (8, 17), generator=g) for _ in range(n)]
 
 
-def run_case(engine, spec: ModelSpec, start=None) -> dict:
+def run_case(engine, spec: ModelSpec, start=None, after_load=None) -> dict:
     state, moments, step, masks = case_start(spec)
     if start is not None:  # the same values, read lazily from a checkpoint's files
         state, moments = start
     engine.load(state, moments, step, masks)
+    if after_load is not None:
+        after_load()
     losses, norms = [], []
     for i, batch in enumerate(case_batches(spec, CASE_STEPS, 1)):
         loss, norm = engine.train_step(batch, lr=1e-2 * (1 + i))
@@ -70,10 +73,11 @@ def main() -> None:
     out, tp, pp, dp, tied = Path(sys.argv[1]), *map(int, sys.argv[2:6])
     micro = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "-" else None
     zero = int(sys.argv[7]) if len(sys.argv) > 7 else 1
+    dtype = sys.argv[8] if len(sys.argv) > 8 else "fp32"
     from orchestrator.engines.deepspeed_engine import DeepSpeedEngine
 
     spec = case_spec(bool(tied))
-    cfg, stage = case_config(tp, pp, dp, micro, engine="deepspeed", zero=zero)
+    cfg, stage = case_config(tp, pp, dp, micro, engine="deepspeed", zero=zero, dtype=dtype)
     engine = DeepSpeedEngine(cfg, stage, spec)
     # load through checkpoint.LazyTensors, recording which tensors are read whole
     from safetensors.torch import save_file
@@ -92,12 +96,17 @@ def main() -> None:
     save_file(state, files[0])
     save_file({f"{k}.{n}": t for k in MOMENTS for n, t in moments[k].items()}, files[1])
     start = (Spy([files[0]]), {k: Spy([files[1]], f"{k}.") for k in MOMENTS})
-    result = run_case(engine, spec, start)
-    result["full_reads"] = sorted(set(full_reads))
-    state, moments, step = engine.export()
     rank = engine.rank
-    save_file(state, out / f"state-{rank}.safetensors")
-    save_file({f"{k}.{n}": t for k, d in moments.items() for n, t in d.items()}, out / f"moments-{rank}.safetensors")
+
+    def save(prefix: str) -> int:
+        state, moments, step = engine.export()
+        save_file(state, out / f"{prefix}state-{rank}.safetensors")
+        save_file({f"{k}.{n}": t for k, d in moments.items() for n, t in d.items()},
+                  out / f"{prefix}moments-{rank}.safetensors")
+        return step
+    result = run_case(engine, spec, start, after_load=(lambda: save("loaded-")) if dtype == "bf16" else None)
+    result["full_reads"] = sorted(set(full_reads))
+    step = save("")
     (out / f"result-{rank}.json").write_text(json.dumps({**result, "step": step}))
 
 

@@ -70,18 +70,56 @@ def test_training_matches_local_engine(tmp_path, tp, pp, dp, tied, zero):
     print(f"world {tp * pp * dp}: worst relative loss difference {worst:.1e} over {len(want['losses'])} steps")
     # the shares the ranks export together are the local engine's canonical state
     state, moments, _ = local.export()
-    shared, shared_m = {}, {}
-    for f in glob.glob(str(tmp_path / "state-*.safetensors")):
-        part = load_file(f)
-        assert not set(part) & set(shared)  # every tensor written by exactly one rank
-        shared.update(part)
-    for f in glob.glob(str(tmp_path / "moments-*.safetensors")):
-        shared_m.update(load_file(f))
+    shared, shared_m = shares(tmp_path, "")
+    written = sum(len(load_file(f)) for f in glob.glob(str(tmp_path / "state-*.safetensors")))
+    assert written == len(shared)  # every tensor written by exactly one rank
     assert set(shared) == set(state)
     for k, v in state.items():
         torch.testing.assert_close(shared[k], v, rtol=1e-4, atol=2e-6)
         for kind in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(shared_m[f"{kind}.{k}"], moments[kind][k], rtol=1e-4, atol=1e-8)
+
+
+def shares(out: Path, prefix: str) -> tuple[dict, dict]:
+    """The canonical state and moments all ranks exported together."""
+    state, moments = {}, {}
+    for f in glob.glob(str(out / f"{prefix}state-*.safetensors")):
+        state.update(load_file(f))
+    for f in glob.glob(str(out / f"{prefix}moments-*.safetensors")):
+        moments.update(load_file(f))
+    return state, moments
+
+
+@pytest.mark.slow
+def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
+    """bf16 (the GPU path's dtype; DeepSpeed's BF16 optimizer, here on gloo) with a pipeline
+    and ZeRO-1 over DP: the optimizer's fp32 masters and moments take the canonical state
+    bit for bit, per-step losses stay within bf16 rounding of the fp32 local engine, and
+    the exported state is the fp32 masters, not the bf16 copies."""
+    from orchestrator.engines.local import LocalEngine
+    from parallel_worker import case_start
+
+    proc = torchrun(4, str(tmp_path), "1", "2", "2", "0", "2", "1", "bf16")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    spec = case_spec(False)
+    start_state, start_moments, _, _ = case_start(spec)
+    loaded, loaded_m = shares(tmp_path, "loaded-")
+    assert set(loaded) == set(start_state)
+    for k, v in start_state.items():
+        assert torch.equal(loaded[k], v), k
+        for kind in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded_m[f"{kind}.{k}"], start_moments[kind][k]), (kind, k)
+    cfg, stage = case_config()
+    want = run_case(LocalEngine(cfg, stage, spec), spec)
+    got = json.loads((tmp_path / "result-0.json").read_text())
+    worst = max(abs(a - b) / b for a, b in zip(got["losses"], want["losses"], strict=True))
+    print(f"bf16 vs fp32: worst relative loss difference {worst:.1e}")
+    assert worst < 1e-3 and abs(got["val_loss"] - want["val_loss"]) < 1e-2 * want["val_loss"]
+    assert got["losses"] != want["losses"]  # it really ran in bf16
+    final, _ = shares(tmp_path, "")
+    matrices = [k for k, v in final.items() if v.ndim == 2]
+    assert all(final[k].dtype == torch.float32 for k in final)
+    assert all((final[k].bfloat16().float() != final[k]).any() for k in matrices)  # fp32 precision kept
 
 
 @pytest.mark.parametrize("override,message", [
@@ -100,6 +138,15 @@ def test_impossible_layouts_refused_before_any_process(tmp_path, data_cache, ove
     assert message in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert time.time() - start < 60
+
+
+def test_gpu_engine_without_a_visible_gpu_is_refused_before_any_process(tmp_path, data_cache, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever the machine has
+    proc = run_grow(tmp_path, "engine=deepspeed_gpu", f"hydra.run.dir={tmp_path / 'run'}", cache=data_cache,
+                    check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "engine.device=cuda but no CUDA device is visible" in proc.stderr
+    assert "launching" not in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()
 
 
 SMALL = ["tracking.enabled=false", "growth.ramp_steps=8", *[f"schedule.stages.{i}.{k}" for i in range(3) for k in
@@ -138,13 +185,19 @@ def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
     assert "stage small failed" in out and ("Signal 9" in out or "SIGKILL" in out), out[-3000:]
 
 
+@pytest.fixture(scope="module")
+def local_default_run(tmp_path_factory, data_cache) -> dict:
+    """The summary of SMALL's three-stage schedule on the local engine (fp32)."""
+    cwd = tmp_path_factory.mktemp("local")
+    run_grow(cwd, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    return read_summary(cwd / "local")
+
+
 @pytest.mark.slow
-def test_three_stage_schedule_across_layouts_matches_local(tmp_path, data_cache):
-    local = run_grow(tmp_path, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
-    del local
+def test_three_stage_schedule_across_layouts_matches_local(tmp_path, data_cache, local_default_run):
     run_grow(tmp_path, *SMALL, "engine=deepspeed", *LAYOUTS, "hydra.run.dir=ds", cache=data_cache,
              schedule="default", timeout=900)
-    want, got = read_summary(tmp_path / "local"), read_summary(tmp_path / "ds")
+    want, got = local_default_run, read_summary(tmp_path / "ds")
     assert got["status"] == "complete"
     for w, g in zip(want["stages"], got["stages"], strict=True):
         assert abs(g["val_loss"] - w["val_loss"]) <= 1e-5 * w["val_loss"], (w, g)
@@ -152,6 +205,28 @@ def test_three_stage_schedule_across_layouts_matches_local(tmp_path, data_cache)
             assert abs(g["growth"]["val_loss_after"] - g["growth"]["val_loss_before"]) <= 1e-5
     assert [s["layout"] for s in got["stages"]] == [{"tp": 1, "pp": 1, "dp": 2}, {"tp": 2, "pp": 1, "dp": 2},
                                                     {"tp": 2, "pp": 2, "dp": 2}]
+
+
+@pytest.mark.slow
+def test_three_stage_schedule_in_bf16_checks_growth_and_writes_fp32(tmp_path, data_cache, local_default_run):
+    """The GPU path's dtype end to end (on gloo here): bf16 stages on three layouts, growth
+    checked in bf16, fp32 masters in every checkpoint, losses near the fp32 run's."""
+    layouts = ["schedule.stages.0.layout.dp=2", "schedule.stages.1.layout.tp=2", "schedule.stages.2.layout.pp=2"]
+    run_grow(tmp_path, *SMALL, "engine=deepspeed", "engine.dtype=bf16", *layouts, "hydra.run.dir=ds",
+             cache=data_cache, schedule="default", timeout=900)
+    got = read_summary(tmp_path / "ds")
+    assert got["status"] == "complete"
+    for w, g in zip(local_default_run["stages"], got["stages"], strict=True):
+        assert abs(g["val_loss"] - w["val_loss"]) <= 2e-2 * w["val_loss"], (w, g)
+        if g["growth"]:
+            assert g["growth"]["check_dtype"] == "bf16"
+            assert abs(g["growth"]["val_loss_after"] - g["growth"]["val_loss_before"]) <= 5e-3
+    final = sorted((tmp_path / "ds" / "checkpoints").glob("2-*/step_*"))[-1]
+    weights = {}
+    for f in final.glob("model*.safetensors"):
+        weights.update(load_file(f))
+    assert weights and all(t.dtype == torch.float32 for t in weights.values())
+    assert any((t.bfloat16().float() != t).any() for t in weights.values() if t.ndim == 2)  # masters, not bf16
 
 
 def test_lazy_checkpoint_reads_slices(tmp_path):

@@ -106,15 +106,18 @@ def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cach
     assert len({s["mlflow_run_id"] for s in chained["stages"]}) == 3
 
 
-def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache):
+def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache, monkeypatch):
     """s1 needs more than its 2-minute limit: USR1 arrives ~60 s before it (Slurm may send it
     up to a minute early), the stage checkpoints, the job requeues itself and resumes. Once
-    it has requeued, the test raises the limit so the rest finishes in one more attempt
-    (on busy cores a 2-minute attempt may be mostly start-up)."""
+    it has requeued, the test raises the limit so the rest finishes in one more attempt.
+    Each step sleeps 0.75 s (a failpoint, as a slow node would), so s1 outlasts its limit on
+    a machine of any speed."""
     run_dir = tmp_path / "run"
-    tokens = 1_280_000  # 2500 steps of 8 x 64: over a minute of work on 2 busy cores
+    steps = 240  # >= 180 s of sleeping alone
+    tokens = steps * 512  # steps of 8 x 64
+    monkeypatch.setenv("GROW_FAILPOINTS", "step.done=sleep:0.75")  # sbatch --export=ALL carries it
     ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={tokens}", "submit.time=2",
-                 "submit.signal_delay_s=60", "train.eval_every_steps=500", "checkpoint.every_steps=500")
+                 "submit.signal_delay_s=60", "train.eval_every_steps=100", "checkpoint.every_steps=100")
 
     def requeued():
         state = json.loads(stage_state_file(run_dir, "s1").read_text()) if stage_state_file(run_dir, "s1").exists() else {}
@@ -133,7 +136,7 @@ def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, d
     assert summary["stages"][0]["tokens"] == tokens
     assert summary["totals"]["tokens"] == tokens + 2 * 16384
     assert summary["stages"][0]["restarts"] == len(outcomes) - 1 and summary["stages"][0]["lost_s"] > 0
-    assert summary["stages"][0]["steps"] == tokens // 512
+    assert summary["stages"][0]["steps"] == steps
     log = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("*0-s1-*"))
     assert "USR1" in log and "stopped by SIGUSR1" in log and "requeueing job" in log
     st = status(tmp_path, run_dir)
@@ -142,7 +145,7 @@ def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, d
     from mlflow.tracking import MlflowClient
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     history = client.get_metric_history(summary["stages"][0]["mlflow_run_id"], "train/loss")
-    assert sorted(m.step for m in history) == list(range(1, tokens // 512 + 1))
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
 
 
 def test_cancelling_stage_one_leaves_later_stages_not_running(slurm, tmp_path, data_cache):

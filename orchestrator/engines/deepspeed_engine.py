@@ -1,5 +1,7 @@
 """The `deepspeed` engine: Megatron-core tensor parallelism, a DeepSpeed pipeline and ZeRO-1
-data parallelism over one model definition (`parallel_model`), fp32 on CPU with gloo; with
+data parallelism over one model definition (`parallel_model`): one GPU per rank with NCCL,
+or the CPU with gloo; fp32, or bf16 with fp32 master weights and moments in the optimizer
+(what the canonical checkpoint holds, so a bf16 stage hands on exact fp32 state). With
 `engine.zero_stage=2` (pp=1 only) the same layers run as one module in DeepSpeed's plain
 engine with Megatron's parallel state as its `mpu`.
 
@@ -25,22 +27,28 @@ from growth_ops.spec import ModelSpec
 from ..checkpoint import MOMENTS
 from ..config import RunConfig, StageConfig
 from ..data import rank_slice
+from .device import backend_for, pick_device
 from .parallel_model import (FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
                              vocab_parallel_loss)
 
 
-def init_distributed(timeout_s: float, backend: str = "gloo") -> None:
-    """Join the process group torchrun/srun described in the environment (once)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
-    if dist.is_initialized():
-        return
+def init_distributed(timeout_s: float, device: str = "cpu") -> torch.device:
+    """Join the process group torchrun/srun described in the environment (once); returns
+    this rank's device (`engine.device`: auto|cpu|cuda; CUDA: GPU LOCAL_RANK and NCCL)."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun, no torchrun
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    dev = pick_device(device)
+    os.environ.setdefault("DS_ACCELERATOR", dev.type)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before any NCCL group exists
+    if dist.is_initialized():
+        return dev
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+    deepspeed.init_distributed(dist_backend=backend_for(dev), timeout=timedelta(seconds=timeout_s),
                                verbose=False)
+    return dev
 
 
 class DeepSpeedEngine:
@@ -53,9 +61,10 @@ class DeepSpeedEngine:
         self.cfg, self.spec = cfg, spec
         self.tp, self.pp, self.dp = lay.tp, lay.pp, lay.dp
         self.devices = self.tp * self.pp * self.dp
-        if cfg.engine.dtype != "fp32":
-            raise ValueError("engine=deepspeed runs fp32 on CPU/gloo here; bf16 needs CUDA/NCCL")
-        init_distributed(cfg.engine.timeout_s)
+        self.bf16 = cfg.engine.dtype == "bf16"
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.check_dtype = cfg.engine.dtype  # evaluate(exact=True) runs in the weights' dtype
+        self.device = init_distributed(cfg.engine.timeout_s, cfg.engine.device)
         import deepspeed
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -95,6 +104,7 @@ class DeepSpeedEngine:
             "gradient_accumulation_steps": self.gas,
             "gradient_clipping": cfg.train.grad_clip,
             "zero_optimization": {"stage": cfg.engine.zero_stage},
+            "bf16": {"enabled": self.bf16},
             "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False, "dump_state": False,
         }
@@ -158,6 +168,12 @@ class DeepSpeedEngine:
                                                mpu=None if self.pipelined else MegatronMpu())
         if self.pipelined:
             self._check_grid()
+        if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, t in self._slices():
+                if hasattr(t, "_hp_mapping"):
+                    safe_set_full_fp32_param(t, self._local(state, name).to(self.device, torch.float32))
         if step and moments:
             self._set_moments(moments, step)
         self.masks = masks
@@ -171,25 +187,29 @@ class DeepSpeedEngine:
                                f"Megatron's {(self.tp_rank, self.dp_rank, self.pp_rank)}")
 
     def _zero(self):
+        """DeepSpeed's partitioned optimizer, its flat fp32 partitions and its parameter groups:
+        ZeRO 1/2 (`DeepSpeedZeroOptimizer`), or bf16 with ZeRO 1 (`BF16_Optimizer`)."""
         zopt = self.engine.optimizer
-        if not hasattr(zopt, "single_partition_of_fp32_groups"):
-            raise RuntimeError("canonical moments need ZeRO stage 1 or 2 (engine.zero_stage)")
-        return zopt
+        for flat, groups in (("single_partition_of_fp32_groups", "bit16_groups"),
+                             ("fp32_groups_flat_partition", "bf16_groups")):
+            if hasattr(zopt, flat):
+                return zopt, getattr(zopt, flat), getattr(zopt, groups)
+        raise RuntimeError("canonical moments need ZeRO stage 1 or 2 (engine.zero_stage)")
 
     def _set_moments(self, moments: dict, step: int) -> None:
         """Write this rank's ZeRO partition of the Adam moments of its TP slices."""
-        zopt = self._zero()
+        zopt, flat_groups, param_groups = self._zero()
         names = {id(t): name for name, t in self._slices()}
-        for i, hp in enumerate(zopt.single_partition_of_fp32_groups):
+        for i, hp in enumerate(flat_groups):
             st = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(hp),
                   "exp_avg_sq": torch.zeros_like(hp)}
-            for lp in zopt.bit16_groups[i]:
+            for lp in param_groups[i]:
                 m = getattr(lp, "_hp_mapping", None)
                 if m is None:
                     continue
                 name = names[id(lp)]
                 for key in MOMENTS:
-                    flat = self._local(moments[key], name).reshape(-1).to(hp.dtype)
+                    flat = self._local(moments[key], name).reshape(-1).to(hp.device, hp.dtype)
                     st[key].narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel).copy_(
                         flat.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel))
             zopt.optimizer.state[hp] = st
@@ -198,9 +218,9 @@ class DeepSpeedEngine:
 
     def export(self) -> tuple[dict, dict, int]:
         """This rank's share of the canonical state, as full tensors (see module doc)."""
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        zopt = self._zero()
+        zopt = self._zero()[0]
         has_state = bool(zopt.optimizer.state)
         if has_state:  # (re)link the moments' fragments: DeepSpeed may have linked before they existed
             zopt._hp_optimizer_states_linked = False
@@ -210,7 +230,8 @@ class DeepSpeedEngine:
         owned = [(n, t) for n, t in self._slices() if self._owns(n)]
         for j, (name, t) in enumerate(owned):
             writer = self.dp_rank == 0 and j % self.tp == self.tp_rank
-            full = self._gather_tp(t.detach(), name)
+            master = safe_get_full_fp32_param(t) if self.bf16 and hasattr(t, "_hp_mapping") else None
+            full = self._gather_tp((t.detach() if master is None else master).float(), name)
             if writer:
                 state[name] = full.cpu().clone()
             if has_state and isinstance(t, torch.nn.Parameter):
@@ -246,7 +267,7 @@ class DeepSpeedEngine:
         def vector(size: int, new: list[int]) -> torch.Tensor | None:
             if not new:
                 return None
-            v = torch.ones(size)
+            v = torch.ones(size, device=self.device, dtype=self.dtype)  # bf16 x bf16 stays bf16
             v[new] = masks.value
             return v
 
@@ -254,7 +275,7 @@ class DeepSpeedEngine:
         heads, ffn = vector(spec.heads, masks.heads_new), vector(spec.ffn, masks.ffn_new)
         heads = None if heads is None else heads.chunk(self.tp)[self.tp_rank]
         ffn = None if ffn is None else ffn.chunk(self.tp)[self.tp_rank]
-        layer = torch.tensor(masks.value)
+        layer = torch.tensor(masks.value, device=self.device, dtype=self.dtype)
         for b in blocks:
             b.block.masks = (None, None, layer) if b.index in masks.layers_new else (heads, ffn, None)
 
@@ -271,7 +292,7 @@ class DeepSpeedEngine:
     def _micro_batches(self, batch: torch.Tensor):
         local = rank_slice(batch, self.dp_rank, self.dp)
         chunks = local.split(self.micro)
-        return len(chunks), iter([(c[:, :-1].contiguous(), c[:, 1:].contiguous()) for c in chunks])
+        return len(chunks), iter([(c[:, :-1].contiguous().to(self.device), c[:, 1:].contiguous().to(self.device)) for c in chunks])
 
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
         self._apply_masks()

@@ -10,18 +10,12 @@ from growth_ops.spec import ModelSpec
 
 from ..config import RunConfig, StageConfig
 from ..model import DecoderLM
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but no CUDA device is visible")
-    return torch.device(name)
+from .device import pick_device
 
 
 class LocalEngine:
     devices = 1  # devices billed per step
+    check_dtype = "fp32"  # evaluate(exact=True) runs without autocast
 
     def __init__(self, cfg: RunConfig, stage: StageConfig, spec: ModelSpec):
         if cfg.engine.threads:

@@ -65,3 +65,25 @@ def test_kill_at_random_moments_then_resume(tmp_path, data_cache, reference):
         assert_same_as_reference(run_dir, reference)
     print(f"random kills survived: {kills} over {trials} trials")
     assert kills >= 12
+
+
+def test_failpoint_actions_raise_sleep_and_refuse_unknown(monkeypatch):
+    from orchestrator import faults
+
+    def arm(spec):
+        monkeypatch.setenv("GROW_FAILPOINTS", spec)
+        monkeypatch.setattr(faults, "_armed", None)
+        monkeypatch.setattr(faults, "_hits", {})
+    arm("a@2=raise")
+    faults.failpoint("a")  # 1st hit passes
+    with pytest.raises(faults.InjectedFault, match="hit 2"):
+        faults.failpoint("a")
+    arm("b@2=sleep:0.2")
+    slept = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    for _ in range(4):
+        faults.failpoint("b")
+    assert slept == [0.2, 0.2, 0.2]  # every hit from the 2nd on
+    arm("c=explode")
+    with pytest.raises(ValueError, match="unknown action 'explode'"):
+        faults.failpoint("c")
