@@ -10,7 +10,8 @@ ratio of median tokens/s (ours / HF; >= 1.0 means we are not slower).
 
     python bench/throughput.py                              # 3 CPU sizes, ~5-10 min on 2 busy cores
     python bench/throughput.py --sizes 2x128,4x256 --reps 7 --steps 4
-    python bench/throughput.py --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # GPU (+ MFU)
+    python bench/throughput.py --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # ~1B on a GPU (+ MFU
+                                                    # over the measured matmul peak)
 
 A size is LAYERSxHIDDEN (ffn = 8/3 hidden rounded up to 16, head_dim 32 below hidden 512,
 else 64), or LAYERSxHIDDENxFFNxHEADS. Writes bench/results/throughput.json.
@@ -84,6 +85,20 @@ class HFRunner:
         return loss.item(), norm.item()
 
 
+def measured_peak_tflops(device: str, bf16: bool, n: int = 8192, iters: int = 50) -> float:
+    """The device's matmul peak as this bench sees it: TFLOP/s of n x n x n matmuls."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, y = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        x @ y
+    sync(torch.device(device))
+    t = time.perf_counter()
+    for _ in range(iters):
+        x @ y
+    sync(torch.device(device))
+    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e12
+
+
 def measure(size: str, a) -> dict:
     from orchestrator.data import new_cursor, next_global_batch
     from orchestrator.engines.local import LocalEngine
@@ -130,6 +145,7 @@ def measure(size: str, a) -> dict:
            "first_losses_ours_hf": check, "max_first_loss_diff": max(abs(x - y) for x, y in check) if check else None,
            "achieved_tflops_ours": fpt * tps["ours"] / 1e12, "achieved_tflops_hf": fpt * tps["hf"] / 1e12}
     if a.peak_tflops:
+        out["peak_tflops"] = a.peak_tflops
         out["mfu_ours"] = out["achieved_tflops_ours"] / a.peak_tflops
         out["mfu_hf"] = out["achieved_tflops_hf"] / a.peak_tflops
     del ours, hf
@@ -148,12 +164,16 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation (ours uses SDPA)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak, for MFU (e.g. 989 on H100 bf16)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak for MFU; 0: measured with large matmuls on a GPU, none on the CPU")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    if not a.peak_tflops and a.device.startswith("cuda"):
+        a.peak_tflops = measured_peak_tflops(a.device, a.bf16)
+        console.print(f"measured matmul peak: {a.peak_tflops:.0f} TFLOP/s")
     results = {}
     for size in a.sizes.split(","):
         console.print(f"size {size}: measuring ...")
@@ -161,11 +181,12 @@ def main(argv=None) -> int:
         r = results[size]
         console.print(f"  ours {r['ours_tokens_per_s']:,.0f} tok/s  hf {r['hf_tokens_per_s']:,.0f} tok/s  "
                       f"ratio {r['ratio']:.3f}  (first-step loss diff {r['max_first_loss_diff']:.2e})")
-    rows = [[s, r["params"], r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ratio"], r["max_first_loss_diff"]]
-            for s, r in results.items()]
+    rows = [[s, r["params"], r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ratio"], r["max_first_loss_diff"],
+             r.get("mfu_ours"), r.get("mfu_hf")] for s, r in results.items()]
     table(f"training tokens/s, ours vs transformers LlamaForCausalLM (batch {a.batch} x seq {a.seq}, "
           f"{a.device}{' bf16' if a.bf16 else ' fp32'})",
-          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "first-loss diff"], rows)
+          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "first-loss diff", "MFU ours", "MFU HF"],
+          rows)
     write_json("throughput.json", {"args": vars(a), "machine": machine(), "sizes": results}, a.out)
     return 0
 

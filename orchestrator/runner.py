@@ -151,25 +151,33 @@ def _flat_params(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path):
-    """Start stage `index` from the previous stage's final checkpoint."""
+def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path, handoff: dict | None = None):
+    """Start stage `index` from the previous stage's final checkpoint, or, when this process
+    just wrote it, from `handoff`: {"written": what it wrote, "engine": the finished engine}
+    (taken out of the dict, so the old engine is freed once it has served the check)."""
     stage = ctx.cfg.schedule.stages[index]
-    state, moments, meta = _read_for_engine(ctx.cfg, prev_ckpt)  # growth below reads it all
+    old_engine = None
+    if handoff is not None:
+        (state, moments, meta), old_engine = handoff.pop("written"), handoff.pop("engine")
+    else:
+        state, moments, meta = _read_for_engine(ctx.cfg, prev_ckpt)  # growth below reads it all
     ctx.ledger = Ledger.from_dict(meta["ledger"])
     progress = StageProgress(index=index, step=0, global_step_start=meta["global_step"],
                              lr_peak=stage.lr.peak if stage.lr.peak is not None else meta["lr"],
                              cursor=meta["data_cursor"], growth=None,
                              completed=meta["completed_stages"])
+    del handoff
     engine, progress.growth = _start_stage(ctx, index, state, moments, ModelSpec.from_dict(meta["spec"]),
-                                           meta["optimizer_step"], meta["stage_name"])
+                                           meta["optimizer_step"], meta["stage_name"], old_engine)
     return engine, progress
 
 
 def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpec, opt_step: int,
-                 source: str):
+                 source: str, old_engine=None):
     """The engine for stage `index`, from a model state of shape `old_spec` (and its Adam
     moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine
-    and the growth record; a preserving operator must keep the validation loss."""
+    and the growth record; a preserving operator must keep the validation loss, measured
+    before growth by `old_engine` if given (it holds `state`, masks done) or by a new one."""
     cfg, stage, new_spec = ctx.cfg, ctx.cfg.schedule.stages[index], ctx.specs[index]
     if old_spec == new_spec:
         engine = make_engine(cfg, stage, new_spec)
@@ -178,8 +186,9 @@ def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpe
     growth = effective_growth(cfg, stage)
     op = get_operator(growth.operator)
     batches = ctx.val_batches(stage)
-    old_engine = make_engine(cfg, stage, old_spec)
-    old_engine.load(state, None, 0, None)
+    if old_engine is None:
+        old_engine = make_engine(cfg, stage, old_spec)
+        old_engine.load(state, None, 0, None)
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
     # growth maps whole tensors: every rank of the new layout grows the full state
@@ -377,7 +386,11 @@ def _run(ctx: RunContext) -> dict:
                 return _finish(ctx, progress.completed, "complete")
             if index == only:  # one stage per job: growth into the next happens in its own job
                 return _finish(ctx, progress.completed, f"stopped: run.only_stage={stages[index].name} done")
-            engine, progress = _grow_into(ctx, index + 1, final)
+            handoff = None
+            if loop.written is not None:  # this process wrote `final` whole
+                handoff = {"written": loop.written, "engine": engine}
+            engine = loop = None  # the handoff holds the only references now
+            engine, progress = _grow_into(ctx, index + 1, final, handoff)
             _save_growth_checkpoint(ctx, engine, progress)
 
 

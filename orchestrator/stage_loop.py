@@ -1,6 +1,8 @@
 """The training loop of one stage: steps, evaluation, budget, checkpoints, metrics."""
 from __future__ import annotations
 
+import json
+
 import base64
 import signal
 import time
@@ -79,6 +81,7 @@ class StageProgress:
 class StageLoop:
     def __init__(self, ctx, stage, spec, engine, progress: StageProgress):
         self.ctx, self.stage, self.spec, self.engine, self.p = ctx, stage, spec, engine, progress
+        self.written: tuple | None = None  # see checkpoint()
         self.steps = stage_steps(stage)
         self.step_tokens = stage.batch_size * stage.seq_len
         self.step_flops = flops_per_token(spec, stage.seq_len) * self.step_tokens
@@ -107,12 +110,17 @@ class StageLoop:
                 "val_loss": p.val_loss, "completed_stages": p.completed, "saved_at": time.time()}
 
     def checkpoint(self, complete: bool = False):
+        """Write a checkpoint of the current step. A single-writer engine's stage-final
+        state stays in `self.written` (state, moments, meta), so the next stage can grow from
+        it without reading back the files just written."""
         state, moments, opt_step = self.engine.export()
         meta = {**self.meta(complete), "optimizer_step": opt_step}
         path = checkpoint_dir(self.ctx.run_dir, self.p.index, self.stage.name, self.p.step)
         shard = getattr(self.engine, "checkpoint_shard", None)
         if shard is None:
             save_checkpoint(path, state, moments, meta)
+            if complete:
+                self.written = (state, moments, json.loads(json.dumps(meta)))  # as meta.json reads back
         else:  # many ranks: each writes its share of full tensors (engines/sharding.py)
             from .engines.sharding import save_sharded_checkpoint
             save_sharded_checkpoint(path, state, moments, meta, shard)

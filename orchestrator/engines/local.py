@@ -24,7 +24,9 @@ class LocalEngine:
         self.device = pick_device(cfg.engine.device)
         self.bf16 = cfg.engine.dtype == "bf16"
         self.micro = stage.layout.micro_batch_size or stage.batch_size
-        self.model = DecoderLM(spec).to(self.device)
+        with torch.device("meta"):  # no default init: load() sets every weight
+            self.model = DecoderLM(spec)
+        self.model.to_empty(device=self.device)
         t = cfg.train
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
