@@ -33,12 +33,13 @@ class MlflowServer:
 
     def __init__(self, root: Path):
         self.port, self.store = _free_port(), f"sqlite:///{root / 'server.db'}"
+        self.artifacts = root / "artifacts"  # not the server's cwd (./mlartifacts)
         self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store, "--host",
-             "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+             "127.0.0.1", "--port", str(self.port), "--workers", "1", "--artifacts-destination", str(self.artifacts)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 240  # seen taking 36-100 s under load
         while time.time() < deadline:
