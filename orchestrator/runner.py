@@ -166,7 +166,6 @@ def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path, handoff: dict | Non
                              lr_peak=stage.lr.peak if stage.lr.peak is not None else meta["lr"],
                              cursor=meta["data_cursor"], growth=None,
                              completed=meta["completed_stages"])
-    del handoff
     engine, progress.growth = _start_stage(ctx, index, state, moments, ModelSpec.from_dict(meta["spec"]),
                                            meta["optimizer_step"], meta["stage_name"], old_engine)
     return engine, progress

@@ -1,9 +1,8 @@
 """The training loop of one stage: steps, evaluation, budget, checkpoints, metrics."""
 from __future__ import annotations
 
-import json
-
 import base64
+import json
 import signal
 import time
 from dataclasses import dataclass, field

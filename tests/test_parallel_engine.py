@@ -27,7 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 from .conftest import REPO, grow_cmd, read_summary, run_grow  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_worker import case_config, case_spec, run_case  # noqa: E402
+from parallel_worker import case_config, case_spec, case_start, run_case  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": str(REPO)}
@@ -97,7 +97,6 @@ def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
     bit for bit, per-step losses stay within bf16 rounding of the fp32 local engine, and
     the exported state is the fp32 masters, not the bf16 copies."""
     from orchestrator.engines.local import LocalEngine
-    from parallel_worker import case_start
 
     proc = torchrun(4, str(tmp_path), "1", "2", "2", "0", "2", "1", "bf16")
     assert proc.returncode == 0, proc.stderr[-4000:]

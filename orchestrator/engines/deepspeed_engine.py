@@ -292,7 +292,8 @@ class DeepSpeedEngine:
     def _micro_batches(self, batch: torch.Tensor):
         local = rank_slice(batch, self.dp_rank, self.dp)
         chunks = local.split(self.micro)
-        return len(chunks), iter([(c[:, :-1].contiguous().to(self.device), c[:, 1:].contiguous().to(self.device)) for c in chunks])
+        return len(chunks), iter([(c[:, :-1].contiguous().to(self.device), c[:, 1:].contiguous().to(self.device))
+                                  for c in chunks])
 
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
         self._apply_masks()
