@@ -10,7 +10,7 @@ scratch run's (linear interpolation between evaluation points; null if never rea
 
     python bench/growth_vs_scratch.py                      # default: CPU, ~25-35 min on 2 busy cores
     python bench/growth_vs_scratch.py --size large         # a GPU (engine.device=auto), one run at a time
-    python bench/growth_vs_scratch.py --operators msg,stack --split 0.25,0.25,0.5 --growth-tokens 1.0
+    python bench/growth_vs_scratch.py --operators msg,stack --split 0.25,0.25,0.5 --growth-tokens 1.0 --decay-in each
 
 The small size runs its 5 runs at once, one torch thread each (--jobs 5 --threads 1): on 2
 cores that finishes sooner than one after another, and the scratch run, the longest, has the
@@ -20,8 +20,10 @@ Schedules (3 stages each; --split gives each stage's share of the schedule's tok
 --growth-tokens the schedule's tokens as a multiple of the scratch run's T):
   msg, zero, clone: width x2 (hidden, ffn, heads; head_dim fixed), then depth x2;
   stack (grows depth only): depth x2, then x2 again at the final width.
-Every stage re-warms to --peak-lr over --rewarm steps and decays (cosine) to --min-lr-frac x
-peak within the stage, as the scratch run does over its whole length. Runs are cached in
+Every stage warms (re-warms after a growth) to --peak-lr over --rewarm steps; by default
+(--decay-in last) the earlier stages then hold the peak and only the last stage decays
+(cosine) to --min-lr-frac x peak, as the scratch run does over its whole length; --decay-in
+each decays within every stage (a visible bump at each re-warm, and later crossings). Runs are cached in
 --work-dir by their overrides: a second call with the same settings reuses finished runs.
 Writes bench/results/growth_vs_scratch.json and growth_vs_scratch.png.
 """
@@ -53,12 +55,13 @@ SIZES = {
 }
 
 
-def stage(name: str, shape, tokens: int, a, peak: float, warmup: int, growth: dict | None) -> str:
+def stage(name: str, shape, tokens: int, a, peak: float, warmup: int, growth: dict | None,
+          decay: str = "cosine") -> str:
     layers, hidden, ffn, heads = shape
     g = "null" if growth is None else "{" + ",".join(f"{k}:{v}" for k, v in growth.items()) + "}"
     return (f"{{name:{name},shape:{{layers:{layers},hidden:{hidden},ffn:{ffn},heads:{heads},kv_heads:null}},"
             f"tokens:{tokens},batch_size:{a.batch},seq_len:{a.seq},"
-            f"lr:{{peak:{peak},warmup_steps:{warmup},min:{peak * a.min_lr_frac:.3g},decay:cosine}},growth:{g}}}")
+            f"lr:{{peak:{peak},warmup_steps:{warmup},min:{peak * a.min_lr_frac:.3g},decay:{decay}}},growth:{g}}}")
 
 
 def whole_steps(tokens: float, a) -> int:
@@ -84,8 +87,9 @@ def schedules(a) -> dict[str, list[str]]:
                   "layer_insert": "append" if op == "stack" else a.layer_insert}
         stages = []
         for i, (shape, frac) in enumerate(zip(path, split)):
+            decay = "constant" if a.decay_in == "last" and i < len(path) - 1 else "cosine"
             stages.append(stage(f"s{i + 1}", shape, whole_steps(total * frac / sum(split), a), a, a.peak_lr,
-                                a.warmup if i == 0 else a.rewarm, None if i == 0 else growth))
+                                a.warmup if i == 0 else a.rewarm, None if i == 0 else growth, decay))
         out[op] = common + [f"growth={op}", f"schedule.name=grow_{op}", "schedule.stages=[" + ",".join(stages) + "]"]
     return out
 
@@ -167,12 +171,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--operators", default="msg,zero,clone,stack")
     p.add_argument("--tokens", type=int, help="scratch run's tokens T (default per size)")
-    p.add_argument("--growth-tokens", type=float, default=1.5, help="growth schedules' tokens as a multiple of T")
+    p.add_argument("--growth-tokens", type=float, default=1.25, help="growth schedules' tokens as a multiple of T")
     p.add_argument("--split", default="0.34,0.33,0.33", help="each stage's share of a growth schedule's tokens")
     p.add_argument("--peak-lr", type=float)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, help="warmup steps of the first stage / the scratch run")
     p.add_argument("--rewarm", type=int, default=10, help="LR re-warm steps after each growth")
+    p.add_argument("--decay-in", choices=("each", "last"), default="last",
+                   help="cosine decay in every stage, or only in the last (the others hold the peak)")
     p.add_argument("--ramp", type=int, default=20, help="msg mask ramp steps")
     p.add_argument("--layer-insert", default="interleave")
     p.add_argument("--batch", type=int)
