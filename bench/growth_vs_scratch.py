@@ -8,7 +8,7 @@ evaluations, checkpoints and growths all count), and reports the FLOPs and the w
 each schedule needed to reach the scratch run's final validation loss, as fractions of the
 scratch run's (linear interpolation between evaluation points; null if never reached).
 
-    python bench/growth_vs_scratch.py                      # default: CPU, ~25-35 min on 2 busy cores
+    python bench/growth_vs_scratch.py                      # default: CPU, ~4 min on 2 idle cores, 25-35 busy
     python bench/growth_vs_scratch.py --size large         # a GPU (engine.device=auto), one run at a time
     python bench/growth_vs_scratch.py --operators msg,stack --split 0.25,0.25,0.5 --growth-tokens 1.0 --decay-in each
 
