@@ -291,7 +291,8 @@ def is_leader(cfg: RunConfig) -> bool:
 def _mark_finished(ctx: RunContext, index: int) -> None:
     if not is_leader(ctx.cfg):
         return
-    from .slurm.paths import finished_flag, write_json_atomic
+    from .atomic import write_json_atomic
+    from .slurm.paths import finished_flag
     flag = finished_flag(ctx.run_dir, index, ctx.cfg.schedule.stages[index].name)
     flag.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(flag, {"finished_at": time.time(), "job_id": os.environ.get("SLURM_JOB_ID")})

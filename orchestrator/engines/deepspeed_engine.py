@@ -154,9 +154,10 @@ class DeepSpeedEngine:
 
         if self.engine is not None:
             raise RuntimeError("a DeepSpeedEngine loads its state once")
+        slices = [(t, self._local(state, name)) for name, t in self._slices()]  # read each slice once
         with torch.no_grad():
-            for name, t in self._slices():
-                t.copy_(self._local(state, name))
+            for param, local in slices:
+                param.copy_(local)
         t = self.cfg.train
         params = [p for p in self.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -171,9 +172,9 @@ class DeepSpeedEngine:
         if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly
             from deepspeed.utils import safe_set_full_fp32_param
 
-            for name, t in self._slices():
-                if hasattr(t, "_hp_mapping"):
-                    safe_set_full_fp32_param(t, self._local(state, name).to(self.device, torch.float32))
+            for param, local in slices:  # the same Parameter objects, now bf16 views
+                if hasattr(param, "_hp_mapping"):
+                    safe_set_full_fp32_param(param, local.to(self.device, torch.float32))
         if step and moments:
             self._set_moments(moments, step)
         self.masks = masks

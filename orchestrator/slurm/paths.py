@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_json_atomic  # noqa: F401  (re-exported for job-side helpers)
-
 
 def slurm_dir(run_dir) -> Path:
     return Path(run_dir) / "slurm"

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import finished_flag, jobs_file, read_json, slurm_dir, write_json_atomic
+from ..atomic import write_json_atomic
+from .paths import finished_flag, jobs_file, read_json, slurm_dir
 from .queue import query_jobs
 
 EXIT_CONFIG = 2
