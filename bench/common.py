@@ -96,8 +96,8 @@ def one_stage_config(shape, batch: int, seq: int, steps: int = 1000, extra: list
     """A validated RunConfig with one stage of `shape` (tracking off unless `extra` says so),
     its ModelSpec, and the prepared embedded data."""
     from orchestrator.data import prepare_data
-    from orchestrator.plan_command import compose_config
-    from orchestrator.validate import stage_spec
+    from orchestrator.commands.plan import compose_config
+    from orchestrator.schedule import stage_spec
     stage = stage_literal("s", shape, steps * batch * seq, batch, seq, 1e-3, 10, 1e-4)
     cfg = compose_config(["tracking=off", "schedule.name=bench", f"schedule.stages=[{stage}]", *(extra or [])])
     data = prepare_data(cfg.data)

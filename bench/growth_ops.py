@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 
 from growth_ops import ModelSpec, count_parameters  # noqa: E402
 from growth_ops.spec import axis_size, parameter_axes  # noqa: E402
-from orchestrator.grow_command import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
+from orchestrator.offline.expand import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
 
 CHUNK = 1 << 24
 # Runs the CLI in-process and reports the process's own peak RSS.
-MEASURED = ("import resource, sys; import orchestrator.grow_command; from orchestrator.cli import main; "
+MEASURED = ("import resource, sys; import orchestrator.offline.expand; from orchestrator.cli import main; "
             "rc = main(sys.argv[1:]); "
             "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
 

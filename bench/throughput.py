@@ -48,7 +48,7 @@ class HFRunner:
     def __init__(self, spec, engine, seq: int, attn: str):
         from transformers import LlamaForCausalLM
 
-        from orchestrator.hf_interop import hf_config, hf_name
+        from orchestrator.offline.hf import hf_config, hf_name
         cfg = hf_config(spec, max_positions=max(seq, 128))
         cfg._attn_implementation = attn
         self.device, self.bf16 = engine.device, engine.bf16

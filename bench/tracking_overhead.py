@@ -49,12 +49,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     from rich.console import Console
 
-    from orchestrator import budget_watch
+    from orchestrator.budget import control as budget_watch
     from orchestrator.data import new_cursor, next_global_batch
     from orchestrator.engines.local import LocalEngine
     from orchestrator.model import build_model
-    from orchestrator.runner import RunContext
-    from orchestrator.stage_loop import StageLoop, StageProgress
+    from orchestrator.run.runner import RunContext
+    from orchestrator.run.stage_loop import StageLoop, StageProgress
 
     shape = tuple(int(x) for x in a.shape.split("x"))
     steps = 2 * a.blocks * a.block_steps + 10

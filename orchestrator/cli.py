@@ -20,20 +20,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("orchestrator.cli:run_command",
             "train a growth schedule (grow run hydra.run.dir=runs/x schedule=tiny);\n"
             "          again on the same hydra.run.dir resumes where it stopped"),
-    "plan": ("orchestrator.plan_command:plan_command",
+    "plan": ("orchestrator.commands.plan:plan_command",
              "cost of a schedule before it runs: per stage and vs from scratch, budget check\n"
              "          (grow plan schedule=flm101b cluster=a800_192 [budget.max_usd=N plan.fit=true])"),
-    "submit": ("orchestrator.slurm.submit:submit_command",
+    "submit": ("orchestrator.commands.submit:submit_command",
                "one chained Slurm job per stage (grow submit hydra.run.dir=runs/x [submit.dry_run=true])"),
     "status": ("orchestrator.slurm.status:status_command",
                "a submitted run's stages: job ids, state, requeues, tokens, spend (grow status run_dir=DIR)"),
-    "grow": ("orchestrator.grow_command:grow_command",
+    "grow": ("orchestrator.offline.expand:grow_command",
              "grow a checkpoint on disk, tensor by tensor (grow grow ckpt=SRC out=DST growth=clone\n"
              "          hidden=256 ffn=1024 [layers= heads= kv_heads= layer_insert= init= moments= seed=])"),
-    "expand": ("orchestrator.grow_command:grow_command", "same as grow grow"),
-    "import-hf": ("orchestrator.hf_interop:import_command",
+    "expand": ("orchestrator.offline.expand:grow_command", "same as grow grow"),
+    "import-hf": ("orchestrator.offline.hf:import_command",
                   "Hugging Face Llama -> canonical checkpoint (grow import-hf src=HF_DIR out=CKPT)"),
-    "export-hf": ("orchestrator.hf_interop:export_command",
+    "export-hf": ("orchestrator.offline.hf:export_command",
                   "canonical checkpoint -> LlamaForCausalLM dir (grow export-hf ckpt=CKPT out=HF_DIR)"),
 }
 
@@ -60,8 +60,8 @@ def _precheck(overrides: list[str]) -> int | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import register_schema
-    from .validate import COMPOSITION_ERRORS, ConfigError, composition_error, load_config
+    from orchestrator.config.schema import register_schema
+    from orchestrator.config.validate import COMPOSITION_ERRORS, ConfigError, composition_error, load_config
 
     register_schema()
     job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
@@ -78,18 +78,18 @@ def _precheck(overrides: list[str]) -> int | None:
 
 def _run_job(raw_cfg) -> None:
     """The Hydra task: validate, run, map known failures to exit codes and one line."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .runner import GrowthCheckError, run_schedule
-    from .stage_loop import StopRequested
-    from .validate import ConfigError, load_config
+    from orchestrator.checkpoint.canonical import CheckpointError
+    from orchestrator.data import DataError
+    from orchestrator.run.runner import GrowthCheckError, run_schedule
+    from orchestrator.run.stage_loop import StopRequested
+    from orchestrator.config.validate import ConfigError, load_config
 
-    from .slurm.sweep import sweep_member_params
+    from orchestrator.run.sweep import sweep_member_params
 
     try:
         cfg = load_config(raw_cfg)
         if cfg.engine.name == "deepspeed":
-            from .launch import drive, in_launch
+            from orchestrator.run.launch import drive, in_launch
 
             if not in_launch():  # start the ranks ourselves, one torchrun per stage
                 sys.exit(drive(cfg))
@@ -116,7 +116,7 @@ def _no_world_writable_files() -> None:
 
 def run_command(args: list[str]) -> int:
     _no_world_writable_files()
-    from .slurm.signals import install_early_handlers
+    from orchestrator.run.signals import install_early_handlers
 
     install_early_handlers()  # a Slurm signal during startup becomes a checkpoint, not a kill
     multirun = "-m" in args or "--multirun" in args
@@ -126,7 +126,7 @@ def run_command(args: list[str]) -> int:
             return code
     import hydra
 
-    from .config import register_schema
+    from orchestrator.config.schema import register_schema
 
     register_schema()
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_run_job)

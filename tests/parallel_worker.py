@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from growth_ops import MaskState, ModelSpec
-from orchestrator.config import LayoutConfig, RunConfig, StageConfig
+from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
 from orchestrator.model import build_model
 
 CASE_STEPS = 5
@@ -82,7 +82,7 @@ def main() -> None:
     # load through checkpoint.LazyTensors, recording which tensors are read whole
     from safetensors.torch import save_file
 
-    from orchestrator.checkpoint import MOMENTS, LazyTensors
+    from orchestrator.checkpoint.canonical import MOMENTS, LazyTensors
 
     full_reads: list[str] = []
 

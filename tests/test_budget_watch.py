@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from orchestrator.budget_watch import BudgetWatch
-from orchestrator.checkpoint import latest_checkpoint, read_meta
-from orchestrator.ledger import BudgetGuard, Ledger
-from orchestrator.plan_command import compose_config
-from orchestrator.planner import make_plan, resolve_vocab
-from orchestrator.validate import stage_spec, stage_steps
+from orchestrator.budget.control import BudgetWatch
+from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
+from orchestrator.budget.ledger import BudgetGuard, Ledger
+from orchestrator.commands.plan import compose_config
+from orchestrator.budget.planner import make_plan
+from orchestrator.schedule import resolve, stage_spec, stage_steps
 
 from .conftest import read_summary, run_grow
 
@@ -28,7 +28,7 @@ class FakeLoop:
 
 def make_ctx(*overrides: str):
     cfg = compose_config(["schedule=tiny", *overrides])
-    specs = [stage_spec(cfg, s, resolve_vocab(cfg)) for s in cfg.schedule.stages]
+    specs = [stage_spec(cfg, s, resolve(cfg).vocab) for s in cfg.schedule.stages]
     return SimpleNamespace(cfg=cfg, specs=specs, ledger=Ledger(), guard=BudgetGuard(cfg.budget, cfg.cluster),
                            console=Console(record=True, width=250))
 

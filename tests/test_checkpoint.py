@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from orchestrator.checkpoint import (CheckpointError, all_checkpoints, checkpoint_dir, latest_checkpoint,
+from orchestrator.checkpoint.canonical import (CheckpointError, all_checkpoints, checkpoint_dir, latest_checkpoint,
                                      load_checkpoint, prune, save_checkpoint)
 
 

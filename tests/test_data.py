@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from orchestrator.config import DataConfig, SourceConfig, TokenizerConfig
+from orchestrator.config.schema import DataConfig, SourceConfig, TokenizerConfig
 from orchestrator.data import (BpeTokenizer, ByteTokenizer, DataError, TokenStream, is_validation,
                                iter_documents, new_cursor, next_global_batch, prepare_data, rank_slice,
                                validation_batches)
@@ -279,7 +279,7 @@ def test_concurrent_preparers_agree(tmp_path):
     cfg = files_cfg(tmp_path, [d])
     go = tmp_path / "go"
     script = (f"import os, time, hashlib\nfrom orchestrator.data import prepare_data\n"
-              f"from orchestrator.config import *\n"
+              f"from orchestrator.config.schema import *\n"
               f"cfg = DataConfig(sources={{'mine': SourceConfig(kind='files', paths=[{str(d)!r}])}}, "
               f"val_fraction=0.3, cache_dir={cfg.cache_dir!r})\n"
               f"open({str(tmp_path)!r} + f'/ready-{{os.getpid()}}', 'w').close()\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import latest_checkpoint, read_meta
+from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 
 from .conftest import grow_cmd, read_summary, run_grow
 

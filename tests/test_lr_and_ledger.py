@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from orchestrator.config import BudgetConfig, ClusterConfig
-from orchestrator.ledger import BudgetGuard, Ledger, Spend
-from orchestrator.lr import lr_at
+from orchestrator.config.schema import BudgetConfig, ClusterConfig
+from orchestrator.budget.ledger import BudgetGuard, Ledger, Spend
+from orchestrator.run.lr import lr_at
 
 
 def test_warmup_then_cosine_to_floor():

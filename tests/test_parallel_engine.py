@@ -168,7 +168,7 @@ def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
             assert driver.poll() is None, driver.stdout.read()[-3000:]
             time.sleep(0.5)
         ranks = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                 if "orchestrator.launch" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+                 if "orchestrator.run.launch" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
         assert len(ranks) == 2
         victim = max(ranks, key=lambda p: p.pid)
         killed = time.time()
@@ -232,7 +232,7 @@ def test_lazy_checkpoint_reads_slices(tmp_path):
     """A rank reads its TP slice of a tensor from the canonical files without the rest."""
     from safetensors.torch import save_file
 
-    from orchestrator.checkpoint import LazyTensors
+    from orchestrator.checkpoint.canonical import LazyTensors
 
     t = {"a": torch.randn(6, 4), "b": torch.randn(3, 8)}
     save_file({f"exp_avg.{k}": v for k, v in t.items()}, tmp_path / "optimizer-00000-of-00002.safetensors")

@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from orchestrator.plan_command import compose_config
-from orchestrator.planner import make_plan, resolve_vocab
-from orchestrator.validate import ConfigError, load_config
+from orchestrator.commands.plan import compose_config
+from orchestrator.budget.planner import make_plan
+from orchestrator.schedule import resolve
+from orchestrator.config.validate import ConfigError, load_config
 
 from .conftest import grow_cmd
 
@@ -81,7 +82,7 @@ def test_plan_flops_are_the_ledgers_formula_for_the_default_schedule():
     from orchestrator.model import flops_per_token
     cfg = compose_config([])
     plan = make_plan(cfg)
-    assert resolve_vocab(cfg) == 320  # 257 byte tokens padded to 64, as the run pads them
+    assert resolve(cfg).vocab == 320  # 257 byte tokens padded to 64, as the run pads them
     for stage, sp in zip(cfg.schedule.stages, plan.stages):
         s = stage.shape
         spec = ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads, kv_heads=s.heads,
@@ -155,7 +156,7 @@ def test_grow_run_still_refuses_parallel_layouts_on_the_local_engine():
     from hydra import compose, initialize_config_dir
 
     from orchestrator.cli import CONF_DIR
-    from orchestrator.config import register_schema
+    from orchestrator.config.schema import register_schema
     register_schema()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         raw = compose("config", overrides=[*FLM, "run_dir=/unused"])

@@ -137,9 +137,9 @@ def test_only_stage_runs_one_stage_and_refuses_to_skip(tmp_path, data_cache):
 
 
 def test_each_stage_gets_the_ranks_its_layout_needs(tmp_path):
-    from orchestrator.config import LayoutConfig, RunConfig, StageConfig
+    from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
     from orchestrator.slurm.render import render_stage, stage_ranks
-    from orchestrator.validate import ConfigError
+    from orchestrator.config.validate import ConfigError
     cfg = RunConfig()
     cfg.submit.tasks_per_node = 4
     stages = [StageConfig(name="a"), StageConfig(name="b", layout=LayoutConfig(tp=2, dp=4)),
@@ -156,7 +156,7 @@ def test_each_stage_gets_the_ranks_its_layout_needs(tmp_path):
 
 
 def test_ledger_keeps_restarts_and_lost_time_apart_from_spend():
-    from orchestrator.ledger import Ledger
+    from orchestrator.budget.ledger import Ledger
     ledger = Ledger()
     ledger.stage("s1").add(512, 1e9, 2.0, 1, 3.0)
     ledger.add_lost("s1", 40.0)

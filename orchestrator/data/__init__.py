@@ -8,11 +8,11 @@ Modules, in the order data flows through them:
   mixture    which source each sequence comes from (pure function of its number)
   batches    next_global_batch / validation_batches over a JSON cursor
 """
-from .batches import new_cursor, next_global_batch, rank_slice, validation_batches
-from .corpus import is_validation, iter_documents
-from .dataset import PreparedData, TokenStream, prepare_data
-from .errors import DataError
-from .tokenizer import BpeTokenizer, ByteTokenizer, build_tokenizer
+from orchestrator.data.batches import new_cursor, next_global_batch, rank_slice, validation_batches
+from orchestrator.data.corpus import is_validation, iter_documents
+from orchestrator.data.dataset import PreparedData, TokenStream, prepare_data
+from orchestrator.data.errors import DataError
+from orchestrator.data.tokenizer import BpeTokenizer, ByteTokenizer, build_tokenizer
 
 __all__ = ["DataError", "prepare_data", "PreparedData", "TokenStream", "new_cursor",
            "next_global_batch", "validation_batches", "rank_slice", "ByteTokenizer",

@@ -23,9 +23,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .dataset import TokenStream
-from .errors import DataError
-from .mixture import Schedule, resolve_weights
+from orchestrator.data.dataset import TokenStream
+from orchestrator.data.errors import DataError
+from orchestrator.data.mixture import Schedule, resolve_weights
 
 def new_cursor(names) -> dict:
     """The cursor of a stream not yet read: sequence 0, every source at offset 0."""

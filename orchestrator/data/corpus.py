@@ -14,8 +14,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
-from .errors import DataError
+from orchestrator.config.schema import SourceConfig
+from orchestrator.data.errors import DataError
 
 SKIP_DIRS = ("site-packages", "__pycache__")
 JSONL_SUFFIXES = (".jsonl", ".json")

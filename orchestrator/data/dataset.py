@@ -18,11 +18,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..config import DataConfig, SourceConfig
-from .cache import TokenFileWriter, atomic_write_json, fsync_dir, read_json, stable_hash
-from .corpus import content_fingerprint, is_validation, iter_documents
-from .errors import DataError
-from .tokenizer import Tokenizer, build_tokenizer
+from orchestrator.config.schema import DataConfig, SourceConfig
+from orchestrator.data.cache import TokenFileWriter, atomic_write_json, fsync_dir, read_json, stable_hash
+from orchestrator.data.corpus import content_fingerprint, is_validation, iter_documents
+from orchestrator.data.errors import DataError
+from orchestrator.data.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the file layout or the meaning of a key changes

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import DataError
+from orchestrator.data.errors import DataError
 
 MAX_PERIOD = 1 << 16
 

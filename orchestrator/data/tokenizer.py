@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from ..config import TokenizerConfig
-from .cache import atomic_write_bytes, stable_hash
-from .errors import DataError
+from orchestrator.config.schema import TokenizerConfig
+from orchestrator.data.cache import atomic_write_bytes, stable_hash
+from orchestrator.data.errors import DataError
 
 EOT = "<|endoftext|>"
 log = logging.getLogger(__name__)

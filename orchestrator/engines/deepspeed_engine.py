@@ -24,11 +24,11 @@ import torch.distributed as dist
 from growth_ops.masks import MaskState
 from growth_ops.spec import ModelSpec
 
-from ..checkpoint import MOMENTS
-from ..config import RunConfig, StageConfig
-from ..data import rank_slice
-from .device import backend_for, pick_device
-from .parallel_model import (FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
+from orchestrator.checkpoint.canonical import MOMENTS
+from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.data import rank_slice
+from orchestrator.engines.device import backend_for, pick_device
+from orchestrator.engines.parallel_model import (FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
                              vocab_parallel_loss)
 
 
@@ -248,14 +248,14 @@ class DeepSpeedEngine:
 
     @property
     def checkpoint_shard(self) -> dict:
-        """How this rank takes part in a checkpoint write (orchestrator.checkpoint)."""
+        """How this rank takes part in a checkpoint write (orchestrator.checkpoint.canonical)."""
         writers = self.tp * self.pp
         return {"index": self.pp_rank * self.tp + self.tp_rank if self.dp_rank == 0 else None,
                 "count": writers, "leader": self.rank == 0, "barrier": dist.barrier}
 
     # -- masks -----------------------------------------------------------------------
     def _apply_masks(self) -> None:
-        from .parallel_model import BlockLayer
+        from orchestrator.engines.parallel_model import BlockLayer
 
         masks, spec = self.masks, self.spec
         blocks = [m for m in self.module.modules() if isinstance(m, BlockLayer)]

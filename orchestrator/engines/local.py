@@ -8,9 +8,9 @@ import torch
 from growth_ops.masks import MaskState
 from growth_ops.spec import ModelSpec
 
-from ..config import RunConfig, StageConfig
-from ..model import DecoderLM
-from .device import pick_device
+from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.model import DecoderLM
+from orchestrator.engines.device import pick_device
 
 
 class LocalEngine:

@@ -16,7 +16,7 @@ from torch import nn
 
 from growth_ops.spec import ModelSpec, layer_parameter_axes
 
-from ..model import Block, Norm, alibi_bias, rope_tables
+from orchestrator.model import Block, Norm, alibi_bias, rope_tables
 
 
 def _zeros(weight: torch.Tensor) -> None:  # weights come from the canonical state

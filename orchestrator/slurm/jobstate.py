@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-from ..atomic import write_json_atomic
-from .paths import finished_flag, latest_meta, read_json, stage_state_file
+from orchestrator.atomic import write_json_atomic
+from orchestrator.slurm.paths import finished_flag, latest_meta, read_json, stage_state_file
 
 EXIT_FINISHED, EXIT_TOO_MANY_FAILURES, EXIT_REQUEUE = 3, 4, 10
 NOT_RETRIED = (2, 3)  # config error, growth check failed: the same again would fail again

@@ -13,8 +13,8 @@ import re
 import shlex
 from pathlib import Path
 
-from ..config import RunConfig, StageConfig
-from ..validate import ConfigError
+from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.config.validate import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
 SECRET_NAME = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH)",

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .paths import finished_flag, jobs_file, latest_meta, read_json, stage_state_file
-from .queue import query_jobs
+from orchestrator.slurm.paths import finished_flag, jobs_file, latest_meta, read_json, stage_state_file
+from orchestrator.slurm.queue import query_jobs
 
 NEVER = ("DependencyNeverSatisfied",)
 

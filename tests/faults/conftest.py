@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from orchestrator.checkpoint import verify
+from orchestrator.checkpoint.canonical import verify
 
 from ..conftest import grow_cmd, read_summary
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import all_checkpoints
+from orchestrator.checkpoint.canonical import all_checkpoints
 
 from .conftest import assert_same_as_reference, run_cmd, run_env
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import latest_checkpoint, load_checkpoint
+from orchestrator.checkpoint.canonical import latest_checkpoint, load_checkpoint
 
 from .conftest import assert_same_as_reference, run_cmd, run_env
 

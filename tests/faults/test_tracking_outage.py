@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.checkpoint import latest_checkpoint, read_meta
+from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 
 from ..conftest import read_summary
 from .conftest import run_cmd, run_env

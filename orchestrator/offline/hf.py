@@ -21,7 +21,7 @@ import torch
 from growth_ops import ModelSpec
 from growth_ops.spec import axis_size, parameter_axes
 
-from .grow_command import (CommandError, LazyTensors, parse_args, write_checkpoint_dir,
+from orchestrator.offline.expand import (CommandError, LazyTensors, parse_args, write_checkpoint_dir,
                            write_safetensors_stream)
 
 LAYER_NAMES = {

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import write_json_atomic
-from .paths import finished_flag, jobs_file, read_json, slurm_dir
-from .queue import query_jobs
+from orchestrator.atomic import write_json_atomic
+from orchestrator.slurm.paths import finished_flag, jobs_file, read_json, slurm_dir
+from orchestrator.slurm.queue import query_jobs
 
 EXIT_CONFIG = 2
 
@@ -40,9 +40,9 @@ def _split(args: list[str]) -> tuple[str | None, list[str], list[str]]:
 def _compose(overrides: list[str], run_dir: Path):
     from hydra import compose, initialize_config_dir
 
-    from ..cli import CONF_DIR, _precheck
-    from ..config import register_schema
-    from ..validate import load_config
+    from orchestrator.cli import CONF_DIR, _precheck
+    from orchestrator.config.schema import register_schema
+    from orchestrator.config.validate import load_config
 
     code = _precheck(overrides)
     if code is not None:
@@ -64,8 +64,8 @@ def _sbatch(script: Path, dependency: str | None) -> str:
 
 
 def submit_command(args: list[str]) -> int:
-    from ..validate import ConfigError
-    from .render import render_stage
+    from orchestrator.config.validate import ConfigError
+    from orchestrator.slurm.render import render_stage
 
     run_dir_arg, compose_overrides, job_overrides = _split(args)
     workdir = Path.cwd()

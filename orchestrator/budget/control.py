@@ -11,9 +11,9 @@ that is already at its cap does not take one more step.
 """
 from __future__ import annotations
 
-from .ledger import Spend
-from .planner import CAPS, StageRates, stage_rates, stop_point
-from .validate import stage_steps
+from orchestrator.budget.ledger import Spend
+from orchestrator.budget.planner import CAPS, StageRates, stage_rates, stop_point
+from orchestrator.schedule import stage_steps
 
 CAP_UNITS = {"max_usd": "$", "max_flops": "FLOPs", "max_tokens": "tokens"}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .atomic import write_json_atomic
-from .ledger import Ledger
+from orchestrator.atomic import write_json_atomic
+from orchestrator.budget.ledger import Ledger
 
 
 class MetricsLog:

@@ -22,24 +22,12 @@ from dataclasses import dataclass, field
 
 from growth_ops.spec import ModelSpec, count_parameters
 
-from .config import RunConfig, StageConfig
-from .model import attention_flops_per_token, flops_per_token
-from .validate import ConfigError, _check_engine_layouts, effective_growth, stage_spec, stage_steps, validate
+from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.model import attention_flops_per_token, flops_per_token
+from orchestrator.config.validate import ConfigError, _check_engine_layouts, validate
+from orchestrator.schedule import effective_growth, padded_vocab, stage_spec, stage_steps, tokenizer_vocab
 
 GIB = 2.0**30
-
-
-def resolve_vocab(cfg: RunConfig) -> int:
-    """The vocabulary a run will use, without reading data: model.vocab_size, else the
-    tokenizer's size padded to model.vocab_multiple (a trained BPE may come out smaller
-    than asked for on a small corpus; then the run's vocabulary, and FLOPs, are a little lower)."""
-    from .data.tokenizer import ByteTokenizer
-
-    m, t = cfg.model, cfg.data.tokenizer
-    if m.vocab_size:
-        return m.vocab_size
-    tok = ByteTokenizer.vocab_size if t.kind == "byte" else t.vocab_size
-    return -(-tok // m.vocab_multiple) * m.vocab_multiple
 
 
 def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> float:
@@ -330,7 +318,7 @@ def with_steps(cfg: RunConfig, steps: list[int]) -> RunConfig:
 
 def make_plan(cfg: RunConfig) -> Plan:
     """The plan of a validated config (fitted to the budget when plan.fit is set)."""
-    vocab = resolve_vocab(cfg)
+    vocab = padded_vocab(cfg, tokenizer_vocab(cfg))
     specs = [stage_spec(cfg, s, vocab) for s in cfg.schedule.stages]
     warnings = check_layouts(cfg, specs)
     if cfg.engine.name != "local":  # what a parallel engine needs beyond the cluster

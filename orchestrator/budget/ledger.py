@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .config import BudgetConfig, ClusterConfig
+from orchestrator.config.schema import BudgetConfig, ClusterConfig
 
 
 @dataclass

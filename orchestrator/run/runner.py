@@ -17,18 +17,19 @@ from rich.console import Console
 
 from growth_ops import MaskState, ModelSpec, get_operator
 
-from .checkpoint import (MOMENTS, CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint,
+from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint,
                          open_checkpoint)
-from .config import RunConfig
-from .data import new_cursor, prepare_data, validation_batches
-from .engines import make_engine
-from .faults import failpoint
-from .ledger import BudgetGuard, Ledger
-from .model import build_model
-from .report import MetricsLog, build_summary, plot_losses, print_table, write_summary
-from .stage_loop import SignalFlag, StageLoop, StageProgress, StopRequested, set_rng_state
-from .tracking import make_tracker
-from .validate import ConfigError, effective_growth, stage_spec
+from orchestrator.config.schema import RunConfig
+from orchestrator.data import new_cursor, prepare_data, validation_batches
+from orchestrator.engines import make_engine
+from orchestrator.faults import failpoint
+from orchestrator.budget.ledger import BudgetGuard, Ledger
+from orchestrator.model import build_model
+from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
+from orchestrator.run.stage_loop import SignalFlag, StageLoop, StageProgress, StopRequested, set_rng_state
+from orchestrator.tracking.mlflow_tracker import make_tracker
+from orchestrator.config.validate import ConfigError
+from orchestrator.schedule import effective_growth, stage_spec
 
 # Config sections that define what a run computes; a resume must not change them.
 FIXED_ON_RESUME = ("seed", "init_from", "model", "schedule", "growth", "data", "train")
@@ -291,8 +292,8 @@ def is_leader(cfg: RunConfig) -> bool:
 def _mark_finished(ctx: RunContext, index: int) -> None:
     if not is_leader(ctx.cfg):
         return
-    from .atomic import write_json_atomic
-    from .slurm.paths import finished_flag
+    from orchestrator.atomic import write_json_atomic
+    from orchestrator.slurm.paths import finished_flag
     flag = finished_flag(ctx.run_dir, index, ctx.cfg.schedule.stages[index].name)
     flag.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(flag, {"finished_at": time.time(), "job_id": os.environ.get("SLURM_JOB_ID")})

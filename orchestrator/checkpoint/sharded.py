@@ -13,8 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..atomic import fsync_file
-from ..checkpoint import MOMENTS, seal_and_publish, shard_name
+from orchestrator.atomic import fsync_file
+from orchestrator.checkpoint.canonical import MOMENTS, seal_and_publish, shard_name
 
 
 def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, shard: dict) -> Path:

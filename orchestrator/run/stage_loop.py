@@ -12,13 +12,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from growth_ops.spec import count_parameters
 
-from . import budget_watch
-from .checkpoint import checkpoint_dir, prune, save_checkpoint
-from .data import next_global_batch
-from .faults import failpoint
-from .lr import lr_at
-from .model import flops_per_token
-from .validate import stage_steps
+from orchestrator.budget import control as budget_watch
+from orchestrator.checkpoint.canonical import checkpoint_dir, prune, save_checkpoint
+from orchestrator.data import next_global_batch
+from orchestrator.faults import failpoint
+from orchestrator.run.lr import lr_at
+from orchestrator.model import flops_per_token
+from orchestrator.schedule import stage_steps
 
 
 class StopRequested(Exception):
@@ -39,7 +39,7 @@ class SignalFlag:
         self._old = {}
 
     def __enter__(self):
-        from .slurm.signals import take_pending
+        from orchestrator.run.signals import take_pending
         for s in self.SIGNALS:
             self._old[s] = signal.signal(s, self._set)
         self.signum = take_pending()  # one that came while the job was starting up
@@ -121,7 +121,7 @@ class StageLoop:
             if complete:
                 self.written = (state, moments, json.loads(json.dumps(meta)))  # as meta.json reads back
         else:  # many ranks: each writes its share of full tensors (engines/sharding.py)
-            from .engines.sharding import save_sharded_checkpoint
+            from orchestrator.checkpoint.sharded import save_sharded_checkpoint
             save_sharded_checkpoint(path, state, moments, meta, shard)
             if not shard["leader"]:
                 return path

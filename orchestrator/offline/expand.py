@@ -26,7 +26,7 @@ from growth_ops import GrowthError, MaskState, ModelSpec, get_operator, iter_gro
 from growth_ops.common import all_axes
 from growth_ops.spec import axis_size, parameter_axes
 
-from .checkpoint import MOMENTS, seal_and_publish
+from orchestrator.checkpoint.canonical import MOMENTS, seal_and_publish
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 EXIT_USAGE = 2

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from growth_ops import GrowthError, ModelSpec, get_operator
 
-from .config import GrowthConfig, RunConfig, StageConfig
+from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.schedule import effective_growth, stage_spec, stage_steps
 
 
 class ConfigError(ValueError):
@@ -112,26 +113,6 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 
 # -- rules ------------------------------------------------------------------------------
-
-def stage_spec(cfg: RunConfig, stage: StageConfig, vocab: int) -> ModelSpec:
-    m, s = cfg.model, stage.shape
-    return ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads,
-                     kv_heads=s.kv_heads or s.heads, head_dim=s.hidden // s.heads, vocab=vocab,
-                     norm=m.norm, mlp=m.mlp, position=m.position, rope_theta=m.rope_theta,
-                     tie_embeddings=m.tie_embeddings, norm_eps=m.norm_eps, init_std=m.init_std)
-
-
-def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:
-    """The stage's growth fields over the top-level `growth` defaults."""
-    merged = dataclasses.asdict(cfg.growth)
-    merged.update({k: v for k, v in dataclasses.asdict(stage.growth or GrowthConfig()).items()
-                   if v is not None})
-    return GrowthConfig(**merged)
-
-
-def stage_steps(stage: StageConfig) -> int:
-    return stage.tokens // (stage.batch_size * stage.seq_len)
-
 
 def _check_model(cfg: RunConfig) -> None:
     m = cfg.model
@@ -378,7 +359,7 @@ def _check_init_from(cfg: RunConfig) -> None:
 
 def _check_budget_covers_a_step(cfg: RunConfig) -> None:
     """A cap below the first step would stop a run before it starts: refuse it here."""
-    from .model import flops_per_token
+    from orchestrator.model import flops_per_token
 
     first = cfg.schedule.stages[0]
     tokens = first.batch_size * first.seq_len

@@ -93,14 +93,14 @@ class SweepSummary(Callback):
         one sqlite schema at once fail)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        from ..atomic import write_json_atomic
+        from orchestrator.atomic import write_json_atomic
         write_json_atomic(sweep_dir / SWEPT_FILE, swept_keys(list(config.hydra.overrides.task)))
         t = config.get("tracking")
         if not t or not t.get("enabled"):
             return
         from mlflow.tracking import MlflowClient
 
-        from ..tracking import default_tracking_uri
+        from orchestrator.tracking.mlflow_tracker import default_tracking_uri
         client = MlflowClient(t.get("uri") or default_tracking_uri())
         if client.get_experiment_by_name(t.experiment) is None:
             client.create_experiment(t.experiment)
@@ -110,7 +110,7 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         report = collect(sweep_dir)
-        from ..atomic import write_json_atomic
+        from orchestrator.atomic import write_json_atomic
         write_json_atomic(sweep_dir / "sweep_summary.json", report)
         print_sweep(report)
         print(f"sweep summary: {sweep_dir / 'sweep_summary.json'}")

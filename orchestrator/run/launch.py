@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import RunConfig
+from orchestrator.config.schema import RunConfig
 
 ONLY_STAGE_DONE = "stopped: run.only_stage="
 
@@ -36,7 +36,7 @@ def stage_world(cfg: RunConfig, index: int) -> int:
 
 def next_stage(cfg: RunConfig) -> int | None:
     """The stage the next job runs (None: the schedule is finished)."""
-    from .checkpoint import latest_checkpoint, read_meta
+    from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 
     ckpt = latest_checkpoint(Path(cfg.run_dir))
     if ckpt is None:
@@ -50,8 +50,8 @@ def drive(cfg: RunConfig) -> int:
     """Run the schedule stage by stage, one torchrun per stage; returns an exit status."""
     import torch
 
-    from .data import prepare_data
-    from .engines.device import pick_device
+    from orchestrator.data import prepare_data
+    from orchestrator.engines.device import pick_device
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def drive(cfg: RunConfig) -> int:
             return 2
         print(f"launching stage {only} on {world} ranks ({device.type})", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.launch", str(path)]
+               "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.run.launch", str(path)]
         env = {"DS_ACCELERATOR": device.type, "PYTHONUNBUFFERED": "1", **os.environ}
         code = subprocess.run(cmd, env=env).returncode
         if code != 0:
@@ -97,12 +97,12 @@ def drive(cfg: RunConfig) -> int:
 
 def _rank_main(config_path: str) -> int:
     """One rank: read the resolved config the driver wrote, join the group, run."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .engines.deepspeed_engine import init_distributed
-    from .runner import GrowthCheckError, run_schedule
-    from .stage_loop import StopRequested
-    from .validate import ConfigError, load_config
+    from orchestrator.checkpoint.canonical import CheckpointError
+    from orchestrator.data import DataError
+    from orchestrator.engines.deepspeed_engine import init_distributed
+    from orchestrator.run.runner import GrowthCheckError, run_schedule
+    from orchestrator.run.stage_loop import StopRequested
+    from orchestrator.config.validate import ConfigError, load_config
 
     cfg = load_config(json.loads(Path(config_path).read_text()))
     init_distributed(cfg.engine.timeout_s, cfg.engine.device)

@@ -30,9 +30,9 @@ def compose_config(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .cli import CONF_DIR
-    from .config import register_schema
-    from .validate import COMPOSITION_ERRORS, composition_error, load_config
+    from orchestrator.cli import CONF_DIR
+    from orchestrator.config.schema import register_schema
+    from orchestrator.config.validate import COMPOSITION_ERRORS, composition_error, load_config
 
     register_schema()
     job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
@@ -115,9 +115,9 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
 
 
 def plan_command(args: list[str]) -> int:
-    from .atomic import write_json_atomic
-    from .planner import make_plan
-    from .validate import ConfigError
+    from orchestrator.atomic import write_json_atomic
+    from orchestrator.budget.planner import make_plan
+    from orchestrator.config.validate import ConfigError
 
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())

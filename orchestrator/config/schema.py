@@ -1,6 +1,6 @@
 """Typed schema of a run's configuration.
 
-Hydra composes plain YAML; `orchestrator.validate.load_config` checks it against these
+Hydra composes plain YAML; `orchestrator.config.validate.load_config` checks it against these
 dataclasses (unknown keys, types, ranges, shapes, growth reachability) and returns a
 `RunConfig` before any compute is spent. Field comments document the allowed values.
 """

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import fsync_dir, fsync_file, write_json_atomic
-from .faults import failpoint
+from orchestrator.atomic import fsync_dir, fsync_file, write_json_atomic
+from orchestrator.faults import failpoint
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .atomic import write_json_atomic
-from .config import TrackingConfig
+from orchestrator.atomic import write_json_atomic
+from orchestrator.config.schema import TrackingConfig
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 PARENT_KEYS = re.compile(r"^(train/loss|val/loss|budget/.*|growth/val_loss_.*)$")
