@@ -102,13 +102,14 @@ def measured_peak_tflops(device: str, bf16: bool, n: int = 8192, iters: int = 50
 def measure(size: str, a) -> dict:
     from orchestrator.data import new_cursor, next_global_batch
     from orchestrator.engines.local import LocalEngine
+    from orchestrator.schedule import ResolvedStage
     from orchestrator.model import build_model, flops_per_token
 
     shape = parse_size(size)
     extra = [f"engine.device={a.device}", f"engine.dtype={'bf16' if a.bf16 else 'fp32'}"]
     cfg, spec, data = one_stage_config(shape, a.batch, a.seq, extra=extra)
     stage = cfg.schedule.stages[0]
-    ours = LocalEngine(cfg, stage, spec)
+    ours = LocalEngine(cfg, ResolvedStage.alone(stage, spec))
     ours.load(build_model(spec, seed=0).canonical_state(), None, 0, None)
     hf = HFRunner(spec, ours, a.seq, a.attn)
     streams = {n: data.train[n] for n in sorted(data.train)}

@@ -49,12 +49,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     from rich.console import Console
 
-    from orchestrator.budget import control as budget_watch
     from orchestrator.data import new_cursor, next_global_batch
     from orchestrator.engines.local import LocalEngine
     from orchestrator.model import build_model
-    from orchestrator.run.runner import RunContext
-    from orchestrator.run.stage_loop import StageLoop, StageProgress
+    from orchestrator.run.runner import Run
+    from orchestrator.run.stage_loop import StageLoop
+    from orchestrator.run.state import RunState
+    from orchestrator.schedule import ResolvedStage
 
     shape = tuple(int(x) for x in a.shape.split("x"))
     steps = 2 * a.blocks * a.block_steps + 10
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                                       flush_every_s=a.flush_every_s or cfg.tracking.flush_every_s)
     off_tracking = dataclasses.replace(cfg.tracking, enabled=False)
     stage = cfg.schedule.stages[0]
-    engine = LocalEngine(cfg, stage, spec)
+    engine = LocalEngine(cfg, ResolvedStage.alone(stage, spec))
     engine.load(build_model(spec, seed=0).canonical_state(), None, 0, None)
     one_time = {}
     loops = {}
@@ -75,36 +76,34 @@ def main(argv=None) -> int:
         run_dir.mkdir()
         c = dataclasses.replace(cfg, run_dir=str(run_dir), tracking=tracking)
         t = time.perf_counter()
-        ctx = RunContext(c, quiet)
-        progress = StageProgress(index=0, step=0, global_step_start=0, lr_peak=stage.lr.peak,
-                                 cursor=new_cursor(sorted(ctx.data.train)), growth=None)
-        loop = StageLoop(ctx, stage, spec, engine, progress)
-        budget_watch.stage_start(loop)
+        run = Run(c, quiet, leader=True)
+        resolved = run.schedule[0]
+        state = RunState(stage_index=0, stage_name=stage.name, steps_total=resolved.steps, spec=resolved.spec,
+                         lr_peak=stage.lr.peak, data_cursor=new_cursor(sorted(run.data.train)),
+                         ledger=run.budget.ledger)
+        loop = StageLoop(run, resolved, engine, state)
+        run.budget.stage_start(0, 0)
         one_time[f"start_{mode}_s"] = time.perf_counter() - t
         loops[mode] = loop
-    step_tokens = a.batch * a.seq
     cursor = new_cursor(sorted(data.train))
     streams = {n: data.train[n] for n in sorted(data.train)}
 
     def step(loop) -> float:
         nonlocal cursor
-        ctx, prog = loop.ctx, loop.p
+        st = loop.state
         t = time.perf_counter()
         batch, cursor = next_global_batch(streams, cursor, None, a.batch, a.seq)
-        prog.lr = 1e-3
-        loss, gn = engine.train_step(batch, prog.lr)
-        prog.step += 1
+        st.lr = 1e-3
+        loss, gn = engine.train_step(batch, st.lr)
+        st.step += 1
         dt = time.perf_counter() - t
-        ctx.ledger.stage(stage.name).add(step_tokens, loop.step_flops, dt, engine.devices,
-                                         cfg.cluster.usd_per_gpu_hour)
-        loop._log(loss, gn, 1.0, dt)
-        budget_watch.after_step(loop, dt)
+        loop._log(loss, gn, 1.0, dt, loop.run.budget.count_step(loop.stage, st.step, dt))
         return time.perf_counter() - t
 
     for _ in range(3):  # warm-up, untimed
         step(loops["off"])
     flush_calls = {"n": 0, "s": 0.0, "sent": 0}
-    tracker = loops["on"].ctx.tracker
+    tracker = loops["on"].run.tracker
     real_flush = tracker.flush
 
     def counted_flush(force: bool = False):
@@ -126,10 +125,10 @@ def main(argv=None) -> int:
             if mode == "off":  # off time does not count toward the tracker's flush interval
                 tracker._last_flush += took
     t = time.perf_counter()
-    loops["on"].ctx.tracker.finish("FINISHED")
+    loops["on"].run.tracker.finish("FINISHED")
     one_time["finish_on_s"] = time.perf_counter() - t
     for loop in loops.values():
-        loop.ctx.metrics.close()
+        loop.run.metrics.close()
     per_step = {m: sum(v) / (len(v) * a.block_steps) for m, v in blocks.items()}
     med = {m: median(v) / a.block_steps for m, v in blocks.items()}
     overhead = per_step["on"] / per_step["off"] - 1

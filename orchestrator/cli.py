@@ -81,14 +81,16 @@ def _run_job(raw_cfg) -> None:
     from orchestrator.checkpoint.canonical import CheckpointError
     from orchestrator.data import DataError
     from orchestrator.run.runner import GrowthCheckError, run_schedule
-    from orchestrator.run.stage_loop import StopRequested
+    from orchestrator.run.stage_loop import StopRequested, TrainingDiverged
     from orchestrator.config.validate import ConfigError, load_config
 
     from orchestrator.run.sweep import sweep_member_params
 
     try:
         cfg = load_config(raw_cfg)
-        if cfg.engine.name == "deepspeed":
+        from orchestrator.engines.registry import engine_kind
+
+        if engine_kind(cfg.engine.name).multi_rank:
             from orchestrator.run.launch import drive, in_launch
 
             if not in_launch():  # start the ranks ourselves, one torchrun per stage
@@ -100,6 +102,8 @@ def _run_job(raw_cfg) -> None:
         sys.exit(_fail(EXIT_GROWTH_CHECK, str(e)))
     except CheckpointError as e:
         sys.exit(_fail(1, f"checkpoint error: {e}"))
+    except TrainingDiverged as e:
+        sys.exit(_fail(1, f"training diverged: {e}"))
     except StopRequested as e:
         sys.exit(128 + e.signum)
     except OSError as e:

@@ -6,6 +6,8 @@ it between blocks. Masks are None outside a growth ramp, and then cost nothing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,65 @@ def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
     bias = slopes.float()[:, None, None] * distance[None]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=slopes.device).tril()
     return bias.masked_fill(~causal, float("-inf"))[None]  # [1, heads, T, T]
+
+
+class PositionTables:
+    """What a block needs for positions at a length: RoPE's cos/sin tables (cached for the
+    last length and device) or ALiBi's bias from the given slopes."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self._rope: dict = {}
+
+    def __call__(self, seq_len: int, device, alibi_slopes: torch.Tensor | None = None):
+        if self.spec.position == "alibi":
+            return None, alibi_bias(alibi_slopes, seq_len)
+        key = (seq_len, device)
+        if key not in self._rope:
+            self._rope = {key: rope_tables(seq_len, self.spec.head_dim, self.spec.rope_theta, device)}
+        return self._rope[key], None
+
+
+@dataclass
+class MaskTensors:
+    """A growth ramp's masks at its current value: 1 on old structure, the ramp value on new."""
+
+    hidden: torch.Tensor | None
+    heads: torch.Tensor | None
+    ffn: torch.Tensor | None
+    layer: torch.Tensor
+    layers_new: list[int]
+
+
+def mask_tensors(masks: MaskState | None, spec: ModelSpec, device, dtype: torch.dtype) -> MaskTensors | None:
+    """None outside a ramp (or when it is finished): the forward pass is then the plain one."""
+    if masks is None or masks.done:
+        return None
+
+    def vector(size: int, new: list[int]) -> torch.Tensor | None:
+        if not new:
+            return None
+        v = torch.ones(size, device=device, dtype=dtype)
+        v[new] = masks.value
+        return v
+
+    return MaskTensors(hidden=vector(spec.hidden, masks.hidden_new), heads=vector(spec.heads, masks.heads_new),
+                       ffn=vector(spec.ffn, masks.ffn_new), layer=torch.tensor(masks.value, device=device, dtype=dtype),
+                       layers_new=list(masks.layers_new))
+
+
+def install_block_masks(blocks, tensors: MaskTensors | None, tp: int = 1, tp_rank: int = 0) -> None:
+    """Set each (index, Block)'s masks: new layers get the layer mask, old ones the head and
+    FFN masks (this TP rank's slice of them)."""
+    heads = ffn = None
+    if tensors is not None:
+        heads = None if tensors.heads is None else tensors.heads.chunk(tp)[tp_rank]
+        ffn = None if tensors.ffn is None else tensors.ffn.chunk(tp)[tp_rank]
+    for i, block in blocks:
+        if tensors is None:
+            block.masks = (None, None, None)
+        else:
+            block.masks = (None, None, tensors.layer) if i in tensors.layers_new else (heads, ffn, None)
 
 
 def plain_linear(in_features: int, out_features: int, parallel: str) -> nn.Module:
@@ -146,7 +207,7 @@ class DecoderLM(nn.Module):
         if spec.position == "alibi":
             self.register_buffer("alibi_slopes", torch.zeros(spec.heads))
         self.hidden_mask: torch.Tensor | None = None
-        self._rope_cache: dict = {}
+        self.positions = PositionTables(spec)
 
     # -- canonical state -------------------------------------------------------------
     def init_weights(self, generator: torch.Generator) -> None:
@@ -165,41 +226,16 @@ class DecoderLM(nn.Module):
     def set_masks(self, masks: MaskState | None) -> None:
         """Install mask tensors for the current ramp value; None (or a finished ramp)
         removes them so the forward pass is the plain one."""
-        dev = self.embed.weight.device
-        if masks is None or masks.done:
-            self.hidden_mask = None
-            for block in self.layers:
-                block.masks = (None, None, None)
-            return
-
-        def vector(size: int, new: list[int]) -> torch.Tensor | None:
-            if not new:
-                return None
-            m = torch.ones(size, device=dev)
-            m[new] = masks.value
-            return m
-
-        spec = self.spec
-        self.hidden_mask = vector(spec.hidden, masks.hidden_new)
-        heads, ffn = vector(spec.heads, masks.heads_new), vector(spec.ffn, masks.ffn_new)
-        layer = torch.tensor(masks.value, device=dev)
-        for i, block in enumerate(self.layers):
-            block.masks = (None, None, layer) if i in masks.layers_new else (heads, ffn, None)
+        tensors = mask_tensors(masks, self.spec, self.embed.weight.device, torch.float32)
+        self.hidden_mask = tensors.hidden if tensors else None
+        install_block_masks(enumerate(self.layers), tensors)
 
     # -- forward ---------------------------------------------------------------------
-    def _positions(self, t: int, device):
-        if self.spec.position == "alibi":
-            return None, alibi_bias(self.alibi_slopes, t)
-        key = (t, device)
-        if key not in self._rope_cache:
-            self._rope_cache = {key: rope_tables(t, self.spec.head_dim, self.spec.rope_theta, device)}
-        return self._rope_cache[key], None
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         if self.hidden_mask is not None:
             x = x * self.hidden_mask
-        rope, bias = self._positions(tokens.shape[1], tokens.device)
+        rope, bias = self.positions(tokens.shape[1], tokens.device, getattr(self, "alibi_slopes", None))
         for block in self.layers:
             x = block(x, self.hidden_mask, rope, bias)
         x = self.final_norm(x, self.hidden_mask)

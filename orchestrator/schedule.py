@@ -65,6 +65,12 @@ class ResolvedStage:
     growth: GrowthConfig | None  # effective settings; None where the stage is not grown into
     flops_per_token: float
 
+    @classmethod
+    def alone(cls, config: StageConfig, spec: ModelSpec) -> "ResolvedStage":
+        """One stage outside a schedule (benchmarks, engine tests), not grown into."""
+        return cls(index=0, config=config, spec=spec, steps=stage_steps(config), growth=None,
+                   flops_per_token=flops_per_token(spec, config.seq_len))
+
     @property
     def name(self) -> str:
         return self.config.name

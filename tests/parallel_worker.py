@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from growth_ops import MaskState, ModelSpec
+from orchestrator.schedule import ResolvedStage
 from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
 from orchestrator.model import build_model
 
@@ -78,7 +79,7 @@ def main() -> None:
 
     spec = case_spec(bool(tied))
     cfg, stage = case_config(tp, pp, dp, micro, engine="deepspeed", zero=zero, dtype=dtype)
-    engine = DeepSpeedEngine(cfg, stage, spec)
+    engine = DeepSpeedEngine(cfg, ResolvedStage.alone(stage, spec))
     # load through checkpoint.LazyTensors, recording which tensors are read whole
     from safetensors.torch import save_file
 

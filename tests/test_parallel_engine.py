@@ -27,6 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 from .conftest import REPO, grow_cmd, read_summary, run_grow  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from orchestrator.schedule import ResolvedStage
 from parallel_worker import case_config, case_spec, case_start, run_case  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
@@ -53,7 +54,7 @@ def test_training_matches_local_engine(tmp_path, tp, pp, dp, tied, zero):
     assert proc.returncode == 0, proc.stderr[-4000:]
     spec = case_spec(bool(tied))
     cfg, stage = case_config()
-    local = LocalEngine(cfg, stage, spec)
+    local = LocalEngine(cfg, ResolvedStage.alone(stage, spec))
     want = run_case(local, spec)
     assert min(want["grad_norms"]) > cfg.train.grad_clip  # clipping is active on every step
     worst = 0.0
@@ -109,7 +110,7 @@ def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
         for kind in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(loaded_m[f"{kind}.{k}"], start_moments[kind][k]), (kind, k)
     cfg, stage = case_config()
-    want = run_case(LocalEngine(cfg, stage, spec), spec)
+    want = run_case(LocalEngine(cfg, ResolvedStage.alone(stage, spec)), spec)
     got = json.loads((tmp_path / "result-0.json").read_text())
     worst = max(abs(a - b) / b for a, b in zip(got["losses"], want["losses"], strict=True))
     print(f"bf16 vs fp32: worst relative loss difference {worst:.1e}")

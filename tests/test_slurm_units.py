@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.slurm import jobstate
-from orchestrator.slurm.paths import finished_flag, stage_state_file
+from orchestrator.run.state import is_finished, latest_meta
+from orchestrator.slurm.paths import stage_state_file
 from orchestrator.slurm.render import scrub_line, shell_word
 
 from .conftest import grow_cmd
@@ -83,11 +84,13 @@ def test_bad_submit_keys_are_config_errors(tmp_path):
     assert proc.returncode == 2 and "run.only_stage" in proc.stderr
 
 
-def _checkpoint(run_dir: Path, stage: str, tokens: int) -> None:
-    ck = run_dir / "checkpoints" / f"0-{stage}" / f"step_{tokens:08d}"
+def _checkpoint(run_dir: Path, stage: str, tokens: int, index: int = 0, complete: bool = False) -> None:
+    """The part of a checkpoint the Slurm bookkeeping reads: `latest` and meta.json."""
+    ck = run_dir / "checkpoints" / f"{index}-{stage}" / f"step_{tokens:08d}"
     ck.mkdir(parents=True, exist_ok=True)
-    (ck / "meta.json").write_text(json.dumps({"ledger": {stage: {"tokens": tokens}}}))
-    (run_dir / "checkpoints" / "latest").write_text(json.dumps({"path": f"0-{stage}/{ck.name}"}))
+    (ck / "meta.json").write_text(json.dumps({"stage_index": index, "stage_complete": complete,
+                                              "ledger": {stage: {"tokens": tokens}}}))
+    (run_dir / "checkpoints" / "latest").write_text(json.dumps({"path": f"{index}-{stage}/{ck.name}"}))
 
 
 def test_requeue_counts_progress_and_stops_a_crash_loop(tmp_path, monkeypatch):
@@ -110,13 +113,19 @@ def test_requeue_counts_progress_and_stops_a_crash_loop(tmp_path, monkeypatch):
     assert jobstate.end(run_dir, "s2", 1, 2, False, 5) == 1
 
 
-def test_finished_flag_makes_a_job_exit_without_training(tmp_path):
+def test_a_finished_stage_makes_its_job_exit_without_training(tmp_path):
     run_dir = tmp_path / "run"
-    flag = finished_flag(run_dir, 0, "s1")
-    flag.parent.mkdir(parents=True)
-    flag.write_text("{}")
+    _checkpoint(run_dir, "s1", 512, index=0, complete=True)
     assert jobstate.begin(run_dir, "s1", 0, 3) == jobstate.EXIT_FINISHED
     assert jobstate.end(run_dir, "s1", 0, 0, False, 3) == 0
+    assert jobstate.begin(run_dir, "s2", 1, 3) == 0  # the next stage is not finished
+
+
+def test_a_stage_in_flight_is_not_finished(tmp_path):
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir, "s2", 512, index=1, complete=False)
+    meta = latest_meta(run_dir)
+    assert is_finished(meta, 0) and not is_finished(meta, 1) and not is_finished(meta, 2)
 
 
 @pytest.mark.slow
@@ -129,7 +138,7 @@ def test_only_stage_runs_one_stage_and_refuses_to_skip(tmp_path, data_cache):
     run_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
     s = read_summary(run_dir)
     assert [st["name"] for st in s["stages"]] == ["s1"] and "only_stage" in s["status"]
-    assert finished_flag(run_dir, 0, "s1").exists() and not finished_flag(run_dir, 1, "s2").exists()
+    assert is_finished(latest_meta(run_dir), 0) and not is_finished(latest_meta(run_dir), 1)
     again = run_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
     assert "already finished" in again.stdout
     run_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache)

@@ -1,24 +1,27 @@
-"""Budget control while a schedule runs: what is spent and left, warnings, projection.
+"""The run's budget while it trains: its ledger, the hard caps, warnings and the projection.
 
-The stage loop calls `stage_start` before a stage's first step (in this process) and
-`after_step` after every step. They log `budget/*` to MLflow (spent and left dollars,
-GPU-hours, FLOPs, tokens; the projected total), print a warning the first time spending
-crosses each `budget.warn_at` fraction of a cap, and project the schedule's cost from the
-measured step time: when it will miss `budget.max_usd`, the runner says so early, by how
-much, and where the run will stop. The hard cap itself is `ledger.BudgetGuard`; this
-module gives the guard a step-time estimate for a stage's first step, so a resumed run
-that is already at its cap does not take one more step.
+One `RunBudget` per run process. The stage loop asks `blocks` before each step (would the
+step cross budget.max_tokens / max_flops / max_usd?), calls `count_step` after it (which adds
+the step to the ledger and returns the `budget/*` metrics to log), and `stage_start` before a
+stage's first step in this process. The budget prints a warning the first time spending
+crosses each `budget.warn_at` fraction of a cap, and projects the schedule's cost from the
+measured step time: when it will miss budget.max_usd, it says so early, by how much, and
+where the run will stop.
 """
 from __future__ import annotations
 
-from orchestrator.budget.ledger import Spend
+from dataclasses import replace
+
+from rich.console import Console
+
+from orchestrator.budget.ledger import Ledger, Spend
 from orchestrator.budget.planner import CAPS, StageRates, stage_rates, stop_point
-from orchestrator.schedule import stage_steps
+from orchestrator.schedule import ResolvedStage, Schedule
 
 CAP_UNITS = {"max_usd": "$", "max_flops": "FLOPs", "max_tokens": "tokens"}
 
 
-def _spent(total: Spend, cap: str) -> float:
+def spent(total: Spend, cap: str) -> float:
     return {"max_usd": total.cost_usd, "max_flops": total.flops, "max_tokens": total.tokens}[cap]
 
 
@@ -28,22 +31,37 @@ def _fmt(cap: str, value: float) -> str:
     return f"{value:.4g} {CAP_UNITS[cap]}"
 
 
-class BudgetWatch:
-    """One per run process (kept on the run context)."""
-
-    def __init__(self, ctx):
-        cfg = ctx.cfg
-        self.ctx, self.budget, self.cluster = ctx, cfg.budget, cfg.cluster
-        self.stages = cfg.schedule.stages
-        self.names = [s.name for s in self.stages]
-        self.steps = [stage_steps(s) for s in self.stages]
-        self.rates: list[StageRates] = [stage_rates(cfg, s, spec) for s, spec in zip(self.stages, ctx.specs)]
+class RunBudget:
+    def __init__(self, schedule: Schedule, console: Console, ledger: Ledger | None = None):
+        cfg = schedule.cfg
+        self.schedule, self.budget, self.cluster, self.console = schedule, cfg.budget, cfg.cluster, console
+        self.names = schedule.names
+        self.steps = [s.steps for s in schedule]
+        self.rates: list[StageRates] = [stage_rates(cfg, s) for s in schedule]
+        self.ledger = ledger or Ledger()
         self.warned: set[tuple[str, float]] = set()
         self.times: list[float] = []  # measured step seconds of the current stage, this process
         self.ratio: float | None = None  # measured / planned step time, last measured stage
         self.reported_over: tuple | None = None  # last announced (stop point, overrun USD)
         self.skipped_first = False
         self.started = False
+        # Used for a stage's first step in a process, when no step has been timed yet, so a
+        # run resumed at its dollar cap stops instead of taking one more step.
+        self.expected_step_seconds = 0.0
+
+    # -- the hard caps -----------------------------------------------------------------
+    def blocks(self, stage: ResolvedStage, last_step_s: float) -> str | None:
+        """The cap the next step of `stage` would cross, or None."""
+        b, total = self.budget, self.ledger.total
+        seconds = last_step_s if last_step_s > 0 else self.expected_step_seconds
+        if b.max_tokens is not None and total.tokens + stage.step_tokens > b.max_tokens:
+            return f"budget.max_tokens={b.max_tokens}"
+        if b.max_flops is not None and total.flops + stage.step_flops > b.max_flops:
+            return f"budget.max_flops={b.max_flops:.4g}"
+        step_usd = seconds * stage.world / 3600.0 * self.cluster.usd_per_gpu_hour
+        if b.max_usd is not None and total.cost_usd + step_usd > b.max_usd:
+            return f"budget.max_usd={b.max_usd}"
+        return None
 
     # -- estimates -------------------------------------------------------------------
     def _step_estimate(self, index: int) -> float:
@@ -52,14 +70,14 @@ class BudgetWatch:
         stages measured."""
         if self.times:
             return sum(self.times) / len(self.times)
-        spend = self.ctx.ledger.stages.get(self.names[index])
+        spend = self.ledger.stages.get(self.names[index])
         if spend is not None and spend.steps:
             return spend.wall_s / spend.steps
         return self.rates[index].step_seconds * (self.ratio or 1.0)
 
     def projection(self, index: int, step: int) -> dict:
         """Total cost of the whole schedule if the rest runs at the measured speed."""
-        total = self.ctx.ledger.total
+        total = self.ledger.total
         per = self._step_estimate(index)
         ratio = per / self.rates[index].step_seconds if self.rates[index].step_seconds > 0 else 1.0
         left_s = [0.0] * len(self.steps)
@@ -74,48 +92,51 @@ class BudgetWatch:
                 "step_s": per, "planned_step_s": self.rates[index].step_seconds, "ratio": ratio}
 
     def _stop(self, cap: str, index: int, step: int, step_usd: list[float] | None = None):
-        left = getattr(self.budget, cap) - _spent(self.ctx.ledger.total, cap)
+        left = getattr(self.budget, cap) - spent(self.ledger.total, cap)
         rates = self.rates
         if step_usd is not None:  # measured prices per step
-            rates = [StageRates(r.step_tokens, r.step_flops, r.step_hw_flops, r.gpus, r.tflops_per_gpu,
-                                r.throughput, r.step_seconds, r.step_gpu_hours, u) for r, u in zip(rates, step_usd)]
+            rates = [replace(r, step_usd=u) for r, u in zip(rates, step_usd)]
         return stop_point(self.names, rates, self.steps, cap, left, (index, step))
 
-    # -- hooks -----------------------------------------------------------------------
-    def stage_start(self, loop) -> None:
-        index, step = loop.p.index, loop.p.step
+    # -- the loop's calls --------------------------------------------------------------
+    def stage_start(self, index: int, step: int) -> None:
+        """Before a stage's first step in this process."""
         if self.times and index > 0:  # what the stage before measured, against its plan
             self.ratio = (sum(self.times) / len(self.times)) / max(self.rates[index - 1].step_seconds, 1e-12)
         self.times, self.skipped_first = [], False
         self.reported_over = None
-        self.ctx.guard.expected_step_seconds = self._step_estimate(index)
+        self.expected_step_seconds = self._step_estimate(index)
         if self.started:
             return
         self.started = True
-        total, console = self.ctx.ledger.total, self.ctx.console
+        total = self.ledger.total
         for cap in CAPS:
             limit = getattr(self.budget, cap)
             if limit is None:
                 continue
-            spent = _spent(total, cap)
-            passed = [f for f in self.budget.warn_at if spent >= f * limit]
+            used = spent(total, cap)
+            passed = [f for f in self.budget.warn_at if used >= f * limit]
             self.warned.update((cap, f) for f in passed)
             if passed:
-                console.print(f"[yellow]budget[/]: {100 * spent / limit:.0f}% of budget.{cap}="
-                              f"{_fmt(cap, limit)} already spent ({_fmt(cap, spent)})")
+                self.console.print(f"[yellow]budget[/]: {100 * used / limit:.0f}% of budget.{cap}="
+                                   f"{_fmt(cap, limit)} already spent ({_fmt(cap, used)})")
             if cap != "max_usd":  # FLOPs and tokens are known in advance: say now where it stops
                 where = self._stop(cap, index, step)
                 if where:
-                    console.print(f"[yellow]budget[/]: budget.{cap}={_fmt(cap, limit)} stops this schedule "
-                                  f"in stage {where[0]} at step {where[1]} of {self.steps[self.names.index(where[0])]}")
+                    self.console.print(f"[yellow]budget[/]: budget.{cap}={_fmt(cap, limit)} stops this "
+                                       f"schedule in stage {where[0]} at step {where[1]} of "
+                                       f"{self.steps[self.names.index(where[0])]}")
 
-    def after_step(self, loop, seconds: float) -> None:
-        index, step = loop.p.index, loop.p.step
+    def count_step(self, stage: ResolvedStage, step: int, seconds: float) -> dict:
+        """Add a finished step (`step` of `stage`, `seconds` long) to the ledger; returns
+        the budget metrics: spent, left, projected."""
+        self.ledger.stage(stage.name).add(stage.step_tokens, stage.step_flops, seconds, stage.world,
+                                          self.cluster.usd_per_gpu_hour)
         if seconds > 0:
             if self.skipped_first:
                 self.times.append(seconds)
             self.skipped_first = True  # a stage's first step in a process includes warm-up
-        total = self.ctx.ledger.total
+        total = self.ledger.total
         metrics = {"budget/spent_usd": total.cost_usd, "budget/spent_gpu_hours": total.gpu_hours,
                    "budget/spent_flops": total.flops, "budget/spent_tokens": float(total.tokens)}
         b, price = self.budget, self.cluster.usd_per_gpu_hour
@@ -127,39 +148,38 @@ class BudgetWatch:
             metrics["budget/left_flops"] = b.max_flops - total.flops
         if b.max_tokens is not None:
             metrics["budget/left_tokens"] = float(b.max_tokens - total.tokens)
-        measured = len(self.times) >= self.budget.project_after_steps
-        if measured:
-            proj = self.projection(index, step)
+        if len(self.times) >= self.budget.project_after_steps:
+            proj = self.projection(stage.index, step)
             metrics.update({"budget/projected_usd": proj["usd"], "budget/projected_gpu_hours": proj["gpu_hours"],
                             "budget/projected_flops": proj["flops"]})
             if b.max_usd is not None:
                 metrics["budget/projected_over_usd"] = proj["usd"] - b.max_usd
-                self._announce_projection(index, step, proj)
-        loop._log_point(metrics)
+                self._announce_projection(stage.index, step, proj)
         self._threshold_warnings(total)
         if self.times:
-            self.ctx.guard.expected_step_seconds = self.times[-1]
+            self.expected_step_seconds = self.times[-1]
+        return metrics
 
     def _threshold_warnings(self, total: Spend) -> None:
         for cap in CAPS:
             limit = getattr(self.budget, cap)
             if limit is None:
                 continue
-            spent = _spent(total, cap)
-            crossed = [f for f in sorted(self.budget.warn_at) if spent >= f * limit and (cap, f) not in self.warned]
+            used = spent(total, cap)
+            crossed = [f for f in sorted(self.budget.warn_at) if used >= f * limit and (cap, f) not in self.warned]
             if crossed:
                 self.warned.update((cap, f) for f in crossed)
-                self.ctx.console.print(f"[yellow]budget[/]: {100 * crossed[-1]:.0f}% of budget.{cap}="
-                                       f"{_fmt(cap, limit)} spent ({_fmt(cap, spent)}; "
-                                       f"{_fmt(cap, limit - spent)} left)")
+                self.console.print(f"[yellow]budget[/]: {100 * crossed[-1]:.0f}% of budget.{cap}="
+                                   f"{_fmt(cap, limit)} spent ({_fmt(cap, used)}; "
+                                   f"{_fmt(cap, limit - used)} left)")
 
     def _announce_projection(self, index: int, step: int, proj: dict) -> None:
         limit = self.budget.max_usd
         over = proj["usd"] - limit
         if over <= 0:
             if self.reported_over is not None:
-                self.ctx.console.print(f"[green]budget[/]: now projected to fit budget.max_usd="
-                                       f"{_fmt('max_usd', limit)} (${proj['usd']:,.4g})")
+                self.console.print(f"[green]budget[/]: now projected to fit budget.max_usd="
+                                   f"{_fmt('max_usd', limit)} (${proj['usd']:,.4g})")
                 self.reported_over = None
             return
         price = self.cluster.usd_per_gpu_hour
@@ -173,25 +193,7 @@ class BudgetWatch:
             return  # said already; speak again when the expected stop moves by a tenth of a stage
         self.reported_over = (where, over)
         at = f"; it will stop in stage {where[0]} around step {where[1]}" if where else ""
-        self.ctx.console.print(
+        self.console.print(
             f"[yellow]budget[/]: at the measured {proj['step_s']:.3g} s/step (plan {proj['planned_step_s']:.3g} s, "
             f"x{proj['ratio']:.2f}) the schedule will cost ${proj['usd']:,.4g}, ${over:,.4g} "
             f"({100 * over / limit:.0f}%) over budget.max_usd={_fmt('max_usd', limit)}{at}")
-
-
-def watch_for(ctx) -> BudgetWatch:
-    watch = getattr(ctx, "_budget_watch", None)
-    if watch is None:
-        watch = BudgetWatch(ctx)
-        ctx._budget_watch = watch
-    return watch
-
-
-def stage_start(loop) -> None:
-    """Hook: before a stage's first step in this process."""
-    watch_for(loop.ctx).stage_start(loop)
-
-
-def after_step(loop, seconds: float) -> None:
-    """Hook: after each step, once the ledger has counted it."""
-    watch_for(loop.ctx).after_step(loop, seconds)

@@ -1,4 +1,4 @@
-"""Budget ledger: what a run has spent, per stage and in total, and the caps it obeys.
+"""Budget ledger: what a run has spent, per stage and in total.
 
 The ledger travels inside every checkpoint, so a resumed run continues from the spend
 recorded with the state it resumes, and work redone after a crash is not counted twice.
@@ -6,8 +6,6 @@ recorded with the state it resumes, and work redone after a crash is not counted
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
-from orchestrator.config.schema import BudgetConfig, ClusterConfig
 
 
 @dataclass
@@ -67,28 +65,3 @@ class Ledger:
 
 
 LOST_KEY = "_lost"  # in the serialized ledger, beside the stage names
-
-
-class BudgetGuard:
-    """Says, before a step is taken, whether it would cross a cap."""
-
-    def __init__(self, budget: BudgetConfig, cluster: ClusterConfig):
-        self.budget, self.cluster = budget, cluster
-        # Used when the caller has no step time yet (a stage's first step in a process), so
-        # a run resumed at its dollar cap stops instead of taking one more step; set by
-        # budget_watch from the ledger's or the plan's step time.
-        self.expected_step_seconds = 0.0
-
-    def blocks(self, total: Spend, step_tokens: int, step_flops: float, step_seconds: float,
-               devices: int) -> str | None:
-        b = self.budget
-        if step_seconds <= 0:
-            step_seconds = self.expected_step_seconds
-        if b.max_tokens is not None and total.tokens + step_tokens > b.max_tokens:
-            return f"budget.max_tokens={b.max_tokens}"
-        if b.max_flops is not None and total.flops + step_flops > b.max_flops:
-            return f"budget.max_flops={b.max_flops:.4g}"
-        step_usd = step_seconds * devices / 3600.0 * self.cluster.usd_per_gpu_hour
-        if b.max_usd is not None and total.cost_usd + step_usd > b.max_usd:
-            return f"budget.max_usd={b.max_usd}"
-        return None

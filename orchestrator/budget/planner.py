@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 from growth_ops.spec import ModelSpec, count_parameters
 
-from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.config.schema import RunConfig
+from orchestrator.config.validate import ConfigError, validate
+from orchestrator.engines.registry import check_parallel_layout
 from orchestrator.model import attention_flops_per_token, flops_per_token
-from orchestrator.config.validate import ConfigError, _check_engine_layouts, validate
-from orchestrator.schedule import effective_growth, padded_vocab, stage_spec, stage_steps, tokenizer_vocab
+from orchestrator.schedule import ResolvedStage, Schedule, resolve
 
 GIB = 2.0**30
 
@@ -64,12 +65,10 @@ class StageRates:
     step_usd: float
 
 
-def stage_rates(cfg: RunConfig, stage: StageConfig, spec: ModelSpec) -> StageRates:
-    lay, c = stage.layout, cfg.cluster
-    tokens = stage.batch_size * stage.seq_len
-    flops = flops_per_token(spec, stage.seq_len) * tokens
-    hw = executed_flops_per_token(spec, stage.seq_len, cfg.plan.recompute) * tokens
-    gpus = lay.tp * lay.pp * lay.dp
+def stage_rates(cfg: RunConfig, stage: ResolvedStage) -> StageRates:
+    c = cfg.cluster
+    tokens, flops, gpus = stage.step_tokens, stage.step_flops, stage.world
+    hw = executed_flops_per_token(stage.spec, stage.config.seq_len, cfg.plan.recompute) * tokens
     measured = c.achieved_tflops_per_gpu.get(stage.name)
     tflops = measured if measured is not None else c.peak_tflops_per_gpu * c.expected_mfu
     seconds = hw / (gpus * tflops * 1e12)
@@ -118,15 +117,14 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def _stage_plan(cfg: RunConfig, stage: StageConfig, spec: ModelSpec, steps: int) -> StagePlan:
-    r = stage_rates(cfg, stage, spec)
-    lay = stage.layout
+def _stage_plan(cfg: RunConfig, stage: ResolvedStage) -> StagePlan:
+    r, spec, lay, steps = stage_rates(cfg, stage), stage.spec, stage.layout, stage.steps
     mp = lay.tp * lay.pp
     return StagePlan(
         name=stage.name, params=count_parameters(spec),
         shape={"layers": spec.layers, "hidden": spec.hidden, "ffn": spec.ffn, "heads": spec.heads,
                "kv_heads": spec.kv_heads},
-        tokens=steps * r.step_tokens, steps=steps, batch_size=stage.batch_size, seq_len=stage.seq_len,
+        tokens=stage.tokens, steps=steps, batch_size=stage.config.batch_size, seq_len=stage.config.seq_len,
         layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}, gpus=r.gpus,
         flops=steps * r.step_flops, hw_flops=steps * r.step_hw_flops, tflops_per_gpu=r.tflops_per_gpu,
         throughput=r.throughput, gpu_hours=steps * r.step_gpu_hours, days=steps * r.step_seconds / 86400,
@@ -140,12 +138,12 @@ def _sum(stages: list[StagePlan]) -> dict:
             "days": sum(s.days for s in stages), "usd": sum(s.usd for s in stages)}
 
 
-def _scratch(cfg: RunConfig, final: StageConfig, spec: ModelSpec, tokens: int) -> dict:
+def _scratch(cfg: RunConfig, final: ResolvedStage, tokens: int) -> dict:
     """The final model trained from scratch on the schedule's tokens, with the final stage's
     context, layout and throughput."""
-    r = stage_rates(cfg, final, spec)
+    r = stage_rates(cfg, final)
     steps = tokens / r.step_tokens
-    return {"params": count_parameters(spec), "tokens": tokens, "seq_len": final.seq_len,
+    return {"params": count_parameters(final.spec), "tokens": tokens, "seq_len": final.config.seq_len,
             "layout": {"tp": final.layout.tp, "pp": final.layout.pp, "dp": final.layout.dp},
             "gpus": r.gpus, "flops": steps * r.step_flops, "hw_flops": steps * r.step_hw_flops,
             "gpu_hours": steps * r.step_gpu_hours, "days": steps * r.step_seconds / 86400,
@@ -158,23 +156,18 @@ def _saving(plan_value: float, scratch_value: float) -> float:
 
 # -- layouts against the cluster ---------------------------------------------------------
 
-def check_layouts(cfg: RunConfig, specs: list[ModelSpec]) -> list[str]:
-    """Raise ConfigError for a layout that cannot run on the cluster; return warnings for
-    ones that run badly."""
+def check_layouts(schedule: Schedule) -> list[str]:
+    """Raise ConfigError for a layout that cannot run on the cluster (a cluster runs parallel
+    layouts, whatever engine.name says for a local test); return warnings for ones that run
+    badly."""
+    cfg = schedule.cfg
     c, warnings = cfg.cluster, []
-    for i, (stage, spec) in enumerate(zip(cfg.schedule.stages, specs)):
-        key, lay = f"schedule.stages.{i}.layout", stage.layout
-        gpus = lay.tp * lay.pp * lay.dp
+    for i, rs in enumerate(schedule):
+        key, lay, stage, spec, gpus = f"schedule.stages.{i}.layout", rs.layout, rs.config, rs.spec, rs.world
         if gpus > c.gpus:
             raise ConfigError(key, f"tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {gpus} GPUs, "
                                    f"but cluster.gpus={c.gpus}")
-        for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
-            if n % lay.tp:
-                raise ConfigError(f"{key}.tp", f"{lay.tp} does not divide {what}={n} "
-                                               "(tensor parallelism splits it evenly)")
-        if spec.layers % lay.pp:
-            raise ConfigError(f"{key}.pp", f"{lay.pp} does not divide layers={spec.layers} "
-                                           "(pipeline stages hold equal numbers of blocks)")
+        check_parallel_layout(cfg, i)
         per_gpu = count_parameters(spec) / (lay.tp * lay.pp) * state_bytes_per_param(cfg.engine.dtype, lay.dp)
         if c.gpu_memory_gb is not None and per_gpu / GIB > c.gpu_memory_gb:
             raise ConfigError(key, f"model states need {per_gpu / GIB:.1f} GiB per GPU "
@@ -257,23 +250,24 @@ def budget_check(cfg: RunConfig, plan: Plan, rates: list[StageRates]) -> dict:
 
 # -- fitting a schedule to a budget ------------------------------------------------------
 
-def min_useful_steps(cfg: RunConfig, index: int) -> int:
+def min_useful_steps(schedule: Schedule, index: int) -> int:
     """The fewest steps that make a stage worth running: past its warmup and, after a growth,
     past the mask ramp (the validator's rule: ramp_steps < steps)."""
-    stage = cfg.schedule.stages[index]
-    least = max(1, stage.lr.warmup_steps)
-    if index > 0 and stage_spec(cfg, stage, 1) != stage_spec(cfg, cfg.schedule.stages[index - 1], 1):
-        least = max(least, (effective_growth(cfg, stage).ramp_steps or 0) + 1)
+    stage = schedule[index]
+    least = max(1, stage.config.lr.warmup_steps)
+    if index > 0 and stage.spec != schedule[index - 1].spec:
+        least = max(least, (stage.growth.ramp_steps or 0) + 1)
     return least
 
 
-def fit_steps(cfg: RunConfig, rates: list[StageRates]) -> tuple[list[int], dict]:
+def fit_steps(schedule: Schedule, rates: list[StageRates]) -> tuple[list[int], dict]:
     """Rule `proportional`: every stage's steps x the same factor, the largest that keeps
     each set cap (rounded down to whole steps, then trimmed from the stage furthest above
     the factor). Refuses a budget below the smallest useful schedule: the same proportions
     scaled until the binding stage reaches `min_useful_steps`."""
-    b, stages = cfg.budget, cfg.schedule.stages
-    steps = [stage_steps(s) for s in stages]
+    cfg = schedule.cfg
+    b, stages = cfg.budget, schedule.stages
+    steps = [s.steps for s in stages]
     caps = {cap: getattr(b, cap) for cap in CAPS if getattr(b, cap) is not None}
     if not caps:
         raise ConfigError("plan.fit", "needs a budget to fit; set budget.max_usd, budget.max_flops "
@@ -285,7 +279,7 @@ def fit_steps(cfg: RunConfig, rates: list[StageRates]) -> tuple[list[int], dict]
     def total(cap: str, st: list[int]) -> float:
         return sum(n * _per_step(r, cap) for n, r in zip(st, rates))
 
-    least = [min_useful_steps(cfg, i) for i in range(len(stages))]
+    least = [min_useful_steps(schedule, i) for i in range(len(stages))]
     f_min = max(m / n for m, n in zip(least, steps))
     smallest = [max(m, math.ceil(f_min * n - 1e-9)) for m, n in zip(least, steps)]
     for cap, limit in binding.items():
@@ -306,34 +300,32 @@ def fit_steps(cfg: RunConfig, rates: list[StageRates]) -> tuple[list[int], dict]
     return fitted, info
 
 
-def with_steps(cfg: RunConfig, steps: list[int]) -> RunConfig:
-    """A copy of the config whose stages train exactly `steps` steps, re-validated."""
-    new = copy.deepcopy(cfg)
+def with_steps(schedule: Schedule, steps: list[int]) -> Schedule:
+    """The schedule whose stages train exactly `steps` steps, re-validated."""
+    new = copy.deepcopy(schedule.cfg)
     for stage, n in zip(new.schedule.stages, steps):
         stage.tokens = n * stage.batch_size * stage.seq_len
-    return validate(new, planning=True)
+    return resolve(validate(new, planning=True))
 
 
 # -- the plan ----------------------------------------------------------------------------
 
 def make_plan(cfg: RunConfig) -> Plan:
     """The plan of a validated config (fitted to the budget when plan.fit is set)."""
-    vocab = padded_vocab(cfg, tokenizer_vocab(cfg))
-    specs = [stage_spec(cfg, s, vocab) for s in cfg.schedule.stages]
-    warnings = check_layouts(cfg, specs)
-    if cfg.engine.name != "local":  # what a parallel engine needs beyond the cluster
-        _check_engine_layouts(cfg)
-    rates = [stage_rates(cfg, s, spec) for s, spec in zip(cfg.schedule.stages, specs)]
+    schedule = resolve(cfg)
+    warnings = check_layouts(schedule)
+    rates = [stage_rates(cfg, s) for s in schedule]
     fit = None
     if cfg.plan.fit:
-        steps, fit = fit_steps(cfg, rates)
-        cfg = with_steps(cfg, steps)
+        steps, fit = fit_steps(schedule, rates)
+        schedule = with_steps(schedule, steps)
+        cfg = schedule.cfg
         fit["overrides"] = [f"schedule.stages.{i}.tokens={s.tokens}" for i, s in enumerate(cfg.schedule.stages)]
-    stages = [_stage_plan(cfg, s, spec, stage_steps(s)) for s, spec in zip(cfg.schedule.stages, specs)]
+    stages = [_stage_plan(cfg, s) for s in schedule]
     totals = _sum(stages)
-    scratch = _scratch(cfg, cfg.schedule.stages[-1], specs[-1], totals["tokens"])
+    scratch = _scratch(cfg, schedule[-1], totals["tokens"])
     plan = Plan(schedule=cfg.schedule.name, cluster=cfg.cluster.name, recompute=cfg.plan.recompute,
-                vocab=vocab, stages=stages, totals=totals, scratch=scratch,
+                vocab=schedule.vocab, stages=stages, totals=totals, scratch=scratch,
                 saving_pct=_saving(totals["gpu_hours"], scratch["gpu_hours"]),
                 saving_pct_flops=_saving(totals["flops"], scratch["flops"]), warnings=warnings, fit=fit)
     plan.budget = budget_check(cfg, plan, rates)

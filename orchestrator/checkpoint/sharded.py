@@ -1,6 +1,6 @@
 """Write a canonical checkpoint from many ranks at once, nothing gathered on one rank.
 
-Each writer rank (an engine's `checkpoint_shard["index"]`) writes the full tensors it owns
+Each writer rank (an engine's `shard_role().index`) writes the full tensors it owns
 to `model-<i>-of-<n>.safetensors` / `optimizer-<i>-of-<n>.safetensors` in a shared
 temporary directory; the leader then writes meta.json and the manifest, renames the
 directory into place and moves `latest`, exactly as `checkpoint.save_checkpoint` does for
@@ -17,10 +17,11 @@ from orchestrator.atomic import fsync_file
 from orchestrator.checkpoint.canonical import MOMENTS, seal_and_publish, shard_name
 
 
-def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, shard: dict) -> Path:
-    """Collective over all ranks: every rank calls it with its share (maybe empty)."""
+def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, role) -> Path:
+    """Collective over all ranks: every rank calls it with its share (maybe empty) and its
+    `engines.base.ShardRole`."""
     path = Path(path)
-    barrier, leader, index, count = shard["barrier"], shard["leader"], shard["index"], shard["count"]
+    barrier, leader, index, count = role.barrier, role.leader, role.index, role.count
     tmp = path.with_name(f".{path.name}.tmp-sharded")
     if leader:
         path.parent.mkdir(parents=True, exist_ok=True)

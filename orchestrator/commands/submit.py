@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from orchestrator.atomic import write_json_atomic
-from orchestrator.slurm.paths import finished_flag, jobs_file, read_json, slurm_dir
+from orchestrator.run.state import is_finished, latest_meta
+from orchestrator.slurm.paths import jobs_file, read_json, slurm_dir
 from orchestrator.slurm.queue import query_jobs
 
 EXIT_CONFIG = 2
@@ -80,7 +81,8 @@ def submit_command(args: list[str]) -> int:
         else:
             run_dir = Path(run_dir_arg).expanduser().resolve()
         stages = cfg.schedule.stages
-        todo = [(i, st) for i, st in enumerate(stages) if not finished_flag(run_dir, i, st.name).exists()]
+        meta = latest_meta(run_dir)
+        todo = [(i, st) for i, st in enumerate(stages) if not is_finished(meta, i)]
         if not todo:
             print(f"grow: every stage of {run_dir} is finished; nothing to submit")
             return 0

@@ -15,14 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from growth_ops import GrowthError, ModelSpec, get_operator
 
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.schedule import effective_growth, stage_spec, stage_steps
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 # -- schema: keys and types -------------------------------------------------------------
@@ -180,40 +176,6 @@ def _check_layout(cfg: RunConfig, key: str, stage: StageConfig) -> None:
                           f"{lay.micro_batch_size} does not divide the per-rank batch {per_rank}")
 
 
-def _check_engine_layouts(cfg: RunConfig) -> None:
-    """What the configured engine can run (`grow plan` checks layouts against the cluster)."""
-    for i, stage in enumerate(cfg.schedule.stages):
-        lay = stage.layout
-        if cfg.engine.name == "local" and (lay.tp, lay.pp, lay.dp) != (1, 1, 1):
-            raise ConfigError(f"schedule.stages.{i}.layout", f"engine.name=local runs tp=pp=dp=1, got "
-                                                              f"tp={lay.tp} pp={lay.pp} dp={lay.dp}")
-        if cfg.engine.name == "deepspeed":
-            _check_parallel_layout(cfg, f"schedule.stages.{i}", i)
-
-
-def _check_parallel_layout(cfg: RunConfig, key: str, i: int) -> None:
-    """What a TP/PP layout must divide: heads, kv heads, FFN and vocab by tp, layers by pp;
-    also the previous stage's shape, which the growth check evaluates on this layout."""
-    stages = cfg.schedule.stages
-    stage, lay = stages[i], stages[i].layout
-    shapes = [("", stage.shape)] + ([(" (the previous stage's shape, which the growth check runs on "
-                                      "this layout)", stages[i - 1].shape)] if i else [])
-    for note, s in shapes:
-        for f, v in (("heads", s.heads), ("kv_heads", s.kv_heads or s.heads), ("ffn", s.ffn)):
-            if v % lay.tp:
-                raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide {f}={v}{note}")
-        if s.layers % lay.pp:
-            raise ConfigError(f"{key}.layout.pp", f"{lay.pp} does not divide layers={s.layers}{note}")
-    m = cfg.model
-    if (m.vocab_size or m.vocab_multiple) % lay.tp:
-        raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide the vocabulary "
-                                              "(model.vocab_size, or model.vocab_multiple when null)")
-    if lay.pp > 1 and cfg.engine.zero_stage > 1:
-        raise ConfigError("engine.zero_stage", f"{cfg.engine.zero_stage} cannot run with a pipeline "
-                                               f"({key}.layout.pp={lay.pp}): DeepSpeed's pipeline runs "
-                                               "ZeRO-1 only; use engine.zero_stage=1, or pp=1 in every stage")
-
-
 def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfig) -> None:
     growth = effective_growth(cfg, stage)
     try:
@@ -284,15 +246,16 @@ def _check_rest(cfg: RunConfig) -> None:
         _positive(f"train.{f}", getattr(t, f))
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
-    _choice("engine.name", cfg.engine.name, ("local", "deepspeed"))
+    _choice("engine.name", cfg.engine.name, tuple(ENGINES))
     if cfg.engine.zero_stage == 3:
         raise ConfigError("engine.zero_stage", "3 is not supported: engine=deepspeed reads and writes the "
                                                "canonical checkpoint through ZeRO-1/2 partitions; use 1 "
                                                "(any layout) or 2 (stages with layout.pp=1)")
     _choice("engine.zero_stage", str(cfg.engine.zero_stage), ("1", "2"))
     _positive("engine.timeout_s", cfg.engine.timeout_s)
-    _choice("engine.device", cfg.engine.device, ("auto", "cpu", "cuda"))
-    _choice("engine.dtype", cfg.engine.dtype, ("fp32", "bf16"))
+    kind = engine_kind(cfg.engine.name)
+    _choice("engine.device", cfg.engine.device, kind.devices)
+    _choice("engine.dtype", cfg.engine.dtype, kind.dtypes)
     _positive("engine.threads", cfg.engine.threads)
     _positive("cluster.usd_per_gpu_hour", cfg.cluster.usd_per_gpu_hour, allow_zero=True)
     _positive("cluster.peak_tflops_per_gpu", cfg.cluster.peak_tflops_per_gpu)
@@ -392,7 +355,7 @@ def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
     _check_budget_covers_a_step(cfg)
     _check_init_from(cfg)
     if not planning:
-        _check_engine_layouts(cfg)
+        engine_kind(cfg.engine.name).check_layouts(cfg)
     return cfg
 
 

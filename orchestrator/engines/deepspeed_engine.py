@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 
 from growth_ops.masks import MaskState
-from growth_ops.spec import ModelSpec
 
 from orchestrator.checkpoint.canonical import MOMENTS
-from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.config.schema import RunConfig
+from orchestrator.engines.base import Engine, ShardRole, adamw, set_lr
+from orchestrator.model import install_block_masks, mask_tensors
+from orchestrator.schedule import ResolvedStage
 from orchestrator.data import rank_slice
 from orchestrator.engines.device import backend_for, pick_device
 from orchestrator.engines.parallel_model import (FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
@@ -51,16 +53,14 @@ def init_distributed(timeout_s: float, device: str = "cpu") -> torch.device:
     return dev
 
 
-class DeepSpeedEngine:
-    name = "deepspeed"
-
-    def __init__(self, cfg: RunConfig, stage: StageConfig, spec: ModelSpec):
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg: RunConfig, stage: ResolvedStage):
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
-        lay = stage.layout
+        lay, spec = stage.layout, stage.spec
         self.cfg, self.spec = cfg, spec
         self.tp, self.pp, self.dp = lay.tp, lay.pp, lay.dp
-        self.devices = self.tp * self.pp * self.dp
+        self.devices = stage.world
         self.bf16 = cfg.engine.dtype == "bf16"
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.check_dtype = cfg.engine.dtype  # evaluate(exact=True) runs in the weights' dtype
@@ -82,7 +82,7 @@ class DeepSpeedEngine:
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.rank = dist.get_rank()
-        per_rank = stage.batch_size // self.dp
+        per_rank = stage.config.batch_size // self.dp
         self.micro = lay.micro_batch_size or per_rank
         self.gas = per_rank // self.micro
         self.box = MaskBox()
@@ -100,7 +100,7 @@ class DeepSpeedEngine:
         else:
             raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} needs layout.pp=1 (got {self.pp})")
         self.ds_config = {
-            "train_batch_size": stage.batch_size, "train_micro_batch_size_per_gpu": self.micro,
+            "train_batch_size": stage.config.batch_size, "train_micro_batch_size_per_gpu": self.micro,
             "gradient_accumulation_steps": self.gas,
             "gradient_clipping": cfg.train.grad_clip,
             "zero_optimization": {"stage": cfg.engine.zero_stage},
@@ -158,13 +158,7 @@ class DeepSpeedEngine:
         with torch.no_grad():
             for param, local in slices:
                 param.copy_(local)
-        t = self.cfg.train
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
+        optimizer = adamw(self.module.parameters(), self.cfg.train)
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
                                                mpu=None if self.pipelined else MegatronMpu())
         if self.pipelined:
@@ -246,39 +240,19 @@ class DeepSpeedEngine:
             step = int(next(iter(zopt.optimizer.state.values()))["step"])
         return state, moments, step
 
-    @property
-    def checkpoint_shard(self) -> dict:
-        """How this rank takes part in a checkpoint write (orchestrator.checkpoint.canonical)."""
-        writers = self.tp * self.pp
-        return {"index": self.pp_rank * self.tp + self.tp_rank if self.dp_rank == 0 else None,
-                "count": writers, "leader": self.rank == 0, "barrier": dist.barrier}
+    def shard_role(self) -> ShardRole:
+        """Writers: the TP x PP ranks of DP rank 0, one file each."""
+        return ShardRole(index=self.pp_rank * self.tp + self.tp_rank if self.dp_rank == 0 else None,
+                         count=self.tp * self.pp, leader=self.rank == 0, barrier=dist.barrier)
 
     # -- masks -----------------------------------------------------------------------
     def _apply_masks(self) -> None:
         from orchestrator.engines.parallel_model import BlockLayer
 
-        masks, spec = self.masks, self.spec
-        blocks = [m for m in self.module.modules() if isinstance(m, BlockLayer)]
-        if masks is None or masks.done:
-            self.box.hidden = None
-            for b in blocks:
-                b.block.masks = (None, None, None)
-            return
-
-        def vector(size: int, new: list[int]) -> torch.Tensor | None:
-            if not new:
-                return None
-            v = torch.ones(size, device=self.device, dtype=self.dtype)  # bf16 x bf16 stays bf16
-            v[new] = masks.value
-            return v
-
-        self.box.hidden = vector(spec.hidden, masks.hidden_new)
-        heads, ffn = vector(spec.heads, masks.heads_new), vector(spec.ffn, masks.ffn_new)
-        heads = None if heads is None else heads.chunk(self.tp)[self.tp_rank]
-        ffn = None if ffn is None else ffn.chunk(self.tp)[self.tp_rank]
-        layer = torch.tensor(masks.value, device=self.device, dtype=self.dtype)
-        for b in blocks:
-            b.block.masks = (None, None, layer) if b.index in masks.layers_new else (heads, ffn, None)
+        tensors = mask_tensors(self.masks, self.spec, self.device, self.dtype)  # bf16 x bf16 stays bf16
+        self.box.hidden = tensors.hidden if tensors else None
+        blocks = [(m.index, m.block) for m in self.module.modules() if isinstance(m, BlockLayer)]
+        install_block_masks(blocks, tensors, self.tp, self.tp_rank)
 
     # -- compute ---------------------------------------------------------------------
     def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
@@ -298,8 +272,7 @@ class DeepSpeedEngine:
 
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
         self._apply_masks()
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer, lr)
         _, it = self._micro_batches(batch)
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=it)

@@ -6,33 +6,29 @@ import contextlib
 import torch
 
 from growth_ops.masks import MaskState
-from growth_ops.spec import ModelSpec
 
-from orchestrator.config.schema import RunConfig, StageConfig
-from orchestrator.model import DecoderLM
+from orchestrator.config.schema import RunConfig
+from orchestrator.engines.base import Engine, adamw, set_lr
 from orchestrator.engines.device import pick_device
+from orchestrator.model import DecoderLM
+from orchestrator.schedule import ResolvedStage
 
 
-class LocalEngine:
-    devices = 1  # devices billed per step
+class LocalEngine(Engine):
+    devices = 1
     check_dtype = "fp32"  # evaluate(exact=True) runs without autocast
 
-    def __init__(self, cfg: RunConfig, stage: StageConfig, spec: ModelSpec):
+    def __init__(self, cfg: RunConfig, stage: ResolvedStage):
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
-        self.cfg, self.spec = cfg, spec
+        self.cfg, self.spec = cfg, stage.spec
         self.device = pick_device(cfg.engine.device)
         self.bf16 = cfg.engine.dtype == "bf16"
-        self.micro = stage.layout.micro_batch_size or stage.batch_size
+        self.micro = stage.layout.micro_batch_size or stage.config.batch_size
         with torch.device("meta"):  # no default init: load() sets every weight
-            self.model = DecoderLM(spec)
+            self.model = DecoderLM(self.spec)
         self.model.to_empty(device=self.device)
-        t = cfg.train
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
+        self.optimizer = adamw(self.model.parameters(), cfg.train)
         self.masks: MaskState | None = None
 
     # -- canonical state -------------------------------------------------------------
@@ -50,7 +46,6 @@ class LocalEngine:
                 "exp_avg_sq": moments["exp_avg_sq"][name].to(self.device, torch.float32).clone()}
 
     def export(self) -> tuple[dict, dict, int]:
-        """(weights, {exp_avg, exp_avg_sq}, optimizer step) on the CPU."""
         state = {k: v.detach().cpu().clone() for k, v in self.model.canonical_state().items()}
         moments: dict = {"exp_avg": {}, "exp_avg_sq": {}}
         step = 0
@@ -69,10 +64,8 @@ class LocalEngine:
         return contextlib.nullcontext()
 
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
-        """One optimizer step on a global batch [B, T+1]; returns (loss, grad norm)."""
         self.model.set_masks(self.masks)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         batch = batch.to(self.device, non_blocking=True)
         chunks = batch.split(self.micro)
         total = torch.zeros((), device=self.device)
@@ -91,7 +84,6 @@ class LocalEngine:
 
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
-        """Mean loss over fixed batches; `exact` forces fp32 (for growth checks)."""
         self.model.eval()
         self.model.set_masks(self.masks)
         losses = []

@@ -16,7 +16,7 @@ from torch import nn
 
 from growth_ops.spec import ModelSpec, layer_parameter_axes
 
-from orchestrator.model import Block, Norm, alibi_bias, rope_tables
+from orchestrator.model import Block, Norm, PositionTables
 
 
 def _zeros(weight: torch.Tensor) -> None:  # weights come from the canonical state
@@ -104,16 +104,10 @@ class BlockLayer(nn.Module):
         self.block = Block(spec, tp, tp_linear_factory(config))
         if spec.position == "alibi":
             self.register_buffer("alibi_slopes", torch.zeros(spec.heads // tp))
-        self._rope: dict = {}
+        self.positions = PositionTables(spec)
 
     def forward(self, x):
-        t = x.shape[1]
-        if self.spec.position == "alibi":
-            rope, bias = None, alibi_bias(self.alibi_slopes, t)
-        else:
-            if t not in self._rope:
-                self._rope = {t: rope_tables(t, self.spec.head_dim, self.spec.rope_theta, x.device)}
-            rope, bias = self._rope[t], None
+        rope, bias = self.positions(x.shape[1], x.device, getattr(self, "alibi_slopes", None))
         return self.block(x, self.box.hidden, rope, bias)
 
     def canonical_slices(self):

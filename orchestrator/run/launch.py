@@ -20,7 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.config.schema import RunConfig
+from orchestrator.run.state import next_stage
+from orchestrator.schedule import layout_world
 
 ONLY_STAGE_DONE = "stopped: run.only_stage="
 
@@ -29,21 +32,10 @@ def in_launch() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
-def stage_world(cfg: RunConfig, index: int) -> int:
-    lay = cfg.schedule.stages[index].layout
-    return lay.tp * lay.pp * lay.dp
-
-
-def next_stage(cfg: RunConfig) -> int | None:
-    """The stage the next job runs (None: the schedule is finished)."""
-    from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
-
-    ckpt = latest_checkpoint(Path(cfg.run_dir))
-    if ckpt is None:
-        return 0
-    meta = read_meta(ckpt)
-    index = meta["stage_index"] + (1 if meta["stage_complete"] else 0)
-    return index if index < len(cfg.schedule.stages) else None
+def next_stage_index(cfg: RunConfig) -> int | None:
+    """The stage the next launch runs (None: the schedule is finished)."""
+    return next_stage(read_meta(ckpt) if (ckpt := latest_checkpoint(Path(cfg.run_dir))) else None,
+                      len(cfg.schedule.stages)).index
 
 
 def drive(cfg: RunConfig) -> int:
@@ -63,7 +55,7 @@ def drive(cfg: RunConfig) -> int:
     prepare_data(cfg.data)  # tokenize once here, not racing in every rank
     names = [s.name for s in cfg.schedule.stages]
     while True:
-        index = next_stage(cfg)
+        index = next_stage_index(cfg)
         if index is None:
             print(f"{run_dir} already finished; nothing to do", flush=True)
             return 0
@@ -74,7 +66,7 @@ def drive(cfg: RunConfig) -> int:
         job = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, only_stage=only))
         path = run_dir / f".launch-{index}.json"
         path.write_text(json.dumps(dataclasses.asdict(job)))
-        world = stage_world(cfg, names.index(only))
+        world = layout_world(cfg.schedule.stages[names.index(only)].layout)
         if device.type == "cuda" and world > torch.cuda.device_count():
             print(f"grow: config error: stage {only} needs {world} ranks, one GPU each; this machine has "
                   f"{torch.cuda.device_count()} (engine.device=cpu runs the ranks on the CPU)",

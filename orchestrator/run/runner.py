@@ -15,21 +15,23 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from growth_ops import MaskState, ModelSpec, get_operator
+from growth_ops import ModelSpec, get_operator
 
-from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint,
-                         open_checkpoint)
+from orchestrator.atomic import write_json_atomic
+from orchestrator.budget.control import RunBudget
+from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, all_checkpoints, checkpoint_dir,
+                                               latest_checkpoint, load_checkpoint, open_checkpoint, read_meta)
 from orchestrator.config.schema import RunConfig
-from orchestrator.data import new_cursor, prepare_data, validation_batches
-from orchestrator.engines import make_engine
-from orchestrator.faults import failpoint
-from orchestrator.budget.ledger import BudgetGuard, Ledger
-from orchestrator.model import build_model
-from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
-from orchestrator.run.stage_loop import SignalFlag, StageLoop, StageProgress, StopRequested, set_rng_state
-from orchestrator.tracking.mlflow_tracker import make_tracker
 from orchestrator.config.validate import ConfigError
-from orchestrator.schedule import effective_growth, stage_spec
+from orchestrator.data import new_cursor, prepare_data, validation_batches
+from orchestrator.engines.registry import engine_kind
+from orchestrator.faults import failpoint
+from orchestrator.model import build_model
+from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
+from orchestrator.run.state import NextStage, RunState, next_stage
+from orchestrator.schedule import ResolvedStage, resolve
+from orchestrator.tracking.mlflow_tracker import make_tracker
+from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
 
 # Config sections that define what a run computes; a resume must not change them.
 FIXED_ON_RESUME = ("seed", "init_from", "model", "schedule", "growth", "data", "train")
@@ -74,13 +76,26 @@ def _set(tree, dotted: str, value) -> None:
         tree[last] = value
 
 
+def _trained_before(run_dir: Path) -> bool:
+    """Whether a run in this directory ever took a step (checkpoints aside)."""
+    metrics = run_dir / "metrics.jsonl"
+    return (run_dir / "summary.json").exists() or (metrics.exists() and metrics.stat().st_size > 0)
+
+
 def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
+    """A resume must not change what the run computes. A directory whose run never trained
+    does not pin its settings: its config.json is replaced."""
     path = run_dir / "config.json"
     current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in FIXED_ON_RESUME}
-    if not path.exists():
-        path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    pinned = path.exists() and (all_checkpoints(run_dir) or _trained_before(run_dir))
+    if not pinned:
+        write_json_atomic(path, dataclasses.asdict(cfg))
         return
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in FIXED_ON_RESUME}
+    try:
+        saved = {k: v for k, v in json.loads(path.read_text()).items() if k in FIXED_ON_RESUME}
+    except ValueError as e:
+        raise ConfigError("run_dir", f"{path} is damaged ({e}); it records the settings of the run in "
+                                     f"{run_dir} - restore it, or use another hydra.run.dir") from None
 
     def diff(a, b, key=""):
         if isinstance(a, dict) and isinstance(b, dict):
@@ -109,33 +124,56 @@ def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
                                "resume with the same settings or use another hydra.run.dir")
 
 
-class RunContext:
-    """What every stage shares: config, data, tracking, ledger, console."""
+def is_leader(cfg: RunConfig) -> bool:
+    """Rank 0 of a multi-rank engine (or the only process) logs, tracks and reports."""
+    return not engine_kind(cfg.engine.name).multi_rank or int(os.environ.get("RANK", "0")) == 0
 
-    def __init__(self, cfg: RunConfig, console: Console, extra_params: dict | None = None):
-        self.cfg, self.console = cfg, console
+
+class Run:
+    """What every stage of one run process shares: config, resolved schedule, data, budget,
+    metrics, tracking, console. Data is prepared and the vocabulary checked before anything
+    is written to the run directory."""
+
+    def __init__(self, cfg: RunConfig, console: Console, leader: bool, extra_params: dict | None = None):
+        self.cfg, self.console, self.leader = cfg, console, leader
         self.run_dir = Path(cfg.run_dir)
+        self.kind = engine_kind(cfg.engine.name)
         self.data = prepare_data(cfg.data)
         tok = self.data.tokenizer.vocab_size
-        m = cfg.model
-        self.vocab = m.vocab_size or -(-tok // m.vocab_multiple) * m.vocab_multiple
-        if self.vocab < tok:
-            raise ConfigError("model.vocab_size", f"{m.vocab_size} is below the tokenizer's {tok}")
-        self.specs = [stage_spec(cfg, s, self.vocab) for s in cfg.schedule.stages]
-        self.ledger = Ledger()
-        self.guard = BudgetGuard(cfg.budget, cfg.cluster)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.schedule = resolve(cfg, tok)
+        if self.schedule.vocab < tok:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is below the tokenizer's {tok}")
+        if leader:
+            _check_same_run(self.run_dir, cfg)
+        self.budget = RunBudget(self.schedule, console)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if leader else Path(os.devnull))
         self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
                                     {**_flat_params(dataclasses.asdict(cfg)), **(extra_params or {})}, console)
         self._val: dict = {}
 
-    def val_batches(self, stage) -> list[torch.Tensor]:
-        key = (stage.batch_size, stage.seq_len, tuple(sorted(stage.mixture or self.data.val)))
+    def val_batches(self, stage: ResolvedStage) -> list[torch.Tensor]:
+        s = stage.config
+        key = (s.batch_size, s.seq_len, tuple(sorted(s.mixture or self.data.val)))
         if key not in self._val:
             streams = {n: self.data.val[n] for n in key[2]}
-            self._val[key] = validation_batches(streams, stage.batch_size, stage.seq_len,
-                                                self.cfg.train.eval_batches)
+            self._val[key] = validation_batches(streams, s.batch_size, s.seq_len, self.cfg.train.eval_batches)
         return self._val[key]
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        """On disk first (metrics.jsonl), then to MLflow when the tracker's flush is due."""
+        self.metrics.write(stage, step, metrics)
+        self.tracker.flush()
+
+    def read_checkpoint(self, path: Path):
+        """(weights, moments, meta): a slice-reading engine opens it lazily and reads only
+        its slices; the others load it whole."""
+        return open_checkpoint(path) if self.kind.reads_slices else load_checkpoint(path)
+
+    def engine(self, stage: ResolvedStage):
+        return self.kind.create(self.cfg, stage)
+
+    def last_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
 
 
 def _flat_params(d: dict, prefix: str = "") -> dict:
@@ -152,49 +190,48 @@ def _flat_params(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _grow_into(ctx: RunContext, index: int, prev_ckpt: Path, handoff: dict | None = None):
-    """Start stage `index` from the previous stage's final checkpoint, or, when this process
-    just wrote it, from `handoff`: {"written": what it wrote, "engine": the finished engine}
-    (taken out of the dict, so the old engine is freed once it has served the check)."""
-    stage = ctx.cfg.schedule.stages[index]
-    old_engine = None
-    if handoff is not None:
-        (state, moments, meta), old_engine = handoff.pop("written"), handoff.pop("engine")
-    else:
-        state, moments, meta = _read_for_engine(ctx.cfg, prev_ckpt)  # growth below reads it all
-    ctx.ledger = Ledger.from_dict(meta["ledger"])
-    progress = StageProgress(index=index, step=0, global_step_start=meta["global_step"],
-                             lr_peak=stage.lr.peak if stage.lr.peak is not None else meta["lr"],
-                             cursor=meta["data_cursor"], growth=None,
-                             completed=meta["completed_stages"])
-    engine, progress.growth = _start_stage(ctx, index, state, moments, ModelSpec.from_dict(meta["spec"]),
-                                           meta["optimizer_step"], meta["stage_name"], old_engine)
-    return engine, progress
+def _grow_into(run: Run, index: int, prev: RunState, source: dict):
+    """Start stage `index` from the finished stage before it (`prev`), whose weights and
+    moments are in `source` ({"weights", "moments"}, and "engine": the finished engine when
+    this process just trained it, for the 'before' loss). Entries are taken out of the dict,
+    so the old engine is freed once it has served the check. The grown state is saved as
+    the stage's step 0: the growth happens once, even if the run dies right after."""
+    stage = run.schedule[index]
+    lr = stage.config.lr
+    state = RunState(stage_index=index, stage_name=stage.name, steps_total=stage.steps, spec=stage.spec,
+                     lr_peak=lr.peak if lr.peak is not None else prev.lr, data_cursor=prev.data_cursor,
+                     ledger=prev.ledger, global_step_start=prev.global_step,
+                     completed_stages=prev.completed_stages)
+    run.budget.ledger = state.ledger
+    engine, state.growth = _start_stage(run, stage, source.pop("weights"), source.pop("moments"), prev.spec,
+                                        prev.optimizer_step, prev.stage_name, source.pop("engine", None))
+    save_state(run, engine, state)
+    return engine, state
 
 
-def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpec, opt_step: int,
+def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec, opt_step: int,
                  source: str, old_engine=None):
-    """The engine for stage `index`, from a model state of shape `old_spec` (and its Adam
+    """The engine for `stage`, from a model state of shape `old_spec` (and its Adam
     moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine
     and the growth record; a preserving operator must keep the validation loss, measured
-    before growth by `old_engine` if given (it holds `state`, masks done) or by a new one."""
-    cfg, stage, new_spec = ctx.cfg, ctx.cfg.schedule.stages[index], ctx.specs[index]
+    before growth by `old_engine` if given (it holds `weights`, masks done) or by a new one."""
+    new_spec = stage.spec
     if old_spec == new_spec:
-        engine = make_engine(cfg, stage, new_spec)
-        engine.load(state, moments, opt_step, None)
+        engine = run.engine(stage)
+        engine.load(weights, moments, opt_step, None)
         return engine, None
-    growth = effective_growth(cfg, stage)
+    growth = stage.growth
     op = get_operator(growth.operator)
-    batches = ctx.val_batches(stage)
+    batches = run.val_batches(stage)
     if old_engine is None:
-        old_engine = make_engine(cfg, stage, old_spec)
-        old_engine.load(state, None, 0, None)
+        old_engine = run.engine(dataclasses.replace(stage, spec=old_spec))
+        old_engine.load(weights, None, 0, None)
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
     # growth maps whole tensors: every rank of the new layout grows the full state
-    state = dict(state.items())
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-    grown, masks, maps = op.grow(state, old_spec, new_spec, ramp_steps=growth.ramp_steps,
+    weights = dict(weights.items())
+    generator = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + stage.index)
+    grown, masks, maps = op.grow(weights, old_spec, new_spec, ramp_steps=growth.ramp_steps,
                                  layer_insert=growth.layer_insert, generator=generator,
                                  init=growth.init, moments=growth.moments)
     # masks is None for operators exact without masks (zero, clone) and for stack
@@ -202,15 +239,15 @@ def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpe
     if opt_step:
         grown_moments = {k: op.grow_moments(dict(moments[k].items()), old_spec, new_spec, maps, kind=k)
                          for k in MOMENTS}
-    engine = make_engine(cfg, stage, new_spec)
+    engine = run.engine(stage)
     engine.load(grown, grown_moments, opt_step, masks)
     after = engine.evaluate(batches, exact=True)
     failpoint("growth.done")
-    ctx.console.print(f"[bold]grow[/] {source} -> {stage.name} with {growth.operator}: "
+    run.console.print(f"[bold]grow[/] {source} -> {stage.name} with {growth.operator}: "
                       f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
     # the local engine checks in fp32 even when it trains in bf16; deepspeed bf16 cannot
     tolerance = growth.tolerance if engine.check_dtype == "fp32" else growth.tolerance_bf16
-    if op.PRESERVES_FUNCTION and abs(after - before) > tolerance:
+    if op.PRESERVES_FUNCTION and not abs(after - before) <= tolerance:  # a NaN fails too
         raise GrowthCheckError(
             f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
             f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
@@ -219,84 +256,56 @@ def _start_stage(ctx: RunContext, index: int, state, moments, old_spec: ModelSpe
                     "preserves_function": op.PRESERVES_FUNCTION, "check_dtype": engine.check_dtype}
 
 
-def _fresh_start(ctx: RunContext):
+def _fresh_start(run: Run):
     """Stage 1 from a fresh initialisation, or from `init_from` (an imported or earlier
     checkpoint), grown into stage 1's shape if it is smaller."""
-    cfg, stage = ctx.cfg, ctx.cfg.schedule.stages[0]
-    progress = StageProgress(index=0, step=0, global_step_start=0, lr_peak=stage.lr.peak,
-                             cursor=new_cursor(sorted(ctx.data.train)), growth=None)
+    cfg, stage = run.cfg, run.schedule[0]
+    state = RunState(stage_index=0, stage_name=stage.name, steps_total=stage.steps, spec=stage.spec,
+                     lr_peak=stage.config.lr.peak, data_cursor=new_cursor(sorted(run.data.train)),
+                     ledger=run.budget.ledger)
     if cfg.init_from is None:
-        engine = make_engine(cfg, stage, ctx.specs[0])
-        engine.load(build_model(ctx.specs[0], seed=cfg.seed).canonical_state(), None, 0, None)
-        return engine, progress
-    state, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
+        engine = run.engine(stage)
+        engine.load(build_model(stage.spec, seed=cfg.seed).canonical_state(), None, 0, None)
+        return engine, state
+    weights, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
     spec = ModelSpec.from_dict(meta["spec"])
-    target = ctx.specs[0]
     for field in ("vocab", "norm", "mlp", "position", "tie_embeddings", "rope_theta", "head_dim"):
-        if getattr(spec, field) != getattr(target, field):
+        if getattr(spec, field) != getattr(stage.spec, field):
             raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
-                                           f"this run's {getattr(target, field)!r} (model.* and the tokenizer "
+                                           f"this run's {getattr(stage.spec, field)!r} (model.* and the tokenizer "
                                            "must match the checkpoint)")
-    engine, progress.growth = _start_stage(ctx, 0, state, None, spec, 0, Path(cfg.init_from).name)
-    return engine, progress
+    engine, state.growth = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
+    state.masks = engine.masks
+    return engine, state
 
 
-def _read_for_engine(cfg: RunConfig, ckpt: Path):
-    """A multi-rank engine reads only its slices (lazily, checkpoint.LazyTensors); the local
-    engine the whole checkpoint."""
-    return open_checkpoint(ckpt) if cfg.engine.name == "deepspeed" else load_checkpoint(ckpt)
+def _resume_stage(run: Run, ckpt: Path):
+    weights, moments, meta = run.read_checkpoint(ckpt)
+    state = RunState.from_meta(meta)
+    engine = run.engine(run.schedule[state.stage_index])
+    engine.load(weights, moments, state.optimizer_step, state.masks)
+    set_rng_state(state.rng)
+    run.budget.ledger = state.ledger
+    if state.saved_at:  # a restart (requeue, preemption, crash): time since the checkpoint is lost
+        state.ledger.add_lost(state.stage_name, max(0.0, time.time() - state.saved_at))
+    return engine, state
 
 
-def _resume_stage(ctx: RunContext, ckpt: Path):
-    state, moments, meta = _read_for_engine(ctx.cfg, ckpt)
-    index = meta["stage_index"]
-    stage = ctx.cfg.schedule.stages[index]
-    engine = make_engine(ctx.cfg, stage, ctx.specs[index])
-    engine.load(state, moments, meta["optimizer_step"], MaskState.from_dict(meta["masks"]))
-    set_rng_state(meta["rng"])
-    progress = StageProgress(index=index, step=meta["step"], global_step_start=meta["global_step"] - meta["step"],
-                             lr_peak=meta["lr_peak"], cursor=meta["data_cursor"], growth=meta["growth"],
-                             lr=meta["lr"], val_loss=meta["val_loss"], completed=meta["completed_stages"])
-    ctx.ledger = Ledger.from_dict(meta["ledger"])
-    if meta.get("saved_at"):  # a restart (requeue, preemption, crash): time since the checkpoint is lost
-        ctx.ledger.add_lost(stage.name, max(0.0, time.time() - meta["saved_at"]))
-    return engine, progress
-
-
-def _only_stage(ctx: RunContext, meta: dict | None) -> int | None:
+def _only_stage(run: Run, nxt: NextStage) -> int | None:
     """`run.only_stage`: the index to stop after, or None. Raises ConfigError if the stages
     before it are not finished; returns -1 if that stage is already finished."""
-    name = ctx.cfg.run.only_stage
+    name = run.cfg.run.only_stage
     if name is None:
         return None
-    names = [s.name for s in ctx.cfg.schedule.stages]
-    only = names.index(name)
-    if meta is None:
-        current = 0
-    else:
-        current = meta["stage_index"] + (1 if meta["stage_complete"] else 0)
+    only, names = run.schedule.index(name), run.schedule.names
+    current = len(names) if nxt.done else nxt.index
     if only < current:
         return -1
     if only > current:
         done = names[current - 1] if current else "nothing"
         raise ConfigError("run.only_stage", f"stage {name!r} needs {names[only - 1]!r} finished first "
-                                            f"(finished so far: {done}) in {ctx.run_dir}")
+                                            f"(finished so far: {done}) in {run.run_dir}")
     return only
-
-
-def is_leader(cfg: RunConfig) -> bool:
-    """Rank 0 of a multi-rank engine (or the only process) logs, tracks and reports."""
-    return cfg.engine.name == "local" or int(os.environ.get("RANK", "0")) == 0
-
-
-def _mark_finished(ctx: RunContext, index: int) -> None:
-    if not is_leader(ctx.cfg):
-        return
-    from orchestrator.atomic import write_json_atomic
-    from orchestrator.slurm.paths import finished_flag
-    flag = finished_flag(ctx.run_dir, index, ctx.cfg.schedule.stages[index].name)
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(flag, {"finished_at": time.time(), "job_id": os.environ.get("SLURM_JOB_ID")})
 
 
 def run_schedule(cfg: RunConfig, console: Console | None = None, extra_params: dict | None = None) -> dict:
@@ -311,113 +320,110 @@ def run_schedule(cfg: RunConfig, console: Console | None = None, extra_params: d
         console = Console(file=io.StringIO())
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, enabled=False))
     with RunLock(run_dir) if leader else contextlib.nullcontext():
-        if leader:
-            _check_same_run(run_dir, cfg)
-        ctx = RunContext(cfg, console, extra_params)
-        if not leader:
-            ctx.metrics.close()
-            ctx.metrics = MetricsLog(Path(os.devnull))
+        run = Run(cfg, console, leader, extra_params)
         try:
-            summary = _run(ctx)
+            summary = _run(run)
         except StopRequested as stop:
             console.print(f"[yellow]{stop}[/]; run the same command again to resume")
-            ctx.tracker.finish("KILLED")
+            run.tracker.finish("KILLED")
             raise
         except BaseException:
-            ctx.tracker.finish("FAILED")
+            run.tracker.finish("FAILED")
             raise
         finally:
-            ctx.metrics.close()
+            run.metrics.close()
     return summary
 
 
-def _run(ctx: RunContext) -> dict:
-    cfg, console, stages = ctx.cfg, ctx.console, ctx.cfg.schedule.stages
+def _newest_checkpoint(run: Run) -> Path | None:
+    """The newest intact checkpoint; refuses to start over where a run already spent."""
     damaged: list[str] = []
-    ckpt = latest_checkpoint(ctx.run_dir, damaged)
+    ckpt = latest_checkpoint(run.run_dir, damaged)
     for problem in damaged:
-        console.print(f"[yellow]warning:[/] damaged checkpoint skipped: {problem}")
-    if ckpt is None and damaged and not cfg.checkpoint.allow_fresh_start:
-        raise CheckpointError(f"no intact checkpoint in {ctx.run_dir / 'checkpoints'} "
-                              f"({len(damaged)} damaged); refusing to start from scratch - pass "
+        run.console.print(f"[yellow]warning:[/] damaged checkpoint skipped: {problem}")
+    if ckpt is None and (damaged or _trained_before(run.run_dir)) and not run.cfg.checkpoint.allow_fresh_start:
+        why = f"{len(damaged)} damaged" if damaged else "none left, but the run trained before (metrics.jsonl, summary.json)"
+        raise CheckpointError(f"no intact checkpoint in {run.run_dir / 'checkpoints'} ({why}); refusing to "
+                              "start from scratch and lose what was spent - pass "
                               "checkpoint.allow_fresh_start=true to do that")
-    meta = json.loads((ckpt / "meta.json").read_text()) if ckpt else None
-    only = _only_stage(ctx, meta)
-    if only == -1:
-        console.print(f"stage {cfg.run.only_stage} of {ctx.run_dir} already finished; nothing to do")
-        ctx.tracker.finish("FINISHED")
-        return {"status": "already finished"}
-    if meta is None:
-        engine, progress = _fresh_start(ctx)
-    elif meta["stage_complete"] and meta["stage_index"] + 1 < len(stages):
-        console.print(f"resuming after stage {meta['stage_name']} from {ckpt}")
-        engine, progress = _grow_into(ctx, meta["stage_index"] + 1, ckpt)
-        _save_growth_checkpoint(ctx, engine, progress)
-    elif meta["stage_complete"]:
-        console.print(f"{ctx.run_dir} already finished; nothing to do")
-        ctx.ledger = Ledger.from_dict(meta["ledger"])
-        return _finish(ctx, meta["completed_stages"], "complete")
-    else:
-        console.print(f"resuming stage {meta['stage_name']} at step {meta['step']} from {ckpt}")
-        engine, progress = _resume_stage(ctx, ckpt)
+    return ckpt
 
+
+def _begin(run: Run, nxt: NextStage, ckpt: Path | None, meta: dict | None):
+    """The engine and run state of the stage that runs next."""
+    if nxt.action == "fresh":
+        return _fresh_start(run)
+    if nxt.action == "grow":
+        run.console.print(f"resuming after stage {meta['stage_name']} from {ckpt}")
+        weights, moments, _ = run.read_checkpoint(ckpt)
+        return _grow_into(run, nxt.index, RunState.from_meta(meta), {"weights": weights, "moments": moments})
+    run.console.print(f"resuming stage {meta['stage_name']} at step {meta['step']} from {ckpt}")
+    return _resume_stage(run, ckpt)
+
+
+def _run(run: Run) -> dict:
+    console, schedule = run.console, run.schedule
+    ckpt = _newest_checkpoint(run)
+    meta = read_meta(ckpt) if ckpt else None
+    nxt = next_stage(meta, len(schedule))
+    only = _only_stage(run, nxt)
+    if only == -1:
+        console.print(f"stage {run.cfg.run.only_stage} of {run.run_dir} already finished; nothing to do")
+        run.tracker.finish("FINISHED")
+        return {"status": "already finished"}
+    if nxt.done:
+        console.print(f"{run.run_dir} already finished; nothing to do")
+        state = RunState.from_meta(meta)
+        run.budget.ledger = state.ledger
+        return _finish(run, state.completed_stages, "complete")
+    engine, state = _begin(run, nxt, ckpt, meta)
     with SignalFlag() as signals:
         while True:
-            index = progress.index
-            loop = StageLoop(ctx, stages[index], ctx.specs[index], engine, progress)
-            if progress.step == 0 and progress.growth:
-                loop._log_point({"growth/val_loss_before": progress.growth["val_loss_before"],
-                                 "growth/val_loss_after": progress.growth["val_loss_after"]})
-            outcome = loop.run(signals)
+            index, stage = state.stage_index, schedule[state.stage_index]
+            loop = StageLoop(run, stage, engine, state)
+            outcome = loop.train(signals)
             if outcome != "complete":
-                path = loop.checkpoint()
+                path, _ = save_state(run, engine, state)
                 console.print(f"[yellow]stopped at the step boundary before {outcome} would be "
                               f"exceeded[/]; checkpoint {path}")
                 entry = {**loop.summary_entry(), "checkpoint": str(path)}
-                return _finish(ctx, progress.completed + [entry], f"stopped: {outcome}")
+                return _finish(run, state.completed_stages + [entry], f"stopped: {outcome}")
             entry = loop.summary_entry()
-            entry["checkpoint"] = str(checkpoint_dir(ctx.run_dir, index, stages[index].name, progress.step))
-            progress.completed = progress.completed + [entry]
-            final = loop.checkpoint(complete=True)
+            entry["checkpoint"] = str(checkpoint_dir(run.run_dir, index, stage.name, state.step))
+            state.completed_stages = state.completed_stages + [entry]
+            final, written = save_state(run, engine, state, complete=True)
             failpoint("stage.complete")
-            ctx.tracker.finish_stage(stages[index].name)
-            _mark_finished(ctx, index)
-            console.print(f"[green]stage {stages[index].name} done[/]: val loss {progress.val_loss:.4f}")
-            if index + 1 == len(stages):
-                return _finish(ctx, progress.completed, "complete")
+            run.tracker.finish_stage(stage.name)
+            console.print(f"[green]stage {stage.name} done[/]: val loss {state.val_loss:.4f}")
+            if index + 1 == len(schedule):
+                return _finish(run, state.completed_stages, "complete")
             if index == only:  # one stage per job: growth into the next happens in its own job
-                return _finish(ctx, progress.completed, f"stopped: run.only_stage={stages[index].name} done")
-            handoff = None
-            if loop.written is not None:  # this process wrote `final` whole
-                handoff = {"written": loop.written, "engine": engine}
-            engine = loop = None  # the handoff holds the only references now
-            engine, progress = _grow_into(ctx, index + 1, final, handoff)
-            _save_growth_checkpoint(ctx, engine, progress)
+                return _finish(run, state.completed_stages, f"stopped: run.only_stage={stage.name} done")
+            if written is not None:  # this process wrote `final` whole: grow from memory
+                source = {"weights": written[0], "moments": written[1], "engine": engine}
+            else:
+                weights, moments, _ = run.read_checkpoint(final)
+                source = {"weights": weights, "moments": moments}
+            engine = loop = written = None  # `source` holds the only references now
+            engine, state = _grow_into(run, index + 1, state, source)
 
 
-def _save_growth_checkpoint(ctx: RunContext, engine, progress: StageProgress) -> None:
-    """Step 0 of a grown stage: the growth is done once, even if the run dies right after."""
-    stage = ctx.cfg.schedule.stages[progress.index]
-    loop = StageLoop(ctx, stage, ctx.specs[progress.index], engine, progress)
-    loop.checkpoint()
-
-
-def _finish(ctx: RunContext, entries: list[dict], status: str) -> dict:
-    if not is_leader(ctx.cfg):
+def _finish(run: Run, entries: list[dict], status: str) -> dict:
+    if not run.leader:
         return {"status": status}
     for e in entries:  # a stage run created after the store came back has its id only now
-        e["mlflow_run_id"] = ctx.tracker.run_id(e["name"]) or e.get("mlflow_run_id")
-    summary = build_summary(entries, ctx.ledger, ctx.tracker.info, status)
-    write_summary(ctx.run_dir, summary)
+        e["mlflow_run_id"] = run.tracker.run_id(e["name"]) or e.get("mlflow_run_id")
+    summary = build_summary(entries, run.budget.ledger, run.tracker.info, status)
+    write_summary(run.run_dir, summary)
     growth_steps, step = [], 0
     for e in entries:
         if e["growth"]:
             growth_steps.append((step, e["name"]))
         step += e["steps"]
-    plot = plot_losses(ctx.run_dir / "metrics.jsonl", ctx.run_dir / "loss.png", growth_steps)
-    print_table(ctx.console, summary)
-    for path in (ctx.run_dir / "config.json", ctx.run_dir / "summary.json", plot):
-        ctx.tracker.artifact(path)
-    ctx.tracker.finish("FINISHED")  # a budget stop is a clean end too; a resume reopens the runs
-    ctx.console.print(f"summary: {ctx.run_dir / 'summary.json'}")
+    plot = plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png", growth_steps)
+    print_table(run.console, summary)
+    for path in (run.run_dir / "config.json", run.run_dir / "summary.json", plot):
+        run.tracker.artifact(path)
+    run.tracker.finish("FINISHED")  # a budget stop is a clean end too; a resume reopens the runs
+    run.console.print(f"summary: {run.run_dir / 'summary.json'}")
     return summary

@@ -19,7 +19,8 @@ import sys
 import time
 
 from orchestrator.atomic import write_json_atomic
-from orchestrator.slurm.paths import finished_flag, latest_meta, read_json, stage_state_file
+from orchestrator.run.state import is_finished, latest_meta
+from orchestrator.slurm.paths import read_json, stage_state_file
 
 EXIT_FINISHED, EXIT_TOO_MANY_FAILURES, EXIT_REQUEUE = 3, 4, 10
 NOT_RETRIED = (2, 3)  # config error, growth check failed: the same again would fail again
@@ -43,7 +44,7 @@ def _save(run_dir, name: str, state: dict) -> None:
 
 
 def begin(run_dir, name: str, index: int, max_failures: int) -> int:
-    if finished_flag(run_dir, index, name).exists():
+    if is_finished(latest_meta(run_dir), index):
         print(f"grow: stage {name} already finished; nothing to do")
         return EXIT_FINISHED
     state = _load(run_dir, name)
@@ -63,7 +64,7 @@ def end(run_dir, name: str, index: int, rc: int, signalled: bool, max_failures: 
     state = _load(run_dir, name)
     attempt = state["attempts"][-1] if state["attempts"] else {"tokens_before": 0}
     tokens = stage_tokens(run_dir, name)
-    done = finished_flag(run_dir, index, name).exists()
+    done = is_finished(latest_meta(run_dir), index)
     progressed = tokens > attempt.get("tokens_before", 0)
     attempt.update({"end": time.time(), "rc": rc, "signalled": signalled, "tokens_after": tokens})
     if done:  # the stage completed; a signal right at the end (torchrun then exits non-zero) is moot

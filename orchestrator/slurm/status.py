@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.slurm.paths import finished_flag, jobs_file, latest_meta, read_json, stage_state_file
+from orchestrator.run.state import is_finished, latest_meta
+from orchestrator.slurm.paths import jobs_file, read_json, stage_state_file
 from orchestrator.slurm.queue import query_jobs
 
 NEVER = ("DependencyNeverSatisfied",)
@@ -48,7 +49,7 @@ def describe(run_dir: Path) -> dict:
         state_file = read_json(stage_state_file(run_dir, name), {"attempts": [], "failures": 0})
         attempts = state_file["attempts"]
         requeues = max(q.get("restarts", 0), len(attempts) - len({a.get("job_id") for a in attempts}))
-        finished = finished_flag(run_dir, index, name).exists()
+        finished = is_finished(meta or None, index)
         if finished:
             state = "FINISHED"
         elif q:

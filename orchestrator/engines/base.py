@@ -1,0 +1,72 @@
+"""What the runner needs of a training engine, and what every engine shares.
+
+An engine holds one stage's model on its devices: it loads and exports the canonical state
+(weights, Adam moments, optimizer step, growth masks), takes one optimizer step per global
+batch and evaluates fixed batches. Which engines exist and what they can do is declared in
+`orchestrator.engines.registry`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from growth_ops.masks import MaskState
+
+from orchestrator.config.schema import TrainConfig
+
+
+@dataclass(frozen=True)
+class ShardRole:
+    """How one rank of a multi-rank engine takes part in a checkpoint write
+    (`orchestrator.checkpoint.sharded`): its file index (None: writes nothing) of `count`
+    files, whether it seals and publishes, and the barrier all ranks meet at."""
+
+    index: int | None
+    count: int
+    leader: bool
+    barrier: Callable[[], None]
+
+
+class Engine(ABC):
+    devices: int  # devices billed per step
+    check_dtype: str  # the dtype evaluate(exact=True) computes in (the growth check's)
+    masks: MaskState | None = None
+
+    @abstractmethod
+    def load(self, state, moments: dict | None, step: int, masks: MaskState | None) -> None:
+        """Canonical weights (a dict, or lazily opened tensors for a slice reader), Adam
+        moments ({exp_avg, exp_avg_sq}: name -> tensor) when `step` > 0, growth masks."""
+
+    @abstractmethod
+    def export(self) -> tuple[dict, dict, int]:
+        """(weights, moments, optimizer step) as full fp32 CPU tensors: all of them, or for
+        a multi-rank engine this rank's share (see `shard_role`)."""
+
+    @abstractmethod
+    def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        """One optimizer step on a global batch [B, T+1]; returns (loss, grad norm)."""
+
+    @abstractmethod
+    def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
+        """Mean loss over fixed batches; `exact` computes in `check_dtype` (growth checks)."""
+
+    def shard_role(self) -> ShardRole | None:
+        """None: this process writes whole checkpoints alone."""
+        return None
+
+
+def adamw(params, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or slopes)."""
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=0.0, betas=(train.beta1, train.beta2), eps=train.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

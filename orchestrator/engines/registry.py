@@ -1,0 +1,84 @@
+"""Engines by name, with what each can do declared up front.
+
+The descriptors here import neither torch nor DeepSpeed, so validation and planning can ask
+an engine what it runs (layouts, devices, dtypes, whether it runs many ranks) without
+loading it; `EngineKind.create` imports the implementation only when a stage is built.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    from orchestrator.engines.base import Engine
+    from orchestrator.schedule import ResolvedStage
+
+
+def _single_device_layout(cfg: RunConfig, i: int) -> None:
+    lay = cfg.schedule.stages[i].layout
+    if (lay.tp, lay.pp, lay.dp) != (1, 1, 1):
+        raise ConfigError(f"schedule.stages.{i}.layout", f"engine.name={cfg.engine.name} runs tp=pp=dp=1, "
+                                                          f"got tp={lay.tp} pp={lay.pp} dp={lay.dp}")
+
+
+def check_parallel_layout(cfg: RunConfig, i: int) -> None:
+    """What a TP/PP layout must divide: heads, kv heads, FFN and vocab by tp, layers by pp;
+    also the previous stage's shape, which the growth check evaluates on this layout."""
+    key = f"schedule.stages.{i}"
+    stages = cfg.schedule.stages
+    stage, lay = stages[i], stages[i].layout
+    shapes = [("", stage.shape)] + ([(" (the previous stage's shape, which the growth check runs on "
+                                      "this layout)", stages[i - 1].shape)] if i else [])
+    for note, s in shapes:
+        for f, v in (("heads", s.heads), ("kv_heads", s.kv_heads or s.heads), ("ffn", s.ffn)):
+            if v % lay.tp:
+                raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide {f}={v}{note}")
+        if s.layers % lay.pp:
+            raise ConfigError(f"{key}.layout.pp", f"{lay.pp} does not divide layers={s.layers}{note}")
+    m = cfg.model
+    if (m.vocab_size or m.vocab_multiple) % lay.tp:
+        raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide the vocabulary "
+                                              "(model.vocab_size, or model.vocab_multiple when null)")
+    if lay.pp > 1 and cfg.engine.zero_stage > 1:
+        raise ConfigError("engine.zero_stage", f"{cfg.engine.zero_stage} cannot run with a pipeline "
+                                               f"({key}.layout.pp={lay.pp}): DeepSpeed's pipeline runs "
+                                               "ZeRO-1 only; use engine.zero_stage=1, or pp=1 in every stage")
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    name: str
+    implementation: str  # "module:Class"
+    multi_rank: bool  # one process per device, started by torchrun or srun (one launch per stage)
+    reads_slices: bool  # loads only its own slices of a lazily opened canonical checkpoint
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    check_layout: Callable[[RunConfig, int], None]  # raises ConfigError naming the key
+
+    def check_layouts(self, cfg: RunConfig) -> None:
+        for i in range(len(cfg.schedule.stages)):
+            self.check_layout(cfg, i)
+
+    def create(self, cfg: RunConfig, stage: "ResolvedStage") -> "Engine":
+        module, cls = self.implementation.split(":")
+        return getattr(importlib.import_module(module), cls)(cfg, stage)
+
+
+ENGINES: dict[str, EngineKind] = {k.name: k for k in (
+    EngineKind("local", "orchestrator.engines.local:LocalEngine", multi_rank=False, reads_slices=False,
+               devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), check_layout=_single_device_layout),
+    EngineKind("deepspeed", "orchestrator.engines.deepspeed_engine:DeepSpeedEngine", multi_rank=True,
+               reads_slices=True, devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"),
+               check_layout=check_parallel_layout),
+)}
+
+
+def engine_kind(name: str) -> EngineKind:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ConfigError("engine.name", f"{name!r} is not allowed; allowed: {', '.join(ENGINES)}") from None
