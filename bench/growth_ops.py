@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from growth_ops import ModelSpec, count_parameters  # noqa: E402
 from growth_ops.spec import axis_size, parameter_axes  # noqa: E402
-from orchestrator.offline.expand import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
+from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
 
 CHUNK = 1 << 24
 # Runs the CLI in-process and reports the process's own peak RSS.
