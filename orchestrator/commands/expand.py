@@ -1,10 +1,14 @@
 """`grow expand` (alias `grow grow`): grow a checkpoint on disk.
 
     grow expand ckpt=SRC out=DST growth=OP [layers= hidden= ffn= heads= kv_heads=]
-                [layer_insert= init= moments= ramp_steps= seed=0 check=true overwrite=false]
+                [layer_insert= init= moments= ramp_steps= seed=0 tolerance= check=true overwrite=false]
 
 Options left out take the operator's defaults from conf/growth/<OP>.yaml, the same as in
 `grow run` (msg: ramp_steps=40, so the masks start at 0 and the function is the old one).
+The grown model is compared with the source on a fixed batch of tokens: max |logit diff|
+must stay within tolerance x max(1, max |logit|) for msg, zero and clone (exit 3, nothing
+written, otherwise); for stack it is reported. `tolerance=` overrides the yaml's
+(`tolerance`, or `tolerance_bf16` for a bf16/fp16 checkpoint).
 """
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ from pathlib import Path
 import yaml
 
 from orchestrator.cli import CONF_DIR
-from orchestrator.commands.options import (UsageError, bool_option, int_option, parse_options,
+from orchestrator.commands.options import (UsageError, bool_option, float_option, int_option, parse_options,
                                            run_reporting_errors)
 
 SHAPE_KEYS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 KEYS = ("ckpt", "out", "growth", *SHAPE_KEYS, "ramp_steps", "layer_insert", "init", "moments", "seed",
-        "check", "overwrite")
+        "tolerance", "check", "overwrite")
 
 
 def operator_defaults(operator: str) -> dict:
@@ -49,8 +53,9 @@ def expand(args: list[str]) -> int:
         ramp_steps=int_option(opts, "ramp_steps", defaults.get("ramp_steps", 0), minimum=0),
         layer_insert=opts.get("layer_insert", defaults.get("layer_insert", "append")),
         init=opts.get("init", defaults.get("init")), moments=opts.get("moments", defaults.get("moments")),
-        seed=int_option(opts, "seed", 0), tolerance=float(defaults.get("tolerance", 1e-5)),
-        tolerance_bf16=float(defaults.get("tolerance_bf16", 5e-3)), check=bool_option(opts, "check", True),
+        seed=int_option(opts, "seed", 0), tolerance=float_option(opts, "tolerance", defaults.get("tolerance", 1e-5)),
+        tolerance_bf16=float_option(opts, "tolerance", defaults.get("tolerance_bf16", 5e-3)),
+        check=bool_option(opts, "check", True),
         overwrite=bool_option(opts, "overwrite", False))
     print(f"grew {shape_line(record['from_spec'])} -> {shape_line(record['to_spec'])} with {record['operator']}: "
           f"{record['out']}")

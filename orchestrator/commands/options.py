@@ -45,6 +45,19 @@ def int_option(opts: dict[str, str], key: str, default: int | None = None, minim
     return value
 
 
+def float_option(opts: dict[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+    raw = opts.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{key}: {raw!r} is not a number") from None
+    if not value >= minimum:  # also refuses nan
+        raise UsageError(f"{key}: {raw} is not allowed; allowed: >= {minimum:g}")
+    return value
+
+
 def bool_option(opts: dict[str, str], key: str, default: bool) -> bool:
     raw = opts.get(key)
     if raw is None:

@@ -53,6 +53,5 @@ def logit_change(old_spec: ModelSpec, old_state: Mapping[str, torch.Tensor], new
 
 
 def describe(check: dict) -> str:
-    return (f"max |logit diff| {check['max_abs_logit_diff']:.3g} on {check['tokens'][0]}x{check['tokens'][1]} "
-            f"fixed tokens in fp32 (max |logit| {check['max_abs_logit']:.3g}; bound {check['bound']:.3g} = "
-            f"tolerance {check['tolerance']:g} x max(1, max |logit|))")
+    return (f"max |logit diff| {check['max_abs_logit_diff']:.3g} (max |logit| {check['max_abs_logit']:.3g}, bound "
+            f"{check['bound']:.3g}) on {check['tokens'][0]}x{check['tokens'][1]} fixed tokens in fp32")

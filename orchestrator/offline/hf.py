@@ -226,7 +226,7 @@ def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | 
         cfg = hf_config(spec, max_positions)
     except ValueError as e:  # transformers' own validation, in one line
         raise OfflineError("model", f"transformers refuses this shape: {str(e).splitlines()[-1].strip()}") from None
-    cfg.torch_dtype = HF_DTYPES[dtype]
+    cfg.dtype = HF_DTYPES[dtype]
     layout = [(hf_name(n), dtype, tuple(axis_size(spec, k) for k in kinds))
               for n, kinds in parameter_axes(spec).items()]
     with staged_dir(out) as tmp:

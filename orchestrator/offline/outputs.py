@@ -22,6 +22,7 @@ import torch
 
 from orchestrator.atomic import fsync_dir, fsync_file
 from orchestrator.checkpoint.canonical import seal_and_publish
+from orchestrator.faults import failpoint
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
@@ -77,6 +78,7 @@ def publish_dir(tmp: Path, out: Path) -> Path:
     for f in tmp.iterdir():
         fsync_file(f)
     fsync_dir(tmp)
+    failpoint("offline.written")  # complete in the temp dir, not yet in place
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
