@@ -330,3 +330,25 @@ def test_import_expand_export_keeps_transformers_logits(tmp_path_factory, shape)
         worst = max(worst, (got - want).abs().max().item())
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"{op} {shape}: {m}")
     print(f"max |logit diff| over msg, zero, clone for {shape}: {worst:.3g}")
+
+
+def test_a_checkpoint_sharded_by_tensor_grows_as_the_single_file_one(imported, tmp_path, capsys):
+    """A run's checkpoint written by several ranks (files model-0000i-of-0000n): expand reads
+    every shard (it used to read model.safetensors only, and grew an all-random model)."""
+    from orchestrator.checkpoint.canonical import shard_name
+
+    state, _, meta = load_checkpoint(imported[2])
+    names = list(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+
+    def files(tmp):
+        for i, part in enumerate(halves):
+            write_safetensors_stream(tmp / shard_name("model", i, 2),
+                                     [(k, state[k].dtype, tuple(state[k].shape)) for k in part],
+                                     ((k, state[k]) for k in part))
+            write_safetensors_stream(tmp / shard_name("optimizer", i, 2), [], iter(()))
+    write_checkpoint_dir(tmp_path / "sharded", files, {k: v for k, v in meta.items() if k != "format"})
+    for src, out in ((imported[2], "one"), (tmp_path / "sharded", "two")):
+        assert grow(capsys, "expand", f"ckpt={src}", f"out={tmp_path / out}", "growth=zero", "hidden=48")[0] == 0
+    one, two = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()

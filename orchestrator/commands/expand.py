@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from orchestrator.cli import CONF_DIR
-from orchestrator.commands.options import (UsageError, bool_option, float_option, int_option, parse_options,
-                                           run_reporting_errors)
+from orchestrator.commands.options import (UsageError, bool_option, float_option, int_option,
+                                           parse_options, run_reporting_errors)
 
 SHAPE_KEYS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 KEYS = ("ckpt", "out", "growth", *SHAPE_KEYS, "ramp_steps", "layer_insert", "init", "moments", "seed",
@@ -48,15 +48,15 @@ def expand(args: list[str]) -> int:
     shape = {k: int_option(opts, k, minimum=1) for k in SHAPE_KEYS if k in opts}
     if not shape:
         raise UsageError(f"nothing to grow: give at least one of {', '.join(SHAPE_KEYS)}")
+    tolerance = float_option(opts, "tolerance", defaults.get("tolerance", 1e-5))
     record = grow_checkpoint(
         Path(opts["ckpt"]), Path(opts["out"]), opts["growth"], shape,
         ramp_steps=int_option(opts, "ramp_steps", defaults.get("ramp_steps", 0), minimum=0),
         layer_insert=opts.get("layer_insert", defaults.get("layer_insert", "append")),
         init=opts.get("init", defaults.get("init")), moments=opts.get("moments", defaults.get("moments")),
-        seed=int_option(opts, "seed", 0), tolerance=float_option(opts, "tolerance", defaults.get("tolerance", 1e-5)),
-        tolerance_bf16=float_option(opts, "tolerance", defaults.get("tolerance_bf16", 5e-3)),
-        check=bool_option(opts, "check", True),
-        overwrite=bool_option(opts, "overwrite", False))
+        seed=int_option(opts, "seed", 0, minimum=0), tolerance=tolerance,
+        tolerance_bf16=tolerance if "tolerance" in opts else float(defaults.get("tolerance_bf16", 5e-3)),
+        check=bool_option(opts, "check", True), overwrite=bool_option(opts, "overwrite", False))
     print(f"grew {shape_line(record['from_spec'])} -> {shape_line(record['to_spec'])} with {record['operator']}: "
           f"{record['out']}")
     if record["check"] is not None:

@@ -28,7 +28,6 @@ from orchestrator.offline.check import FunctionChangedError, describe, logit_cha
 from orchestrator.offline.outputs import (OfflineError, check_output, write_checkpoint_dir,
                                           write_safetensors_stream)
 
-SHAPE_KEYS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 
 
 def operator_named(name: str) -> ModuleType:
