@@ -352,3 +352,19 @@ def test_a_checkpoint_sharded_by_tensor_grows_as_the_single_file_one(imported, t
         assert grow(capsys, "expand", f"ckpt={src}", f"out={tmp_path / out}", "growth=zero", "hidden=48")[0] == 0
     one, two = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_a_checkpoint_whose_tensors_do_not_match_its_spec_is_refused(imported, tmp_path, capsys):
+    """A missing tensor would otherwise be grown as a new one (random) without a word."""
+    state, _, meta = load_checkpoint(imported[2])
+    meta["spec"]["tie_embeddings"] = False  # now head.weight is expected, and absent
+
+    def files(tmp):
+        write_safetensors_stream(tmp / "model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()],
+                                 state.items())
+        write_safetensors_stream(tmp / "optimizer.safetensors", [], iter(()))
+    write_checkpoint_dir(tmp_path / "odd", files, {k: v for k, v in meta.items() if k != "format"})
+    for args in (["expand", "growth=zero", "hidden=48"], ["export-hf"]):
+        code, _, err = grow(capsys, *args, f"ckpt={tmp_path / 'odd'}", f"out={tmp_path / 'o'}")
+        assert code == 2 and "has no tensor head.weight" in err, err
+        assert not (tmp_path / "o").exists()

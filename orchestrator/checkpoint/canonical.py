@@ -199,11 +199,12 @@ class LazyTensors(Mapping):
             idx = tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(shape)))
             return sl[idx]
 
-    def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of one tensor, from the file header (no data read)."""
+    def stored(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of one tensor, from the file header (no data read)."""
         f, key = self._where[name]
         with safe_open(f, framework="pt") as h:
-            return STORED_DTYPES[h.get_slice(key).get_dtype()]
+            sl = h.get_slice(key)
+            return STORED_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
 
     def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's would)
         return name in self._where

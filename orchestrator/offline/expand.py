@@ -18,12 +18,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors.torch import load_file
 
 from growth_ops import GrowthError, MaskState, ModelSpec, get_operator, iter_grown, iter_moments
 from growth_ops.common import all_axes
 from growth_ops.spec import axis_size, parameter_axes
-from orchestrator.checkpoint.canonical import MOMENTS, open_checkpoint
+from orchestrator.checkpoint.canonical import MOMENTS, LazyTensors, open_checkpoint
 from orchestrator.offline.check import FunctionChangedError, describe, logit_change
 from orchestrator.offline.outputs import (OfflineError, check_output, write_checkpoint_dir,
                                           write_safetensors_stream)
@@ -35,6 +34,19 @@ def operator_named(name: str) -> ModuleType:
         return get_operator(name)
     except GrowthError as e:
         raise OfflineError("growth", str(e).split(": ", 1)[1]) from None
+
+
+def check_state(model: LazyTensors, spec: ModelSpec, ckpt: Path) -> torch.dtype:
+    """Every tensor meta.json's spec implies is there with its shape (a missing one would
+    otherwise be grown as new); returns the checkpoint's dtype."""
+    for name, kinds in all_axes(spec).items():
+        want = tuple(axis_size(spec, k) for k in kinds)
+        if name not in model:
+            raise OfflineError("ckpt", f"{ckpt} has no tensor {name}, which its meta.json spec implies")
+        if model.stored(name)[1] != want:
+            raise OfflineError("ckpt", f"{ckpt}: {name} has shape {model.stored(name)[1]}, its meta.json spec "
+                                       f"says {want}")
+    return model.stored("embed.weight")[0]
 
 
 def target_spec(old: ModelSpec, shape: dict[str, int]) -> ModelSpec:
@@ -66,6 +78,7 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
     out = check_output(out, {"ckpt": src}, overwrite)
     model_in, moments_in, meta = open_checkpoint(src)  # verifies every file against the manifest
     old = ModelSpec.from_dict(meta["spec"])
+    dtype = check_state(model_in, old, src)
     new = target_spec(old, shape)
     masks_now = MaskState.from_dict(meta.get("masks"))
     if masks_now is not None and not masks_now.done:
@@ -76,7 +89,6 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
         raise OfflineError("ramp_steps", f"{operator} uses no masks; allowed: 0")
     plan = op.plan_growth(old, new, layer_insert, init, moments)
     masks = op.masks_for(plan, ramp_steps) if op.USES_MASKS else None  # refuses a ramp of 0 steps
-    dtype = model_in.dtype("embed.weight")
     model_layout = [(n, dtype, tuple(axis_size(new, k) for k in kinds)) for n, kinds in all_axes(new).items()]
     has_moments = len(moments_in["exp_avg"]) > 0
     moment_layout = [(f"{kind}.{n}", torch.float32, tuple(axis_size(new, k) for k in kinds))
@@ -105,7 +117,7 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
             warnings.append("check=false: the grown model was not compared with the source")
             return new_meta
         tol = tolerance if dtype == torch.float32 else tolerance_bf16
-        result = logit_change(old, model_in, new, load_file(tmp / "model.safetensors"), masks, tol)
+        result = logit_change(old, model_in, new, LazyTensors([tmp / "model.safetensors"]), masks, tol)
         if op.PRESERVES_FUNCTION and not result["within_tolerance"]:
             raise FunctionChangedError(f"growth with {operator} changed the function: {describe(result)}; "
                                        f"nothing was written to {out}")

@@ -27,6 +27,7 @@ from growth_ops import MaskState, ModelSpec, iter_grown
 from growth_ops.msg import unmasked_plan
 from growth_ops.spec import axis_size, parameter_axes
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
+from orchestrator.offline.expand import check_state
 from orchestrator.offline.outputs import (OfflineError, check_output, publish_dir, staged_dir,
                                           write_checkpoint_dir, write_safetensors_stream)
 
@@ -217,11 +218,11 @@ def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | 
         raise OfflineError("ckpt", f"{ckpt} is not a canonical checkpoint directory (no manifest.json)")
     out = check_output(out, {"ckpt": ckpt}, overwrite)
     model, _, meta = open_checkpoint(ckpt)  # verifies every file against the manifest
+    stored_spec = ModelSpec.from_dict(meta["spec"])
+    dtype = check_state(model, stored_spec, ckpt)
     warnings: list[str] = []
-    spec, tensors = exported_tensors(ModelSpec.from_dict(meta["spec"]), MaskState.from_dict(meta.get("masks")),
-                                     model, masks, warnings)
+    spec, tensors = exported_tensors(stored_spec, MaskState.from_dict(meta.get("masks")), model, masks, warnings)
     check_exportable(spec)
-    dtype = model.dtype("embed.weight")
     try:
         cfg = hf_config(spec, max_positions)
     except ValueError as e:  # transformers' own validation, in one line
