@@ -2,6 +2,10 @@
 
     grow import-hf src=HF_DIR out=CKPT [overwrite=false]
     grow export-hf ckpt=CKPT out=HF_DIR [max_positions=2048] [masks=drop] [overwrite=false]
+
+An existing non-empty out= is replaced only with overwrite=true, never the input; the
+output appears whole or not at all. export-hf verifies the checkpoint first; an msg
+checkpoint whose masks are below 1 exports only with masks=drop (the model before growth).
 """
 from __future__ import annotations
 
@@ -36,8 +40,14 @@ def export_hf_args(args: list[str]) -> int:
 
 
 def import_command(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
     return run_reporting_errors("import-hf", lambda: import_hf_args(args))
 
 
 def export_command(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
     return run_reporting_errors("export-hf", lambda: export_hf_args(args))

@@ -109,7 +109,7 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
     record = {"operator": operator, "from_spec": old.to_dict(), "layer_insert": layer_insert,
               "init": plan.init, "moments": plan.moments_rule, "seed": seed,
               "ramp_steps": ramp_steps if op.USES_MASKS else None,
-              "preserves_function": op.PRESERVES_FUNCTION, "source": str(src), "check": None}
+              "preserves_function": op.PRESERVES_FUNCTION, "source": str(src.resolve()), "check": None}
     warnings = []
 
     def check_function(tmp: Path, new_meta: dict) -> dict:
@@ -124,7 +124,7 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
         if not op.PRESERVES_FUNCTION:
             warnings.append(f"{operator} does not preserve the function (preserves_function: false in "
                             "meta.json); the change was measured, not checked")
-        record["check"] = result
+        record["check"] = result  # record is new_meta's offline_growth
         return new_meta
 
     if new.hidden % new.heads:
