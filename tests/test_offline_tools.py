@@ -271,19 +271,30 @@ def test_a_mid_ramp_msg_checkpoint_exports_only_as_chosen(imported, tmp_path, ca
     assert code == 2 and "nothing to drop" in err
 
 
-def test_an_msg_checkpoint_whose_masks_reached_1_exports_as_it_is(imported, tmp_path, capsys):
-    assert grow(capsys, "expand", f"ckpt={imported[2]}", f"out={tmp_path / 'g'}", "growth=msg", "hidden=48",
+@pytest.mark.parametrize("steps_done", [2, 5])
+def test_an_msg_checkpoint_later_in_its_ramp(imported, tmp_path, capsys, steps_done):
+    """At the end of the ramp (5/5) it exports as it is; mid-ramp (2/5) only with masks=drop,
+    which warns that the export is the model before growth, not the checkpoint's function."""
+    hf, _, ckpt = imported
+    assert grow(capsys, "expand", f"ckpt={ckpt}", f"out={tmp_path / 'g'}", "growth=msg", "hidden=48",
                 "layers=3", "ramp_steps=5")[0] == 0
     state, _, meta = load_checkpoint(tmp_path / "g")
-    meta["masks"]["steps_done"] = 5  # as training leaves it at the end of the ramp
+    meta["masks"]["steps_done"] = steps_done  # as training leaves it
 
     def files(tmp):
         write_safetensors_stream(tmp / "model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()],
                                  state.items())
         write_safetensors_stream(tmp / "optimizer.safetensors", [], iter(()))
-    write_checkpoint_dir(tmp_path / "done", files, {k: v for k, v in meta.items() if k != "format"})
-    assert grow(capsys, "export-hf", f"ckpt={tmp_path / 'done'}", f"out={tmp_path / 'o'}")[0] == 0
-    torch.testing.assert_close(hf_logits(tmp_path / "o"), our_logits(tmp_path / "done"), rtol=0, atol=1e-5)
+    write_checkpoint_dir(tmp_path / "later", files, {k: v for k, v in meta.items() if k != "format"})
+    if steps_done == 5:
+        assert grow(capsys, "export-hf", f"ckpt={tmp_path / 'later'}", f"out={tmp_path / 'o'}")[0] == 0
+        torch.testing.assert_close(hf_logits(tmp_path / "o"), our_logits(tmp_path / "later"), rtol=0, atol=1e-5)
+        return
+    code, _, err = grow(capsys, "export-hf", f"ckpt={tmp_path / 'later'}", f"out={tmp_path / 'o'}")
+    assert code == 2 and "masks are at 0.4 (2/5 steps)" in err and "3 more steps" in err, err
+    code, _, err = grow(capsys, "export-hf", f"ckpt={tmp_path / 'later'}", f"out={tmp_path / 'o'}", "masks=drop")
+    assert code == 0 and "not this checkpoint's current function" in err
+    torch.testing.assert_close(hf_logits(tmp_path / "o"), hf_logits(hf), rtol=0, atol=1e-5)
 
 
 # -- the property: import -> expand (each preserving operator, defaults) -> export -----------
