@@ -335,6 +335,8 @@ def test_import_expand_export_keeps_transformers_logits(tmp_path_factory, shape)
     worst = 0.0
     for op, args in targets(shape).items():
         assert main(["expand", f"ckpt={tmp / 'ckpt'}", f"out={tmp / op}", f"growth={op}", *args]) == 0, (op, args)
+        # the grown checkpoint itself (msg: with its masks at 0) computes transformers' logits
+        torch.testing.assert_close(our_logits(tmp / op), want, rtol=0, atol=1e-5, msg=lambda m: f"{op} {shape}: {m}")
         export = ["masks=drop"] if op == "msg" else []  # msg's masks are at 0: the export is the model before growth
         assert main(["export-hf", f"ckpt={tmp / op}", f"out={tmp / (op + '_hf')}", *export]) == 0, op
         got = hf_logits(tmp / (op + "_hf"))
