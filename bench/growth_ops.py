@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from growth_ops import ModelSpec, count_parameters  # noqa: E402
 from growth_ops.spec import axis_size, parameter_axes  # noqa: E402
-from orchestrator.offline.expand import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
+from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
 
 CHUNK = 1 << 24
 # Runs the CLI in-process and reports the process's own peak RSS.
@@ -122,7 +122,8 @@ def main() -> None:
         new_spec = spec.with_shape(**{**shape, "kv_heads": shape.get("kv_heads", spec.kv_heads)})
         drop_page_cache_hint(src)
         cmd = [sys.executable, "-c", MEASURED, "grow", f"ckpt={src}", f"out={dst}", f"growth={name}",
-               *[f"{k}={v}" for k, v in shape.items()], "layer_insert=interleave" if name != "stack" else "layer_insert=append"]
+               *[f"{k}={v}" for k, v in shape.items()], "layer_insert=interleave" if name != "stack" else "layer_insert=append",
+               "check=false", "overwrite=true"]  # the streaming growth alone: the check holds whole models
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})

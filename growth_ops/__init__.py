@@ -5,7 +5,9 @@ An operator module provides `check_growth(old, new, layer_insert, init, moments)
 `grow(state, old, new, *, ramp_steps, layer_insert, generator, init, moments) -> (state,
 masks or None, plan)`, `grow_moments(moments, old, new, plan, kind)`, the pieces `grow` is
 made of (`plan_growth`, `fill`, `finish`, used to grow a checkpoint tensor by tensor), and
-`PRESERVES_FUNCTION`, `USES_MASKS`, `INITS`, `DEFAULT_MOMENTS`.
+`PRESERVES_FUNCTION`, `USES_MASKS`, `INITS`, `DEFAULT_MOMENTS`. The operator with masks (msg)
+also provides `masks_for`, `check_ramp_steps` (a ramp of at least one step, so growth starts
+at mask 0) and `unmasked_plan` (the plan that takes the masked structure out again).
 """
 from types import ModuleType
 

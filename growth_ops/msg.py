@@ -13,16 +13,20 @@ from __future__ import annotations
 import torch
 
 from .common import (LAYER_INSERTS, MOMENT_RULES, GrowthError, GrowthPlan, all_axes,  # noqa: F401
-                     check_choice, check_common, check_group, gather, grow_moments_with,
+                     check_choice, check_common, check_group, expand_heads, gather, grow_moments_with,
                      grow_state, layer_name, new_layer_positions, placement_axes, random_fill,
                      tiling_axes)
 from .masks import MaskState
-from .spec import FFN, HEADS, HIDDEN, ModelSpec
+from .spec import FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec
 
 PRESERVES_FUNCTION = True
 USES_MASKS = True
 INITS = ("random", "copy")
 DEFAULT_MOMENTS = "keep"
+# The masks must start below 1 for the grown model to compute the old function: a ramp of
+# 0 steps would put the new random weights live at once. 40 is conf/growth/msg.yaml's.
+MIN_RAMP_STEPS = 1
+DEFAULT_RAMP_STEPS = 40
 
 IndexMaps = GrowthPlan  # the former name
 
@@ -63,7 +67,7 @@ def copy_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> 
     return gather(get_old(src), all_axes(plan.new)[name], tiling_axes(plan.old, plan.new)).clone()
 
 
-def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
+def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = DEFAULT_RAMP_STEPS,
          layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
          moments: str | None = None) -> tuple[dict[str, torch.Tensor], MaskState, GrowthPlan]:
     """The grown state, the masks that keep it equal to the old function, and the plan
@@ -86,7 +90,15 @@ plan_growth = index_maps
 finish = None
 
 
+def check_ramp_steps(ramp_steps: int) -> None:
+    if ramp_steps < MIN_RAMP_STEPS:
+        raise GrowthError("ramp_steps", f"{ramp_steps} is not allowed for msg: its masks start at 0 (the old "
+                                        "function) and reach 1 after ramp_steps steps; at 0 the new random "
+                                        f"weights would be live at once; allowed: >= {MIN_RAMP_STEPS}")
+
+
 def masks_for(plan: GrowthPlan, ramp_steps: int) -> MaskState:
+    check_ramp_steps(ramp_steps)
     return MaskState(ramp_steps=ramp_steps, hidden_new=plan.new_indices(HIDDEN),
                      ffn_new=plan.new_indices(FFN), heads_new=plan.new_indices(HEADS),
                      layers_new=plan.new_layers)
@@ -97,3 +109,28 @@ def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpe
     """Adam moments: copied for old coordinates, zero for new ones (for MSG the `staged`
     rule is the same: no old entry is scaled or tiled)."""
     return grow_moments_with(maps, moments, kind)
+
+
+def unmasked_plan(spec: ModelSpec, masks: MaskState) -> GrowthPlan:
+    """The plan that takes out everything `masks` covers (new hidden coordinates, FFN
+    neurons, query heads, blocks, and the kv heads only new query heads use): applied with
+    `iter_grown`, it gives the model before growth, whose function is the grown model's at
+    mask 0 exactly. Old query heads keep their order, so they land on their kv heads."""
+    def keep(size: int, new: list[int]) -> torch.Tensor:
+        gone = set(new)
+        return torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
+
+    heads = keep(spec.heads, masks.heads_new)
+    kv_of = heads // spec.group_size  # the kv head each kept query head reads
+    kv = torch.unique(kv_of)
+    group = len(heads) // len(kv)
+    if len(heads) % len(kv) or not torch.equal(kv_of, kv.repeat_interleave(group)):
+        raise GrowthError("masks", "the masked query heads do not leave whole kv groups; the new structure "
+                                   "cannot be taken out")
+    hidden, ffn = keep(spec.hidden, masks.hidden_new), keep(spec.ffn, masks.ffn_new)
+    layer_src = [j for j in range(spec.layers) if j not in set(masks.layers_new)]
+    old = spec.with_shape(layers=len(layer_src), hidden=len(hidden), ffn=len(ffn), heads=len(heads),
+                          kv_heads=len(kv))
+    axes = {HIDDEN: hidden, FFN: ffn, HEADS: heads, Q: expand_heads(heads, spec.head_dim),
+            KV: expand_heads(kv, spec.head_dim), VOCAB: torch.arange(spec.vocab)}
+    return GrowthPlan(spec, old, axes, layer_src)

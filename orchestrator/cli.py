@@ -27,14 +27,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "one chained Slurm job per stage (grow submit hydra.run.dir=runs/x [submit.dry_run=true])"),
     "status": ("orchestrator.slurm.status:status_command",
                "a submitted run's stages: job ids, state, requeues, tokens, spend (grow status run_dir=DIR)"),
-    "grow": ("orchestrator.offline.expand:grow_command",
-             "grow a checkpoint on disk, tensor by tensor (grow grow ckpt=SRC out=DST growth=clone\n"
-             "          hidden=256 ffn=1024 [layers= heads= kv_heads= layer_insert= init= moments= seed=])"),
-    "expand": ("orchestrator.offline.expand:grow_command", "same as grow grow"),
-    "import-hf": ("orchestrator.offline.hf:import_command",
-                  "Hugging Face Llama -> canonical checkpoint (grow import-hf src=HF_DIR out=CKPT)"),
-    "export-hf": ("orchestrator.offline.hf:export_command",
-                  "canonical checkpoint -> LlamaForCausalLM dir (grow export-hf ckpt=CKPT out=HF_DIR)"),
+    "grow": ("orchestrator.commands.expand:expand_command",
+             "grow a checkpoint on disk, tensor by tensor, checked (grow grow ckpt=SRC out=DST growth=clone\n"
+             "          hidden=256 ffn=1024 [layers= heads= kv_heads= layer_insert= init= moments= ramp_steps=\n"
+             "          seed= check=true overwrite=false]; defaults from conf/growth/<growth>.yaml"),
+    "expand": ("orchestrator.commands.expand:expand_command", "same as grow grow"),
+    "import-hf": ("orchestrator.commands.hf:import_command",
+                  "Hugging Face Llama -> canonical checkpoint (grow import-hf src=HF_DIR out=CKPT [overwrite=])"),
+    "export-hf": ("orchestrator.commands.hf:export_command",
+                  "canonical checkpoint -> LlamaForCausalLM dir (grow export-hf ckpt=CKPT out=HF_DIR\n"
+                  "          [masks=drop max_positions=2048 overwrite=])"),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from growth_ops import ModelSpec, get_operator
 from orchestrator.checkpoint.canonical import load_checkpoint
 from orchestrator.cli import main
-from orchestrator.offline.expand import write_checkpoint_dir, write_safetensors_stream
+from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream
 from orchestrator.model import build_model
 
 OLD = ModelSpec(layers=2, hidden=16, ffn=24, heads=4, kv_heads=2, head_dim=4, vocab=31, tie_embeddings=False,

@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from growth_ops import ModelSpec  # noqa: E402
 from orchestrator.checkpoint.canonical import load_checkpoint  # noqa: E402
-from orchestrator.offline.hf import export_command, import_command  # noqa: E402
-from orchestrator.offline.expand import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
+from orchestrator.commands.hf import export_command, import_command  # noqa: E402
+from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
 from orchestrator.model import build_model  # noqa: E402
 
 CASES = [  # (heads, kv_heads, tied, rope_theta)

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from orchestrator.config.schema import DataConfig, SourceConfig  # noqa: E402
 from orchestrator.data import prepare_data, validation_batches  # noqa: E402
-from orchestrator.offline.hf import import_command  # noqa: E402
+from orchestrator.commands.hf import import_command  # noqa: E402
 
 from .conftest import read_summary, run_grow  # noqa: E402
 

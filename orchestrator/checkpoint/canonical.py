@@ -28,6 +28,7 @@ from orchestrator.faults import failpoint
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class CheckpointError(RuntimeError):
@@ -197,6 +198,16 @@ class LazyTensors(Mapping):
             lo, hi = min(index * size, shape[dim]), min((index + 1) * size, shape[dim])
             idx = tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(shape)))
             return sl[idx]
+
+    def stored(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of one tensor, from the file header (no data read)."""
+        f, key = self._where[name]
+        with safe_open(f, framework="pt") as h:
+            sl = h.get_slice(key)
+            return STORED_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
+
+    def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's would)
+        return name in self._where
 
     def __iter__(self):
         return iter(self._where)

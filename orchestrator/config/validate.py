@@ -6,6 +6,7 @@ user seconds, not a queue slot. Errors name the full key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from growth_ops import GrowthError, ModelSpec, get_operator
+from growth_ops import GrowthError, MaskState, ModelSpec, get_operator
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig
@@ -199,6 +200,11 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
         raise ConfigError(f"{key}.{fields.get(e.field, e.field)}", msg) from None
     if growth.ramp_steps is None or growth.ramp_steps < 0:
         raise ConfigError(f"{key}.growth.ramp_steps", "must be >= 0")
+    if op.USES_MASKS:  # msg at ramp_steps=0 would put its new weights live at once
+        try:
+            op.check_ramp_steps(growth.ramp_steps)
+        except GrowthError as e:
+            raise ConfigError(f"{key}.growth.ramp_steps", str(e).split(": ", 1)[1]) from None
     if growth.ramp_steps >= stage_steps(stage):
         raise ConfigError(f"{key}.growth.ramp_steps",
                           f"{growth.ramp_steps} must be below the stage's {stage_steps(stage)} steps "
@@ -318,6 +324,18 @@ def _check_init_from(cfg: RunConfig) -> None:
     if cfg.init_from is not None and not (Path(cfg.init_from).expanduser() / "manifest.json").exists():
         raise ConfigError("init_from", f"{cfg.init_from} is not a canonical checkpoint directory "
                                        "(no manifest.json); make one with `grow import-hf`")
+    if cfg.init_from is not None:  # a run starts from the weights alone: masks below 1 would be lost
+        try:
+            masks = MaskState.from_dict(json.loads((Path(cfg.init_from).expanduser() / "meta.json").read_text())
+                                        .get("masks"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # a damaged checkpoint is reported, by name, when the run reads it
+        if masks is not None and not masks.done:
+            raise ConfigError("init_from", f"{cfg.init_from} was grown with msg and its masks are still ramping "
+                                           f"({masks.steps_done}/{masks.ramp_steps} steps); a run would start "
+                                           "from its weights without the masks and so change its function: "
+                                           "grow with msg inside the run (a stage shape larger than the "
+                                           "checkpoint's), or offline with zero or clone")
 
 
 def _check_budget_covers_a_step(cfg: RunConfig) -> None:

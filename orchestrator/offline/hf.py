@@ -4,6 +4,11 @@ and a grown model can be used with `transformers`.
     grow import-hf src=HF_DIR out=CKPT      # config.json + *.safetensors -> canonical checkpoint
     grow export-hf ckpt=CKPT out=HF_DIR     # canonical checkpoint -> LlamaForCausalLM directory
 
+Both follow the output rules of offline/outputs.py (no writing over an input, a non-empty
+output only with overwrite=true, atomic publication); export verifies the checkpoint
+against its manifest first. head_dim may differ from hidden / heads (config.json says
+`head_dim`), but transformers' LlamaConfig requires hidden to be a multiple of heads.
+
 Only the Llama architecture maps one to one: RMSNorm, SwiGLU, RoPE (default rope type,
 rotate-half layout, which our `apply_rope` uses too), any GQA ratio, tied or untied
 embeddings, no biases. Tensors are streamed one at a time in both directions; import
@@ -13,16 +18,18 @@ and is only used on export to write a complete config.json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from growth_ops import ModelSpec
+from growth_ops import MaskState, ModelSpec, iter_grown
+from growth_ops.msg import unmasked_plan
 from growth_ops.spec import axis_size, parameter_axes
-
-from orchestrator.offline.expand import (CommandError, LazyTensors, parse_args, write_checkpoint_dir,
-                           write_safetensors_stream)
+from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
+from orchestrator.offline.expand import check_state
+from orchestrator.offline.outputs import (OfflineError, check_output, publish_dir, staged_dir,
+                                          write_checkpoint_dir, write_safetensors_stream)
 
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -37,12 +44,9 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
              "head.weight": "lm_head.weight"}
-
-
-class InteropError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+             torch.float64: "float64"}
+MASK_CHOICES = ("drop",)
 
 
 def hf_name(name: str) -> str:
@@ -54,65 +58,87 @@ def hf_name(name: str) -> str:
 
 # -- import ----------------------------------------------------------------------------------
 
+def read_hf_config(src: Path) -> dict:
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise OfflineError("src", f"no config.json in {src}; expected a Hugging Face model directory") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OfflineError("config.json", f"not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise OfflineError("config.json", "not a JSON object")
+    return cfg
+
+
 def spec_from_hf_config(cfg: dict) -> ModelSpec:
+    def need(key: str):
+        if cfg.get(key) is None:
+            raise OfflineError(f"config.json: {key}", "missing; a Llama config.json has it")
+        return cfg[key]
+
     if cfg.get("model_type", "llama") != "llama":
-        raise InteropError("model_type", f"{cfg.get('model_type')!r} is not supported; allowed: llama")
+        raise OfflineError("model_type", f"{cfg.get('model_type')!r} is not supported; allowed: llama")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise InteropError("hidden_act", f"{cfg['hidden_act']!r} is not supported; allowed: silu (SwiGLU)")
+        raise OfflineError("hidden_act", f"{cfg['hidden_act']!r} is not supported; allowed: silu (SwiGLU)")
     for f in ("attention_bias", "mlp_bias"):
         if cfg.get(f):
-            raise InteropError(f, "biases are not supported; allowed: false")
+            raise OfflineError(f, "biases are not supported; allowed: false")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise InteropError("rope_parameters.rope_type", f"{rope_type!r} is not supported; allowed: default")
+        raise OfflineError("rope_parameters.rope_type", f"{rope_type!r} is not supported; allowed: default")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    heads = cfg["num_attention_heads"]
-    return ModelSpec(layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], ffn=cfg["intermediate_size"],
+    heads, hidden = need("num_attention_heads"), need("hidden_size")
+    return ModelSpec(layers=need("num_hidden_layers"), hidden=hidden, ffn=need("intermediate_size"),
                      heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
-                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
+                     head_dim=cfg.get("head_dim") or hidden // heads, vocab=need("vocab_size"),
                      norm="rmsnorm", mlp="swiglu", position="rope", rope_theta=float(theta),
                      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                      init_std=float(cfg.get("initializer_range", 0.02)))
 
 
-class HFTensors:
+def hf_tensors(src: Path) -> LazyTensors:
     """The tensors of a (possibly sharded) safetensors HF checkpoint, read lazily."""
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise OfflineError(index.name, "not a valid safetensors index (no weight_map)") from None
+    elif (src / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise OfflineError("src", f"no model.safetensors(.index.json) in {src}; only safetensors checkpoints "
+                                  "are supported")
+    for f in files:
+        if not (src / f).is_file():
+            raise OfflineError("src", f"{src / f} is missing or not a file")
+    try:
+        return LazyTensors([src / f for f in files])
+    except SafetensorError as e:
+        raise OfflineError("src", f"a weight file in {src} is damaged or truncated ({e})") from None
 
-    def __init__(self, src: Path):
-        index = src / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {f: LazyTensors(src / f) for f in set(weight_map.values())}
-            self._where = {k: files[f] for k, f in weight_map.items()}
-        elif (src / "model.safetensors").exists():
-            one = LazyTensors(src / "model.safetensors")
-            self._where = {k: one for k in one._keys}
-        else:
-            raise InteropError("src", f"no model.safetensors(.index.json) in {src}; only safetensors "
-                                      "checkpoints are supported")
 
-    def __call__(self, name: str) -> torch.Tensor | None:
-        f = self._where.get(name)
-        return f(name) if f is not None else None
-
-
-def import_hf(src: Path, out: Path) -> ModelSpec:
+def import_hf(src: Path, out: Path, overwrite: bool = False) -> ModelSpec:
     src = Path(src)
-    cfg = json.loads((src / "config.json").read_text())
+    if not src.is_dir():
+        raise OfflineError("src", f"{src} is not a directory; expected a Hugging Face model directory")
+    out = check_output(out, {"src": src}, overwrite)
+    cfg = read_hf_config(src)
     spec = spec_from_hf_config(cfg)
-    tensors = HFTensors(src)
+    tensors = hf_tensors(src)
     layout = [(name, torch.float32, tuple(axis_size(spec, k) for k in kinds))
               for name, kinds in parameter_axes(spec).items()]
+    for name, _, _ in layout:  # before writing anything
+        if hf_name(name) not in tensors:
+            raise OfflineError(name, f"{hf_name(name)} is missing from {src}")
 
     def stream():
         for name, _, shape in layout:
-            t = tensors(hf_name(name))
-            if t is None:
-                raise InteropError(name, f"{hf_name(name)} is missing from {src}")
+            t = tensors[hf_name(name)]
             if tuple(t.shape) != shape:
-                raise InteropError(name, f"{hf_name(name)} has shape {tuple(t.shape)}, config says {shape}")
+                raise OfflineError(name, f"{hf_name(name)} has shape {tuple(t.shape)}, config says {shape}")
             yield name, t.float()
 
     def write_files(tmp: Path) -> None:
@@ -129,19 +155,19 @@ def import_hf(src: Path, out: Path) -> ModelSpec:
 
 # -- export ----------------------------------------------------------------------------------
 
-def check_exportable(spec: ModelSpec, meta: dict) -> None:
+def check_exportable(spec: ModelSpec) -> None:
     for field, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("position", "rope")):
         if getattr(spec, field) != want:
-            raise InteropError(f"model.{field}", f"{getattr(spec, field)!r} has no Llama equivalent; "
+            raise OfflineError(f"model.{field}", f"{getattr(spec, field)!r} has no Llama equivalent; "
                                                  f"allowed: {want}")
-    masks = meta.get("masks")
-    if masks and masks["steps_done"] < masks["ramp_steps"]:
-        raise InteropError("masks", f"the checkpoint is mid-ramp ({masks['steps_done']}/{masks['ramp_steps']} "
-                                    "steps): its masks are part of the function; export after the ramp")
+    if spec.hidden % spec.heads:
+        raise OfflineError("model.hidden", f"{spec.hidden} is not a multiple of heads={spec.heads}: transformers' "
+                                           f"LlamaConfig requires it even with head_dim={spec.head_dim}, so "
+                                           "this shape cannot be exported")
 
 
 def hf_config(spec: ModelSpec, max_positions: int = 2048):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # only export needs transformers
     return LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn,
                        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                        num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, hidden_act="silu",
@@ -152,45 +178,60 @@ def hf_config(spec: ModelSpec, max_positions: int = 2048):
                        pad_token_id=None)
 
 
-def export_hf(ckpt: Path, out: Path, max_positions: int = 2048) -> ModelSpec:
-    ckpt, out = Path(ckpt), Path(out)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    spec = ModelSpec.from_dict(meta["spec"])
-    check_exportable(spec, meta)
-    model = LazyTensors(ckpt / "model.safetensors")
-    dtype = model.dtype()
+def _no_new_entries(*_):
+    raise RuntimeError("internal: taking out masked structure never creates entries")
+
+
+def exported_tensors(spec: ModelSpec, masks: MaskState | None, model: LazyTensors, choice: str | None,
+                     warnings: list[str]):
+    """(spec to export, iterator of (canonical name, tensor)): the checkpoint as it is, or
+    without its masked structure (masks=drop). Anything else with masks below 1 is refused."""
+    ramping = masks is not None and not masks.done
+    if choice is not None and choice not in MASK_CHOICES:
+        raise OfflineError("masks", f"{choice!r} is not allowed; allowed: {', '.join(MASK_CHOICES)}")
+    if choice == "drop" and not ramping:
+        raise OfflineError("masks", "the checkpoint has no masks below 1, so there is nothing to drop: its new "
+                                    "structure is part of its function; export without masks=")
+    if not ramping:
+        return spec, ((n, model[n]) for n in parameter_axes(spec))
+    if choice is None:
+        raise OfflineError("masks", f"the checkpoint was grown with msg and its masks are at {masks.value:.3g} "
+                                    f"({masks.steps_done}/{masks.ramp_steps} steps): they are part of its "
+                                    "function and Llama has no masks. Train until they reach 1 "
+                                    f"({masks.ramp_steps - masks.steps_done} more steps) and export then, or "
+                                    "pass masks=drop to export the model without the new structure (the "
+                                    "function at mask 0: the model before growth)")
+    plan = unmasked_plan(spec, masks)
+    if masks.value > 0:
+        warnings.append(f"masks=drop at mask value {masks.value:.3g}: the export is the model without its new "
+                        "structure, not this checkpoint's current function (that is so only at mask 0)")
+    names = set(parameter_axes(plan.new))
+    return plan.new, ((n, t) for n, t in iter_grown(plan, _no_new_entries, model.get) if n in names)
+
+
+def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | None = None,
+              overwrite: bool = False) -> tuple[ModelSpec, list[str]]:
+    """Write `ckpt` as a LlamaForCausalLM directory at `out`; returns the exported shape and
+    warnings for the user."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "manifest.json").is_file():
+        raise OfflineError("ckpt", f"{ckpt} is not a canonical checkpoint directory (no manifest.json)")
+    out = check_output(out, {"ckpt": ckpt}, overwrite)
+    model, _, meta = open_checkpoint(ckpt)  # verifies every file against the manifest
+    stored_spec = ModelSpec.from_dict(meta["spec"])
+    dtype = check_state(model, stored_spec, ckpt)
+    warnings: list[str] = []
+    spec, tensors = exported_tensors(stored_spec, MaskState.from_dict(meta.get("masks")), model, masks, warnings)
+    check_exportable(spec)
+    try:
+        cfg = hf_config(spec, max_positions)
+    except ValueError as e:  # transformers' own validation, in one line
+        raise OfflineError("model", f"transformers refuses this shape: {str(e).splitlines()[-1].strip()}") from None
+    cfg.dtype = HF_DTYPES[dtype]
     layout = [(hf_name(n), dtype, tuple(axis_size(spec, k) for k in kinds))
               for n, kinds in parameter_axes(spec).items()]
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors_stream(out / "model.safetensors", layout,
-                             ((hf_name(n), model(n)) for n in parameter_axes(spec)))
-    cfg = hf_config(spec, max_positions)
-    cfg.torch_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    cfg.save_pretrained(out)
-    return spec
-
-
-# -- commands --------------------------------------------------------------------------------
-
-def import_command(args: list[str]) -> int:
-    try:
-        opts = parse_args(args, ("src", "out"), ("src", "out"))
-        spec = import_hf(Path(opts["src"]), Path(opts["out"]))
-    except (CommandError, InteropError, KeyError, FileNotFoundError) as e:
-        print(f"grow: import-hf: {e}", file=sys.stderr)
-        return 2
-    print(f"imported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
-          f"vocab={spec.vocab} -> {opts['out']}")
-    return 0
-
-
-def export_command(args: list[str]) -> int:
-    try:
-        opts = parse_args(args, ("ckpt", "out"), ("ckpt", "out", "max_positions"))
-        spec = export_hf(Path(opts["ckpt"]), Path(opts["out"]), int(opts.get("max_positions", 2048)))
-    except (CommandError, InteropError, KeyError, FileNotFoundError, ValueError) as e:
-        print(f"grow: export-hf: {e}", file=sys.stderr)
-        return 2
-    print(f"exported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
-          f"-> {opts['out']} (LlamaForCausalLM)")
-    return 0
+    with staged_dir(out) as tmp:
+        write_safetensors_stream(tmp / "model.safetensors", layout, ((hf_name(n), t) for n, t in tensors))
+        cfg.save_pretrained(tmp)
+        publish_dir(tmp, out)
+    return spec, warnings

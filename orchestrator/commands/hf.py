@@ -1,0 +1,53 @@
+"""`grow import-hf` and `grow export-hf`: Hugging Face Llama <-> canonical checkpoint.
+
+    grow import-hf src=HF_DIR out=CKPT [overwrite=false]
+    grow export-hf ckpt=CKPT out=HF_DIR [max_positions=2048] [masks=drop] [overwrite=false]
+
+An existing non-empty out= is replaced only with overwrite=true, never the input; the
+output appears whole or not at all. export-hf verifies the checkpoint first; an msg
+checkpoint whose masks are below 1 exports only with masks=drop (the model before growth).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from orchestrator.commands.options import bool_option, int_option, parse_options, run_reporting_errors
+
+
+def import_hf_args(args: list[str]) -> int:
+    from orchestrator.offline.hf import import_hf
+
+    opts = parse_options(args, ("src", "out"), ("src", "out", "overwrite"))
+    spec = import_hf(Path(opts["src"]), Path(opts["out"]), overwrite=bool_option(opts, "overwrite", False))
+    print(f"imported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
+          f"vocab={spec.vocab} -> {opts['out']}")
+    return 0
+
+
+def export_hf_args(args: list[str]) -> int:
+    from orchestrator.offline.hf import export_hf
+
+    opts = parse_options(args, ("ckpt", "out"), ("ckpt", "out", "max_positions", "masks", "overwrite"))
+    spec, warnings = export_hf(Path(opts["ckpt"]), Path(opts["out"]),
+                               max_positions=int_option(opts, "max_positions", 2048, minimum=1),
+                               masks=opts.get("masks"), overwrite=bool_option(opts, "overwrite", False))
+    for w in warnings:
+        print(f"grow: export-hf: warning: {w}", file=sys.stderr)
+    print(f"exported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
+          f"-> {opts['out']} (LlamaForCausalLM)")
+    return 0
+
+
+def import_command(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    return run_reporting_errors("import-hf", lambda: import_hf_args(args))
+
+
+def export_command(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    return run_reporting_errors("export-hf", lambda: export_hf_args(args))
