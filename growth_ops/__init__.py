@@ -1,30 +1,26 @@
 """Growth operators on the canonical model state. Depends on torch only: no engine,
 Hydra or MLflow.
 
-An operator module provides `check_growth(old, new, layer_insert, init, moments)`,
-`grow(state, old, new, *, ramp_steps, layer_insert, generator, init, moments) -> (state,
-masks or None, plan)`, `grow_moments(moments, old, new, plan, kind)`, the pieces `grow` is
-made of (`plan_growth`, `fill`, `finish`, used to grow a checkpoint tensor by tensor), and
-`PRESERVES_FUNCTION`, `USES_MASKS`, `INITS`, `DEFAULT_MOMENTS`. The operator with masks (msg)
-also provides `masks_for`, `check_ramp_steps` (a ramp of at least one step, so growth starts
-at mask 0) and `unmasked_plan` (the plan that takes the masked structure out again).
+Each operator is a `GrowthOperator` (growth_ops/operator.py) that declares its guarantee
+(`preserves_function`), its options (`inits`, `default_moments`, masks and their minimum
+ramp) and its parts: `check`, `plan`, `fill`, `finish`. `grow` grows a whole state in memory;
+`iter_grown` grows a checkpoint tensor by tensor from the same parts.
 """
-from types import ModuleType
-
 from . import clone, msg, stack, zero
 from .common import GrowthError, GrowthPlan, iter_grown, iter_moments
 from .masks import MaskState
+from .operator import GrowthOperator
 from .spec import ModelSpec, count_parameters, parameter_axes
 
-OPERATORS: dict[str, ModuleType] = {"msg": msg, "zero": zero, "clone": clone, "stack": stack}
+OPERATORS: dict[str, GrowthOperator] = {m.OPERATOR.name: m.OPERATOR for m in (msg, zero, clone, stack)}
 
 
-def get_operator(name: str) -> ModuleType:
+def get_operator(name: str) -> GrowthOperator:
     if name not in OPERATORS:
         raise GrowthError("operator", f"unknown growth operator {name!r}; "
                                       f"allowed: {', '.join(OPERATORS)}")
     return OPERATORS[name]
 
 
-__all__ = ["GrowthError", "GrowthPlan", "MaskState", "ModelSpec", "OPERATORS", "count_parameters",
-           "get_operator", "iter_grown", "iter_moments", "parameter_axes"]
+__all__ = ["GrowthError", "GrowthOperator", "GrowthPlan", "MaskState", "ModelSpec", "OPERATORS",
+           "count_parameters", "get_operator", "iter_grown", "iter_moments", "parameter_axes"]

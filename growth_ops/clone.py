@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from .common import (MOMENT_RULES, GrowthError, GrowthPlan, check_choice, check_common,
-                     new_layer_positions, tiling_axes, unmasked_operator)
+from .common import (layer_sources, MOMENT_RULES, GrowthError, GrowthPlan, check_choice, check_common,
+                     new_layer_positions, tiling_axes)
+from .operator import GrowthOperator
 from .spec import FFN, HEADS, HIDDEN, KV, Q, ModelSpec
 from .zero import fill as zero_block_fill
 
-PRESERVES_FUNCTION = True
-USES_MASKS = False
 INITS = ("copy",)
 DEFAULT_MOMENTS = "staged"
 
@@ -56,7 +55,6 @@ def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: st
 
 def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
                 moments: str | None = None) -> GrowthPlan:
-    from .msg import layer_sources
     n = factors(old, new)
     scales = {"attn.q.weight": 1 / n["hidden"], "attn.k.weight": 1 / n["hidden"],
               "attn.v.weight": 1 / n["hidden"], "mlp.up.weight": 1 / n["hidden"],
@@ -76,7 +74,5 @@ def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch
     return zero_block_fill(plan, name, shape, get_old, generator)
 
 
-finish = None
-
-
-grow, grow_moments = unmasked_operator(check_growth, plan_growth, fill)
+OPERATOR = GrowthOperator("clone", preserves_function=True, inits=INITS, default_moments=DEFAULT_MOMENTS,
+                          check=check_growth, plan=plan_growth, fill=fill)

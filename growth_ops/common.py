@@ -94,6 +94,13 @@ def new_layer_positions(layer_insert, old_layers: int, new_layers: int) -> list[
 
 # -- the plan ----------------------------------------------------------------------------
 
+def layer_sources(old_layers: int, new_layers: int, layer_insert) -> list[int]:
+    src = [-1] * new_layers
+    for i, j in enumerate(new_layer_positions(layer_insert, old_layers, new_layers)):
+        src[j] = i
+    return src
+
+
 def layer_name(name: str) -> tuple[int | None, str]:
     """'layers.3.attn.q.weight' -> (3, 'attn.q.weight'); other names -> (None, name)."""
     if name.startswith("layers."):
@@ -289,20 +296,3 @@ def random_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -
     """New entries at the grown model's own init scale (ALiBi: slopes of the new head count)."""
     from .init import init_tensor
     return init_tensor(name, shape, plan.new, generator)
-
-
-def unmasked_operator(check_growth, plan_growth, fill, finish=None):
-    """`grow` and `grow_moments` of an operator that needs no masks (exact by
-    construction, or not preserving at all): grow returns masks=None."""
-    def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = 0,
-             layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
-             moments: str | None = None) -> tuple[dict[str, torch.Tensor], None, GrowthPlan]:
-        check_growth(old, new, layer_insert, init, moments)
-        plan = plan_growth(old, new, layer_insert, init, moments)
-        return grow_state(plan, fill, state, generator, finish), None, plan
-
-    def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
-                     maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
-        return grow_moments_with(maps, moments, kind)
-
-    return grow, grow_moments

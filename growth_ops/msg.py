@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from .common import (LAYER_INSERTS, MOMENT_RULES, GrowthError, GrowthPlan, all_axes,  # noqa: F401
+from .common import (layer_sources, LAYER_INSERTS, MOMENT_RULES, GrowthError, GrowthPlan, all_axes,  # noqa: F401
                      check_choice, check_common, check_group, expand_heads, gather, grow_moments_with,
                      grow_state, layer_name, new_layer_positions, placement_axes, random_fill,
                      tiling_axes)
 from .masks import MaskState
+from .operator import GrowthOperator
 from .spec import FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec
 
-PRESERVES_FUNCTION = True
-USES_MASKS = True
 INITS = ("random", "copy")
 DEFAULT_MOMENTS = "keep"
 # The masks must start below 1 for the grown model to compute the old function: a ramp of
 # 0 steps would put the new random weights live at once. 40 is conf/growth/msg.yaml's.
 MIN_RAMP_STEPS = 1
 DEFAULT_RAMP_STEPS = 40
-
-IndexMaps = GrowthPlan  # the former name
-
 
 def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
                  moments: str | None = None) -> None:
@@ -40,15 +36,8 @@ def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: st
     check_choice("moments", moments or DEFAULT_MOMENTS, MOMENT_RULES, "msg")
 
 
-def layer_sources(old_layers: int, new_layers: int, layer_insert) -> list[int]:
-    src = [-1] * new_layers
-    for i, j in enumerate(new_layer_positions(layer_insert, old_layers, new_layers)):
-        src[j] = i
-    return src
-
-
-def index_maps(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-               moments: str | None = None) -> GrowthPlan:
+def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
+                moments: str | None = None) -> GrowthPlan:
     return GrowthPlan(old, new, placement_axes(old, new), layer_sources(old.layers, new.layers, layer_insert),
                       moments_rule=moments or DEFAULT_MOMENTS, init=init or "random")
 
@@ -67,17 +56,6 @@ def copy_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> 
     return gather(get_old(src), all_axes(plan.new)[name], tiling_axes(plan.old, plan.new)).clone()
 
 
-def grow(state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int = DEFAULT_RAMP_STEPS,
-         layer_insert="append", generator: torch.Generator | None = None, init: str | None = None,
-         moments: str | None = None) -> tuple[dict[str, torch.Tensor], MaskState, GrowthPlan]:
-    """The grown state, the masks that keep it equal to the old function, and the plan
-    (for carrying optimizer moments)."""
-    check_growth(old, new, layer_insert, init, moments)
-    plan = index_maps(old, new, layer_insert, init, moments)
-    grown = grow_state(plan, fill_for(plan), state, generator)
-    return grown, masks_for(plan, ramp_steps), plan
-
-
 def fill_for(plan: GrowthPlan):
     return copy_fill if plan.init == "copy" else random_fill
 
@@ -86,29 +64,10 @@ def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch
     return fill_for(plan)(plan, name, shape, get_old, generator)
 
 
-plan_growth = index_maps
-finish = None
-
-
-def check_ramp_steps(ramp_steps: int) -> None:
-    if ramp_steps < MIN_RAMP_STEPS:
-        raise GrowthError("ramp_steps", f"{ramp_steps} is not allowed for msg: its masks start at 0 (the old "
-                                        "function) and reach 1 after ramp_steps steps; at 0 the new random "
-                                        f"weights would be live at once; allowed: >= {MIN_RAMP_STEPS}")
-
-
 def masks_for(plan: GrowthPlan, ramp_steps: int) -> MaskState:
-    check_ramp_steps(ramp_steps)
     return MaskState(ramp_steps=ramp_steps, hidden_new=plan.new_indices(HIDDEN),
                      ffn_new=plan.new_indices(FFN), heads_new=plan.new_indices(HEADS),
                      layers_new=plan.new_layers)
-
-
-def grow_moments(moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
-                 maps: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:
-    """Adam moments: copied for old coordinates, zero for new ones (for MSG the `staged`
-    rule is the same: no old entry is scaled or tiled)."""
-    return grow_moments_with(maps, moments, kind)
 
 
 def unmasked_plan(spec: ModelSpec, masks: MaskState) -> GrowthPlan:
@@ -134,3 +93,10 @@ def unmasked_plan(spec: ModelSpec, masks: MaskState) -> GrowthPlan:
     axes = {HIDDEN: hidden, FFN: ffn, HEADS: heads, Q: expand_heads(heads, spec.head_dim),
             KV: expand_heads(kv, spec.head_dim), VOCAB: torch.arange(spec.vocab)}
     return GrowthPlan(spec, old, axes, layer_src)
+
+
+# Adam moments: copied for old coordinates, zero for new ones (the `staged` rule is the same
+# here: no old entry is scaled or tiled).
+OPERATOR = GrowthOperator("msg", preserves_function=True, inits=INITS, default_moments=DEFAULT_MOMENTS,
+                          check=check_growth, plan=plan_growth, fill=fill, masks=masks_for,
+                          min_ramp_steps=MIN_RAMP_STEPS, default_ramp_steps=DEFAULT_RAMP_STEPS)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 
 from .common import (LAYER_INSERTS, MOMENT_RULES, GrowthError, GrowthPlan, check_choice,
-                     check_common, placement_axes, random_fill, unmasked_operator)
+                     check_common, placement_axes, random_fill)
+from .operator import GrowthOperator
 from .spec import ModelSpec
 
-PRESERVES_FUNCTION = False
-USES_MASKS = False
 INITS = ("copy",)
 DEFAULT_MOMENTS = "keep"
 
@@ -45,8 +44,6 @@ def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str
                       init="copy")
 
 
-fill = random_fill  # never used: every entry of a stacked model is a copy
-finish = None
-
-
-grow, grow_moments = unmasked_operator(check_growth, plan_growth, fill)
+# fill: never used, every entry of a stacked model is a copy
+OPERATOR = GrowthOperator("stack", preserves_function=False, inits=INITS, default_moments=DEFAULT_MOMENTS,
+                          check=check_growth, plan=plan_growth, fill=random_fill)

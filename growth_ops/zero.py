@@ -17,13 +17,12 @@ import math
 
 import torch
 
-from .common import (MOMENT_RULES, GrowthPlan, check_choice, check_common, check_group,
+from .common import (layer_sources, MOMENT_RULES, GrowthPlan, check_choice, check_common, check_group,
                      layer_name, new_layer_positions,
-                     placement_axes, random_fill, unmasked_operator)
+                     placement_axes, random_fill)
+from .operator import GrowthOperator
 from .spec import HIDDEN, ModelSpec, is_norm
 
-PRESERVES_FUNCTION = True
-USES_MASKS = False
 INITS = ("random",)
 DEFAULT_MOMENTS = "keep"
 WRITERS = ("attn.o.weight", "mlp.down.weight")  # into the residual stream (hidden on axis 0)
@@ -40,7 +39,6 @@ def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: st
 
 def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
                 moments: str | None = None) -> GrowthPlan:
-    from .msg import layer_sources
     c = math.sqrt(new.hidden / old.hidden)
     scales = {"embed.weight": c, "attn.o.weight": c, "mlp.down.weight": c,
               "attn_norm.weight": 1 / c, "mlp_norm.weight": 1 / c,
@@ -74,4 +72,5 @@ def finish(plan: GrowthPlan, name: str, out: torch.Tensor) -> torch.Tensor:
 
 # `keep`: old entries' moments as they were, new zero. `staged`: rescaled by the gradient
 # change the c-scaling causes (m / a, v / a^2 for an entry scaled by a).
-grow, grow_moments = unmasked_operator(check_growth, plan_growth, fill, finish)
+OPERATOR = GrowthOperator("zero", preserves_function=True, inits=INITS, default_moments=DEFAULT_MOMENTS,
+                          check=check_growth, plan=plan_growth, fill=fill, finish=finish)

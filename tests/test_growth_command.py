@@ -59,7 +59,7 @@ def test_streaming_growth_equals_in_memory_growth(tmp_path, op_name):
         assert all(torch.equal(grown_m[kind][k], want[k]) for k in want)
     assert meta["optimizer_step"] == 7 and meta["offline_growth"]["operator"] == op_name
     assert (meta["masks"] is not None) == (op_name == "msg")
-    if op.PRESERVES_FUNCTION:
+    if op.preserves_function:
         big = build_model(new)
         big.load_canonical(grown)
         from growth_ops import MaskState

@@ -30,7 +30,7 @@ def spec_strategy():
 
 
 def grown_model(old_model, old, new, insert, seed, ramp=10):
-    state, masks, _ = msg.grow(old_model.canonical_state(), old, new, ramp_steps=ramp,
+    state, masks, _ = msg.OPERATOR.grow(old_model.canonical_state(), old, new, ramp_steps=ramp,
                                layer_insert=insert, generator=torch.Generator().manual_seed(seed))
     model = build_model(new)
     model.load_canonical(state)
@@ -81,9 +81,9 @@ def test_grown_model_trains_through_the_ramp():
 def test_moments_copied_for_old_coordinates_zero_for_new():
     old = ModelSpec(layers=1, hidden=16, ffn=32, heads=2, kv_heads=1, head_dim=8, vocab=20)
     new = old.with_shape(layers=2, hidden=24, ffn=40, heads=4, kv_heads=1)
-    maps = msg.index_maps(old, new)
+    maps = msg.plan_growth(old, new)
     moments = {k: torch.rand_like(v) for k, v in build_model(old, seed=0).canonical_state().items()}
-    grown = msg.grow_moments(moments, old, new, maps)
+    grown = msg.OPERATOR.grow_moments(moments, old, new, maps)
     q_old, q_new = moments["layers.0.attn.q.weight"], grown["layers.0.attn.q.weight"]
     # group size 2 -> 4: old heads 0,1 stay at positions 0,1; heads 2,3 are new
     torch.testing.assert_close(q_new[:16, :16], q_old, rtol=0, atol=0)

@@ -96,7 +96,7 @@ def test_preserving_operator_keeps_logits(op_name, arch):
     @given(growth_case(op_name, arch))
     def check(case):
         old, new, insert, init, seed = case
-        assert get_operator(op_name).PRESERVES_FUNCTION
+        assert get_operator(op_name).preserves_function
         small = build_model(old, seed=seed)
         big, masks, _ = grow_model(op_name, small, old, new, insert, init, seed + 1)
         assert (masks is not None) == (op_name == "msg")
@@ -111,7 +111,7 @@ def test_stack_repeats_blocks_and_does_not_claim_preservation(arch):
     @given(growth_case("stack", arch))
     def check(case):
         old, new, insert, _, seed = case
-        assert not get_operator("stack").PRESERVES_FUNCTION
+        assert not get_operator("stack").preserves_function
         small = build_model(old, seed=seed)
         big, masks, plan = grow_model("stack", small, old, new, insert, None, seed)
         assert masks is None
@@ -312,7 +312,7 @@ REFUSED = [
 @pytest.mark.parametrize("op_name,change,options,field,allowed", REFUSED)
 def test_impossible_targets_name_the_field_and_allowed_values(op_name, change, options, field, allowed):
     with pytest.raises(GrowthError) as err:
-        get_operator(op_name).check_growth(BASE, BASE.with_shape(**change), **options)
+        get_operator(op_name).check(BASE, BASE.with_shape(**change), **options)
     assert err.value.field == field
     assert allowed in str(err.value)
 

@@ -191,7 +191,7 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
               "layer_insert": "growth.layer_insert", "init": "growth.init", "moments": "growth.moments",
               "operator": "growth.operator"}
     try:
-        op.check_growth(old, new, growth.layer_insert or "append", growth.init, growth.moments)
+        op.check(old, new, growth.layer_insert or "append", growth.init, growth.moments)
     except GrowthError as e:
         msg = str(e).split(": ", 1)[1]
         if e.field == "head_dim":
@@ -200,7 +200,7 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
         raise ConfigError(f"{key}.{fields.get(e.field, e.field)}", msg) from None
     if growth.ramp_steps is None or growth.ramp_steps < 0:
         raise ConfigError(f"{key}.growth.ramp_steps", "must be >= 0")
-    if op.USES_MASKS:  # msg at ramp_steps=0 would put its new weights live at once
+    if op.uses_masks:  # msg at ramp_steps=0 would put its new weights live at once
         try:
             op.check_ramp_steps(growth.ramp_steps)
         except GrowthError as e:

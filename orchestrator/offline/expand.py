@@ -84,11 +84,14 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
     if masks_now is not None and not masks_now.done:
         raise OfflineError("ckpt", f"the checkpoint is mid-ramp ({masks_now.steps_done}/{masks_now.ramp_steps} "
                                    "msg steps); train until the masks reach 1 before growing again")
-    op.check_growth(old, new, layer_insert, init, moments)
-    if not op.USES_MASKS and ramp_steps:
+    op.check(old, new, layer_insert, init, moments)
+    if not op.uses_masks and ramp_steps:
         raise OfflineError("ramp_steps", f"{operator} uses no masks; allowed: 0")
-    plan = op.plan_growth(old, new, layer_insert, init, moments)
-    masks = op.masks_for(plan, ramp_steps) if op.USES_MASKS else None  # refuses a ramp of 0 steps
+    plan = op.plan(old, new, layer_insert, init, moments)
+    masks = None
+    if op.uses_masks:
+        op.check_ramp_steps(ramp_steps)  # msg: a ramp of 0 steps would not preserve the function
+        masks = op.masks(plan, ramp_steps)
     model_layout = [(n, dtype, tuple(axis_size(new, k) for k in kinds)) for n, kinds in all_axes(new).items()]
     has_moments = len(moments_in["exp_avg"]) > 0
     moment_layout = [(f"{kind}.{n}", torch.float32, tuple(axis_size(new, k) for k in kinds))
@@ -108,8 +111,8 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
 
     record = {"operator": operator, "from_spec": old.to_dict(), "layer_insert": layer_insert,
               "init": plan.init, "moments": plan.moments_rule, "seed": seed,
-              "ramp_steps": ramp_steps if op.USES_MASKS else None,
-              "preserves_function": op.PRESERVES_FUNCTION, "source": str(src.resolve()), "check": None}
+              "ramp_steps": ramp_steps if op.uses_masks else None,
+              "preserves_function": op.preserves_function, "source": str(src.resolve()), "check": None}
     warnings = []
 
     def check_function(tmp: Path, new_meta: dict) -> dict:
@@ -118,10 +121,10 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
             return new_meta
         tol = tolerance if dtype == torch.float32 else tolerance_bf16
         result = logit_change(old, model_in, new, LazyTensors([tmp / "model.safetensors"]), masks, tol)
-        if op.PRESERVES_FUNCTION and not result["within_tolerance"]:
+        if op.preserves_function and not result["within_tolerance"]:
             raise FunctionChangedError(f"growth with {operator} changed the function: {describe(result)}; "
                                        f"nothing was written to {out}")
-        if not op.PRESERVES_FUNCTION:
+        if not op.preserves_function:
             warnings.append(f"{operator} does not preserve the function (preserves_function: false in "
                             "meta.json); the change was measured, not checked")
         record["check"] = result  # record is new_meta's offline_growth

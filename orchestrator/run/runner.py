@@ -247,13 +247,13 @@ def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: Mod
                       f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
     # the local engine checks in fp32 even when it trains in bf16; deepspeed bf16 cannot
     tolerance = growth.tolerance if engine.check_dtype == "fp32" else growth.tolerance_bf16
-    if op.PRESERVES_FUNCTION and not abs(after - before) <= tolerance:  # a NaN fails too
+    if op.preserves_function and not abs(after - before) <= tolerance:  # a NaN fails too
         raise GrowthCheckError(
             f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
             f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
             f"{tolerance:g} in {engine.check_dtype}); the operator did not preserve the function")
     return engine, {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
-                    "preserves_function": op.PRESERVES_FUNCTION, "check_dtype": engine.check_dtype}
+                    "preserves_function": op.preserves_function, "check_dtype": engine.check_dtype}
 
 
 def _fresh_start(run: Run):
