@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .init import init_tensor
 from .spec import (FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec, axis_size, buffer_axes,
                    parameter_axes)
 
@@ -294,5 +295,4 @@ def grow_moments_with(plan: GrowthPlan, moments: dict[str, torch.Tensor], kind: 
 
 def random_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch.Tensor:
     """New entries at the grown model's own init scale (ALiBi: slopes of the new head count)."""
-    from .init import init_tensor
     return init_tensor(name, shape, plan.new, generator)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from growth_ops import GrowthError, MaskState, ModelSpec, get_operator
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.engines.registry import ENGINES, engine_kind
+from orchestrator.model import flops_per_token
 from orchestrator.schedule import effective_growth, stage_spec, stage_steps
 
 
@@ -300,7 +302,6 @@ _SLURM_TIME = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
 
 def _check_submit(cfg: RunConfig) -> None:
     """`submit` (grow submit) and `run.only_stage` (one stage per Slurm job)."""
-    import re
     s = cfg.submit
     for f in ("nodes", "tasks_per_node", "cpus_per_task", "rdzv_port", "max_failures"):
         _positive(f"submit.{f}", getattr(s, f))
@@ -340,7 +341,6 @@ def _check_init_from(cfg: RunConfig) -> None:
 
 def _check_budget_covers_a_step(cfg: RunConfig) -> None:
     """A cap below the first step would stop a run before it starts: refuse it here."""
-    from orchestrator.model import flops_per_token
 
     first = cfg.schedule.stages[0]
     tokens = first.batch_size * first.seq_len
@@ -380,7 +380,6 @@ def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
 def composition_error(e: Exception) -> ConfigError:
     """A Hydra/OmegaConf error from composing overrides, as a one-line ConfigError naming
     the key (and for an unknown key, the allowed ones)."""
-    import re
     cause = e
     while cause.__cause__ is not None:
         cause = cause.__cause__

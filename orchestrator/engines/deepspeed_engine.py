@@ -11,6 +11,9 @@ of its share of the model only (gathered across its TP group, tensors spread rou
 over the TP ranks of DP rank 0), so a checkpoint is written by many ranks in parallel and
 never gathered on one. Megatron's parallel state and DeepSpeed's grid use the same rank
 order (tp fastest, then dp, then pp); `load` asserts they agree.
+
+DeepSpeed is imported inside the functions that use it: it picks its accelerator when
+first imported, so `init_distributed` must set DS_ACCELERATOR (from engine.device) first.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from orchestrator.model import install_block_masks, mask_tensors
 from orchestrator.schedule import ResolvedStage
 from orchestrator.data import rank_slice
 from orchestrator.engines.device import backend_for, pick_device
-from orchestrator.engines.parallel_model import (FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
+from orchestrator.engines.parallel_model import (BlockLayer, FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
                              vocab_parallel_loss)
 
 
@@ -247,8 +250,6 @@ class DeepSpeedEngine(Engine):
 
     # -- masks -----------------------------------------------------------------------
     def _apply_masks(self) -> None:
-        from orchestrator.engines.parallel_model import BlockLayer
-
         tensors = mask_tensors(self.masks, self.spec, self.device, self.dtype)  # bf16 x bf16 stays bf16
         self.box.hidden = tensors.hidden if tensors else None
         blocks = [(m.index, m.block) for m in self.module.modules() if isinstance(m, BlockLayer)]
