@@ -15,10 +15,10 @@ from typing import Callable, Iterator
 import torch
 
 from .init import init_tensor
-from .spec import (FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec, axis_size, buffer_axes,
+from .spec import (ARCHITECTURE, FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec, axis_size, buffer_axes,
                    parameter_axes)
 
-ARCH_FIELDS = ("norm", "mlp", "position", "tie_embeddings", "rope_theta", "norm_eps", "vocab")
+ARCH_FIELDS = (*ARCHITECTURE, "vocab")
 SHAPE_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 LAYER_INSERTS = ("append", "interleave")
 MOMENT_RULES = ("keep", "staged")

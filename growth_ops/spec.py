@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 
+# What the function depends on besides the shape and vocabulary: growth keeps these, and a
+# run's config (`model.*`, orchestrator.config.schema.ModelConfig) sets them.
+ARCHITECTURE = ("norm", "mlp", "position", "rope_theta", "tie_embeddings", "norm_eps")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     layers: int
@@ -24,7 +29,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = 0.02  # of new weights (fresh models, random growth fill)
 
     @property
     def q_dim(self) -> int:

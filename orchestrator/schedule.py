@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from growth_ops import ModelSpec
+from growth_ops.spec import ARCHITECTURE
 
 from orchestrator.data.tokenizer import ByteTokenizer
 from orchestrator.config.schema import GrowthConfig, LayoutConfig, RunConfig, StageConfig
@@ -22,8 +23,7 @@ def stage_spec(cfg: RunConfig, stage: StageConfig, vocab: int) -> ModelSpec:
     m, s = cfg.model, stage.shape
     return ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads,
                      kv_heads=s.kv_heads or s.heads, head_dim=s.hidden // s.heads, vocab=vocab,
-                     norm=m.norm, mlp=m.mlp, position=m.position, rope_theta=m.rope_theta,
-                     tie_embeddings=m.tie_embeddings, norm_eps=m.norm_eps, init_std=m.init_std)
+                     init_std=m.init_std, **{f: getattr(m, f) for f in ARCHITECTURE})
 
 
 def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from orchestrator.atomic import fsync_dir, fsync_file, write_json_atomic
+from orchestrator.atomic import fsync_dir, fsync_file, replace_dir, write_json_atomic
 from orchestrator.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,7 @@ def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = Tru
     fsync_file(tmp / "manifest.json")
     fsync_dir(tmp)
     failpoint("checkpoint.tmp_written")
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    fsync_dir(path.parent)
+    replace_dir(tmp, path)
     failpoint("checkpoint.renamed")
     if point_latest:
         write_json_atomic(path.parents[1] / "latest", {"path": str(path.relative_to(path.parents[1]))})

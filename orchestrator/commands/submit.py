@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.atomic import write_json_atomic
+from orchestrator.atomic import read_json, write_json_atomic
 from orchestrator.run.state import is_finished, latest_meta
-from orchestrator.slurm.paths import jobs_file, read_json, slurm_dir
+from orchestrator.slurm.paths import jobs_file, slurm_dir
 from orchestrator.slurm.queue import query_jobs
 
 EXIT_CONFIG = 2

@@ -9,18 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from growth_ops.spec import ModelSpec
+
 
 @dataclass
 class ModelConfig:
-    """Architecture options fixed for the whole schedule (shapes live in the stages)."""
+    """Architecture options fixed for the whole schedule (shapes live in the stages); the
+    defaults are the canonical model's (growth_ops.spec.ModelSpec)."""
 
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    mlp: str = "swiglu"  # swiglu | gelu
-    position: str = "rope"  # rope | alibi
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    norm: str = ModelSpec.norm  # rmsnorm | layernorm
+    mlp: str = ModelSpec.mlp  # swiglu | gelu
+    position: str = ModelSpec.position  # rope | alibi
+    rope_theta: float = ModelSpec.rope_theta
+    tie_embeddings: bool = ModelSpec.tie_embeddings
+    norm_eps: float = ModelSpec.norm_eps
+    init_std: float = ModelSpec.init_std
     vocab_size: Optional[int] = None  # null: the tokenizer's, padded to vocab_multiple
     vocab_multiple: int = 64
 

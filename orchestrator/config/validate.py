@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from growth_ops import GrowthError, MaskState, ModelSpec, get_operator
+from growth_ops import GrowthError, MaskState, get_operator
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig

@@ -29,48 +29,6 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry lives in the directory's own inode."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some file systems do not allow opening directories; best effort
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(final: Path, data: bytes) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
-
-
-def atomic_write_json(final: Path, obj: Any) -> None:
-    atomic_write_bytes(final, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object at `path`, or None when it is missing or unreadable (a cache miss)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 class TokenFileWriter:
     """Appends token arrays to a temp file; `commit` makes it the final file atomically.
 

@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from orchestrator.config.schema import DataConfig, SourceConfig
-from orchestrator.data.cache import TokenFileWriter, atomic_write_json, fsync_dir, read_json, stable_hash
+from orchestrator.atomic import fsync_dir, read_json, write_json_atomic
+from orchestrator.data.cache import TokenFileWriter, stable_hash
 from orchestrator.data.corpus import content_fingerprint, is_validation, iter_documents
 from orchestrator.data.errors import DataError
 from orchestrator.data.tokenizer import Tokenizer, build_tokenizer
@@ -124,14 +125,14 @@ def _build(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, ou
         vw.commit()
     fsync_dir(out)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
-    atomic_write_json(out / "meta.json", meta)  # last: its presence means the rest is whole
+    write_json_atomic(out / "meta.json", meta)  # last: its presence means the rest is whole
     return meta
 
 
 def _load(out: Path, expected: dict) -> dict | None:
     """The cached meta when out/ holds a complete preparation for `expected`, else None."""
     meta = read_json(out / "meta.json")
-    if meta is None or any(meta.get(k) != v for k, v in expected.items()):
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
         return None
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):

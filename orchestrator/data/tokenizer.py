@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from orchestrator.config.schema import TokenizerConfig
-from orchestrator.data.cache import atomic_write_bytes, stable_hash
+from orchestrator.atomic import write_bytes_atomic
+from orchestrator.data.cache import stable_hash
 from orchestrator.data.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -102,7 +103,7 @@ class BpeTokenizer:
         return cls(tok.to_str())
 
     def save(self, path: Path) -> None:
-        atomic_write_bytes(Path(path), self._json.encode())
+        write_bytes_atomic(Path(path), self._json.encode())
 
     @classmethod
     def load(cls, path: Path) -> "BpeTokenizer":

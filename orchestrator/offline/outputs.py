@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from orchestrator.atomic import fsync_dir, fsync_file
+from orchestrator.atomic import fsync_dir, fsync_file, replace_dir
 from orchestrator.checkpoint.canonical import seal_and_publish
 from orchestrator.faults import failpoint
 
@@ -79,14 +79,7 @@ def publish_dir(tmp: Path, out: Path) -> Path:
         fsync_file(f)
     fsync_dir(tmp)
     failpoint("offline.written")  # complete in the temp dir, not yet in place
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(out.parent)
+    replace_dir(tmp, out)
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from growth_ops import ModelSpec, get_operator
+from growth_ops.spec import ARCHITECTURE
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.budget.control import RunBudget
@@ -269,7 +270,7 @@ def _fresh_start(run: Run):
         return engine, state
     weights, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
     spec = ModelSpec.from_dict(meta["spec"])
-    for field in ("vocab", "norm", "mlp", "position", "tie_embeddings", "rope_theta", "head_dim"):
+    for field in ("vocab", "head_dim", *ARCHITECTURE):
         if getattr(spec, field) != getattr(stage.spec, field):
             raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
                                            f"this run's {getattr(stage.spec, field)!r} (model.* and the tokenizer "

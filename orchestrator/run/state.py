@@ -9,11 +9,11 @@ wrapper (`orchestrator.slurm.jobstate`, run before and after every job) stays ch
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.atomic import read_json
 from orchestrator.budget.ledger import Ledger
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ def latest_meta(run_dir) -> dict | None:
     """meta.json of the checkpoint `latest` points at, JSON only (the runner verifies the
     checkpoint's bytes before it resumes from it; bookkeeping needs only where it is)."""
     root = Path(run_dir) / "checkpoints"
-    try:
-        pointer = json.loads((root / "latest").read_text())
-        return json.loads((root / pointer["path"] / "meta.json").read_text())
-    except (OSError, ValueError, KeyError, TypeError):
+    pointer = read_json(root / "latest")
+    if not isinstance(pointer, dict) or "path" not in pointer:
         return None
+    return read_json(root / pointer["path"] / "meta.json")

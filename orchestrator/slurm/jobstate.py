@@ -18,9 +18,9 @@ import os
 import sys
 import time
 
-from orchestrator.atomic import write_json_atomic
+from orchestrator.atomic import read_json, write_json_atomic
 from orchestrator.run.state import is_finished, latest_meta
-from orchestrator.slurm.paths import read_json, stage_state_file
+from orchestrator.slurm.paths import stage_state_file
 
 EXIT_FINISHED, EXIT_TOO_MANY_FAILURES, EXIT_REQUEUE = 3, 4, 10
 NOT_RETRIED = (2, 3)  # config error, growth check failed: the same again would fail again

@@ -1,7 +1,6 @@
 """Where Slurm bookkeeping lives inside a run directory."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -15,10 +14,3 @@ def jobs_file(run_dir) -> Path:
 
 def stage_state_file(run_dir, name: str) -> Path:
     return slurm_dir(run_dir) / "state" / f"{name}.json"
-
-
-def read_json(path: Path, default):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator.atomic import read_json
 from orchestrator.run.state import is_finished, latest_meta
-from orchestrator.slurm.paths import jobs_file, read_json, stage_state_file
+from orchestrator.slurm.paths import jobs_file, stage_state_file
 from orchestrator.slurm.queue import query_jobs
 
 NEVER = ("DependencyNeverSatisfied",)
