@@ -155,7 +155,7 @@ def test_unknown_key_names_the_key():
 def test_grow_run_still_refuses_parallel_layouts_on_the_local_engine():
     from hydra import compose, initialize_config_dir
 
-    from orchestrator.cli import CONF_DIR
+    from orchestrator.package_data import CONF_DIR
     from orchestrator.config.schema import register_schema
     register_schema()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
