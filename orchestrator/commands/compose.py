@@ -9,6 +9,7 @@ parse - becomes one ConfigError line naming the key or the file and line.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def _key(override: str) -> str:
 
 
 def _quoted(path: str) -> str:
+    """A search path entry as Hydra's override grammar reads it (quoted only when needed)."""
+    if re.fullmatch(r"[\w/:.+@~-]+", path):
+        return path
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
