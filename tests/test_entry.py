@@ -213,11 +213,9 @@ def test_grow_run_validates_once_and_each_sweep_member_once(config_dir, tmp_path
               f"data.cache_dir={data_cache}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def grow(*args):  # Hydra's flags (-m) before the overrides, as Hydra's parser wants them
-        flags = [a for a in args if a.startswith("-")]
-        args = [a for a in args if not a.startswith("-")]
-        proc = subprocess.run([sys.executable, "-c", COUNT_VALIDATIONS, "run", *flags, *common, *args], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=600)
+    def grow(*overrides, flags=()):  # Hydra's flags (-m) go before the overrides
+        proc = subprocess.run([sys.executable, "-c", COUNT_VALIDATIONS, "run", *flags, *common, *overrides],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return int(proc.stderr.rsplit("VALIDATIONS", 1)[1].split()[0])
 
@@ -226,6 +224,6 @@ def test_grow_run_validates_once_and_each_sweep_member_once(config_dir, tmp_path
     assert [s["name"] for s in summary["stages"]] == ["small", "wide"]
     hydra_cfg = (tmp_path / "one" / ".hydra" / "hydra.yaml").read_text()
     assert f"path: {CONF_DIR}" in hydra_cfg and f"path: {config_dir}" in hydra_cfg
-    assert grow("-m", "schedule=one", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}") == 2
+    assert grow("schedule=one", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", flags=["-m"]) == 2
     report = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
     assert [m["status"] for m in report["members"]] == ["complete", "complete"]
