@@ -23,7 +23,6 @@ from orchestrator.package_data import CONF_DIR
 from orchestrator.run.runner import GrowthCheckError
 from orchestrator.run.stage_loop import StopRequested
 
-REPO = Path(__file__).resolve().parent.parent
 
 # Two stages of 4 steps each (a width growth between them): seconds on one thread.
 MINE = """\

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -27,9 +26,9 @@ from growth_ops.common import all_axes
 from growth_ops.spec import axis_size, parameter_axes
 
 from orchestrator.checkpoint.canonical import MOMENTS, seal_and_publish
+from orchestrator.exits import EXIT_CONFIG, fail
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-EXIT_USAGE = 2
 
 
 class CommandError(RuntimeError):
@@ -188,12 +187,8 @@ def grow_command(args: list[str]) -> int:
                                  ramp_steps=int(opts.get("ramp_steps", 0)),
                                  layer_insert=opts.get("layer_insert", "append"), init=opts.get("init"),
                                  moments=opts.get("moments"), seed=int(opts.get("seed", 0)))
-    except (CommandError, GrowthError, ValueError) as e:
-        print(f"grow: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except FileNotFoundError as e:
-        print(f"grow: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except (CommandError, GrowthError, ValueError, FileNotFoundError) as e:
+        return fail(EXIT_CONFIG, str(e))
     a, b = report["from"], report["to"]
     shape = lambda s: f"layers={s['layers']} hidden={s['hidden']} ffn={s['ffn']} heads={s['heads']}/{s['kv_heads']}"  # noqa: E731
     print(f"grew {shape(a)} -> {shape(b)} with {report['operator']}: {report['out']}")

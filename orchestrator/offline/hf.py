@@ -13,7 +13,6 @@ and is only used on export to write a complete config.json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from growth_ops import ModelSpec
 from growth_ops.spec import axis_size, parameter_axes
 
+from orchestrator.exits import EXIT_CONFIG, fail
 from orchestrator.offline.expand import (CommandError, LazyTensors, parse_args, write_checkpoint_dir,
                            write_safetensors_stream)
 
@@ -177,8 +177,7 @@ def import_command(args: list[str]) -> int:
         opts = parse_args(args, ("src", "out"), ("src", "out"))
         spec = import_hf(Path(opts["src"]), Path(opts["out"]))
     except (CommandError, InteropError, KeyError, FileNotFoundError) as e:
-        print(f"grow: import-hf: {e}", file=sys.stderr)
-        return 2
+        return fail(EXIT_CONFIG, f"import-hf: {e}")
     print(f"imported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
           f"vocab={spec.vocab} -> {opts['out']}")
     return 0
@@ -189,8 +188,7 @@ def export_command(args: list[str]) -> int:
         opts = parse_args(args, ("ckpt", "out"), ("ckpt", "out", "max_positions"))
         spec = export_hf(Path(opts["ckpt"]), Path(opts["out"]), int(opts.get("max_positions", 2048)))
     except (CommandError, InteropError, KeyError, FileNotFoundError, ValueError) as e:
-        print(f"grow: export-hf: {e}", file=sys.stderr)
-        return 2
+        return fail(EXIT_CONFIG, f"export-hf: {e}")
     print(f"exported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
           f"-> {opts['out']} (LlamaForCausalLM)")
     return 0
