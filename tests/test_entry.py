@@ -175,6 +175,16 @@ def test_broken_yaml_through_hydra_searchpath(config_dir, capsys, restore_proces
     assert f"{config_dir / 'schedule' / 'tab.yaml'}, line 3" in capsys.readouterr().err
 
 
+def test_broken_yaml_in_a_sweep_is_one_line_before_it_starts(config_dir, tmp_path, capsys,
+                                                             restore_process_state):
+    sweep_dir = tmp_path / "sweep"
+    assert main(["run", "-m", "--config-dir", str(config_dir), "schedule=tab", "seed=1,2",
+                 f"hydra.sweep.dir={sweep_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and f"{config_dir / 'schedule' / 'tab.yaml'}, line 3" in err, err
+    assert not sweep_dir.exists()
+
+
 def test_the_grow_binary_reports_broken_yaml_in_one_line(config_dir, tmp_path):
     """The installed console script, from an unrelated directory."""
     grow = Path(sys.executable).with_name("grow")

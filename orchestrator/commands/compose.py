@@ -9,6 +9,7 @@ parse - becomes one ConfigError line naming the key or the file and line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,17 @@ def job_overrides(cmd: CommandLine) -> list[str]:
     """The overrides that shape the job's config: Hydra's own settings (hydra.run.dir,
     hydra/launcher, ...) do not, the search path does (it is re-added by search_path)."""
     return [o for o in cmd.overrides if not _key(o).startswith("hydra")]
+
+
+def without_sweeps(cmd: CommandLine) -> CommandLine:
+    """The command line less its swept overrides (`key=a,b`): what every member of a sweep
+    shares, so a broken file or key is reported once, before the sweep starts."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(cmd.overrides)
+    except HydraException as e:
+        raise composition_error(e) from None
+    kept = [o for o, p in zip(cmd.overrides, parsed) if not p.is_sweep_override()]
+    return dataclasses.replace(cmd, overrides=kept, multirun=False)
 
 
 def _yaml_error(e: BaseException) -> yaml.MarkedYAMLError | None:

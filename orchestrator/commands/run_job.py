@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from orchestrator.commands.compose import load, parse_args
+from orchestrator.commands.compose import compose, load, parse_args, without_sweeps
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError, load_config
 from orchestrator.exits import exit_status
@@ -19,11 +19,17 @@ from orchestrator.run.sweep import sweep_member_params
 
 
 def precheck(args: list[str]) -> RunConfig | int | None:
-    """What `grow run args` will run, validated before Hydra starts: the config; None for a
-    sweep (each member checks its own) or for help; or an exit status, after one line."""
+    """What `grow run args` will run, validated before Hydra starts: the config; None for
+    help, or for a sweep (its shared part composes here; each member validates its own);
+    or an exit status, after one line."""
     try:
         cmd = parse_args(args)
-        return None if cmd.multirun or cmd.help else load(cmd)
+        if cmd.help:
+            return None
+        if cmd.multirun:
+            compose(without_sweeps(cmd))
+            return None
+        return load(cmd)
     except ConfigError as e:
         return exit_status(e)
 
