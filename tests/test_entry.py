@@ -145,7 +145,8 @@ def test_a_missing_config_dir_is_one_line(tmp_path, capsys):
     assert err == f"grow: config error: --config-dir: {tmp_path / 'nope'} is not a directory"
 
 
-@pytest.mark.parametrize("args", [["--config-dir"], ["--cfg", "everything"], ["--no-such-flag"]])
+@pytest.mark.parametrize("args", [["--config-dir"], ["--cfg", "everything"], ["--no-such-flag"],
+                                  ["--config-name", "mine"]])
 def test_bad_flags_are_one_line(args, capsys):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err.strip()

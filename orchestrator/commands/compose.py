@@ -49,6 +49,9 @@ def parse_args(args: list[str]) -> CommandLine:
         raise ConfigError("arguments", str(e)) from None
     if unknown:
         raise ConfigError("arguments", f"unknown flag {unknown[0]!r}")
+    if ns.config_path is not None or ns.config_name is not None:  # the primary config is ours
+        raise ConfigError("arguments", "--config-path/--config-name are not supported; add your own "
+                                       "configs with --config-dir DIR")
     config_dir = None
     if ns.config_dir is not None:
         config_dir = Path(ns.config_dir).expanduser().resolve()
