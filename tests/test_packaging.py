@@ -14,27 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from .test_entry import MINE  # a two-stage schedule of seconds: small, then wide
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = {"orchestrator.conf": "conf", "orchestrator.slurm_templates": "slurm"}
-
-SCHEDULE = """\
-name: mine
-stages:
-  - name: small
-    shape: {layers: 1, hidden: 32, ffn: 64, heads: 2, kv_heads: 1}
-    tokens: 1024
-    batch_size: 4
-    seq_len: 64
-    lr: {peak: 3.0e-3, warmup_steps: 1, min: 1.0e-3, decay: cosine}
-    growth: null
-  - name: deep
-    shape: {layers: 2, hidden: 32, ffn: 64, heads: 2, kv_heads: 1}
-    tokens: 1024
-    batch_size: 4
-    seq_len: 64
-    lr: {peak: null, warmup_steps: 1, min: 5.0e-4, decay: cosine}
-    growth: {ramp_steps: 2}
-"""
 
 
 def test_pyproject_lists_every_package_and_maps_the_shipped_dirs():
@@ -84,7 +67,7 @@ def test_a_wheel_plans_and_runs_a_users_schedule_from_any_directory(tmp_path, da
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     work = tmp_path / "elsewhere"
     (work / "myconf" / "schedule").mkdir(parents=True)
-    (work / "myconf" / "schedule" / "mine.yaml").write_text(SCHEDULE)
+    (work / "myconf" / "schedule" / "mine.yaml").write_text(MINE)
     env = {**_without_pythonpath(), "OMP_NUM_THREADS": "1"}
 
     def run(*args):
@@ -97,15 +80,18 @@ def test_a_wheel_plans_and_runs_a_users_schedule_from_any_directory(tmp_path, da
     grow = str(venv / "bin" / "grow")
     plan = run(grow, "plan", "--config-dir", "myconf", "schedule=mine", "hydra.run.dir=plan")
     assert plan.returncode == 0, plan.stderr
-    assert [s["name"] for s in json.loads((work / "plan" / "plan.json").read_text())["stages"]] == ["small", "deep"]
+    planned = json.loads((work / "plan" / "plan.json").read_text())["stages"]
+    assert [s["name"] for s in planned] == ["small", "wide"]
     proc = run(grow, "run", "--config-dir", "myconf", "schedule=mine", "tracking=off", "engine.threads=1",
                f"data.cache_dir={data_cache}", "hydra.run.dir=run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((work / "run" / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["small", "deep"] and summary["status"] == "complete"
+    assert [s["name"] for s in summary["stages"]] == ["small", "wide"] and summary["status"] == "complete"
     hydra_cfg = (work / "run" / ".hydra" / "hydra.yaml").read_text()
     assert f"path: {site / 'orchestrator' / 'conf'}" in hydra_cfg  # the installed configs, not the repo's
     assert f"path: {work / 'myconf'}" in hydra_cfg and str(REPO) not in hydra_cfg
-    dry = run(grow, "submit", "--config-dir", "myconf", "schedule=mine", "hydra.run.dir=sub", "submit.dry_run=true")
+    dry = run(grow, "submit", "--config-dir", "myconf", "schedule=mine", "hydra.run.dir=sub",
+              "submit.dry_run=true")
     assert dry.returncode == 0, dry.stderr  # the sbatch template ships too
-    assert f"hydra.searchpath=[file://{work / 'myconf'}]" in (work / "sub" / "slurm" / "0-small.sbatch").read_text()
+    script = (work / "sub" / "slurm" / "0-small.sbatch").read_text()
+    assert f"hydra.searchpath=[file://{work / 'myconf'}]" in script
