@@ -171,6 +171,16 @@ def test_broken_yaml_is_one_line_naming_file_and_line(command, name, config_dir,
     assert not run_dir.exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("command", ["run", "plan", "submit"])
+def test_a_config_file_that_is_not_text_is_named(command, tmp_path, capsys, restore_process_state):
+    bad = tmp_path / "conf" / "model" / "binary.yaml"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"hidden: 64\n# \xff\xfe\n")
+    assert main([command, "--config-dir", str(tmp_path / "conf"), "model=binary"]) == 2
+    assert capsys.readouterr().err.strip() == (f"grow: config error: {bad}: not UTF-8 text "
+                                               "(invalid start byte at byte 13)")
+
+
 def test_broken_yaml_through_hydra_searchpath(config_dir, capsys, restore_process_state):
     assert main(["run", f"hydra.searchpath=[file://{config_dir}]", "schedule=tab"]) == 2
     assert f"{config_dir / 'schedule' / 'tab.yaml'}, line 3" in capsys.readouterr().err

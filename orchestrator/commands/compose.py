@@ -71,10 +71,8 @@ def _quoted(path: str) -> str:
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def search_path(cmd: CommandLine) -> str | None:
-    """One `hydra.searchpath=[...]` override holding --config-dir and the user's own entries
-    (None when there are neither): what compose() needs, and what a Slurm job's `grow run`
-    needs to find the same configs from any directory."""
+def _search_entries(cmd: CommandLine) -> list[str]:
+    """--config-dir, then the user's own hydra.searchpath entries."""
     entries = [f"file://{cmd.config_dir}"] if cmd.config_dir else []
     for o in cmd.overrides:
         if _key(o) == SEARCHPATH:
@@ -85,6 +83,14 @@ def search_path(cmd: CommandLine) -> str | None:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(SEARCHPATH, "must be a list of paths, e.g. [file:///home/me/conf]")
             entries += value
+    return entries
+
+
+def search_path(cmd: CommandLine) -> str | None:
+    """One `hydra.searchpath=[...]` override holding --config-dir and the user's own entries
+    (None when there are neither): what compose() needs, and what a Slurm job's `grow run`
+    needs to find the same configs from any directory."""
+    entries = _search_entries(cmd)
     return f"{SEARCHPATH}=[{','.join(map(_quoted, entries))}]" if entries else None
 
 
@@ -113,6 +119,18 @@ def _yaml_error(e: BaseException) -> yaml.MarkedYAMLError | None:
     return None
 
 
+def _not_utf8(cmd: CommandLine, error: UnicodeDecodeError) -> ConfigError:
+    """Hydra's file reader does not say which file is not text: look for it on the search path."""
+    dirs = [CONF_DIR] + [Path(e[len("file://"):]) for e in _search_entries(cmd) if e.startswith("file://")]
+    for d in dirs:
+        for path in sorted(Path(d).rglob("*.yaml")):
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                return ConfigError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})")
+    return ConfigError("config", f"a config file is not UTF-8 text ({error.reason})")
+
+
 def compose(cmd: CommandLine, run_dir: str = UNUSED_RUN_DIR):
     """The composed (unvalidated) config, or ConfigError in one line."""
     register_schema()
@@ -121,6 +139,8 @@ def compose(cmd: CommandLine, run_dir: str = UNUSED_RUN_DIR):
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             return hydra_compose("config", overrides=overrides + ([sp] if sp else []))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(cmd, e) from None
     except (yaml.YAMLError, HydraException, OmegaConfBaseException, *COMPOSITION_ERRORS) as e:
         bad = _yaml_error(e)
         if bad is not None and bad.problem_mark is not None:
@@ -135,7 +155,3 @@ def load(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR
     """Compose and validate: the one validated config a command works from."""
     return load_config(compose(cmd, run_dir), planning=planning)
 
-
-def load_overrides(overrides: list[str], planning: bool = False) -> RunConfig:
-    """`load` for a plain list of overrides (benchmarks, tests, the planner's callers)."""
-    return load(CommandLine(list(overrides)), planning=planning)
