@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from orchestrator.cli import _precheck
+from orchestrator.commands.run_job import precheck as _precheck
+from orchestrator.config.schema import RunConfig
 
 from .conftest import grow_cmd
 
@@ -74,8 +75,8 @@ def test_missing_data_path_is_refused(tmp_path, capsys):
 
 
 def test_good_configs_pass():
-    assert _precheck(["schedule=tiny"]) is None
-    assert _precheck(["schedule=default", "model=gpt_tiny"]) is None
+    assert isinstance(_precheck(["schedule=tiny"]), RunConfig)
+    assert isinstance(_precheck(["schedule=default", "model=gpt_tiny"]), RunConfig)
 
 
 @pytest.mark.parametrize("case", ["not-utf8", "no-matching-files", "vocab-too-small"])

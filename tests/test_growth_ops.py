@@ -333,7 +333,7 @@ def test_unknown_operator_lists_the_allowed_ones():
      "schedule.stages.2.shape.layers", "allowed: 2, 4, 6"),
 ])
 def test_config_refuses_unreachable_targets(overrides, key, text, capsys):
-    from orchestrator.cli import _precheck
+    from orchestrator.commands.run_job import precheck as _precheck
     assert _precheck(["schedule=default", *overrides]) == 2
     err = capsys.readouterr().err
     assert key in err and text in err, err
@@ -341,6 +341,7 @@ def test_config_refuses_unreachable_targets(overrides, key, text, capsys):
 
 @pytest.mark.parametrize("wide,deep", [("zero", "zero"), ("clone", "clone"), ("msg", "stack")])
 def test_config_accepts_operators_on_the_default_schedule(wide, deep):
-    from orchestrator.cli import _precheck
-    assert _precheck(["schedule=default", f"schedule.stages.1.growth.operator={wide}",
-                      f"schedule.stages.2.growth.operator={deep}"]) is None
+    from orchestrator.commands.run_job import precheck as _precheck
+    from orchestrator.config.schema import RunConfig
+    assert isinstance(_precheck(["schedule=default", f"schedule.stages.1.growth.operator={wide}",
+                                 f"schedule.stages.2.growth.operator={deep}"]), RunConfig)

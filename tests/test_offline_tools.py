@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from growth_ops import MaskState, ModelSpec
 from orchestrator.checkpoint.canonical import load_checkpoint
-from orchestrator.cli import _precheck, main
+from orchestrator.cli import main
+from orchestrator.commands.run_job import precheck as _precheck
 from orchestrator.model import build_model
 from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream
 

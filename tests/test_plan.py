@@ -10,7 +10,7 @@ import pytest
 from orchestrator.commands.plan import compose_config
 from orchestrator.budget.planner import make_plan
 from orchestrator.schedule import resolve
-from orchestrator.config.validate import ConfigError, load_config
+from orchestrator.config.validate import ConfigError
 
 from .conftest import grow_cmd
 
@@ -153,13 +153,7 @@ def test_unknown_key_names_the_key():
 
 
 def test_grow_run_still_refuses_parallel_layouts_on_the_local_engine():
-    from hydra import compose, initialize_config_dir
-
-    from orchestrator.cli import CONF_DIR
-    from orchestrator.config.schema import register_schema
-    register_schema()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        raw = compose("config", overrides=[*FLM, "run_dir=/unused"])
+    from orchestrator.commands.compose import CommandLine, load
     with pytest.raises(ConfigError) as e:
-        load_config(raw)
+        load(CommandLine(list(FLM)))  # as `grow run` validates, not `grow plan`
     assert e.value.key == "schedule.stages.0.layout" and "engine.name=local" in str(e.value)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.cli import CONF_DIR
+from orchestrator.package_data import CONF_DIR
 from orchestrator.commands.options import (UsageError, bool_option, float_option, int_option,
                                            parse_options, run_reporting_errors)
 

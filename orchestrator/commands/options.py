@@ -4,12 +4,10 @@ damaged or unreadable file, 3 a growth that changed the function), never a trace
 from __future__ import annotations
 
 import errno
-import sys
 from typing import Callable
 
-from orchestrator.cli import EXIT_CONFIG, EXIT_GROWTH_CHECK
+from orchestrator.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_GROWTH_CHECK, fail as report
 
-EXIT_DAMAGED = 1
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -78,8 +76,7 @@ def run_reporting_errors(command: str, body: Callable[[], int]) -> int:
     from orchestrator.offline.outputs import OfflineError
 
     def fail(code: int, message: str) -> int:
-        print(f"grow: {command}: {message}", file=sys.stderr)
-        return code
+        return report(code, f"{command}: {message}")
 
     try:
         return body()
@@ -88,10 +85,10 @@ def run_reporting_errors(command: str, body: Callable[[], int]) -> int:
     except FunctionChangedError as e:
         return fail(EXIT_GROWTH_CHECK, str(e))
     except CheckpointError as e:
-        return fail(EXIT_DAMAGED, f"checkpoint error: {e}; nothing was written")
+        return fail(EXIT_FAILED, f"checkpoint error: {e}; nothing was written")
     except SafetensorError as e:
-        return fail(EXIT_DAMAGED, f"damaged safetensors file: {e}; nothing was written")
+        return fail(EXIT_FAILED, f"damaged safetensors file: {e}; nothing was written")
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         full = " - free space and run again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        return fail(EXIT_DAMAGED, f"{e.strerror or e}{where}; nothing was written{full}")
+        return fail(EXIT_FAILED, f"{e.strerror or e}{where}; nothing was written{full}")

@@ -8,40 +8,23 @@ too small to fit (one line naming the key), 4 the plan is over a budget cap.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-EXIT_CONFIG = 2
-EXIT_OVER_BUDGET = 4
+from orchestrator.atomic import write_json_atomic
+from orchestrator.budget.planner import make_plan
+from orchestrator.commands.compose import CommandLine, load, parse_args
+from orchestrator.config.schema import RunConfig
+from orchestrator.config.validate import ConfigError
+from orchestrator.exits import EXIT_OVER_BUDGET, exit_status
 
 
-def _fail(code: int, message: str) -> int:
-    print(f"grow: {message}", file=sys.stderr)
-    return code
-
-
-def compose_config(overrides: list[str]):
-    """Compose and validate for planning; ConfigError carries the key."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from orchestrator.cli import CONF_DIR
-    from orchestrator.config.schema import register_schema
-    from orchestrator.config.validate import COMPOSITION_ERRORS, composition_error, load_config
-
-    register_schema()
-    job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
-            raw = compose("config", overrides=job + ["run_dir=/unused"])
-    except (HydraException, OmegaConfBaseException, *COMPOSITION_ERRORS) as e:
-        raise composition_error(e) from None
-    return load_config(raw, planning=True)
+def compose_config(overrides: list[str]) -> RunConfig:
+    """The validated config `grow plan overrides` plans (for benchmarks and tests)."""
+    return load(CommandLine(list(overrides)), planning=True)
 
 
 def _run_dir(args: list[str], schedule: str) -> Path:
@@ -115,25 +98,22 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
 
 
 def plan_command(args: list[str]) -> int:
-    from orchestrator.atomic import write_json_atomic
-    from orchestrator.budget.planner import make_plan
-    from orchestrator.config.validate import ConfigError
-
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         return 0
-    overrides = [a for a in args if not a.startswith("-")]
     try:
-        cfg = compose_config(overrides)
+        cmd = parse_args(args)
+        cfg = load(cmd, planning=True)
         plan = make_plan(cfg)
     except ConfigError as e:
-        return _fail(EXIT_CONFIG, f"config error: {e}")
-    run_dir = _run_dir(overrides, cfg.schedule.name)
+        return exit_status(e)
+    run_dir = _run_dir(cmd.overrides, cfg.schedule.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "plan.json"
     write_json_atomic(path, plan.to_dict())
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
-    print_plan(console, plan, path, overrides)
+    config_dir = ["--config-dir", str(cmd.config_dir)] if cmd.config_dir else []
+    print_plan(console, plan, path, config_dir + cmd.overrides)
     return 0 if plan.budget["fits"] else EXIT_OVER_BUDGET

@@ -88,29 +88,23 @@ def drive(cfg: RunConfig) -> int:
 
 
 def _rank_main(config_path: str) -> int:
-    """One rank: read the resolved config the driver wrote, join the group, run."""
-    from orchestrator.checkpoint.canonical import CheckpointError
-    from orchestrator.data import DataError
+    """One rank: read the resolved config the driver wrote, join the group, run; a known
+    failure is one line and its exit status (orchestrator/exits.py), as for `grow run`.
+    Imported here: deepspeed_engine loads DeepSpeed and Megatron, which only ranks need."""
+    from orchestrator.config.validate import load_config
     from orchestrator.engines.deepspeed_engine import init_distributed
-    from orchestrator.run.runner import GrowthCheckError, run_schedule
-    from orchestrator.run.stage_loop import StopRequested
-    from orchestrator.config.validate import ConfigError, load_config
+    from orchestrator.exits import exit_status
+    from orchestrator.run.runner import run_schedule
 
-    cfg = load_config(json.loads(Path(config_path).read_text()))
-    init_distributed(cfg.engine.timeout_s, cfg.engine.device)
     try:
+        cfg = load_config(json.loads(Path(config_path).read_text()))
+        init_distributed(cfg.engine.timeout_s, cfg.engine.device)
         run_schedule(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"grow: config error: {e}", file=sys.stderr)
-        return 2
-    except GrowthCheckError as e:
-        print(f"grow: {e}", file=sys.stderr)
-        return 3
-    except CheckpointError as e:
-        print(f"grow: checkpoint error: {e}", file=sys.stderr)
-        return 1
-    except StopRequested as e:
-        return 128 + e.signum
+    except Exception as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        return status
     return 0
 
 

@@ -1,3 +1,4 @@
-"""Slurm: `grow submit` (one chained sbatch job per stage), the job-side state helpers the
-generated scripts call (finished flag, failure count, requeue decision), `grow status`,
-and Hydra sweep reporting. Nothing here imports torch, so job-side helpers start fast."""
+"""Slurm only: render one sbatch script per stage, submit them chained (`sbatch`), the
+job-side state helpers the generated scripts call (finished flag, failure count, requeue
+decision), and what `grow status` shows. The `grow submit` and `grow status` verbs are in
+orchestrator/commands/."""

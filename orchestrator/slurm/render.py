@@ -1,4 +1,4 @@
-"""Render one sbatch script per stage from a template in slurm/.
+"""Render one sbatch script per stage from a template in slurm/ (shipped with the package).
 
 Templates use `{{name}}` placeholders (so bash's own `${...}` stays untouched); an unknown
 placeholder is an error. Secrets never land in a script: the job inherits the submitting
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.config.validate import ConfigError
+from orchestrator.package_data import SLURM_TEMPLATE_DIR
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
 SECRET_NAME = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH)",
                          re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
@@ -80,9 +80,9 @@ def fill(template: str, values: dict[str, str], source: str) -> str:
 def template_path(name: str) -> Path:
     p = Path(name).expanduser()
     if not p.is_absolute() and not p.exists():
-        p = TEMPLATE_DIR / name
+        p = SLURM_TEMPLATE_DIR / name
     if not p.is_file():
-        raise ConfigError("submit.template", f"{name!r} not found (looked in {TEMPLATE_DIR})")
+        raise ConfigError("submit.template", f"{name!r} not found (looked in {SLURM_TEMPLATE_DIR})")
     return p
 
 

@@ -1,10 +1,8 @@
-"""`grow status run_dir=DIR [format=json]`: each stage's Slurm jobs, state, requeue count,
+"""A submitted run's state for `grow status`: each stage's Slurm jobs, state, requeue count,
 tokens done and budget spent, from jobs.json, the job-side state files, the latest
 checkpoint's ledger and `scontrol`."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 from orchestrator.atomic import read_json
@@ -80,34 +78,3 @@ def describe(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "stages": rows, "running": running,
             "summary": read_json(run_dir / "summary.json", {}).get("status"),
             "spent_usd": total_usd}
-
-
-def status_command(args: list[str]) -> int:
-    opts = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = [a for a in args if "=" not in a] + [k for k in opts if k not in ("run_dir", "format")]
-    if unknown or "run_dir" not in opts:
-        print("grow: usage: grow status run_dir=DIR [format=table|json]", file=sys.stderr)
-        return 2
-    run_dir = Path(opts["run_dir"]).expanduser().resolve()
-    if not run_dir.is_dir():
-        print(f"grow: {run_dir} is not a directory", file=sys.stderr)
-        return 2
-    info = describe(run_dir)
-    if opts.get("format", "table") == "json":
-        print(json.dumps(info, indent=1))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=f"{run_dir}")
-    for col in ("#", "stage", "jobs", "state", "requeues", "tokens", "GPU-h", "USD", "lost s"):
-        table.add_column(col)
-    for r in info["stages"]:
-        tokens = f"{r['tokens']}" + (f"/{r['tokens_target']}" if r["tokens_target"] else "")
-        table.add_row(str(r["index"]), r["stage"], ",".join(r["job_ids"]) or "-", r["state"],
-                      str(r["requeues"]), tokens, f"{r['gpu_hours']:.4f}", f"{r['cost_usd']:.4f}",
-                      f"{r['lost_s']:.0f}")
-    console = Console(width=160)
-    console.print(table)
-    console.print(f"running now: {', '.join(info['running']) or 'nothing'}; "
-                  f"spent ${info['spent_usd']:.4f}; summary: {info['summary'] or 'none yet'}")
-    return 0

@@ -1,0 +1,52 @@
+"""The work of `grow run` once its signal handlers are in place: check the config before
+Hydra starts, then run it as Hydra's task.
+
+Outside a sweep the task reuses the config the precheck validated (only its run_dir comes
+from Hydra); in a sweep (`-m`) each member composes its own config and validates it, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from orchestrator.commands.compose import compose, load, parse_args, without_sweeps
+from orchestrator.config.schema import RunConfig
+from orchestrator.config.validate import ConfigError, load_config
+from orchestrator.engines.registry import engine_kind
+from orchestrator.exits import exit_status
+from orchestrator.run.launch import drive, in_launch
+from orchestrator.run.runner import run_schedule
+from orchestrator.run.sweep import sweep_member_params
+
+
+def precheck(args: list[str]) -> RunConfig | int | None:
+    """What `grow run args` will run, validated before Hydra starts: the config; None for
+    help, or for a sweep (its shared part composes here; each member validates its own);
+    or an exit status, after one line."""
+    try:
+        cmd = parse_args(args)
+        if cmd.help:
+            return None
+        if cmd.multirun:
+            compose(without_sweeps(cmd))
+            return None
+        return load(cmd)
+    except ConfigError as e:
+        return exit_status(e)
+
+
+def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
+    """The Hydra task: run the schedule, map known failures to an exit status and one line."""
+    try:
+        if validated is None:  # a sweep member: its own overrides, its own check
+            cfg = load_config(raw_cfg)
+        else:
+            cfg = dataclasses.replace(validated, run_dir=str(raw_cfg.run_dir))
+        if engine_kind(cfg.engine.name).multi_rank and not in_launch():
+            sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
+        run_schedule(cfg, extra_params=sweep_member_params())
+    except Exception as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        sys.exit(status)
