@@ -3,7 +3,10 @@ state's round trip and the one rule for what runs next (and the runs that rely o
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -17,7 +20,7 @@ from orchestrator.model import flops_per_token
 from orchestrator.run.state import RunState, is_finished, next_stage
 from orchestrator.schedule import resolve
 
-from .conftest import read_summary, run_grow
+from .conftest import grow_cmd, read_summary, run_grow
 
 
 def test_resolved_schedule_carries_every_derived_value():
@@ -117,9 +120,11 @@ def test_settings_pin_only_once_a_run_trained_and_lost_checkpoints_are_not_silen
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
     spent = read_summary(run_dir)["totals"]["tokens"]
     assert spent == 1024
-    # trained: another seed is refused
+    # trained: another seed is refused, before Hydra rewrites the run's .hydra/
+    hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     proc = run_grow(tmp_path, *common, "seed=5", cache=data_cache, check=False)
     assert proc.returncode == 2 and "seed: differs from the run already in" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
     # every checkpoint gone, the run's other files still there: refuse to start over
     shutil.rmtree(run_dir / "checkpoints")
     proc = run_grow(tmp_path, *common, cache=data_cache, check=False)
@@ -131,3 +136,28 @@ def test_settings_pin_only_once_a_run_trained_and_lost_checkpoints_are_not_silen
     (run_dir / "config.json").write_text('{"seed": 0, "mod')
     proc = run_grow(tmp_path, *common, cache=data_cache, check=False)
     assert proc.returncode == 2 and "config.json is damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    args = ["run", "schedule=tiny", f"hydra.run.dir={run_dir}", "tracking=off", "engine.threads=1",
+            f"data.cache_dir={data_cache}"]
+    env = {**os.environ, "GROW_FAILPOINTS": "step.done=sleep:0.5", "OMP_NUM_THREADS": "1"}  # a slow first run
+    first = subprocess.Popen(grow_cmd(*args), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").stat().st_size:
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.5)
+        hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        second = run_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", "seed=3", cache=data_cache,
+                          check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"grow: config error: run_dir: {run_dir} is in use by another grow run (pid {first.pid}); "
+            "wait for it or pick another hydra.run.dir")
+        assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
+    finally:
+        first.kill()
+        first.wait()

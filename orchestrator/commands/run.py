@@ -7,8 +7,14 @@ the Hydra task then runs that validated config (orchestrator/commands/run_job.py
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
+from orchestrator.config.errors import ConfigError
+from orchestrator.exits import exit_status, fail
+from orchestrator.run.lock import RunLock
 from orchestrator.run.signals import install_early_handlers
 
 
@@ -20,6 +26,16 @@ def _no_world_writable_files() -> None:
 def run_command(args: list[str]) -> int:
     _no_world_writable_files()
     install_early_handlers()  # a Slurm signal during startup becomes a checkpoint, not a kill
+    try:
+        return _run(args)
+    except ConfigError as e:  # the run directory is locked by another run
+        return exit_status(e)
+    except KeyboardInterrupt:  # before the training loop's own handler is in place
+        return fail(128 + signal.SIGINT, "interrupted (SIGINT) while starting; checkpoints already written are "
+                                         "intact - run the same command again to continue")
+
+
+def _run(args: list[str]) -> int:
     # Imported only now, after the handlers: torch and Hydra take seconds to load, and a
     # Slurm stop signal arriving meanwhile would kill the job without a checkpoint.
     import hydra
@@ -27,6 +43,7 @@ def run_command(args: list[str]) -> int:
     from orchestrator.commands.run_job import precheck, run_job
     from orchestrator.config.schema import register_schema
     from orchestrator.package_data import CONF_DIR
+    from orchestrator.run.runner import check_same_run
 
     validated = precheck(args)
     if isinstance(validated, int):
@@ -39,5 +56,23 @@ def run_command(args: list[str]) -> int:
     register_schema()
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)
     sys.argv = ["grow run", *args]
-    main()
+    # the run directory's lock before Hydra writes .hydra/ into it: a second run on the same
+    # directory is refused before it overwrites anything of the first
+    run_dir = _run_dir_arg(args) if validated is not None and _first_rank() else None
+    with RunLock(Path(run_dir)) if run_dir else nullcontext():
+        if run_dir:  # a resume that would change the run is refused before .hydra/ is rewritten
+            check_same_run(Path(run_dir), validated)
+        main()
     return 0
+
+
+def _first_rank() -> bool:
+    """Not one of the other ranks of a multi-rank job (torchrun's RANK, plain srun's SLURM_PROCID):
+    only the first rank holds the lock, as only it writes the run's files."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _run_dir_arg(args: list[str]) -> str | None:
+    """hydra.run.dir as given on the command line (else Hydra picks a new, timestamped one)."""
+    found = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
+    return found[-1] if found else None

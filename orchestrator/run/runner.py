@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from orchestrator.data import new_cursor, prepare_data, validation_batches
 from orchestrator.engines.registry import engine_kind
 from orchestrator.faults import failpoint
 from orchestrator.model import build_model
+from orchestrator.run.lock import RunLock
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
 from orchestrator.run.state import NextStage, RunState, next_stage
 from orchestrator.schedule import ResolvedStage, resolve
@@ -40,31 +40,6 @@ FIXED_ON_RESUME = ("seed", "init_from", "model", "schedule", "growth", "data", "
 
 class GrowthCheckError(RuntimeError):
     pass
-
-
-class RunLock:
-    """One `grow run` per run directory. flock is released by the kernel when the holder
-    dies, so a killed run never leaves the directory stuck."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-
-    def __enter__(self):
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self._fd, 64).decode().strip() or "?"
-            os.close(self._fd)
-            raise ConfigError("run_dir", f"{self.path.parent} is in use by another grow run "
-                                         f"(pid {holder}); wait for it or pick another hydra.run.dir") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
 
 
 def _set(tree, dotted: str, value) -> None:
@@ -83,14 +58,23 @@ def _trained_before(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists() or (metrics.exists() and metrics.stat().st_size > 0)
 
 
-def _check_same_run(run_dir: Path, cfg: RunConfig) -> None:
-    """A resume must not change what the run computes. A directory whose run never trained
-    does not pin its settings: its config.json is replaced."""
+def pin_settings(run_dir: Path, cfg: RunConfig) -> None:
+    """Record the run's settings in config.json, unless a run that trained pinned them."""
+    check_same_run(run_dir, cfg)
+    if not _pinned(run_dir):
+        write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+
+
+def _pinned(run_dir: Path) -> bool:
+    return (run_dir / "config.json").exists() and bool(all_checkpoints(run_dir) or _trained_before(run_dir))
+
+
+def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
+    """A resume must not change what the run computes (read-only: `grow run` asks before
+    Hydra writes anything). A directory whose run never trained does not pin its settings."""
     path = run_dir / "config.json"
     current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in FIXED_ON_RESUME}
-    pinned = path.exists() and (all_checkpoints(run_dir) or _trained_before(run_dir))
-    if not pinned:
-        write_json_atomic(path, dataclasses.asdict(cfg))
+    if not _pinned(run_dir):
         return
     try:
         saved = {k: v for k, v in json.loads(path.read_text()).items() if k in FIXED_ON_RESUME}
@@ -145,7 +129,7 @@ class Run:
         if self.schedule.vocab < tok:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is below the tokenizer's {tok}")
         if leader:
-            _check_same_run(self.run_dir, cfg)
+            pin_settings(self.run_dir, cfg)
         self.budget = RunBudget(self.schedule, console)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if leader else Path(os.devnull))
         self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
