@@ -30,7 +30,7 @@ from orchestrator.model import build_model
 from orchestrator.run.lock import RunLock
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
 from orchestrator.run.state import NextStage, RunState, next_stage
-from orchestrator.schedule import ResolvedStage, resolve
+from orchestrator.schedule import ResolvedStage, resolve, stage_steps
 from orchestrator.tracking.mlflow_tracker import make_tracker
 from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
 
@@ -52,10 +52,15 @@ def _set(tree, dotted: str, value) -> None:
         tree[last] = value
 
 
-def _trained_before(run_dir: Path) -> bool:
-    """Whether a run in this directory ever took a step (checkpoints aside)."""
-    metrics = run_dir / "metrics.jsonl"
-    return (run_dir / "summary.json").exists() or (metrics.exists() and metrics.stat().st_size > 0)
+def _checkpointed_before(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether this run directory's run ever wrote a checkpoint (even if none is left): it
+    finished or stopped (summary.json), or it logged a step that comes only after one: past
+    checkpoint.every_steps, or past the first stage (whose final checkpoint comes first). A
+    run killed before its first checkpoint is not one of them: it may start over."""
+    if (run_dir / "summary.json").exists():
+        return True
+    first = min(cfg.checkpoint.every_steps, stage_steps(cfg.schedule.stages[0]))
+    return any(point["step"] > first for point in MetricsLog.read(run_dir / "metrics.jsonl"))
 
 
 def pin_settings(run_dir: Path, cfg: RunConfig) -> None:
@@ -66,7 +71,9 @@ def pin_settings(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def _pinned(run_dir: Path) -> bool:
-    return (run_dir / "config.json").exists() and bool(all_checkpoints(run_dir) or _trained_before(run_dir))
+    """A run that trained pins its settings; one that never got so far does not."""
+    return (run_dir / "config.json").exists() and bool(
+        all_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size)
 
 
 def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
@@ -326,8 +333,9 @@ def _newest_checkpoint(run: Run) -> Path | None:
     ckpt = latest_checkpoint(run.run_dir, damaged)
     for problem in damaged:
         run.console.print(f"[yellow]warning:[/] damaged checkpoint skipped: {problem}")
-    if ckpt is None and (damaged or _trained_before(run.run_dir)) and not run.cfg.checkpoint.allow_fresh_start:
-        why = f"{len(damaged)} damaged" if damaged else "none left, but the run trained before (metrics.jsonl, summary.json)"
+    if ckpt is None and (damaged or _checkpointed_before(run.run_dir, run.cfg)) \
+            and not run.cfg.checkpoint.allow_fresh_start:
+        why = f"{len(damaged)} damaged" if damaged else "none left, but the run wrote some before (metrics.jsonl, summary.json)"
         raise CheckpointError(f"no intact checkpoint in {run.run_dir / 'checkpoints'} ({why}); refusing to "
                               "start from scratch and lose what was spent - pass "
                               "checkpoint.allow_fresh_start=true to do that")
