@@ -43,7 +43,7 @@ def _run(args: list[str]) -> int:
     from orchestrator.commands.run_job import precheck, run_job
     from orchestrator.config.schema import register_schema
     from orchestrator.package_data import CONF_DIR
-    from orchestrator.run.runner import check_same_run
+    from orchestrator.run.directory import check_same_run
 
     validated = precheck(args)
     if isinstance(validated, int):
