@@ -54,8 +54,19 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-def _precheck(overrides: list[str]) -> int | None:
-    """Compose and validate the config as Hydra will, reporting errors in one line."""
+def _run_dir_override(overrides: list[str]) -> str:
+    """The run directory `grow run` will use, for checking it before Hydra creates it: the
+    hydra.run.dir override, else the default's parent (runs/<schedule>/)."""
+    for o in reversed(overrides):  # the last one wins, as in Hydra
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra.run.dir":
+            return value if "${" not in value else "runs/${schedule.name}"
+    return "runs/${schedule.name}"
+
+
+def _precheck(overrides: list[str], run_here: bool = False) -> int | None:
+    """Compose and validate the config as Hydra will, reporting errors in one line;
+    `run_here`: also what this machine must provide (paths, device, memory)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -67,8 +78,9 @@ def _precheck(overrides: list[str]) -> int | None:
     job = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
-            cfg = compose("config", overrides=job + ["run_dir=/unused"])
-        load_config(cfg)
+            run_dir = _run_dir_override(overrides) if run_here else "/unused"
+            cfg = compose("config", overrides=job + [f"run_dir={run_dir}"])
+        load_config(cfg, runs_here=run_here)
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"config error: {e}")
     except (HydraException, OmegaConfBaseException, *COMPOSITION_ERRORS) as e:
@@ -87,7 +99,8 @@ def _run_job(raw_cfg) -> None:
     from orchestrator.run.sweep import sweep_member_params
 
     try:
-        cfg = load_config(raw_cfg)
+        cfg = load_config(raw_cfg, runs_here=True)
+        print(f"grow run: {cfg.run_dir}: preparing data, then stage {cfg.schedule.stages[0].name} ...", flush=True)
         if cfg.engine.name == "deepspeed":
             from orchestrator.run.launch import drive, in_launch
 
@@ -121,7 +134,7 @@ def run_command(args: list[str]) -> int:
     install_early_handlers()  # a Slurm signal during startup becomes a checkpoint, not a kill
     multirun = "-m" in args or "--multirun" in args
     if not multirun:  # a sweep's members are each checked by the task itself
-        code = _precheck([a for a in args if not a.startswith("-")])
+        code = _precheck([a for a in args if not a.startswith("-")], run_here=True)
         if code is not None:
             return code
     import hydra

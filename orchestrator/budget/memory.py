@@ -5,7 +5,7 @@ The estimate is a lower bound on purpose: a stage is refused only when it certai
 not fit, never because of a guess. Model states are exact per parameter; activations count
 only what autograd must keep for the backward pass of every layer (the block's input and
 norm outputs, q/k/v after RoPE, the attention output, the MLP's hidden activations), and
-the fp32 logits; attention scores are not counted (fused attention does not store them).
+the fp32 logits with their log-softmax; attention scores are not counted (fused attention does not store them).
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ def activation_bytes_per_token(spec: ModelSpec, dtype: str) -> float:
     kv = spec.kv_heads * spec.head_dim
     mlp = 3 * spec.ffn if spec.mlp == "swiglu" else 2 * spec.ffn  # gate, up, product | fc1, gelu
     per_layer = 5 * spec.hidden + 2 * kv + mlp  # elements, see the module docstring
-    return spec.layers * per_layer * (2 if dtype == "bf16" else 4) + spec.vocab * 4  # logits in fp32
+    elem = 2 if dtype == "bf16" else 4
+    # + the embedding output and final norm; the fp32 logits and their log-softmax, both
+    # alive when the loss is taken
+    return (spec.layers * per_layer + 2 * spec.hidden) * elem + 2 * spec.vocab * 4
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,14 @@ class StepMemory:
         return self.states + self.activations
 
 
-def step_memory(spec: ModelSpec, layout: LayoutConfig, batch_size: int, seq_len: int, dtype: str) -> StepMemory:
+def step_memory(spec: ModelSpec, layout: LayoutConfig, batch_size: int, seq_len: int, dtype: str,
+                states_dtype: str | None = None) -> StepMemory:
     """Per device: tp x pp split the model and its activations, dp shards the optimizer;
-    a micro-batch is layout.micro_batch_size sequences, else the whole per-rank batch."""
+    a micro-batch is layout.micro_batch_size sequences, else the whole per-rank batch.
+    `states_dtype`: the weights' dtype when it differs from the activations' (autocast)."""
     shards = layout.tp * layout.pp
     micro = layout.micro_batch_size or batch_size // layout.dp
-    states = count_parameters(spec) / shards * state_bytes_per_param(dtype, layout.dp)
+    states = count_parameters(spec) / shards * state_bytes_per_param(states_dtype or dtype, layout.dp)
     activations = micro * seq_len * activation_bytes_per_token(spec, dtype) / shards
     return StepMemory(states, activations)
 
