@@ -73,7 +73,7 @@ def source_files(source: SourceConfig) -> list[tuple[str, Path]]:
         path = Path(os.path.expanduser(given))
         if not path.exists():
             raise DataError(f"{given}: no such file or directory")
-        if path.is_file():
+        if not path.is_dir():  # a file (or a FIFO or device, which check_data_sources refuses)
             out.append((given, path))
             continue
         matched = []
