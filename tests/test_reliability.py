@@ -239,3 +239,14 @@ def test_planner_counts_activations_against_gpu_memory():
     with pytest.raises(ConfigError) as e:  # the model states fit, 24 sequences' activations do not
         make_plan(compose_config([*flm, "schedule.stages.0.layout.micro_batch_size=24"]))
     assert e.value.key == "schedule.stages.0.seq_len" and "activations" in str(e.value)
+
+
+def test_grow_run_says_what_it_does_before_the_slow_parts(tmp_path, data_cache):
+    """The first line comes before data preparation and model building (a long first step
+    used to leave the terminal silent for minutes)."""
+    from .conftest import run_grow
+
+    proc = run_grow(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "tracking=off", "budget.max_tokens=512",
+                    cache=data_cache)
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(f"grow run: {tmp_path / 'run'}: preparing data, then stage s1"), proc.stdout[:500]
