@@ -81,7 +81,7 @@ def test_good_configs_pass():
 
 @pytest.mark.parametrize("case", ["not-utf8", "no-matching-files", "vocab-too-small"])
 def test_data_problems_exit_2_before_training(case, tmp_path):
-    """Found when the data is read (after Hydra starts), still before any training step."""
+    """Found by validation, before the run directory (or anything in it) exists."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     args = ["schedule=tiny", "tracking=off", f"data.cache_dir={tmp_path / 'cache'}",
@@ -105,7 +105,7 @@ def test_data_problems_exit_2_before_training(case, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("grow: config error:") and all(e in line for e in expect), line
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
 
 
 def test_cli_exits_2_before_creating_anything(tmp_path):

@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 
 from growth_ops.spec import ModelSpec, count_parameters
 
+from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError, validate
 from orchestrator.engines.registry import check_parallel_layout
 from orchestrator.model import attention_flops_per_token, flops_per_token
 from orchestrator.schedule import ResolvedStage, Schedule, resolve
-
-GIB = 2.0**30
 
 
 def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> float:
@@ -40,14 +39,6 @@ def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> f
     if recompute == "selective":
         return model + attention_flops_per_token(spec, seq_len) / 3.0
     return model
-
-
-def state_bytes_per_param(dtype: str, dp: int) -> float:
-    """Model states per parameter on one GPU with the optimizer sharded over data parallelism
-    (ZeRO-1 / Megatron's distributed optimizer): bf16 keeps bf16 weights (2), fp32 gradients
-    (4) and fp32 master weights + Adam moments (12 / dp); fp32 keeps weights and gradients
-    (8) and the moments (8 / dp). Activations are not counted."""
-    return 2 + 4 + 12 / dp if dtype == "bf16" else 8 + 8 / dp
 
 
 @dataclass
@@ -168,11 +159,13 @@ def check_layouts(schedule: Schedule) -> list[str]:
             raise ConfigError(key, f"tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {gpus} GPUs, "
                                    f"but cluster.gpus={c.gpus}")
         check_parallel_layout(cfg, i)
-        per_gpu = count_parameters(spec) / (lay.tp * lay.pp) * state_bytes_per_param(cfg.engine.dtype, lay.dp)
-        if c.gpu_memory_gb is not None and per_gpu / GIB > c.gpu_memory_gb:
-            raise ConfigError(key, f"model states need {per_gpu / GIB:.1f} GiB per GPU "
-                                   f"(engine.dtype={cfg.engine.dtype}, optimizer sharded over dp={lay.dp}), more than "
-                                   f"cluster.gpu_memory_gb={c.gpu_memory_gb:g}; raise tp, pp or dp")
+        if c.gpu_memory_gb is not None:
+            need = step_memory(spec, lay, stage.batch_size, stage.seq_len, cfg.engine.dtype)
+            problem = memory_problem(f"schedule.stages.{i}", need, c.gpu_memory_gb * GIB,
+                                     f"cluster.gpu_memory_gb={c.gpu_memory_gb:g}",
+                                     f"{cfg.engine.dtype}, optimizer sharded over dp={lay.dp}")
+            if problem:
+                raise ConfigError(*problem)
         if c.gpus_per_node is not None and lay.tp > c.gpus_per_node:
             warnings.append(f"{stage.name}: tp={lay.tp} spans nodes (cluster.gpus_per_node="
                             f"{c.gpus_per_node}); tensor parallelism across nodes is slow")

@@ -151,7 +151,19 @@ def compose(cmd: CommandLine, run_dir: str = UNUSED_RUN_DIR):
         raise composition_error(e) from None
 
 
-def load(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR) -> RunConfig:
-    """Compose and validate: the one validated config a command works from."""
-    return load_config(compose(cmd, run_dir), planning=planning)
+def load(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR,
+         runs_here: bool = False) -> RunConfig:
+    """Compose and validate: the one validated config a command works from (`runs_here`:
+    also what this machine must provide to run it: paths, device, memory)."""
+    return load_config(compose(cmd, run_dir), planning=planning, runs_here=runs_here)
+
+
+def run_dir_override(cmd: CommandLine) -> str:
+    """The run directory `grow run` will use, to check it before Hydra creates it: the
+    hydra.run.dir override, else the default's parent (runs/<schedule>/)."""
+    for o in reversed(cmd.overrides):  # the last one wins, as in Hydra
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra.run.dir":
+            return value if "${" not in value else "runs/${schedule.name}"
+    return "runs/${schedule.name}"
 

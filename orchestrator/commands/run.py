@@ -73,6 +73,7 @@ def _first_rank() -> bool:
 
 
 def _run_dir_arg(args: list[str]) -> str | None:
-    """hydra.run.dir as given on the command line (else Hydra picks a new, timestamped one)."""
+    """hydra.run.dir as given on the command line, if it is a plain path (else Hydra picks a
+    new, timestamped one, which no other run can be using)."""
     found = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
-    return found[-1] if found else None
+    return found[-1] if found and "${" not in found[-1] else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from orchestrator.commands.compose import compose, load, parse_args, without_sweeps
+from orchestrator.commands.compose import compose, load, parse_args, run_dir_override, without_sweeps
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError, load_config
 from orchestrator.engines.registry import engine_kind
@@ -30,7 +30,7 @@ def precheck(args: list[str]) -> RunConfig | int | None:
         if cmd.multirun:
             compose(without_sweeps(cmd))
             return None
-        return load(cmd)
+        return load(cmd, run_dir=run_dir_override(cmd), runs_here=True)
     except ConfigError as e:
         return exit_status(e)
 
@@ -39,9 +39,10 @@ def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
     """The Hydra task: run the schedule, map known failures to an exit status and one line."""
     try:
         if validated is None:  # a sweep member: its own overrides, its own check
-            cfg = load_config(raw_cfg)
+            cfg = load_config(raw_cfg, runs_here=True)
         else:
             cfg = dataclasses.replace(validated, run_dir=str(raw_cfg.run_dir))
+        print(f"grow run: {cfg.run_dir}: preparing data, then stage {cfg.schedule.stages[0].name} ...", flush=True)
         if engine_kind(cfg.engine.name).multi_rank and not in_launch():
             sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
         run_schedule(cfg, extra_params=sweep_member_params())

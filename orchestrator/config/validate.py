@@ -1,12 +1,15 @@
 """Check a composed config against the schema and the rules of a growth schedule.
 
-Everything here runs before any data is read or any model built, so a bad key costs the
-user seconds, not a queue slot. Errors name the full key and what is allowed.
+Everything here runs before any model is built or anything is written, so a bad key costs
+the user seconds, not a queue slot. Errors name the full key and what is allowed.
+`load_config` also reads the heads of the data files (`orchestrator.data.check`) and, for
+a run on this machine (`runs_here`), checks its paths, device and memory.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
@@ -17,14 +20,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from growth_ops import GrowthError, MaskState, get_operator
 
+from orchestrator.budget.memory import memory_problem, step_memory
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig
+from orchestrator.data.check import check_data_sources
+from orchestrator.data.errors import DataError
 from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.model import flops_per_token
-from orchestrator.schedule import effective_growth, stage_spec, stage_steps
+from orchestrator.schedule import (effective_growth, layout_world, padded_vocab, stage_spec, stage_steps,
+                                   tokenizer_vocab)
+from orchestrator.tracking.mlflow_tracker import sqlite_path
 
 
 # -- schema: keys and types -------------------------------------------------------------
+
+INT_RANGE = (-(2**63), 2**63 - 1)  # what every consumer (torch, numpy, JSON readers) can hold
 
 def _build(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -61,13 +71,17 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)  # 1e6 in YAML/overrides
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ConfigError(key, f"expected an integer, got {value!r}")
+            value = int(value)  # 1e6 in YAML/overrides
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise ConfigError(key, f"{value} does not fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # no field gives infinity or NaN a meaning (null: no cap)
+            raise ConfigError(key, f"must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -113,7 +127,12 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 # -- rules ------------------------------------------------------------------------------
 
+SEED_MAX = 2**32 - 1  # numpy's limit; torch seeds derived from it (seed x 1_000_003 + i) fit 64 bits
+
+
 def _check_model(cfg: RunConfig) -> None:
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError("seed", f"must be in [0, {SEED_MAX}], got {cfg.seed}")
     m = cfg.model
     _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
     _choice("model.mlp", m.mlp, ("swiglu", "gelu"))
@@ -121,6 +140,11 @@ def _check_model(cfg: RunConfig) -> None:
     for key in ("rope_theta", "norm_eps", "init_std", "vocab_multiple"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.vocab_size", m.vocab_size)
+    tokenizer = tokenizer_vocab(cfg)  # byte: 257; bpe: the configured size, which training never exceeds
+    if m.vocab_size is not None and m.vocab_size < tokenizer:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is below the tokenizer's {tokenizer} ids "
+                                              f"(data.tokenizer.kind={cfg.data.tokenizer.kind}); allowed: "
+                                              f">= {tokenizer}, or null for the tokenizer's size")
 
 
 def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig | None) -> None:
@@ -219,6 +243,7 @@ def _check_data(cfg: RunConfig) -> None:
     d = cfg.data
     _choice("data.tokenizer.kind", d.tokenizer.kind, ("byte", "bpe"))
     _positive("data.tokenizer.vocab_size", d.tokenizer.vocab_size)
+    _positive("data.tokenizer.train_chars", d.tokenizer.train_chars)
     if d.tokenizer.kind == "bpe" and d.tokenizer.vocab_size < 300:
         raise ConfigError("data.tokenizer.vocab_size", "a BPE needs >= 300 (256 bytes + merges)")
     if not 0 < d.val_fraction < 1:
@@ -307,6 +332,8 @@ def _check_submit(cfg: RunConfig) -> None:
         _positive(f"submit.{f}", getattr(s, f))
     _positive("submit.gpus_per_node", s.gpus_per_node, allow_zero=True)
     _positive("submit.signal_delay_s", s.signal_delay_s, allow_zero=True)
+    if s.rdzv_port > 65535:
+        raise ConfigError("submit.rdzv_port", f"{s.rdzv_port} is not a TCP port; allowed: 1..65535")
     _choice("submit.launcher", s.launcher, ("auto", "torchrun", "python"))
     if not re.match(_SLURM_TIME, s.time):
         raise ConfigError("submit.time", f"{s.time!r} is not a Slurm time; allowed: MM, HH:MM:SS, D-HH:MM:SS")
@@ -397,8 +424,10 @@ def composition_error(e: Exception) -> ConfigError:
 COMPOSITION_ERRORS = (AssertionError, AttributeError)
 
 
-def load_config(raw: DictConfig | dict, planning: bool = False) -> RunConfig:
-    """Composed Hydra config (or plain dict) -> a validated `RunConfig`, or ConfigError."""
+def load_config(raw: DictConfig | dict, planning: bool = False, runs_here: bool = False) -> RunConfig:
+    """Composed Hydra config (or plain dict) -> a validated `RunConfig`, or ConfigError.
+    The data sources' files are checked too (their heads are read); `runs_here`: the run
+    starts on this machine, so its paths, device and memory are checked against it."""
     if isinstance(raw, DictConfig):
         try:
             raw = OmegaConf.to_container(raw, resolve=True)
@@ -406,4 +435,88 @@ def load_config(raw: DictConfig | dict, planning: bool = False) -> RunConfig:
             key = getattr(e, "full_key", None) or "config"
             raise ConfigError(str(key), str(e).splitlines()[0]) from None
     raw = {k: v for k, v in raw.items() if k != "hydra"}
-    return validate(_build(RunConfig, raw, ""), planning)
+    cfg = validate(_build(RunConfig, raw, ""), planning)
+    try:
+        check_data_sources(cfg.data)
+    except DataError as e:
+        raise ConfigError(e.key or "data.sources", str(e)) from None
+    if runs_here:
+        check_runs_here(cfg)
+    return cfg
+
+
+# -- this machine: paths, device, memory --------------------------------------------------
+
+def _check_creatable_dir(key: str, given: str) -> None:
+    """`given` is a directory, or can be made one: its nearest existing ancestor is a
+    writable directory (not a regular file)."""
+    path = Path(given).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == path else f"is under a file ({probe})"
+        raise ConfigError(key, f"{given} {where}, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK) and probe != path:
+        raise ConfigError(key, f"{given} cannot be created: {probe} is not writable")
+
+
+def _check_tracking_store(cfg: RunConfig) -> None:
+    """A local store (sqlite:///path, file:path) whose directory is missing would fail at
+    the first metric; an unreachable server is an outage the run survives, not checked."""
+    uri = cfg.tracking.uri
+    if not cfg.tracking.enabled or uri is None:
+        return
+    if uri.startswith("sqlite:"):
+        db = sqlite_path(uri)
+        if db is None:
+            raise ConfigError("tracking.uri", "a sqlite store needs a file: sqlite:///relative/path.db or "
+                                              "sqlite:////absolute/path.db")
+        if not db.expanduser().absolute().parent.is_dir():
+            raise ConfigError("tracking.uri", f"the directory of {db} does not exist")
+        if db.is_dir():
+            raise ConfigError("tracking.uri", f"{db} is a directory, not a database file")
+    elif uri.startswith("file:"):
+        _check_creatable_dir("tracking.uri", uri[len("file:"):].removeprefix("//"))
+
+
+def _memory_limit(cfg: RunConfig, stage: StageConfig) -> tuple[float, str, str]:
+    """(bytes one rank of `stage` may use, what that is, the device word) on this machine:
+    a GPU each, or the RAM shared by the stage's ranks (all here, unless a launcher says
+    how many are on this node)."""
+    import psutil
+    import torch
+
+    if cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available()):
+        props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
+        return props.total_memory, f"this GPU's memory ({props.name})", "GPU"
+    ranks = 1 if cfg.engine.name == "local" else layout_world(stage.layout)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+    share = f" shared by {ranks} ranks" if ranks > 1 else ""
+    return psutil.virtual_memory().total / ranks, f"this machine's RAM{share}", "process"
+
+
+def check_runs_here(cfg: RunConfig) -> None:
+    """What only this machine can tell: the run and cache directories can be created, the
+    tracking store's directory exists, a requested GPU is there, and one step of every stage
+    (of run.only_stage's, when set) fits in its memory. Writes nothing."""
+    import torch
+
+    _check_creatable_dir("hydra.run.dir", cfg.run_dir)  # where `grow run` takes run_dir from
+    _check_creatable_dir("data.cache_dir", cfg.data.cache_dir)
+    _check_tracking_store(cfg)
+    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device", "cuda, but no CUDA device is visible on this machine; "
+                                           "allowed here: cpu, auto")
+    vocab = padded_vocab(cfg, tokenizer_vocab(cfg))
+    # the local engine keeps fp32 weights under bf16 autocast; the parallel one bf16 weights
+    states_dtype = "fp32" if cfg.engine.name == "local" else cfg.engine.dtype
+    for i, stage in enumerate(cfg.schedule.stages):
+        if cfg.run.only_stage not in (None, stage.name):
+            continue
+        limit, where, device = _memory_limit(cfg, stage)
+        need = step_memory(stage_spec(cfg, stage, vocab), stage.layout, stage.batch_size, stage.seq_len,
+                           cfg.engine.dtype, states_dtype)
+        problem = memory_problem(f"schedule.stages.{i}", need, limit, where, cfg.engine.dtype, device)
+        if problem:
+            raise ConfigError(*problem)

@@ -73,7 +73,7 @@ def source_files(source: SourceConfig) -> list[tuple[str, Path]]:
         path = Path(os.path.expanduser(given))
         if not path.exists():
             raise DataError(f"{given}: no such file or directory")
-        if path.is_file():
+        if not path.is_dir():  # a file (or a FIFO or device, which check_data_sources refuses)
             out.append((given, path))
             continue
         matched = []
@@ -105,7 +105,7 @@ def _utf8(raw: bytes, path: Path, base: int = 0) -> str:
         raise DataError(f"{path}: not valid UTF-8 at byte {base + e.start}") from None
 
 
-def _jsonl(prefix: str, path: Path, key: str) -> Iterator[tuple[str, str]]:
+def iter_jsonl(prefix: str, path: Path, key: str) -> Iterator[tuple[str, str]]:
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -128,7 +128,7 @@ def _jsonl(prefix: str, path: Path, key: str) -> Iterator[tuple[str, str]]:
 def _files(source: SourceConfig, files: list[tuple[str, Path]]) -> Iterator[tuple[str, str]]:
     for prefix, path in files:
         if file_format(source, path) == "jsonl":
-            yield from _jsonl(prefix, path, source.jsonl_key)
+            yield from iter_jsonl(prefix, path, source.jsonl_key)
         else:
             yield prefix, _utf8(path.read_bytes(), path)
 

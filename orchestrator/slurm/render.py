@@ -2,13 +2,12 @@
 
 Templates use `{{name}}` placeholders (so bash's own `${...}` stays untouched); an unknown
 placeholder is an error. Secrets never land in a script: the job inherits the submitting
-environment (sbatch's default --export=ALL), and any value that equals a secret-looking
-environment variable (TOKEN, PASSWORD, SECRET, KEY, ...) is written as a reference to that
-variable instead; credentials inside a URL are refused.
+environment (sbatch's default --export=ALL), and any value that contains the value of a
+secret-named environment variable (orchestrator.secrets: HF_TOKEN, *_PASSWORD, *_API_KEY, ...)
+is written as a reference to that variable instead; credentials inside a URL are refused.
 """
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path
@@ -16,22 +15,9 @@ from pathlib import Path
 from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.config.validate import ConfigError
 from orchestrator.package_data import SLURM_TEMPLATE_DIR
+from orchestrator.secrets import URL_USERINFO, secret_values
 
-SECRET_NAME = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH)",
-                         re.IGNORECASE)
-URL_CREDENTIALS = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-MIN_SECRET_LEN = 6
-
-
-def secret_values(environ=None) -> dict[str, str]:
-    """value -> variable name, for environment variables whose name looks secret."""
-    environ = os.environ if environ is None else environ
-    found = {}
-    for name, value in environ.items():
-        if SECRET_NAME.search(name) and len(value) >= MIN_SECRET_LEN:
-            found[value] = name
-    return found
 
 
 def _dq(text: str) -> str:
@@ -62,7 +48,7 @@ def scrub_line(line: str, secrets: dict[str, str]) -> str:
 
 def check_no_url_credentials(texts: list[str]) -> None:
     for t in texts:
-        if URL_CREDENTIALS.search(t):
+        if URL_USERINFO.search(t):
             raise ConfigError("submit", "a URL with user:password@ would be written into the sbatch "
                                         "script; pass credentials through the environment instead "
                                         "(e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")

@@ -9,6 +9,7 @@ are dropped, so neither a resend nor a step redone after a crash is logged twice
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -16,13 +17,14 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.config.schema import TrackingConfig
+from orchestrator.secrets import REDACTED, redact_config, redact_text, redact_url
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 PARENT_KEYS = re.compile(r"^(train/loss|val/loss|budget/.*|growth/val_loss_.*)$")
-SECRET_NAME = re.compile(r"token|secret|passw|api_?key|credential", re.I)
 
 
 def default_tracking_uri() -> str:
@@ -30,11 +32,30 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def redact(params: dict) -> dict:
-    """Never send secrets as params: values of secret-looking keys, and any value equal to
-    a secret-looking environment variable (a config may interpolate one)."""
-    secrets = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4}
-    return {k: "***" if SECRET_NAME.search(k) or str(v) in secrets else v for k, v in params.items()}
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores or in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path("/" + path.lstrip("/")) if uri.startswith("sqlite:////") else Path(path)
+
+
+def open_client(uri: str):
+    """An MlflowClient; it creates (or migrates) a sqlite store's tables as it opens it.
+    Two runs creating one fresh mlflow.db at once race on that (one fails with "duplicate
+    column name"), so creation is serialized by a lock file beside the database. Raises
+    whatever the store raises (unreachable, corrupt): callers treat that as an outage."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(uri)
+    fd = os.open(db.with_name(db.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        return MlflowClient(uri)
+    finally:
+        os.close(fd)
 
 
 class NullTracker:
@@ -67,19 +88,26 @@ class MlflowTracker(NullTracker):
         # Fail fast instead of MLflow's minutes of retries: the next flush retries anyway.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.tracking import MlflowClient
 
         self.cfg, self.console = cfg, console or Console(stderr=True)
         self.path, self.metrics_path = Path(run_dir) / "tracking.json", Path(run_dir) / "metrics.jsonl"
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
-        uri = saved.get("tracking_uri") or cfg.uri or default_tracking_uri()
+        # The run keeps the store it started with. tracking.json (like everything the run
+        # writes) holds the URI without its password, so a saved URI with one masked is
+        # completed from the configured URI, which carries it.
+        saved_uri = saved.get("tracking_uri")
+        if saved_uri and REDACTED not in saved_uri:
+            self.uri = saved_uri
+        else:
+            self.uri = cfg.uri or default_tracking_uri()
         # pending_params: run key ("" = parent, else stage) -> params not logged yet; kept on
         # disk so runs whose creation the store missed are created by a later process
-        self.info = {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": None,
+        self.info = {"experiment": cfg.experiment, "experiment_id": None,
                      "parent_run_id": None, "stage_run_ids": {}, "sent_offset": 0,
-                     "pending_params": {"": redact(params)}, **saved}
+                     "pending_params": {"": redact_config(params)}, **saved,
+                     "tracking_uri": redact_url(self.uri)}
         self._params = self.info["pending_params"]
-        self.client = MlflowClient(uri)
+        self.client = None  # opened by _connect: a store that cannot be opened is an outage
         self._run_name = run_name
         self._last_step: dict[str, dict[str, int]] | None = None  # run id -> key -> step
         self._online, self._next_try, self._last_flush, self._warned = False, 0.0, 0.0, False
@@ -97,8 +125,8 @@ class MlflowTracker(NullTracker):
             self._warned = True
             first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             self.console.print(f"[yellow]warning:[/] MLflow at {self.info['tracking_uri']} is unreachable "
-                               f"({first}); training goes on, metrics stay in {self.metrics_path} and "
-                               "are sent when it is back")
+                               f"({escape(redact_text(first))}); training goes on, metrics stay in "
+                               f"{self.metrics_path} and are sent when it is back")
 
     def _connect(self) -> bool:
         """Create or reopen the experiment and runs; note each run's last logged steps."""
@@ -107,10 +135,11 @@ class MlflowTracker(NullTracker):
         if time.monotonic() < self._next_try:
             return False
         try:
+            if self.client is None:
+                self.client = open_client(self.uri)
             info = self.info
             if info["experiment_id"] is None:
-                exp = self.client.get_experiment_by_name(info["experiment"])
-                info["experiment_id"] = exp.experiment_id if exp else self.client.create_experiment(info["experiment"])
+                info["experiment_id"] = self._experiment_id(info["experiment"])
             if info["parent_run_id"] is None:
                 run = self.client.create_run(info["experiment_id"], run_name=self._run_name,
                                              tags={"run_dir": str(self.path.parent)})
@@ -141,6 +170,18 @@ class MlflowTracker(NullTracker):
         self._online = True
         return True
 
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # another run created it a moment ago
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     def _last_steps(self, run) -> dict[str, int]:
         """The highest logged step of each metric. MLflow's latest-metric entities carry it
         (one row per key), so a long run does not re-read its whole history on resume."""
@@ -160,7 +201,7 @@ class MlflowTracker(NullTracker):
     # -- runs ------------------------------------------------------------------------
     def stage_run(self, name: str, params: dict) -> str | None:
         if name not in self.info["stage_run_ids"] and name not in self._params:
-            self._params[name] = redact(params)
+            self._params[name] = redact_config(params)
             self._save()
             if self._online:
                 self._online = False  # reconnect creates the run and logs its params
@@ -184,9 +225,11 @@ class MlflowTracker(NullTracker):
         records = []
         for line in data[:end].splitlines():
             try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill, completed by a later write
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by a kill (MetricsLog drops such tails on open)
                 continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and "stage" in rec:
+                records.append(rec)
         return records, start + end
 
     def flush(self, force: bool = False) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -10,14 +12,47 @@ from rich.table import Table
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.budget.ledger import Ledger
+from orchestrator.secrets import redact_url
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut a last line that a kill left without its newline, so the next record starts on
+    a line of its own instead of being glued onto the fragment (and lost with it). Returns
+    the bytes removed. Only whole lines are ever sent to MLflow, so the cut never goes
+    below what the tracker has sent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return 0  # /dev/null for non-leader ranks
+    with open(path, "rb+") as f:
+        end = st.st_size
+        while end > 0:  # back to the last newline, a block at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            if start + len(block) == st.st_size and block.endswith(b"\n"):
+                return 0
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                end = start + nl + 1
+                break
+            end = start
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+        return st.st_size - end
 
 
 class MetricsLog:
     """`metrics.jsonl`: every logged point, kept on disk for the plot. Steps redone after
-    a resume are appended again; readers keep the last value per (key, step)."""
+    a resume are appended again; readers keep the last value per (key, step). A line cut
+    short by a kill is removed on open and skipped by readers."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        drop_torn_tail(self.path)
         self._file = open(self.path, "a", buffering=1)
 
     def write(self, stage: str, step: int, metrics: dict) -> None:
@@ -35,6 +70,8 @@ class MetricsLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                    continue
                 points[(rec["step"], tuple(sorted(k for k in rec if k not in ("stage", "step", "time"))))] = rec
         return sorted(points.values(), key=lambda r: r["step"])
 
@@ -46,7 +83,7 @@ def build_summary(entries: list[dict], ledger: Ledger, tracking: dict, status: s
         "stages": entries,
         "totals": {"tokens": total.tokens, "flops": total.flops, "gpu_hours": total.gpu_hours,
                    "cost_usd": total.cost_usd, "wall_s": total.wall_s},
-        "mlflow": {"tracking_uri": tracking.get("tracking_uri"), "experiment": tracking.get("experiment"),
+        "mlflow": {"tracking_uri": redact_url(tracking.get("tracking_uri") or "") or None, "experiment": tracking.get("experiment"),
                    "parent_run_id": tracking.get("parent_run_id")},
     }
 

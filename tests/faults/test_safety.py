@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.mlflow_tracker import redact
+from orchestrator.secrets import redact_config as redact
 
 from ..conftest import read_summary
 from .conftest import run_cmd, run_env

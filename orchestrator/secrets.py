@@ -1,0 +1,93 @@
+"""What counts as a secret, and how secrets are kept out of everything a run writes or prints.
+
+One rule for names, used for config keys, MLflow params and environment variables alike:
+a name is split into words (at `.`, `_`, `-`, digits and camelCase humps) and is secret
+when a word is a credential word (password, secret, token, credential, ...) or a pair
+names a key (api key, access key, private key). Whole words, so `tokens`, `max_tokens`,
+`train_tokens` and `tokenizer.*` are not secrets while `HF_TOKEN` and `apiKey` are; a
+vocabulary token (`eos_token`, `pad_token`) is not a credential either.
+
+Values are redacted three ways: by the name of their key, by being (or containing) the
+value of a secret-named environment variable (a config may interpolate one with
+`${oc.env:...}`), and by the credentials of a URL (`scheme://user:***@host`, and
+secret-named query parameters such as `?password=...`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+REDACTED = "***"
+# Shorter environment values are not treated as secrets: replacing a 3-letter value inside
+# paths and names would mangle them, and real credentials are longer.
+MIN_SECRET_LEN = 6
+
+_CREDENTIAL_WORDS = {"password", "passwd", "passphrase", "secret", "secrets", "token", "credential",
+                     "credentials", "apikey", "pat"}
+_KEY_PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("auth", "key")}
+# `<word>_token` where the word makes it a vocabulary token, not a credential
+_VOCAB_TOKENS = {"eos", "bos", "pad", "unk", "sep", "cls", "mask", "special", "start", "end"}
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
+
+URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*):(?P<password>[^/@\s]+)@")
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+
+
+def name_words(name: str) -> list[str]:
+    """`MLFLOW_TRACKING_PASSWORD` -> [mlflow, tracking, password]; `apiKey` -> [api, key]."""
+    return [w.lower() for w in _WORD.findall(name)]
+
+
+def is_secret_name(name: str) -> bool:
+    words = name_words(str(name))
+    for i, w in enumerate(words):
+        if w == "token" and i and words[i - 1] in _VOCAB_TOKENS:
+            continue
+        if w in _CREDENTIAL_WORDS:
+            return True
+        if i and (words[i - 1], w) in _KEY_PAIRS:
+            return True
+    return False
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """value -> variable name, for environment variables whose name is secret."""
+    environ = os.environ if environ is None else environ
+    return {value: name for name, value in environ.items()
+            if is_secret_name(name) and len(value) >= MIN_SECRET_LEN}
+
+
+def redact_url(text: str) -> str:
+    """Credentials in the URLs of `text`: `user:password@` -> `user:***@`, and the values
+    of secret-named query parameters (`?password=x` -> `?password=***`)."""
+    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    if "://" in text:
+        text = _QUERY_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={REDACTED}"
+                                if is_secret_name(m["name"]) and m["value"] else m[0], text)
+    return text
+
+
+def redact_text(text: str, secrets: Mapping[str, str] | None = None) -> str:
+    """A string to print or write: URL credentials and secret environment values masked."""
+    secrets = secret_values() if secrets is None else secrets
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return redact_url(text)
+
+
+def redact_config(obj: Any, secrets: Mapping[str, str] | None = None, _key: str = "") -> Any:
+    """A copy of a config (nested dicts and lists, e.g. `dataclasses.asdict(cfg)` or flat
+    MLflow params) safe to write: values of secret-named keys become `***`, strings lose
+    URL credentials and secret environment values. Everything else is unchanged, so the
+    copy still compares equal to another redacted copy of the same config."""
+    secrets = secret_values() if secrets is None else secrets
+    if _key and is_secret_name(_key) and obj not in (None, "", {}, []):
+        return REDACTED
+    if isinstance(obj, Mapping):
+        return {k: redact_config(v, secrets, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_config(v, secrets, _key) for v in obj)
+    if isinstance(obj, str):
+        return redact_text(obj, secrets)
+    return obj
