@@ -161,3 +161,25 @@ def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tmp_path, 
     finally:
         first.kill()
         first.wait()
+
+
+def test_no_file_of_a_run_holds_a_tracking_password(tmp_path, data_cache):
+    """tracking.uri's password and a secret environment value reach neither the run's files
+    (.hydra/ included: grow run writes it itself, masked) nor its output."""
+    run_dir = tmp_path / "run"
+    secret = "s3cret-Value-42"
+    proc = subprocess.run(
+        grow_cmd("run", "schedule=tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={data_cache}",
+                 "engine.threads=1", "budget.max_tokens=1024", "tracking.uri=http://bob:hunter2pass@127.0.0.1:9/",
+                 "tracking.experiment=${oc.env:RUN_SECRET_TOKEN}"),
+        cwd=tmp_path, env={**os.environ, "RUN_SECRET_TOKEN": secret, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hunter2pass" not in proc.stdout + proc.stderr and secret not in proc.stdout + proc.stderr
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.json"} <= {
+        str(p.relative_to(run_dir)) for p in files}
+    for path in files:
+        data = path.read_bytes()
+        assert b"hunter2pass" not in data and secret.encode() not in data, path
+    assert "http://bob:***@127.0.0.1:9/" in (run_dir / ".hydra" / "config.yaml").read_text()

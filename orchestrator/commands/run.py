@@ -40,7 +40,7 @@ def _run(args: list[str]) -> int:
     # Slurm stop signal arriving meanwhile would kill the job without a checkpoint.
     import hydra
 
-    from orchestrator.commands.run_job import precheck, run_job
+    from orchestrator.commands.run_job import first_rank, precheck, run_job
     from orchestrator.config.schema import register_schema
     from orchestrator.package_data import CONF_DIR
     from orchestrator.run.directory import check_same_run
@@ -56,20 +56,14 @@ def _run(args: list[str]) -> int:
     register_schema()
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)
     sys.argv = ["grow run", *args]
-    # the run directory's lock before Hydra writes .hydra/ into it: a second run on the same
-    # directory is refused before it overwrites anything of the first
-    run_dir = _run_dir_arg(args) if validated is not None and _first_rank() else None
+    # the run directory's lock before anything is written into it (.hydra/ by the task): a
+    # second run on the same directory is refused before it overwrites anything of the first
+    run_dir = _run_dir_arg(args) if validated is not None and first_rank() else None
     with RunLock(Path(run_dir)) if run_dir else nullcontext():
         if run_dir:  # a resume that would change the run is refused before .hydra/ is rewritten
             check_same_run(Path(run_dir), validated)
         main()
     return 0
-
-
-def _first_rank() -> bool:
-    """Not one of the other ranks of a multi-rank job (torchrun's RANK, plain srun's SLURM_PROCID):
-    only the first rank holds the lock, as only it writes the run's files."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def _run_dir_arg(args: list[str]) -> str | None:

@@ -7,16 +7,29 @@ from Hydra); in a sweep (`-m`) each member composes its own config and validates
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from orchestrator.commands.compose import compose, load, parse_args, run_dir_override, without_sweeps
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError, load_config
 from orchestrator.engines.registry import engine_kind
+from orchestrator.atomic import write_bytes_atomic
 from orchestrator.exits import exit_status
 from orchestrator.run.launch import drive, in_launch
 from orchestrator.run.runner import run_schedule
 from orchestrator.run.sweep import sweep_member_params
+from orchestrator.secrets import redact_config
+
+
+def first_rank() -> bool:
+    """Not one of the other ranks of a multi-rank job (torchrun's RANK, plain srun's
+    SLURM_PROCID): only the first rank writes the run's own files."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def precheck(args: list[str]) -> RunConfig | int | None:
@@ -35,6 +48,19 @@ def precheck(args: list[str]) -> RunConfig | int | None:
         return exit_status(e)
 
 
+def record_hydra_config(raw_cfg, run_dir: str) -> None:
+    """<run dir>/.hydra/{config,hydra,overrides}.yaml as Hydra writes them, but with secrets
+    masked (Hydra's own copy, switched off in conf/config.yaml, would hold a tracking URI's
+    password in plain text); written once the run directory's lock is held."""
+    hydra_cfg = HydraConfig.get()
+    files = {"config.yaml": OmegaConf.to_container(raw_cfg, resolve=False),
+             "hydra.yaml": {"hydra": OmegaConf.to_container(hydra_cfg, resolve=False)},
+             "overrides.yaml": list(hydra_cfg.overrides.task)}
+    for name, content in files.items():
+        text = OmegaConf.to_yaml(OmegaConf.create(redact_config(content)))
+        write_bytes_atomic(Path(run_dir) / ".hydra" / name, text.encode())
+
+
 def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
     """The Hydra task: run the schedule, map known failures to an exit status and one line."""
     try:
@@ -42,6 +68,8 @@ def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
             cfg = load_config(raw_cfg, runs_here=True)
         else:
             cfg = dataclasses.replace(validated, run_dir=str(raw_cfg.run_dir))
+        if first_rank():
+            record_hydra_config(raw_cfg, cfg.run_dir)
         print(f"grow run: {cfg.run_dir}: preparing data, then stage {cfg.schedule.stages[0].name} ...", flush=True)
         if engine_kind(cfg.engine.name).multi_rank and not in_launch():
             sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage

@@ -13,6 +13,7 @@ from orchestrator.checkpoint.canonical import all_checkpoints
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
 from orchestrator.schedule import stage_steps
+from orchestrator.secrets import redact_config
 from orchestrator.tracking.report import MetricsLog
 
 # Config sections that define what a run computes; a resume must not change them.
@@ -44,7 +45,7 @@ def pin_settings(run_dir: Path, cfg: RunConfig) -> None:
     """Record the run's settings in config.json, unless a run that trained pinned them."""
     check_same_run(run_dir, cfg)
     if not _pinned(run_dir):
-        write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+        write_json_atomic(run_dir / "config.json", redact_config(dataclasses.asdict(cfg)))
 
 
 def _pinned(run_dir: Path) -> bool:
@@ -57,7 +58,8 @@ def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
     """A resume must not change what the run computes (read-only: `grow run` asks before
     Hydra writes anything). A directory whose run never trained does not pin its settings."""
     path = run_dir / "config.json"
-    current = {k: v for k, v in dataclasses.asdict(cfg).items() if k in FIXED_ON_RESUME}
+    # compared as written: with secrets masked (config.json never holds them)
+    current = {k: v for k, v in redact_config(dataclasses.asdict(cfg)).items() if k in FIXED_ON_RESUME}
     if not _pinned(run_dir):
         return
     try:

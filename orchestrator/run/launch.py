@@ -64,8 +64,13 @@ def drive(cfg: RunConfig) -> int:
             return 0
         only = cfg.run.only_stage or names[index]
         job = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, only_stage=only))
+        # the ranks' config: unredacted (rank 0 needs the tracking URI's password), so the
+        # owner's only, and removed when the stage's launch ends
         path = run_dir / f".launch-{index}.json"
-        path.write_text(json.dumps(dataclasses.asdict(job)))
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(job), f)
         world = layout_world(cfg.schedule.stages[names.index(only)].layout)
         if device.type == "cuda" and world > torch.cuda.device_count():
             print(f"grow: config error: stage {only} needs {world} ranks, one GPU each; this machine has "
@@ -76,7 +81,10 @@ def drive(cfg: RunConfig) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.run.launch", str(path)]
         env = {"DS_ACCELERATOR": device.type, "PYTHONUNBUFFERED": "1", **os.environ}
-        code = subprocess.run(cmd, env=env).returncode
+        try:
+            code = subprocess.run(cmd, env=env).returncode
+        finally:
+            path.unlink(missing_ok=True)
         if code != 0:
             print(f"grow: stage {only} failed: a rank exited with status {code} (see its error above); "
                   f"run the same command again to resume from the last checkpoint", file=sys.stderr, flush=True)

@@ -326,7 +326,7 @@ def _finish(run: Run, entries: list[dict], status: str) -> dict:
         return {"status": status}
     for e in entries:  # a stage run created after the store came back has its id only now
         e["mlflow_run_id"] = run.tracker.run_id(e["name"]) or e.get("mlflow_run_id")
-    summary = build_summary(entries, run.budget.ledger, run.tracker.info, status)
+    summary = build_summary(entries, run.budget.ledger, run.tracker.written_info, status)
     write_summary(run.run_dir, summary)
     growth_steps, step = [], 0
     for e in entries:

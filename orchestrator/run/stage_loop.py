@@ -73,7 +73,7 @@ def save_state(run, engine, state: RunState, complete: bool = False) -> tuple[Pa
     next stage can grow from them without reading back the files just written."""
     weights, moments, state.optimizer_step = engine.export()
     state.stage_complete, state.masks = complete, engine.masks
-    state.rng, state.tracking, state.saved_at = rng_state(), run.tracker.info, time.time()
+    state.rng, state.tracking, state.saved_at = rng_state(), run.tracker.written_info, time.time()
     meta = json.loads(json.dumps(state.to_meta()))  # as meta.json reads back
     path = checkpoint_dir(run.run_dir, state.stage_index, state.stage_name, state.step)
     role = engine.shard_role()

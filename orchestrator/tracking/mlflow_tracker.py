@@ -62,6 +62,7 @@ class NullTracker:
     """Tracking switched off: same interface, records nothing."""
 
     info: dict = {}
+    written_info: dict = {}
 
     def stage_run(self, name: str, params: dict) -> str | None:
         return None
@@ -102,9 +103,9 @@ class MlflowTracker(NullTracker):
             self.uri = cfg.uri or default_tracking_uri()
         # pending_params: run key ("" = parent, else stage) -> params not logged yet; kept on
         # disk so runs whose creation the store missed are created by a later process
-        self.info = {"experiment": cfg.experiment, "experiment_id": None,
-                     "parent_run_id": None, "stage_run_ids": {}, "sent_offset": 0,
+        self.info = {"experiment_id": None, "parent_run_id": None, "stage_run_ids": {}, "sent_offset": 0,
                      "pending_params": {"": redact_config(params)}, **saved,
+                     "experiment": cfg.experiment,  # from the config: a written copy may be masked
                      "tracking_uri": redact_url(self.uri)}
         self._params = self.info["pending_params"]
         self.client = None  # opened by _connect: a store that cannot be opened is an outage
@@ -116,7 +117,13 @@ class MlflowTracker(NullTracker):
 
     # -- connection ------------------------------------------------------------------
     def _save(self) -> None:
-        write_json_atomic(self.path, self.info)
+        write_json_atomic(self.path, self.written_info)
+
+    @property
+    def written_info(self) -> dict:
+        """`info` as the run's files hold it (tracking.json, summary.json, checkpoints):
+        secrets masked (an experiment named by a secret environment value, say)."""
+        return redact_config(self.info)
 
     def _offline(self, error: Exception) -> None:
         self._online, self._last_step = False, None
