@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from orchestrator.cli import CONF_DIR, _precheck
+from orchestrator.commands.run_job import precheck
+from orchestrator.package_data import CONF_DIR
 from orchestrator.config.schema import RunConfig, register_schema
 from orchestrator.config.validate import ConfigError, load_config
 
@@ -129,7 +130,7 @@ def test_bpe_vocabulary_is_an_upper_bound_checked_at_validation():
 def refused(capsys, tmp_path, *overrides) -> str:
     """Run `grow run`'s precheck; assert exit 2, one line, and nothing under tmp_path/run."""
     run_dir = tmp_path / "run"
-    code = _precheck(["schedule=tiny", f"hydra.run.dir={run_dir}", *overrides], run_here=True)
+    code = precheck(["schedule=tiny", f"hydra.run.dir={run_dir}", *overrides])  # grow run's: runs here
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("grow: config error: "), err
@@ -191,8 +192,8 @@ def test_a_good_corpus_passes(tmp_path, capsys):
     d.mkdir()
     (d / "a.txt").write_text("caf\u00e9 " * 30000)  # a 2-byte character across the 64 KiB head
     (d / "b.jsonl").write_text('{"text": "x"}\n' + '{"body": "later records are the tokenizer\'s"}\n')
-    assert _precheck(["schedule=tiny", f"hydra.run.dir={tmp_path / 'run'}", "data=files",
-                      f"data.sources.mine.paths=[{d}]"], run_here=True) is None
+    assert isinstance(precheck(["schedule=tiny", f"hydra.run.dir={tmp_path / 'run'}", "data=files",
+                                f"data.sources.mine.paths=[{d}]"]), RunConfig)
 
 
 @pytest.mark.parametrize("what", ["run_dir_under_file", "run_dir_is_file", "cache_under_file",

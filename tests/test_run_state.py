@@ -93,6 +93,7 @@ def test_one_rule_for_what_runs_next():
     assert is_finished(meta(1, True), 1) and not is_finished(meta(1, True), 2)
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_stops_without_saving_past_the_last_good_checkpoint(tmp_path, data_cache):
     """Adam moves every weight by ~lr per step: at lr 1e30 the second step's loss is not finite."""
     run_dir = tmp_path / "run"
@@ -110,6 +111,7 @@ def test_a_diverging_loss_stops_without_saving_past_the_last_good_checkpoint(tmp
     assert int(steps[-1].removeprefix("step_")) == diverged_at - 1
 
 
+@pytest.mark.slow
 def test_settings_pin_only_once_a_run_trained_and_lost_checkpoints_are_not_silently_restarted(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -138,6 +140,7 @@ def test_settings_pin_only_once_a_run_trained_and_lost_checkpoints_are_not_silen
     assert proc.returncode == 2 and "config.json is damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     args = ["run", "schedule=tiny", f"hydra.run.dir={run_dir}", "tracking=off", "engine.threads=1",
@@ -163,6 +166,7 @@ def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tmp_path, 
         first.wait()
 
 
+@pytest.mark.slow
 def test_no_file_of_a_run_holds_a_tracking_password(tmp_path, data_cache):
     """tracking.uri's password and a secret environment value reach neither the run's files
     (.hydra/ included: grow run writes it itself, masked) nor its output."""
