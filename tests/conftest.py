@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from orchestrator.cli import main as grow_main
+
+from .forked_grow import ForkedGrow, run_grow_forked
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,6 +27,22 @@ def grow_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
+def grow_in_process(*args: str) -> int:
+    """`grow ARGS` through orchestrator.cli.main in this process, for refusals that come before
+    Hydra starts a job (a subprocess costs an interpreter and imports; one test per kind of
+    refusal still goes through the real `grow` script). What the command sets for a whole
+    process (signal handlers, umask) is put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        return grow_main(list(args))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        os.umask(umask)
+
+
 def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
              schedule: str = "tiny") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -31,6 +52,16 @@ def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check:
     if check and proc.returncode != 0:
         raise AssertionError(f"grow failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def fork_grow(cwd: Path, *overrides: str, cache: Path, schedule: str = "tiny", env: dict | None = None,
+              timeout: int = 600) -> ForkedGrow:
+    """run_grow's command (check=False) in a child forked from a process that has imported
+    torch already (tests/forked_grow.py), for tests where the start of an interpreter is not
+    the point; `.returncode`, `.stdout`, `.stderr` as from subprocess.run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    args = ["run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1", *overrides]
+    return run_grow_forked(args, cwd, env, cwd / "grow-logs", timeout=timeout)
 
 
 def read_summary(run_dir: Path) -> dict:
