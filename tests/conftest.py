@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.cli import main as grow_main
 
-from .forked_grow import ForkedGrow, run_grow_forked
+from .forked_grow import ForkedGrow, run_grow_forked, start_grow
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,14 +54,40 @@ def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check:
     return proc
 
 
-def fork_grow(cwd: Path, *overrides: str, cache: Path, schedule: str = "tiny", env: dict | None = None,
-              timeout: int = 600) -> ForkedGrow:
-    """run_grow's command (check=False) in a child forked from a process that has imported
-    torch already (tests/forked_grow.py), for tests where the start of an interpreter is not
-    the point; `.returncode`, `.stdout`, `.stderr` as from subprocess.run."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    args = ["run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1", *overrides]
-    return run_grow_forked(args, cwd, env, cwd / "grow-logs", timeout=timeout)
+def _grow_run_args(overrides, cache: Path, schedule: str) -> list[str]:
+    return ["run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1", *overrides]
+
+
+def _grow_env(env: dict | None) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def fork_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
+              schedule: str = "tiny", env: dict | None = None) -> ForkedGrow:
+    """run_grow, in a child forked from a process that has imported torch already
+    (tests/forked_grow.py), for tests where the start of an interpreter is not the point;
+    `.returncode`, `.stdout`, `.stderr` as from subprocess.run."""
+    proc = run_grow_forked(_grow_run_args(overrides, cache, schedule), cwd, _grow_env(env), cwd / "grow-logs",
+                           timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"grow failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def fork_grow_start(cwd: Path, *overrides: str, cache: Path, schedule: str = "tiny",
+                    env: dict | None = None) -> ForkedGrow:
+    """fork_grow, not waited for: `.wait()`, `.poll()`, `.send_signal()` as with Popen."""
+    return start_grow(_grow_run_args(overrides, cache, schedule), cwd, _grow_env(env), cwd / "grow-logs")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_cache):
+    """(cwd, run dir, finished process) of one uninterrupted `grow run schedule=tiny` through
+    the real `grow` script, MLflow in cwd/mlflow.db: shared by the tests that only read it."""
+    cwd = tmp_path_factory.mktemp("tiny")
+    run_dir = cwd / "run"
+    proc = run_grow(cwd, f"hydra.run.dir={run_dir}", cache=data_cache)
+    return cwd, run_dir, proc
 
 
 def read_summary(run_dir: Path) -> dict:

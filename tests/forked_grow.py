@@ -21,10 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-# What `grow run` imports before training; a name that no longer exists is skipped.
-PRELOAD = ["torch", "numpy", "safetensors.torch", "hydra", "omegaconf", "rich", "orchestrator.cli",
-           "orchestrator.config.validate", "orchestrator.run.runner", "orchestrator.run.stage_loop",
-           "orchestrator.engines.local", "orchestrator.data", "orchestrator.model", "growth_ops"]
+# What `grow run` imports (a name that no longer exists is skipped). None of them starts a
+# thread on import (mlflow does, jemalloc's, so each child imports it itself). torch._dynamo: torch imports it on first use of a meta-device
+# initialiser (the local engine builds its model there), seconds per process.
+PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "hydra", "omegaconf", "rich",
+           "matplotlib", "matplotlib.pyplot", "orchestrator.cli", "orchestrator.config.validate",
+           "orchestrator.run.runner", "orchestrator.run.stage_loop", "orchestrator.engines.local",
+           "orchestrator.data", "orchestrator.model", "orchestrator.tracking.report", "growth_ops"]
 
 _context = None
 

@@ -3,7 +3,10 @@ engine: per-step losses with clipping active, growth masks in flight and Adam mo
 loaded at step 3; exported canonical state; layouts refused early; a dead rank ends the
 job fast; a three-stage schedule across layouts matches the local run.
 
-Multi-process runs cost ~25-70 s each on 2 cores, so they are few and marked slow.
+Multi-process runs cost ~25-70 s each on 2 cores, so they are few and marked slow. The
+`grow run` drivers are forked from a process that has imported torch already (conftest's
+fork_grow; the ranks they launch are fresh torchrun processes), except one refusal that
+goes through the real `grow` script.
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ def test_impossible_layout_refused_by_the_grow_script(tmp_path, data_cache):
 
 def test_gpu_engine_without_a_visible_gpu_is_refused_before_any_process(tmp_path, data_cache):
     proc = fork_grow(tmp_path, "engine=deepspeed_gpu", f"hydra.run.dir={tmp_path / 'run'}", cache=data_cache,
-                     env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever the machine has
+                     check=False, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever the machine has
     assert proc.returncode == 2, proc.stderr
     assert "engine.device=cuda but no CUDA device is visible" in proc.stderr
     assert "launching" not in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()
@@ -206,14 +209,14 @@ def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
 def local_default_run(tmp_path_factory, data_cache) -> dict:
     """The summary of SMALL's three-stage schedule on the local engine (fp32)."""
     cwd = tmp_path_factory.mktemp("local")
-    run_grow(cwd, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    fork_grow(cwd, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
     return read_summary(cwd / "local")
 
 
 @pytest.mark.slow
 def test_three_stage_schedule_across_layouts_matches_local(tmp_path, data_cache, local_default_run):
-    run_grow(tmp_path, *SMALL, "engine=deepspeed", *LAYOUTS, "hydra.run.dir=ds", cache=data_cache,
-             schedule="default", timeout=900)
+    fork_grow(tmp_path, *SMALL, "engine=deepspeed", *LAYOUTS, "hydra.run.dir=ds", cache=data_cache,
+              schedule="default", timeout=900)
     want, got = local_default_run, read_summary(tmp_path / "ds")
     assert got["status"] == "complete"
     for w, g in zip(want["stages"], got["stages"], strict=True):
@@ -229,8 +232,8 @@ def test_three_stage_schedule_in_bf16_checks_growth_and_writes_fp32(tmp_path, da
     """The GPU path's dtype end to end (on gloo here): bf16 stages on three layouts, growth
     checked in bf16, fp32 masters in every checkpoint, losses near the fp32 run's."""
     layouts = ["schedule.stages.0.layout.dp=2", "schedule.stages.1.layout.tp=2", "schedule.stages.2.layout.pp=2"]
-    run_grow(tmp_path, *SMALL, "engine=deepspeed", "engine.dtype=bf16", *layouts, "hydra.run.dir=ds",
-             cache=data_cache, schedule="default", timeout=900)
+    fork_grow(tmp_path, *SMALL, "engine=deepspeed", "engine.dtype=bf16", *layouts, "hydra.run.dir=ds",
+              cache=data_cache, schedule="default", timeout=900)
     got = read_summary(tmp_path / "ds")
     assert got["status"] == "complete"
     for w, g in zip(local_default_run["stages"], got["stages"], strict=True):
@@ -265,37 +268,46 @@ def test_lazy_checkpoint_reads_slices(tmp_path):
         assert torch.equal(lazy[name], v)
 
 
+ONLY_SMALL = ["run.only_stage=small", "checkpoint.every_steps=8"]
+
+
+@pytest.fixture(scope="module")
+def local_small_stage(tmp_path_factory, data_cache) -> dict:
+    """The summary of SMALL's first stage alone on the local engine (fp32)."""
+    cwd = tmp_path_factory.mktemp("local-small")
+    fork_grow(cwd, *SMALL, *ONLY_SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    return read_summary(cwd / "local")["stages"][0]
+
+
 @pytest.mark.slow
-def test_crash_and_resume_reads_slices_and_matches_local(tmp_path, data_cache, monkeypatch):
+def test_crash_and_resume_reads_slices_and_matches_local(tmp_path, data_cache, monkeypatch, local_small_stage):
     """A TP2 stage crashes after its step-8 checkpoint; the rerun resumes every rank from
     its slices of the sharded canonical checkpoint and ends on the local engine's loss."""
-    only = ["run.only_stage=small", "checkpoint.every_steps=8"]
-    run_grow(tmp_path, *SMALL, *only, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    only = ONLY_SMALL
     args = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.tp=2", "hydra.run.dir=ds"]
     monkeypatch.setenv("GROW_FAILPOINTS", "step.done@12=raise")
-    crashed = run_grow(tmp_path, *args, cache=data_cache, schedule="default", check=False, timeout=300)
+    crashed = fork_grow(tmp_path, *args, cache=data_cache, schedule="default", check=False, timeout=300)
     assert crashed.returncode != 0 and "failpoint step.done" in crashed.stdout + crashed.stderr
     monkeypatch.delenv("GROW_FAILPOINTS")
-    resumed = run_grow(tmp_path, *args, cache=data_cache, schedule="default", timeout=300)
+    resumed = fork_grow(tmp_path, *args, cache=data_cache, schedule="default", timeout=300)
     assert "resuming stage small at step 8" in resumed.stdout
-    want, got = read_summary(tmp_path / "local")["stages"][0], read_summary(tmp_path / "ds")["stages"][0]
+    want, got = local_small_stage, read_summary(tmp_path / "ds")["stages"][0]
     assert got["steps"] == want["steps"] == 24
     assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (want, got)
 
 
-def test_resume_on_a_different_layout_reads_the_same_data(tmp_path, data_cache, monkeypatch):
+def test_resume_on_a_different_layout_reads_the_same_data(tmp_path, data_cache, monkeypatch, local_small_stage):
     """A DP2 stage dies after its step-8 checkpoint; it resumes as TP2 (another world
     size and layout) through the canonical checkpoint and ends on the local engine's loss."""
-    only = ["run.only_stage=small", "checkpoint.every_steps=8"]
-    run_grow(tmp_path, *SMALL, *only, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    only = ONLY_SMALL
     first = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.dp=2", "hydra.run.dir=ds"]
     monkeypatch.setenv("GROW_FAILPOINTS", "step.done@12=raise")
-    crashed = run_grow(tmp_path, *first, cache=data_cache, schedule="default", check=False, timeout=300)
+    crashed = fork_grow(tmp_path, *first, cache=data_cache, schedule="default", check=False, timeout=300)
     assert crashed.returncode != 0
     monkeypatch.delenv("GROW_FAILPOINTS")
     second = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.tp=2", "hydra.run.dir=ds"]
-    resumed = run_grow(tmp_path, *second, cache=data_cache, schedule="default", timeout=300)
+    resumed = fork_grow(tmp_path, *second, cache=data_cache, schedule="default", timeout=300)
     assert "resuming stage small at step 8" in resumed.stdout
-    want, got = read_summary(tmp_path / "local")["stages"][0], read_summary(tmp_path / "ds")["stages"][0]
+    want, got = local_small_stage, read_summary(tmp_path / "ds")["stages"][0]
     assert got["steps"] == want["steps"] == 24 and got["tokens"] == want["tokens"]
     assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (want, got)

@@ -13,7 +13,7 @@ import pytest
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.slurm.paths import stage_state_file
 
-from .conftest import grow_cmd, read_summary, run_grow
+from .conftest import grow_cmd, read_summary
 from .slurm_cluster import SlurmCluster, install_if_needed
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -76,7 +76,7 @@ def submit(cwd: Path, run_dir: Path, cache: Path, *overrides: str) -> list[str]:
     return ids
 
 
-def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cache):
+def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cache, tiny_run):
     run_dir = tmp_path / "run"
     ids = submit(tmp_path, run_dir, data_cache)
     for i, job in enumerate(ids[1:], 1):  # chained: each waits for the previous one to succeed
@@ -84,11 +84,8 @@ def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cach
         assert f"afterok:{ids[i - 1]}" in text or "Dependency=(null)" in text  # (null) once satisfied
     wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
              and queue_empty(), 600, "the three jobs", on_timeout=lambda: logs(run_dir))
-    # the same config in one `grow run`
-    local = tmp_path / "local"
-    run_grow(tmp_path, f"hydra.run.dir={local}", f"tracking.uri=sqlite:///{tmp_path / 'local.db'}",
-             cache=data_cache)
-    chained, single = read_summary(run_dir), read_summary(local)
+    # the same config in one `grow run` (conftest's tiny_run)
+    chained, single = read_summary(run_dir), read_summary(tiny_run[1])
     assert [s["name"] for s in chained["stages"]] == [s["name"] for s in single["stages"]] == ["s1", "s2", "s3"]
     assert chained["stages"][-1]["val_loss"] == pytest.approx(single["stages"][-1]["val_loss"], abs=1e-6)
     assert chained["totals"]["tokens"] == single["totals"]["tokens"]

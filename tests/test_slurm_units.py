@@ -136,18 +136,18 @@ def test_finished_flag_makes_a_job_exit_without_training(tmp_path):
 
 @pytest.mark.slow
 def test_only_stage_runs_one_stage_and_refuses_to_skip(tmp_path, data_cache):
-    from .conftest import read_summary, run_grow
+    from .conftest import fork_grow, read_summary
     run_dir = tmp_path / "run"
     common = (f"hydra.run.dir={run_dir}", "tracking=off")
-    proc = run_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache, check=False)
+    proc = fork_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache, check=False)
     assert proc.returncode == 2 and "needs 's1' finished first" in proc.stderr
-    run_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
+    fork_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
     s = read_summary(run_dir)
     assert [st["name"] for st in s["stages"]] == ["s1"] and "only_stage" in s["status"]
     assert finished_flag(run_dir, 0, "s1").exists() and not finished_flag(run_dir, 1, "s2").exists()
-    again = run_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
+    again = fork_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
     assert "already finished" in again.stdout
-    run_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache)
+    fork_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache)
     assert [st["name"] for st in read_summary(run_dir)["stages"]] == ["s1", "s2"]
 
 
