@@ -43,23 +43,26 @@ def grow_in_process(*args: str) -> int:
         os.umask(umask)
 
 
-def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
-             schedule: str = "tiny") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = grow_cmd("run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1",
-                   *overrides)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def _grow_run_args(overrides, cache: Path, schedule: str) -> list[str]:
+    return ["run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1", *overrides]
+
+
+def _grow_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def _checked(proc, check: bool):
     if check and proc.returncode != 0:
         raise AssertionError(f"grow failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def _grow_run_args(overrides, cache: Path, schedule: str) -> list[str]:
-    return ["run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1", *overrides]
-
-
-def _grow_env(env: dict | None) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
+             schedule: str = "tiny") -> subprocess.CompletedProcess:
+    """`grow run` on the given schedule through the real `grow` script, in a subprocess."""
+    cmd = grow_cmd(*_grow_run_args(overrides, cache, schedule))
+    proc = subprocess.run(cmd, cwd=cwd, env=_grow_env(), capture_output=True, text=True, timeout=timeout)
+    return _checked(proc, check)
 
 
 def fork_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
@@ -69,9 +72,7 @@ def fork_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check
     `.returncode`, `.stdout`, `.stderr` as from subprocess.run."""
     proc = run_grow_forked(_grow_run_args(overrides, cache, schedule), cwd, _grow_env(env), cwd / "grow-logs",
                            timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"grow failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return _checked(proc, check)
 
 
 def fork_grow_start(cwd: Path, *overrides: str, cache: Path, schedule: str = "tiny",

@@ -148,18 +148,18 @@ def test_usr1_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache, mo
     """USR1 to the batch script, as Slurm sends it before the time limit (here at once, with
     `scancel --signal=USR1 --batch` once s1 has made progress): the stage checkpoints, the
     job requeues itself and resumes, and the chain completes with every token counted once
-    and the MLflow stage run continued. Steps sleep 0.25 s (a failpoint) so that the signal
+    and the MLflow stage run continued. Steps sleep 0.15 s (a failpoint) so that the signal
     lands mid-stage on a machine of any speed."""
     run_dir = tmp_path / "run"
     steps = 64
     tokens = steps * 512  # steps of 8 x 64
-    monkeypatch.setenv("GROW_FAILPOINTS", "step.done=sleep:0.25")  # sbatch --export=ALL carries it
+    monkeypatch.setenv("GROW_FAILPOINTS", "step.done=sleep:0.15")  # sbatch --export=ALL carries it
     ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={tokens}",
-                 "train.eval_every_steps=100", "checkpoint.every_steps=16")
+                 "train.eval_every_steps=100", "checkpoint.every_steps=8")
 
     def s1_progressed():
         ckpt = latest_checkpoint(run_dir) if (run_dir / "checkpoints" / "latest").exists() else None
-        return ckpt is not None and read_meta(ckpt)["stage_name"] == "s1" and read_meta(ckpt)["step"] >= 16
+        return ckpt is not None and read_meta(ckpt)["stage_name"] == "s1" and read_meta(ckpt)["step"] >= 8
     wait_for(s1_progressed, 300, "s1's first checkpoint", interval=0.2, on_timeout=lambda: logs(run_dir))
     subprocess.run(["scancel", "--signal=USR1", "--batch", ids[0]], check=True)
     wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
