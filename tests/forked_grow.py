@@ -21,9 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.cli import main as grow_main
+
 # What `grow run` imports (a name that no longer exists is skipped). None of them starts a
-# thread on import (mlflow does, jemalloc's, so each child imports it itself). torch._dynamo: torch imports it on first use of a meta-device
-# initialiser (the local engine builds its model there), seconds per process.
+# thread on import (mlflow does, jemalloc's, so each child imports it itself). torch imports
+# torch._dynamo on the first normal_() of a meta tensor (the local engine builds its model on
+# the meta device): seconds per process.
 PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "hydra", "omegaconf", "rich",
            "matplotlib", "matplotlib.pyplot", "orchestrator.cli", "orchestrator.config.validate",
            "orchestrator.run.runner", "orchestrator.run.stage_loop", "orchestrator.engines.local",
@@ -64,9 +67,8 @@ def _grow_main(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    from orchestrator.cli import main
     try:
-        code = main(argv)
+        code = grow_main(argv)
     except SystemExit as e:
         code = e.code
     finally:
