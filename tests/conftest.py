@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from orchestrator.cli import main as grow_main
+
+from .forked_grow import ForkedGrow, run_grow_forked, start_grow
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,15 +27,68 @@ def grow_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
-def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
-             schedule: str = "tiny") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = grow_cmd("run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1",
-                   *overrides)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def grow_in_process(*args: str) -> int:
+    """`grow ARGS` through orchestrator.cli.main in this process, for refusals that come before
+    Hydra starts a job (a subprocess costs an interpreter and imports; one test per kind of
+    refusal still goes through the real `grow` script). What the command sets for a whole
+    process (signal handlers, umask) is put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        return grow_main(list(args))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        os.umask(umask)
+
+
+def _grow_run_args(overrides, cache: Path, schedule: str) -> list[str]:
+    return ["run", f"schedule={schedule}", f"data.cache_dir={cache}", "engine.threads=1", *overrides]
+
+
+def _grow_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def _checked(proc, check: bool):
     if check and proc.returncode != 0:
         raise AssertionError(f"grow failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
+             schedule: str = "tiny") -> subprocess.CompletedProcess:
+    """`grow run` on the given schedule through the real `grow` script, in a subprocess."""
+    cmd = grow_cmd(*_grow_run_args(overrides, cache, schedule))
+    proc = subprocess.run(cmd, cwd=cwd, env=_grow_env(), capture_output=True, text=True, timeout=timeout)
+    return _checked(proc, check)
+
+
+def fork_grow(cwd: Path, *overrides: str, cache: Path, timeout: int = 600, check: bool = True,
+              schedule: str = "tiny", env: dict | None = None) -> ForkedGrow:
+    """run_grow, in a child forked from a process that has imported torch already
+    (tests/forked_grow.py), for tests where the start of an interpreter is not the point;
+    `.returncode`, `.stdout`, `.stderr` as from subprocess.run."""
+    proc = run_grow_forked(_grow_run_args(overrides, cache, schedule), cwd, _grow_env(env), cwd / "grow-logs",
+                           timeout=timeout)
+    return _checked(proc, check)
+
+
+def fork_grow_start(cwd: Path, *overrides: str, cache: Path, schedule: str = "tiny",
+                    env: dict | None = None) -> ForkedGrow:
+    """fork_grow, not waited for: `.wait()`, `.poll()`, `.send_signal()` as with Popen."""
+    return start_grow(_grow_run_args(overrides, cache, schedule), cwd, _grow_env(env), cwd / "grow-logs")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_cache):
+    """(cwd, run dir, finished process) of one uninterrupted `grow run schedule=tiny` through
+    the real `grow` script, MLflow in cwd/mlflow.db: shared by the tests that only read it."""
+    cwd = tmp_path_factory.mktemp("tiny")
+    run_dir = cwd / "run"
+    proc = run_grow(cwd, f"hydra.run.dir={run_dir}", cache=data_cache)
+    return cwd, run_dir, proc
 
 
 def read_summary(run_dir: Path) -> dict:

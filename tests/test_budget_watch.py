@@ -13,7 +13,7 @@ from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.commands.plan import compose_config
 from orchestrator.schedule import resolve
 
-from .conftest import read_summary, run_grow
+from .conftest import fork_grow, read_summary
 
 
 def make_budget(*overrides: str) -> RunBudget:
@@ -114,7 +114,7 @@ def test_run_stops_at_a_dollar_cap_resumes_when_raised_and_matches_the_plan(tmp_
     run_dir = tmp_path / "run"
     price = ["cluster.usd_per_gpu_hour=100", "tracking=off", "budget.project_after_steps=2"]
     cap = 0.01  # a tiny step costs $0.0003-0.001 at $100/h: stops within the schedule
-    proc = run_grow(tmp_path, f"hydra.run.dir={run_dir}", f"budget.max_usd={cap}", *price, cache=data_cache)
+    proc = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", f"budget.max_usd={cap}", *price, cache=data_cache)
     assert "stopped at the step boundary before budget.max_usd=0.01" in proc.stdout
     assert "50% of budget.max_usd" in proc.stdout
     s = read_summary(run_dir)
@@ -127,10 +127,10 @@ def test_run_stops_at_a_dollar_cap_resumes_when_raised_and_matches_the_plan(tmp_
     done = sum(st["steps"] for st in s["stages"])
     assert meta["global_step"] == done
     # the same cap again: no step taken
-    run_grow(tmp_path, f"hydra.run.dir={run_dir}", f"budget.max_usd={cap}", *price, cache=data_cache)
+    fork_grow(tmp_path, f"hydra.run.dir={run_dir}", f"budget.max_usd={cap}", *price, cache=data_cache)
     assert read_summary(run_dir)["totals"]["tokens"] == s["totals"]["tokens"]
     # raised: runs to the end, and the ledger's FLOPs are the plan's
-    run_grow(tmp_path, f"hydra.run.dir={run_dir}", "budget.max_usd=1000", *price, cache=data_cache)
+    fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "budget.max_usd=1000", *price, cache=data_cache)
     final = read_summary(run_dir)
     assert final["status"] == "complete" and final["totals"]["tokens"] == 3 * 16384
     plan = make_plan(compose_config(["schedule=tiny"]))

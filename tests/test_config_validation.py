@@ -1,6 +1,7 @@
 """Bad configs are refused before any compute, in one line that names the key."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -9,6 +10,7 @@ from orchestrator.commands.run_job import precheck as _precheck
 from orchestrator.config.schema import RunConfig
 
 from .conftest import grow_cmd
+from .forked_grow import run_grow_forked
 
 BAD = [
     ("model.foo=1", "model.foo", "unknown key"),
@@ -100,8 +102,7 @@ def test_data_problems_exit_2_before_training(case, tmp_path):
         args.append("model.vocab_size=128")
         expect = ("model.vocab_size", "below the tokenizer")
     run_dir = tmp_path / "run"
-    proc = subprocess.run(grow_cmd("run", f"hydra.run.dir={run_dir}", *args), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_grow_forked(["run", f"hydra.run.dir={run_dir}", *args], tmp_path, dict(os.environ), tmp_path / "logs")
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("grow: config error:") and all(e in line for e in expect), line

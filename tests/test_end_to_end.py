@@ -3,9 +3,7 @@ checkpoints, resume after SIGKILL, MLflow, ledger, budget caps, summary contract
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,18 +11,18 @@ import pytest
 
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 
-from .conftest import grow_cmd, read_summary, run_grow
+from .conftest import fork_grow, fork_grow_start, read_summary
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, data_cache):
-    """One uninterrupted run of the tiny schedule, shared by the tests that read it."""
-    cwd = tmp_path_factory.mktemp("full")
-    run_dir = cwd / "run"
-    proc = run_grow(cwd, f"hydra.run.dir={run_dir}", cache=data_cache)
-    return cwd, run_dir, proc
+@pytest.fixture
+def full_run(tiny_run):
+    """One uninterrupted run of the tiny schedule through the real `grow` script (conftest's
+    `tiny_run`, shared by the tests that read it). The runs that follow it, restart it or
+    compete with it are forked from a process that has imported torch already (conftest's
+    fork_grow): what they test is what a run does, not how an interpreter starts."""
+    return tiny_run
 
 
 def test_summary_contract(full_run):
@@ -100,7 +98,7 @@ def test_mlflow_parent_and_child_runs(full_run):
 def test_rerun_of_finished_run_does_nothing(full_run, data_cache):
     cwd, run_dir, _ = full_run
     before = read_summary(run_dir)
-    proc = run_grow(cwd, f"hydra.run.dir={run_dir}", cache=data_cache)
+    proc = fork_grow(cwd, f"hydra.run.dir={run_dir}", cache=data_cache)
     assert "already finished" in proc.stdout
     assert read_summary(run_dir)["totals"] == before["totals"]
 
@@ -110,10 +108,7 @@ def test_sigkill_mid_stage_resumes_to_the_same_result(full_run, tmp_path, data_c
     every token counted once, and the MLflow runs continue."""
     _, ref_dir, _ = full_run
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = grow_cmd("run", "schedule=tiny", f"data.cache_dir={data_cache}", "engine.threads=1",
-                   f"hydra.run.dir={run_dir}", "checkpoint.every_steps=5")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = fork_grow_start(tmp_path, f"hydra.run.dir={run_dir}", "checkpoint.every_steps=5", cache=data_cache)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for a mid-stage checkpoint of stage 2
         ckpt = latest_checkpoint(run_dir) if (run_dir / "checkpoints" / "latest").exists() else None
@@ -130,7 +125,7 @@ def test_sigkill_mid_stage_resumes_to_the_same_result(full_run, tmp_path, data_c
     killed_at = read_meta(latest_checkpoint(run_dir))
     assert killed_at["stage_name"] == "s2" and not killed_at["stage_complete"]
 
-    again = run_grow(tmp_path, f"hydra.run.dir={run_dir}", "checkpoint.every_steps=5", cache=data_cache)
+    again = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "checkpoint.every_steps=5", cache=data_cache)
     assert "resuming stage s2" in again.stdout
     ref, got = read_summary(ref_dir), read_summary(run_dir)
     assert abs(got["stages"][-1]["val_loss"] - ref["stages"][-1]["val_loss"]) <= 1e-6
@@ -148,8 +143,8 @@ def test_sigkill_mid_stage_resumes_to_the_same_result(full_run, tmp_path, data_c
 def test_budget_cap_stops_at_a_step_boundary_with_checkpoint(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     cap = 16384 + 5 * 512 + 100  # stage 1, then 5 whole steps of stage 2 and a bit
-    proc = run_grow(tmp_path, f"hydra.run.dir={run_dir}", f"budget.max_tokens={cap}",
-                    "tracking=off", cache=data_cache)
+    proc = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", f"budget.max_tokens={cap}",
+                     "tracking=off", cache=data_cache)
     assert "budget.max_tokens" in proc.stdout
     s = read_summary(run_dir)
     assert s["status"] == "stopped: budget.max_tokens=" + str(cap)
@@ -157,22 +152,19 @@ def test_budget_cap_stops_at_a_step_boundary_with_checkpoint(tmp_path, data_cach
     meta = read_meta(latest_checkpoint(run_dir))
     assert meta["stage_name"] == "s2" and meta["step"] == 5
     # raising the cap continues from there, to the end
-    run_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", cache=data_cache)
+    fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", cache=data_cache)
     assert read_summary(run_dir)["totals"]["tokens"] == 3 * 16384
 
 
 def test_second_run_on_same_dir_is_refused_while_first_runs(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(grow_cmd("run", "schedule=tiny", f"data.cache_dir={data_cache}",
-                                      f"hydra.run.dir={run_dir}", "tracking=off"),
-                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = fork_grow_start(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", cache=data_cache)
     try:
         deadline = time.time() + 120
         while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.05)
-        second = run_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", cache=data_cache,
-                          check=False)
+        second = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", cache=data_cache,
+                           check=False)
         assert second.returncode == 2
         assert "in use by another grow run" in second.stderr
     finally:
@@ -182,7 +174,7 @@ def test_second_run_on_same_dir_is_refused_while_first_runs(tmp_path, data_cache
 
 def test_changed_schedule_on_resume_is_refused(full_run, data_cache):
     cwd, run_dir, _ = full_run
-    proc = run_grow(cwd, f"hydra.run.dir={run_dir}", "schedule.stages.0.tokens=32768",
-                    cache=data_cache, check=False)
+    proc = fork_grow(cwd, f"hydra.run.dir={run_dir}", "schedule.stages.0.tokens=32768",
+                     cache=data_cache, check=False)
     assert proc.returncode == 2
     assert "schedule.stages.0.tokens" in proc.stderr and "differs" in proc.stderr

@@ -13,7 +13,7 @@ from orchestrator.config.schema import DataConfig, SourceConfig  # noqa: E402
 from orchestrator.data import prepare_data, validation_batches  # noqa: E402
 from orchestrator.commands.hf import import_command  # noqa: E402
 
-from .conftest import read_summary, run_grow  # noqa: E402
+from .conftest import fork_grow, read_summary  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,10 @@ def test_schedule_starts_from_an_imported_llama(tmp_path, data_cache):
 
     # stage 1 of `tiny` is wider (64, heads 4, kv 2) than the imported model: MSG grows it
     run_dir = tmp_path / "run"
-    run_grow(tmp_path, f"hydra.run.dir={run_dir}", f"init_from={tmp_path / 'ckpt'}", "tracking=off",
-             "schedule.stages.0.shape.hidden=64", "schedule.stages.0.shape.ffn=128",
-             "schedule.stages.0.shape.heads=4", "schedule.stages.0.shape.kv_heads=2",
-             "growth.ramp_steps=8", cache=data_cache)
+    fork_grow(tmp_path, f"hydra.run.dir={run_dir}", f"init_from={tmp_path / 'ckpt'}", "tracking=off",
+              "schedule.stages.0.shape.hidden=64", "schedule.stages.0.shape.ffn=128",
+              "schedule.stages.0.shape.heads=4", "schedule.stages.0.shape.kv_heads=2",
+              "growth.ramp_steps=8", cache=data_cache)
     first = read_summary(run_dir)["stages"][0]
     assert first["growth"]["operator"] == "msg"
 

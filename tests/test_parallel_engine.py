@@ -3,7 +3,10 @@ engine: per-step losses with clipping active, growth masks in flight and Adam mo
 loaded at step 3; exported canonical state; layouts refused early; a dead rank ends the
 job fast; a three-stage schedule across layouts matches the local run.
 
-Multi-process runs cost ~25-70 s each on 2 cores, so they are few and marked slow.
+Multi-process runs cost ~25-70 s each on 2 cores, so they are few and marked slow. The
+`grow run` drivers are forked from a process that has imported torch already (conftest's
+fork_grow; the ranks they launch are fresh torchrun processes), except one refusal that
+goes through the real `grow` script.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from .conftest import REPO, grow_cmd, read_summary, run_grow  # noqa: E402
+from .conftest import REPO, fork_grow, grow_cmd, grow_in_process, read_summary, run_grow  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from orchestrator.schedule import ResolvedStage
@@ -122,28 +125,42 @@ def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
     assert all((final[k].bfloat16().float() != final[k]).any() for k in matrices)  # fp32 precision kept
 
 
-@pytest.mark.parametrize("override,message", [
+LAYOUT_REFUSALS = [
     ("engine.zero_stage=3", "3 is not supported"),
     ("engine.zero_stage=2 schedule.stages.2.layout.pp=2", "DeepSpeed's pipeline runs ZeRO-1 only"),
     ("schedule.stages.1.layout.tp=3", "3 does not divide heads=4"),
     ("schedule.stages.2.layout.pp=3", "3 does not divide layers=4"),
     ("schedule.stages.1.layout.tp=4", "4 does not divide heads=2 (the previous stage's shape"),
     ("schedule.stages.0.layout.dp=3", "not divisible by layout.dp=3"),
-])
-def test_impossible_layouts_refused_before_any_process(tmp_path, data_cache, override, message):
-    start = time.time()
-    proc = run_grow(tmp_path, "engine=deepspeed", *override.split(), f"hydra.run.dir={tmp_path / 'run'}",
+]
+
+
+@pytest.mark.parametrize("override,message", LAYOUT_REFUSALS)
+def test_impossible_layouts_refused_before_any_process(tmp_path, data_cache, override, message, capsys):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    code = grow_in_process("run", "schedule=default", f"data.cache_dir={data_cache}", "engine=deepspeed",
+                           *override.split(), f"hydra.run.dir={tmp_path / 'run'}")
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()] and message in err
+    assert "launching" not in out  # no rank was started, none is left running
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    assert not (tmp_path / "run").exists()
+
+
+def test_impossible_layout_refused_by_the_grow_script(tmp_path, data_cache):
+    """The same refusal through the real `grow` process: exit 2, one line, nothing written."""
+    override, message = LAYOUT_REFUSALS[0]
+    proc = run_grow(tmp_path, "engine=deepspeed", override, f"hydra.run.dir={tmp_path / 'run'}",
                     cache=data_cache, check=False, schedule="default")
     assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    assert time.time() - start < 60
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
-def test_gpu_engine_without_a_visible_gpu_is_refused_before_any_process(tmp_path, data_cache, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever the machine has
-    proc = run_grow(tmp_path, "engine=deepspeed_gpu", f"hydra.run.dir={tmp_path / 'run'}", cache=data_cache,
-                    check=False)
+def test_gpu_engine_without_a_visible_gpu_is_refused_before_any_process(tmp_path, data_cache):
+    proc = fork_grow(tmp_path, "engine=deepspeed_gpu", f"hydra.run.dir={tmp_path / 'run'}", cache=data_cache,
+                     check=False, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever the machine has
     assert proc.returncode == 2, proc.stderr
     assert "engine.device=cuda but no CUDA device is visible" in proc.stderr
     assert "launching" not in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()
@@ -155,12 +172,17 @@ LAYOUTS = ["schedule.stages.0.layout.dp=2", "schedule.stages.1.layout.tp=2", "sc
            "schedule.stages.2.layout.tp=2", "schedule.stages.2.layout.pp=2", "schedule.stages.2.layout.dp=2"]
 
 
+ENDS_WITHIN_S = 150
+
+
 @pytest.mark.slow
 def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
     run_dir = tmp_path / "run"
+    # the collectives' timeout is far beyond how long the test waits for the job to end: an
+    # end within the wait is the rank's death noticed, not the other rank timing out
     cmd = grow_cmd("run", "schedule=default", f"data.cache_dir={data_cache}", "engine=deepspeed",
-                   f"hydra.run.dir={run_dir}", "engine.timeout_s=300", *SMALL, "schedule.stages.0.tokens=983040",
-                   "schedule.stages.0.layout.dp=2")
+                   f"hydra.run.dir={run_dir}", f"engine.timeout_s={3 * ENDS_WITHIN_S}", *SMALL,
+                   "schedule.stages.0.tokens=983040", "schedule.stages.0.layout.dp=2")
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -172,16 +194,15 @@ def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
                  if "orchestrator.run.launch" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
         assert len(ranks) == 2
         victim = max(ranks, key=lambda p: p.pid)
-        killed = time.time()
         os.kill(victim.pid, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=120)
-        took = time.time() - killed
+        try:
+            out, _ = driver.communicate(timeout=ENDS_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job still ran {ENDS_WITHIN_S} s after a rank was killed")
     finally:
         if driver.poll() is None:
             driver.kill()
-    print(f"job ended {took:.1f} s after SIGKILL of rank pid {victim.pid}")
     assert driver.returncode != 0
-    assert took < 60, took
     assert "stage small failed" in out and ("Signal 9" in out or "SIGKILL" in out), out[-3000:]
 
 
@@ -189,14 +210,14 @@ def test_killed_rank_ends_the_job_fast(tmp_path, data_cache):
 def local_default_run(tmp_path_factory, data_cache) -> dict:
     """The summary of SMALL's three-stage schedule on the local engine (fp32)."""
     cwd = tmp_path_factory.mktemp("local")
-    run_grow(cwd, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    fork_grow(cwd, *SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
     return read_summary(cwd / "local")
 
 
 @pytest.mark.slow
 def test_three_stage_schedule_across_layouts_matches_local(tmp_path, data_cache, local_default_run):
-    run_grow(tmp_path, *SMALL, "engine=deepspeed", *LAYOUTS, "hydra.run.dir=ds", cache=data_cache,
-             schedule="default", timeout=900)
+    fork_grow(tmp_path, *SMALL, "engine=deepspeed", *LAYOUTS, "hydra.run.dir=ds", cache=data_cache,
+              schedule="default", timeout=900)
     want, got = local_default_run, read_summary(tmp_path / "ds")
     assert got["status"] == "complete"
     for w, g in zip(want["stages"], got["stages"], strict=True):
@@ -212,8 +233,8 @@ def test_three_stage_schedule_in_bf16_checks_growth_and_writes_fp32(tmp_path, da
     """The GPU path's dtype end to end (on gloo here): bf16 stages on three layouts, growth
     checked in bf16, fp32 masters in every checkpoint, losses near the fp32 run's."""
     layouts = ["schedule.stages.0.layout.dp=2", "schedule.stages.1.layout.tp=2", "schedule.stages.2.layout.pp=2"]
-    run_grow(tmp_path, *SMALL, "engine=deepspeed", "engine.dtype=bf16", *layouts, "hydra.run.dir=ds",
-             cache=data_cache, schedule="default", timeout=900)
+    fork_grow(tmp_path, *SMALL, "engine=deepspeed", "engine.dtype=bf16", *layouts, "hydra.run.dir=ds",
+              cache=data_cache, schedule="default", timeout=900)
     got = read_summary(tmp_path / "ds")
     assert got["status"] == "complete"
     for w, g in zip(local_default_run["stages"], got["stages"], strict=True):
@@ -248,37 +269,46 @@ def test_lazy_checkpoint_reads_slices(tmp_path):
         assert torch.equal(lazy[name], v)
 
 
+ONLY_SMALL = ["run.only_stage=small", "checkpoint.every_steps=8"]
+
+
+@pytest.fixture(scope="module")
+def local_small_stage(tmp_path_factory, data_cache) -> dict:
+    """The summary of SMALL's first stage alone on the local engine (fp32)."""
+    cwd = tmp_path_factory.mktemp("local-small")
+    fork_grow(cwd, *SMALL, *ONLY_SMALL, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    return read_summary(cwd / "local")["stages"][0]
+
+
 @pytest.mark.slow
-def test_crash_and_resume_reads_slices_and_matches_local(tmp_path, data_cache, monkeypatch):
+def test_crash_and_resume_reads_slices_and_matches_local(tmp_path, data_cache, monkeypatch, local_small_stage):
     """A TP2 stage crashes after its step-8 checkpoint; the rerun resumes every rank from
     its slices of the sharded canonical checkpoint and ends on the local engine's loss."""
-    only = ["run.only_stage=small", "checkpoint.every_steps=8"]
-    run_grow(tmp_path, *SMALL, *only, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    only = ONLY_SMALL
     args = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.tp=2", "hydra.run.dir=ds"]
     monkeypatch.setenv("GROW_FAILPOINTS", "step.done@12=raise")
-    crashed = run_grow(tmp_path, *args, cache=data_cache, schedule="default", check=False, timeout=300)
+    crashed = fork_grow(tmp_path, *args, cache=data_cache, schedule="default", check=False, timeout=300)
     assert crashed.returncode != 0 and "failpoint step.done" in crashed.stdout + crashed.stderr
     monkeypatch.delenv("GROW_FAILPOINTS")
-    resumed = run_grow(tmp_path, *args, cache=data_cache, schedule="default", timeout=300)
+    resumed = fork_grow(tmp_path, *args, cache=data_cache, schedule="default", timeout=300)
     assert "resuming stage small at step 8" in resumed.stdout
-    want, got = read_summary(tmp_path / "local")["stages"][0], read_summary(tmp_path / "ds")["stages"][0]
+    want, got = local_small_stage, read_summary(tmp_path / "ds")["stages"][0]
     assert got["steps"] == want["steps"] == 24
     assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (want, got)
 
 
-def test_resume_on_a_different_layout_reads_the_same_data(tmp_path, data_cache, monkeypatch):
+def test_resume_on_a_different_layout_reads_the_same_data(tmp_path, data_cache, monkeypatch, local_small_stage):
     """A DP2 stage dies after its step-8 checkpoint; it resumes as TP2 (another world
     size and layout) through the canonical checkpoint and ends on the local engine's loss."""
-    only = ["run.only_stage=small", "checkpoint.every_steps=8"]
-    run_grow(tmp_path, *SMALL, *only, "hydra.run.dir=local", cache=data_cache, schedule="default")
+    only = ONLY_SMALL
     first = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.dp=2", "hydra.run.dir=ds"]
     monkeypatch.setenv("GROW_FAILPOINTS", "step.done@12=raise")
-    crashed = run_grow(tmp_path, *first, cache=data_cache, schedule="default", check=False, timeout=300)
+    crashed = fork_grow(tmp_path, *first, cache=data_cache, schedule="default", check=False, timeout=300)
     assert crashed.returncode != 0
     monkeypatch.delenv("GROW_FAILPOINTS")
     second = [*SMALL, *only, "engine=deepspeed", "schedule.stages.0.layout.tp=2", "hydra.run.dir=ds"]
-    resumed = run_grow(tmp_path, *second, cache=data_cache, schedule="default", timeout=300)
+    resumed = fork_grow(tmp_path, *second, cache=data_cache, schedule="default", timeout=300)
     assert "resuming stage small at step 8" in resumed.stdout
-    want, got = read_summary(tmp_path / "local")["stages"][0], read_summary(tmp_path / "ds")["stages"][0]
+    want, got = local_small_stage, read_summary(tmp_path / "ds")["stages"][0]
     assert got["steps"] == want["steps"] == 24 and got["tokens"] == want["tokens"]
     assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (want, got)

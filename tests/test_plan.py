@@ -12,7 +12,7 @@ from orchestrator.budget.planner import make_plan
 from orchestrator.schedule import resolve
 from orchestrator.config.validate import ConfigError
 
-from .conftest import grow_cmd
+from .conftest import grow_cmd, grow_in_process
 
 FLM = ["schedule=flm101b", "cluster=a800_192"]
 
@@ -56,11 +56,12 @@ def test_flm_totals_and_the_from_scratch_comparison(flm):
     assert flm.budget["fits"] and not flm.warnings
 
 
-def test_grow_plan_cli_prints_the_table_and_writes_plan_json(tmp_path):
-    proc = grow_plan(tmp_path, *FLM, f"hydra.run.dir={tmp_path / 'p'}")
-    assert proc.returncode == 0, proc.stderr
+def test_grow_plan_cli_prints_the_table_and_writes_plan_json(tmp_path, capsys):
+    code = grow_in_process("plan", *FLM, f"hydra.run.dir={tmp_path / 'p'}")
+    out, err = capsys.readouterr()
+    assert code == 0, err
     for word in ("s16b", "s51b", "s101b", "total", "from scratch", "GPU-hours", "days", "USD", "saves"):
-        assert word in proc.stdout
+        assert word in out
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert len(plan["stages"]) == 3
     for part in ("totals", "scratch"):
@@ -91,11 +92,12 @@ def test_plan_flops_are_the_ledgers_formula_for_the_default_schedule():
         assert sp.flops == pytest.approx(flops_per_token(spec, stage.seq_len) * steps * stage.batch_size * stage.seq_len)
 
 
-def test_over_budget_is_reported_with_where_the_run_stops(tmp_path, flm):
+def test_over_budget_is_reported_with_where_the_run_stops(tmp_path, flm, capsys):
     cap = flm.totals["usd"] / 2
-    proc = grow_plan(tmp_path, *FLM, f"budget.max_usd={cap}", f"hydra.run.dir={tmp_path / 'p'}")
-    assert proc.returncode == 4
-    assert "over budget" in proc.stdout and "budget.max_usd" in proc.stdout
+    code = grow_in_process("plan", *FLM, f"budget.max_usd={cap}", f"hydra.run.dir={tmp_path / 'p'}")
+    out = capsys.readouterr().out
+    assert code == 4
+    assert "over budget" in out and "budget.max_usd" in out
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     v = plan["budget"]["violations"][0]
     assert not plan["budget"]["fits"] and v["key"] == "budget.max_usd"
@@ -122,7 +124,7 @@ def test_fit_refuses_a_budget_below_the_smallest_useful_schedule(tmp_path):
     plan = plan_of(*FLM, f"budget.max_usd={minimum * 1.01}", "plan.fit=true")  # the minimum is enough
     assert plan.totals["usd"] <= minimum * 1.01
     proc = grow_plan(tmp_path, *FLM, "budget.max_usd=100", "plan.fit=true", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 2
+    assert proc.returncode == 2  # through the real `grow` script
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("grow: config error: budget.max_usd:")
     with pytest.raises(ConfigError, match="plan.fit"):
         plan_of(*FLM, "plan.fit=true")  # nothing to fit to

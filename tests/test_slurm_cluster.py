@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.slurm.paths import stage_state_file
 
-from .conftest import grow_cmd, read_summary, run_grow
+from .conftest import grow_cmd, read_summary
 from .slurm_cluster import SlurmCluster, install_if_needed
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -75,7 +76,7 @@ def submit(cwd: Path, run_dir: Path, cache: Path, *overrides: str) -> list[str]:
     return ids
 
 
-def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cache):
+def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cache, tiny_run):
     run_dir = tmp_path / "run"
     ids = submit(tmp_path, run_dir, data_cache)
     for i, job in enumerate(ids[1:], 1):  # chained: each waits for the previous one to succeed
@@ -83,11 +84,8 @@ def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cach
         assert f"afterok:{ids[i - 1]}" in text or "Dependency=(null)" in text  # (null) once satisfied
     wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
              and queue_empty(), 600, "the three jobs", on_timeout=lambda: logs(run_dir))
-    # the same config in one `grow run`
-    local = tmp_path / "local"
-    run_grow(tmp_path, f"hydra.run.dir={local}", f"tracking.uri=sqlite:///{tmp_path / 'local.db'}",
-             cache=data_cache)
-    chained, single = read_summary(run_dir), read_summary(local)
+    # the same config in one `grow run` (conftest's tiny_run)
+    chained, single = read_summary(run_dir), read_summary(tiny_run[1])
     assert [s["name"] for s in chained["stages"]] == [s["name"] for s in single["stages"]] == ["s1", "s2", "s3"]
     assert chained["stages"][-1]["val_loss"] == pytest.approx(single["stages"][-1]["val_loss"], abs=1e-6)
     assert chained["totals"]["tokens"] == single["totals"]["tokens"]
@@ -106,26 +104,66 @@ def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cach
     assert len({s["mlflow_run_id"] for s in chained["stages"]}) == 3
 
 
-def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache, monkeypatch):
-    """s1 needs more than its 2-minute limit: USR1 arrives ~60 s before it (Slurm may send it
-    up to a minute early), the stage checkpoints, the job requeues itself and resumes. Once
-    it has requeued, the test raises the limit so the rest finishes in one more attempt.
-    Each step sleeps 0.75 s (a failpoint, as a slow node would), so s1 outlasts its limit on
-    a machine of any speed."""
+def stage_attempts(run_dir: Path, name: str) -> list[dict]:
+    path = stage_state_file(run_dir, name)
+    return json.loads(path.read_text())["attempts"] if path.exists() else []
+
+
+def s1_log(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("*0-s1-*"))
+
+
+def test_time_limit_signal_reaches_the_stage_which_checkpoints_and_requeues(slurm, tmp_path, data_cache,
+                                                                           monkeypatch):
+    """The generated script's `--signal=B:USR1@60` under a 2-minute limit: Slurm sends USR1
+    (up to a minute early), the stage checkpoints and the job requeues itself before the
+    limit. Each step sleeps 0.75 s (a failpoint, as a slow node would), so s1 outlasts its
+    limit on a machine of any speed. What follows a requeue (resume, completion, every token
+    counted once) is the next test's, which sends USR1 itself instead of waiting for it."""
     run_dir = tmp_path / "run"
     steps = 240  # >= 180 s of sleeping alone
-    tokens = steps * 512  # steps of 8 x 64
     monkeypatch.setenv("GROW_FAILPOINTS", "step.done=sleep:0.75")  # sbatch --export=ALL carries it
-    ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={tokens}", "submit.time=2",
+    ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={steps * 512}", "submit.time=2",
                  "submit.signal_delay_s=60", "train.eval_every_steps=100", "checkpoint.every_steps=100")
+    try:
+        assert "#SBATCH --signal=B:USR1@60" in (run_dir / "slurm" / "0-s1.sbatch").read_text()
+        assert "#SBATCH --time=2" in (run_dir / "slurm" / "0-s1.sbatch").read_text()
+        wait_for(lambda: any(a.get("outcome") == "requeue" for a in stage_attempts(run_dir, "s1")), 300,
+                 "the first requeue", on_timeout=lambda: logs(run_dir))
+        first = stage_attempts(run_dir, "s1")[0]
+        assert first["outcome"] == "requeue" and first["job_id"] == ids[0] and first["restart"] == 0
+        log = s1_log(run_dir)
+        assert "USR1" in log and "stopped by SIGUSR1" in log and "requeueing job" in log
+        meta = read_meta(latest_checkpoint(run_dir))  # the checkpoint the signal asked for
+        assert meta["stage_name"] == "s1" and not meta["stage_complete"] and 0 < meta["step"] < steps
+        row, = wait_for(lambda: [r for r in status(tmp_path, run_dir)["stages"] if r["requeues"] >= 1], 60,
+                        "Slurm to count the requeue")
+        assert row["stage"] == "s1" and row["tokens"] == meta["step"] * 512  # up to the checkpoint, once
+    finally:
+        subprocess.run(["scancel", *ids], check=True)
+    wait_for(queue_empty, 60, "the cancelled jobs to leave the queue")
 
-    def requeued():
-        state = json.loads(stage_state_file(run_dir, "s1").read_text()) if stage_state_file(run_dir, "s1").exists() else {}
-        return any(a.get("outcome") == "requeue" for a in state.get("attempts", []))
-    wait_for(requeued, 300, "the first requeue", on_timeout=lambda: logs(run_dir))
-    subprocess.run(["scontrol", "update", f"JobId={ids[0]}", "TimeLimit=15"], check=True)
+
+def test_usr1_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache, monkeypatch):
+    """USR1 to the batch script, as Slurm sends it before the time limit (here at once, with
+    `scancel --signal=USR1 --batch` once s1 has made progress): the stage checkpoints, the
+    job requeues itself and resumes, and the chain completes with every token counted once
+    and the MLflow stage run continued. Steps sleep 0.15 s (a failpoint) so that the signal
+    lands mid-stage on a machine of any speed."""
+    run_dir = tmp_path / "run"
+    steps = 64
+    tokens = steps * 512  # steps of 8 x 64
+    monkeypatch.setenv("GROW_FAILPOINTS", "step.done=sleep:0.15")  # sbatch --export=ALL carries it
+    ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={tokens}",
+                 "train.eval_every_steps=100", "checkpoint.every_steps=8")
+
+    def s1_progressed():
+        ckpt = latest_checkpoint(run_dir) if (run_dir / "checkpoints" / "latest").exists() else None
+        return ckpt is not None and read_meta(ckpt)["stage_name"] == "s1" and read_meta(ckpt)["step"] >= 8
+    wait_for(s1_progressed, 300, "s1's first checkpoint", interval=0.2, on_timeout=lambda: logs(run_dir))
+    subprocess.run(["scancel", "--signal=USR1", "--batch", ids[0]], check=True)
     wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
-             and queue_empty(), 900, "the requeued chain", interval=5, on_timeout=lambda: logs(run_dir))
+             and queue_empty(), 900, "the requeued chain", interval=2, on_timeout=lambda: logs(run_dir))
     s1 = json.loads(stage_state_file(run_dir, "s1").read_text())
     outcomes = [a.get("outcome") for a in s1["attempts"]]
     assert "requeue" in outcomes and outcomes[-1] == "finished", outcomes
@@ -137,7 +175,7 @@ def test_time_limit_signal_checkpoints_requeues_and_completes(slurm, tmp_path, d
     assert summary["totals"]["tokens"] == tokens + 2 * 16384
     assert summary["stages"][0]["restarts"] == len(outcomes) - 1 and summary["stages"][0]["lost_s"] > 0
     assert summary["stages"][0]["steps"] == steps
-    log = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("*0-s1-*"))
+    log = s1_log(run_dir)
     assert "USR1" in log and "stopped by SIGUSR1" in log and "requeueing job" in log
     st = status(tmp_path, run_dir)
     assert st["stages"][0]["requeues"] >= 1 and st["stages"][0]["state"] == "FINISHED"

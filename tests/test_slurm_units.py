@@ -14,7 +14,7 @@ from orchestrator.run.state import is_finished, latest_meta
 from orchestrator.slurm.paths import stage_state_file
 from orchestrator.slurm.render import scrub_line, shell_word
 
-from .conftest import grow_cmd
+from .conftest import grow_cmd, grow_in_process
 
 SECRET = "s3cr3t-Value-42"
 
@@ -32,27 +32,44 @@ def test_shell_word_turns_secret_values_into_env_references():
 
 
 def _submit(tmp_path, *overrides, env=None):
+    """`grow submit --dry-run` through the real `grow` script."""
     env = {**os.environ, **(env or {})}
     return subprocess.run(grow_cmd("submit", "schedule=tiny", f"hydra.run.dir={tmp_path / 'run'}",
                                    "submit.dry_run=true", *overrides),
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_dry_run_writes_and_prints_scripts_without_secrets(tmp_path):
-    proc = _submit(tmp_path, f"tracking.uri='http://127.0.0.1:5000/?token={SECRET}'",
-                   f"submit.setup=['export HF_TOKEN={SECRET}','module load cuda']",
-                   "submit.partition=gpu", "submit.account=proj", "submit.qos=high", "submit.mem=8G",
-                   "submit.tasks_per_node=4", "submit.gpus_per_node=4", "submit.launcher=torchrun",
-                   "submit.extra_sbatch=[--exclusive]", "submit.container=['--container-image=img.sqsh']",
-                   env={"MY_API_TOKEN": SECRET, "MLFLOW_TRACKING_PASSWORD": "hunter2-pass"})
-    assert proc.returncode == 0, proc.stderr
+@pytest.fixture
+def submit_here(tmp_path, monkeypatch, capsys):
+    """`grow submit --dry-run` in this process (orchestrator.cli.main), from tmp_path:
+    returns (exit status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+
+    def submit(*overrides: str, env: dict | None = None):
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        code = grow_in_process("submit", "schedule=tiny", f"hydra.run.dir={tmp_path / 'run'}",
+                               "submit.dry_run=true", *overrides)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return submit
+
+
+def test_dry_run_writes_and_prints_scripts_without_secrets(tmp_path, submit_here):
+    code, stdout, stderr = submit_here(f"tracking.uri='http://127.0.0.1:5000/?token={SECRET}'",
+                                       f"submit.setup=['export HF_TOKEN={SECRET}','module load cuda']",
+                                       "submit.partition=gpu", "submit.account=proj", "submit.qos=high", "submit.mem=8G",
+                                       "submit.tasks_per_node=4", "submit.gpus_per_node=4", "submit.launcher=torchrun",
+                                       "submit.extra_sbatch=[--exclusive]", "submit.container=['--container-image=img.sqsh']",
+                                       env={"MY_API_TOKEN": SECRET, "MLFLOW_TRACKING_PASSWORD": "hunter2-pass"})
+    assert code == 0, stderr
     scripts = sorted((tmp_path / "run" / "slurm").glob("*.sbatch"))
     assert [p.name for p in scripts] == ["0-s1.sbatch", "1-s2.sbatch", "2-s3.sbatch"]
-    assert "nothing submitted" in proc.stdout and "afterok" in proc.stdout
+    assert "nothing submitted" in stdout and "afterok" in stdout
     assert not (tmp_path / "run" / "slurm" / "jobs.json").exists()
     for p in scripts:
         text = p.read_text()
-        assert text in proc.stdout
+        assert text in stdout
         assert SECRET not in text and "hunter2" not in text
         assert "${MY_API_TOKEN}" in text
         for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high",
@@ -69,19 +86,17 @@ def test_dry_run_writes_and_prints_scripts_without_secrets(tmp_path):
 
 
 def test_credentials_in_a_url_are_refused(tmp_path):
-    proc = _submit(tmp_path, "tracking.uri=http://bob:pa55word@127.0.0.1:5000")
+    proc = _submit(tmp_path, "tracking.uri=http://bob:pa55word@127.0.0.1:5000")  # the real `grow` script
     assert proc.returncode == 2
     assert "user:password@" in proc.stderr and "pa55word" not in proc.stderr
     assert not list((tmp_path / "run").glob("slurm/*.sbatch"))
 
 
-def test_bad_submit_keys_are_config_errors(tmp_path):
-    proc = _submit(tmp_path, "submit.time=soon")
-    assert proc.returncode == 2 and "submit.time" in proc.stderr
-    proc = _submit(tmp_path, "submit.launcher=mpirun")
-    assert proc.returncode == 2 and "submit.launcher" in proc.stderr
-    proc = _submit(tmp_path, "run.only_stage=nope")
-    assert proc.returncode == 2 and "run.only_stage" in proc.stderr
+def test_bad_submit_keys_are_config_errors(submit_here):
+    for override, key in (("submit.time=soon", "submit.time"), ("submit.launcher=mpirun", "submit.launcher"),
+                          ("run.only_stage=nope", "run.only_stage")):
+        code, _, err = submit_here(override)
+        assert code == 2 and key in err, (override, err)
 
 
 def _checkpoint(run_dir: Path, stage: str, tokens: int, index: int = 0, complete: bool = False) -> None:
@@ -130,18 +145,18 @@ def test_a_stage_in_flight_is_not_finished(tmp_path):
 
 @pytest.mark.slow
 def test_only_stage_runs_one_stage_and_refuses_to_skip(tmp_path, data_cache):
-    from .conftest import read_summary, run_grow
+    from .conftest import fork_grow, read_summary
     run_dir = tmp_path / "run"
     common = (f"hydra.run.dir={run_dir}", "tracking=off")
-    proc = run_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache, check=False)
+    proc = fork_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache, check=False)
     assert proc.returncode == 2 and "needs 's1' finished first" in proc.stderr
-    run_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
+    fork_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
     s = read_summary(run_dir)
     assert [st["name"] for st in s["stages"]] == ["s1"] and "only_stage" in s["status"]
     assert is_finished(latest_meta(run_dir), 0) and not is_finished(latest_meta(run_dir), 1)
-    again = run_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
+    again = fork_grow(tmp_path, *common, "run.only_stage=s1", cache=data_cache)
     assert "already finished" in again.stdout
-    run_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache)
+    fork_grow(tmp_path, *common, "run.only_stage=s2", cache=data_cache)
     assert [st["name"] for st in read_summary(run_dir)["stages"]] == ["s1", "s2"]
 
 

@@ -1,14 +1,14 @@
 """`grow run -m` on this machine (Hydra's basic launcher): one MLflow parent run per member
-with the swept values as params, and a sweep summary of final losses and costs."""
+with the swept values as params, and a sweep summary of final losses and costs. (`grow` runs
+in a child forked from a process that has imported torch: tests/forked_grow.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from .conftest import grow_cmd
+from .forked_grow import run_grow_forked
 
 pytestmark = pytest.mark.slow
 
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 def test_local_multirun_two_members(tmp_path, data_cache):
     sweep_dir, db = tmp_path / "sweep", tmp_path / "m.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(grow_cmd("run", "-m", "schedule=tiny", "schedule.stages.0.lr.peak=3e-3,1e-3",
-                                   f"data.cache_dir={data_cache}", "engine.threads=1",
-                                   f"tracking.uri=sqlite:///{db}", f"hydra.sweep.dir={sweep_dir}"),
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_grow_forked(["run", "-m", "schedule=tiny", "schedule.stages.0.lr.peak=3e-3,1e-3",
+                            f"data.cache_dir={data_cache}", "engine.threads=1",
+                            f"tracking.uri=sqlite:///{db}", f"hydra.sweep.dir={sweep_dir}"],
+                           tmp_path, env, tmp_path / "logs")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((sweep_dir / "sweep_summary.json").read_text())
     assert [m["swept"] for m in report["members"]] == [{"schedule.stages.0.lr.peak": "0.003"},

@@ -1,9 +1,13 @@
-"""Shared by the fault tests: the tiny run they break, and the uninterrupted reference."""
+"""Shared by the fault tests: the tiny run they break, and the uninterrupted reference.
+
+The runs that are killed and resumed many times start as forked children of a server that
+has already imported torch and the orchestrator (tests/forked_grow.py): what is tested is
+what a SIGKILL leaves on disk and how the next process resumes from it, not the start of an
+interpreter, which `run_cmd` (a real `grow` subprocess) still covers elsewhere."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,13 +17,33 @@ from safetensors.torch import load_file
 from orchestrator.checkpoint.canonical import verify
 
 from ..conftest import grow_cmd, read_summary
+from ..forked_grow import ForkedGrow, run_grow_forked, start_fork_server, start_grow
 
 ARGS = ("schedule=tiny", "tracking=off", "engine.threads=1", "checkpoint.every_steps=3",
         "train.eval_every_steps=8")
 
 
+def run_args(run_dir: Path, cache: Path) -> list[str]:
+    return ["run", *ARGS, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+
+
 def run_cmd(run_dir: Path, cache: Path) -> list[str]:
-    return grow_cmd("run", *ARGS, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}")
+    return grow_cmd(*run_args(run_dir, cache))
+
+
+def _logs(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}-logs"
+
+
+def start_forked(run_dir: Path, cache: Path, failpoints: str = "", extra: tuple = ()) -> ForkedGrow:
+    """The fault tests' run in a forked child (see the module docstring), not waited for."""
+    return start_grow(run_args(run_dir, cache) + list(extra), run_dir.parent, run_env(failpoints), _logs(run_dir))
+
+
+def run_forked(run_dir: Path, cache: Path, failpoints: str = "", extra: tuple = ()) -> ForkedGrow:
+    """The fault tests' run in a forked child, to its end; `.returncode`, `.stdout`, `.stderr`."""
+    return run_grow_forked(run_args(run_dir, cache) + list(extra), run_dir.parent, run_env(failpoints),
+                           _logs(run_dir))
 
 
 def run_env(failpoints: str = "") -> dict:
@@ -49,8 +73,10 @@ def latest_is_complete(run_dir: Path) -> None:
 def reference(tmp_path_factory, data_cache):
     """(final weights, ledger, seconds the uninterrupted run took)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
+    start_fork_server()  # not part of the run's time
     start = time.monotonic()
-    subprocess.run(run_cmd(run_dir, data_cache), env=run_env(), check=True, capture_output=True, timeout=600)
+    proc = run_forked(run_dir, data_cache)  # started as the runs it is compared with are
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return final_weights(run_dir), ledger_of(run_dir), time.monotonic() - start
 
 

@@ -1,6 +1,7 @@
 """SIGKILL a tiny run at named failpoints and at random moments, resume each time, and
 require the same final weights (bitwise, fp32 CPU) and the same ledger as a run that was
-never interrupted, with `latest` never pointing at a partial checkpoint."""
+never interrupted, with `latest` never pointing at a partial checkpoint. Each run is a
+forked child of a process that has imported torch already (conftest.py says why)."""
 from __future__ import annotations
 
 import random
@@ -11,7 +12,7 @@ import pytest
 
 from orchestrator.faults import FAILPOINTS
 
-from .conftest import assert_same_as_reference, run_cmd, run_env, latest_is_complete
+from .conftest import assert_same_as_reference, latest_is_complete, run_forked, start_forked
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +25,14 @@ def test_kill_at_every_failpoint_then_resume(tmp_path, data_cache, reference):
     plan += ["step.done@20", "growth.done@1"]  # after a resume the counters restart
     kills = 0
     for point in plan:
-        proc = subprocess.run(run_cmd(run_dir, data_cache), env=run_env(point), capture_output=True,
-                              text=True, timeout=600)
+        proc = run_forked(run_dir, data_cache, point)
         if proc.returncode == 0:
             continue  # the point is no longer on this run's path
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         kills += 1
         latest_is_complete(run_dir)
-    subprocess.run(run_cmd(run_dir, data_cache), env=run_env(), check=True, capture_output=True, timeout=600)
+    last = run_forked(run_dir, data_cache)
+    assert last.returncode == 0, last.stderr[-2000:]
     print(f"failpoint kills survived: {kills}")
     assert kills >= 8
     assert_same_as_reference(run_dir, reference)
@@ -50,12 +51,11 @@ def test_kill_at_random_moments_then_resume(tmp_path, data_cache, reference):
         run_dir = tmp_path / f"run{trials}"
         finished, in_trial = False, 0
         while not finished:
-            proc = subprocess.Popen(run_cmd(run_dir, data_cache), env=run_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE)
+            proc = start_forked(run_dir, data_cache)
             delay = rng.uniform(0.15, 0.6) * duration if in_trial < 4 else None
             try:
                 proc.wait(timeout=delay)
-                assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+                assert proc.returncode == 0, proc.stderr[-2000:]
                 finished = True
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)

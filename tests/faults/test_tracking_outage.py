@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 
 from ..conftest import read_summary
-from .conftest import run_cmd, run_env
+from .conftest import run_forked, start_forked
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,7 @@ def test_server_down_at_start_then_dies_mid_run(tmp_path, data_cache):
 
     # 1. the server is down for the whole run: training finishes, metrics wait on disk
     down = tmp_path / "down"
-    proc = subprocess.run(run_cmd(down, data_cache) + tracking, env=run_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = run_forked(down, data_cache, extra=tracking)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "unreachable" in proc.stdout + proc.stderr and "not sent to MLflow yet" in proc.stdout + proc.stderr
     assert read_summary(down)["stages"][-1]["val_loss"] is not None
@@ -87,8 +86,7 @@ def test_server_down_at_start_then_dies_mid_run(tmp_path, data_cache):
     try:
         # 2. the server dies in the middle of a run (after stage 1's metrics went out)
         mid = tmp_path / "mid"
-        run = subprocess.Popen(run_cmd(mid, data_cache) + tracking, env=run_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run = start_forked(mid, data_cache, extra=tracking)
         deadline = time.time() + 300
         while time.time() < deadline:
             ckpt = latest_checkpoint(mid) if (mid / "checkpoints" / "latest").exists() else None
@@ -96,14 +94,14 @@ def test_server_down_at_start_then_dies_mid_run(tmp_path, data_cache):
                 break
             time.sleep(0.05)
         server.kill()
-        out, _ = run.communicate(timeout=600)
+        run.wait(timeout=600)
+        out = run.stdout + run.stderr
         assert run.returncode == 0, out[-2000:]  # training went on
         assert "unreachable" in out
         server.start()
         # 3. back up: `grow run` on each finished directory sends what is missing, once
         for run_dir in (down, mid):
-            again = subprocess.run(run_cmd(run_dir, data_cache) + tracking, env=run_env(),
-                                   capture_output=True, text=True, timeout=600)
+            again = run_forked(run_dir, data_cache, extra=tracking)
             assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
             assert _check_complete_and_unique(server.uri, run_dir) == 80
             info = json.loads((run_dir / "tracking.json").read_text())
@@ -118,8 +116,7 @@ def test_crash_marks_failed_and_signal_marks_killed(tmp_path, data_cache):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = [f"tracking.uri={uri}", "tracking.enabled=true"]
     crashed = tmp_path / "crashed"
-    proc = subprocess.run(run_cmd(crashed, data_cache) + tracking, env=run_env("step.done@40=raise"),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_forked(crashed, data_cache, "step.done@40=raise", extra=tracking)
     assert proc.returncode != 0 and "failpoint step.done" in proc.stderr
     client = MlflowClient(uri)
     info = json.loads((crashed / "tracking.json").read_text())
@@ -127,8 +124,7 @@ def test_crash_marks_failed_and_signal_marks_killed(tmp_path, data_cache):
     assert client.get_run(info["stage_run_ids"]["s2"]).info.status == "FAILED"
 
     stopped = tmp_path / "stopped"
-    run = subprocess.Popen(run_cmd(stopped, data_cache) + tracking, env=run_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = start_forked(stopped, data_cache, extra=tracking)
     deadline = time.time() + 300
     while not (stopped / "checkpoints" / "latest").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -137,7 +133,6 @@ def test_crash_marks_failed_and_signal_marks_killed(tmp_path, data_cache):
     info = json.loads((stopped / "tracking.json").read_text())
     assert client.get_run(info["parent_run_id"]).info.status == "KILLED"
     # and the next run continues the same MLflow runs to FINISHED
-    subprocess.run(run_cmd(stopped, data_cache) + tracking, env=run_env(), check=True,
-                   capture_output=True, timeout=600)
+    assert run_forked(stopped, data_cache, extra=tracking).returncode == 0
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
     assert _check_complete_and_unique(uri, stopped) == 80
