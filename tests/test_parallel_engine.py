@@ -162,8 +162,9 @@ def test_gpu_engine_without_a_visible_gpu_is_refused_before_any_process(tmp_path
     proc = fork_grow(tmp_path, "engine=deepspeed_gpu", f"hydra.run.dir={tmp_path / 'run'}", cache=data_cache,
                      check=False, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever the machine has
     assert proc.returncode == 2, proc.stderr
-    assert "engine.device=cuda but no CUDA device is visible" in proc.stderr
-    assert "launching" not in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()
+    assert proc.stderr == ("grow: config error: engine.device: cuda, but no CUDA device is visible on this machine; "
+                           "allowed here: cpu, auto\n")
+    assert "launching" not in proc.stdout and not (tmp_path / "run").exists()  # refused by validation
 
 
 SMALL = ["tracking.enabled=false", "growth.ramp_steps=8", *[f"schedule.stages.{i}.{k}" for i in range(3) for k in
