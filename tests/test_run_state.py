@@ -20,7 +20,7 @@ from orchestrator.model import flops_per_token
 from orchestrator.run.state import RunState, is_finished, next_stage
 from orchestrator.schedule import resolve
 
-from .conftest import grow_cmd, read_summary, run_grow
+from .conftest import fork_grow, grow_cmd, read_summary
 
 
 def test_resolved_schedule_carries_every_derived_value():
@@ -97,7 +97,7 @@ def test_one_rule_for_what_runs_next():
 def test_a_diverging_loss_stops_without_saving_past_the_last_good_checkpoint(tmp_path, data_cache):
     """Adam moves every weight by ~lr per step: at lr 1e30 the second step's loss is not finite."""
     run_dir = tmp_path / "run"
-    proc = run_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", "checkpoint.every_steps=1",
+    proc = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", "checkpoint.every_steps=1",
                     "schedule.stages.0.lr.peak=1e30", "schedule.stages.0.lr.warmup_steps=0", "train.grad_clip=0",
                     cache=data_cache, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -118,25 +118,25 @@ def test_settings_pin_only_once_a_run_trained_and_lost_checkpoints_are_not_silen
     # a directory whose run never trained (say, refused by a data error) does not pin its settings
     (run_dir / "config.json").write_text(json.dumps({"seed": 123}))
     common = (f"hydra.run.dir={run_dir}", "tracking=off", "budget.max_tokens=1024")
-    run_grow(tmp_path, *common, cache=data_cache)
+    fork_grow(tmp_path, *common, cache=data_cache)
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
     spent = read_summary(run_dir)["totals"]["tokens"]
     assert spent == 1024
     # trained: another seed is refused, before Hydra rewrites the run's .hydra/
     hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
-    proc = run_grow(tmp_path, *common, "seed=5", cache=data_cache, check=False)
+    proc = fork_grow(tmp_path, *common, "seed=5", cache=data_cache, check=False)
     assert proc.returncode == 2 and "seed: differs from the run already in" in proc.stderr
     assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
     # every checkpoint gone, the run's other files still there: refuse to start over
     shutil.rmtree(run_dir / "checkpoints")
-    proc = run_grow(tmp_path, *common, cache=data_cache, check=False)
+    proc = fork_grow(tmp_path, *common, cache=data_cache, check=False)
     assert proc.returncode == 1 and "refusing to start from scratch" in proc.stderr
     assert "checkpoint.allow_fresh_start=true" in proc.stderr.strip().splitlines()[-1]
-    run_grow(tmp_path, *common, "checkpoint.allow_fresh_start=true", cache=data_cache)
+    fork_grow(tmp_path, *common, "checkpoint.allow_fresh_start=true", cache=data_cache)
     assert read_summary(run_dir)["totals"]["tokens"] == 1024
     # a damaged config.json of a run that trained: one line, not a traceback
     (run_dir / "config.json").write_text('{"seed": 0, "mod')
-    proc = run_grow(tmp_path, *common, cache=data_cache, check=False)
+    proc = fork_grow(tmp_path, *common, cache=data_cache, check=False)
     assert proc.returncode == 2 and "config.json is damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -154,7 +154,7 @@ def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tmp_path, 
             assert first.poll() is None and time.monotonic() < deadline, "the first run did not start training"
             time.sleep(0.5)
         hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
-        second = run_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", "seed=3", cache=data_cache,
+        second = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "tracking=off", "seed=3", cache=data_cache,
                           check=False)
         assert second.returncode == 2, second.stderr[-2000:]
         assert second.stderr.strip().splitlines()[-1] == (
@@ -172,12 +172,9 @@ def test_no_file_of_a_run_holds_a_tracking_password(tmp_path, data_cache):
     (.hydra/ included: grow run writes it itself, masked) nor its output."""
     run_dir = tmp_path / "run"
     secret = "s3cret-Value-42"
-    proc = subprocess.run(
-        grow_cmd("run", "schedule=tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={data_cache}",
-                 "engine.threads=1", "budget.max_tokens=1024", "tracking.uri=http://bob:hunter2pass@127.0.0.1:9/",
-                 "tracking.experiment=${oc.env:RUN_SECRET_TOKEN}"),
-        cwd=tmp_path, env={**os.environ, "RUN_SECRET_TOKEN": secret, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600)
+    proc = fork_grow(tmp_path, f"hydra.run.dir={run_dir}", "budget.max_tokens=1024",
+                     "tracking.uri=http://bob:hunter2pass@127.0.0.1:9/", "tracking.experiment=${oc.env:RUN_SECRET_TOKEN}",
+                     cache=data_cache, check=False, env={"RUN_SECRET_TOKEN": secret})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hunter2pass" not in proc.stdout + proc.stderr and secret not in proc.stdout + proc.stderr
     files = [p for p in run_dir.rglob("*") if p.is_file()]
