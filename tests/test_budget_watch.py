@@ -109,6 +109,17 @@ def test_resumed_run_at_its_cap_takes_no_more_steps():
     assert "95% of budget.max_usd" in budget.console.export_text()  # thresholds already passed: one line
 
 
+def test_a_resume_at_a_stages_first_step_prices_it_by_what_earlier_stages_measured():
+    """A run stopped by its cap right after a growth resumes at the new stage's step 0: no step
+    of it is timed anywhere, so the plan is scaled by the earlier stage's measured speed (from
+    the ledger), as the stopped run did, and the resume takes no step the stop refused."""
+    budget = make_budget("budget.max_usd=1.0")
+    for _ in range(32):  # s1 ran at 3x its planned step time
+        budget.ledger.stage("s1").add(512, 1e9, 3 * budget.rates[0].step_seconds, 1, 0.0)
+    budget.stage_start(1, 0)
+    assert budget.expected_step_seconds == pytest.approx(3 * budget.rates[1].step_seconds)
+
+
 @pytest.mark.slow
 def test_run_stops_at_a_dollar_cap_resumes_when_raised_and_matches_the_plan(tmp_path, data_cache):
     run_dir = tmp_path / "run"

@@ -67,13 +67,22 @@ class RunBudget:
     def _step_estimate(self, index: int) -> float:
         """Seconds for one step of stage `index`: measured in this process, else the
         ledger's average for the stage (a resume), else the plan scaled by what earlier
-        stages measured."""
+        stages measured (in this process, else in the ledger)."""
         if self.times:
             return sum(self.times) / len(self.times)
         spend = self.ledger.stages.get(self.names[index])
         if spend is not None and spend.steps:
             return spend.wall_s / spend.steps
-        return self.rates[index].step_seconds * (self.ratio or 1.0)
+        return self.rates[index].step_seconds * (self.ratio or self._ledger_ratio(index) or 1.0)
+
+    def _ledger_ratio(self, index: int) -> float | None:
+        """Measured / planned step time of the last earlier stage the ledger has steps of: a
+        resume at a stage's first step has not timed one in this process."""
+        for j in range(index - 1, -1, -1):
+            spend = self.ledger.stages.get(self.names[j])
+            if spend is not None and spend.steps and self.rates[j].step_seconds > 0:
+                return (spend.wall_s / spend.steps) / self.rates[j].step_seconds
+        return None
 
     def projection(self, index: int, step: int) -> dict:
         """Total cost of the whole schedule if the rest runs at the measured speed."""
