@@ -158,12 +158,18 @@ def load(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR
     return load_config(compose(cmd, run_dir), planning=planning, runs_here=runs_here)
 
 
-def run_dir_override(cmd: CommandLine) -> str:
-    """The run directory `grow run` will use, to check it before Hydra creates it: the
-    hydra.run.dir override, else the default's parent (runs/<schedule>/)."""
+def explicit_run_dir(cmd: CommandLine) -> str | None:
+    """hydra.run.dir as given, if it is a plain path (else Hydra picks a new, timestamped
+    directory, which no other run can be using)."""
     for o in reversed(cmd.overrides):  # the last one wins, as in Hydra
         key, _, value = o.lstrip("+~").partition("=")
         if key == "hydra.run.dir":
-            return value if "${" not in value else "runs/${schedule.name}"
-    return "runs/${schedule.name}"
+            return value if "${" not in value else None
+    return None
+
+
+def run_dir_override(cmd: CommandLine) -> str:
+    """The run directory `grow run` will use, to check it before Hydra creates it: the
+    hydra.run.dir override, else the default's parent (runs/<schedule>/)."""
+    return explicit_run_dir(cmd) or "runs/${schedule.name}"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.exits import exit_status, fail
-from orchestrator.run.lock import RunLock
+from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.signals import install_early_handlers
 
 
@@ -40,7 +40,8 @@ def _run(args: list[str]) -> int:
     # Slurm stop signal arriving meanwhile would kill the job without a checkpoint.
     import hydra
 
-    from orchestrator.commands.run_job import first_rank, precheck, run_job
+    from orchestrator.commands.compose import explicit_run_dir, parse_args
+    from orchestrator.commands.run_job import precheck, run_job
     from orchestrator.config.schema import register_schema
     from orchestrator.package_data import CONF_DIR
     from orchestrator.run.directory import check_same_run
@@ -58,16 +59,9 @@ def _run(args: list[str]) -> int:
     sys.argv = ["grow run", *args]
     # the run directory's lock before anything is written into it (.hydra/ by the task): a
     # second run on the same directory is refused before it overwrites anything of the first
-    run_dir = _run_dir_arg(args) if validated is not None and first_rank() else None
+    run_dir = explicit_run_dir(parse_args(args)) if validated is not None and first_rank() else None
     with RunLock(Path(run_dir)) if run_dir else nullcontext():
         if run_dir:  # a resume that would change the run is refused before .hydra/ is rewritten
             check_same_run(Path(run_dir), validated)
         main()
     return 0
-
-
-def _run_dir_arg(args: list[str]) -> str | None:
-    """hydra.run.dir as given on the command line, if it is a plain path (else Hydra picks a
-    new, timestamped one, which no other run can be using)."""
-    found = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
-    return found[-1] if found and "${" not in found[-1] else None

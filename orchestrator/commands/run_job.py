@@ -7,7 +7,6 @@ from Hydra); in a sweep (`-m`) each member composes its own config and validates
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -21,15 +20,10 @@ from orchestrator.engines.registry import engine_kind
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.exits import exit_status
 from orchestrator.run.launch import drive, in_launch
+from orchestrator.run.lock import first_rank
 from orchestrator.run.runner import run_schedule
 from orchestrator.run.sweep import sweep_member_params
 from orchestrator.secrets import redact_config
-
-
-def first_rank() -> bool:
-    """Not one of the other ranks of a multi-rank job (torchrun's RANK, plain srun's
-    SLURM_PROCID): only the first rank writes the run's own files."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def precheck(args: list[str]) -> RunConfig | int | None:

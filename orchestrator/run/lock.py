@@ -19,6 +19,12 @@ _held: dict[Path, list] = {}  # lock file -> [fd, depth] for locks this process 
 HELD_BY_PARENT = "GROW_RUN_LOCK_HELD"
 
 
+def first_rank() -> bool:
+    """Not one of the other ranks of a multi-rank job (torchrun's RANK, plain srun's
+    SLURM_PROCID): only the first rank locks the directory and writes the run's files."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = (Path(run_dir) / ".lock").resolve()

@@ -25,7 +25,7 @@ from orchestrator.engines.registry import engine_kind
 from orchestrator.faults import failpoint
 from orchestrator.model import build_model
 from orchestrator.run.directory import checkpointed_before, pin_settings
-from orchestrator.run.lock import RunLock
+from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
 from orchestrator.run.state import NextStage, RunState, next_stage
 from orchestrator.schedule import ResolvedStage, resolve
@@ -38,7 +38,7 @@ class GrowthCheckError(RuntimeError):
 
 def is_leader(cfg: RunConfig) -> bool:
     """Rank 0 of a multi-rank engine (or the only process) logs, tracks and reports."""
-    return not engine_kind(cfg.engine.name).multi_rank or int(os.environ.get("RANK", "0")) == 0
+    return not engine_kind(cfg.engine.name).multi_rank or first_rank()
 
 
 class Run:
