@@ -166,12 +166,12 @@ def _tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
             if not mix:
                 yield from train_docs(s)
             elif mix.get(n, 0) > 0:
-                quota, got = round(mix[n] * cfg.tokenizer.train_chars), 0
-                for text in first_chars(train_docs(s), quota):
-                    got += len(text)
-                    yield text
-                log.info("data: tokenizer learns from %d characters of %r (%.1f%% of its quota)",
+                quota = round(mix[n] * cfg.tokenizer.train_chars)
+                texts = list(first_chars(train_docs(s), quota))  # whole, to say how much there was
+                got = sum(map(len, texts))
+                log.info("data: the tokenizer learns from %d characters of %r (%.1f%% of its share)",
                          got, n, 100 * got / max(1, quota))
+                yield from texts
 
     return build_tokenizer(cfg.tokenizer, texts, root / "tokenizers", content_key=content)
 
