@@ -202,7 +202,7 @@ def _tiny(stages: int, steps: list[int]) -> list[str]:
     return out
 
 
-BILINGUAL_TINY = _tiny(3, [24, 16, 16]) + ["data.tokenizer.vocab_size=1024", "data.tokenizer.train_chars=300000"]
+BILINGUAL_TINY = _tiny(3, [16, 16, 16]) + ["data.tokenizer.vocab_size=1024", "data.tokenizer.train_chars=300000"]
 
 
 def _check_sources(summary: dict, mix: dict) -> None:
@@ -226,7 +226,7 @@ def test_bilingual_example_per_language_losses_and_ratio_across_a_resume(tmp_pat
     and bits-per-byte in summary.json, MLflow and the ledger, growth still exact."""
     run_dir = tmp_path / "run"
     args = ["tracking=sqlite", f"hydra.run.dir={run_dir}", *BILINGUAL_TINY]
-    cap = (24 + 6) * 8 * 64
+    cap = (16 + 6) * 8 * 64
     first = fork_grow(tmp_path, *args, f"budget.max_tokens={cap}", cache=data_cache, schedule="bilingual")
     assert "budget.max_tokens" in first.stdout
     stopped = read_meta(latest_checkpoint(run_dir))
@@ -237,7 +237,7 @@ def test_bilingual_example_per_language_losses_and_ratio_across_a_resume(tmp_pat
     mix = {"english": 0.535, "chinese": 0.465}
     _check_sources(s, mix)
     # every sequence counted once over the resume: the counts a pure read of the stream gives
-    n = [24 * 8, 16 * 8, 16 * 8]
+    n = [16 * 8, 16 * 8, 16 * 8]
     picks = Schedule(("chinese", "english"), (0.465, 0.535)).picks(0, sum(n))
     assert s["stages"][1]["tokens_by_source"]["chinese"] == 64 * int((picks[n[0]:n[0] + n[1]] == 0).sum())
     for st in s["stages"][1:]:
