@@ -220,6 +220,7 @@ def _check_sources(summary: dict, mix: dict) -> None:
     assert totals == {n: sum(st["tokens_by_source"][n] for st in summary["stages"]) for n in mix}
 
 
+@pytest.mark.slow
 def test_bilingual_example_per_language_losses_and_ratio_across_a_resume(tmp_path, data_cache):
     """The bilingual example, shrunk: stopped by a token cap in the middle of stage 2,
     resumed: English : Chinese within 1% of 53.5 : 46.5 in every stage, per-language loss
@@ -258,6 +259,7 @@ def test_bilingual_example_per_language_losses_and_ratio_across_a_resume(tmp_pat
     assert (run_dir / "loss.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_code_mix_example_reads_seven_to_three_with_per_source_losses(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     fork_grow(tmp_path, "tracking=off", f"hydra.run.dir={run_dir}", *_tiny(2, [16, 16]),
