@@ -1,7 +1,8 @@
 """Data pipeline: corpus -> tokenizer -> cached token files -> cursor-addressed batches.
 
 Modules, in the order data flows through them:
-  corpus     documents of a source in a fixed order; the hash-based val split
+  corpus     documents of a source (files, the stdlib's code or prose, People's Daily)
+             in a fixed order; the hash-based val split
   tokenizer  byte and byte-level BPE tokenizers, BPE training cached by content
   cache      atomic, race-safe writes of cache files
   dataset    prepare_data: tokenize once into memory-mapped files; TokenStream
