@@ -393,10 +393,11 @@ def test_schedule_stays_within_one_sequence_of_quota(weights):
 
 def test_mixture_weights_are_checked(streams):
     c = new_cursor(streams)
-    batch, cur = next_global_batch(streams, c, {"a": 1.0, "b": 0.0, "c": 2.0}, 30, 4)
+    batch, cur = next_global_batch(streams, c, {"a": 0.25, "b": 0.0, "c": 0.75}, 30, 4)
     assert "b" not in source_of(batch) and cur["offsets"]["b"] == 0
     for bad, msg in (({"zzz": 1.0}, "unknown source 'zzz'"), ({"a": -1.0}, ">= 0"),
-                     ({"a": 0.0}, "positive"), ({"a": float("nan")}, ">= 0")):
+                     ({"a": 0.0}, "positive"), ({"a": float("nan")}, ">= 0"),
+                     ({"a": 1.0, "c": 2.0}, "must sum to 1")):
         with pytest.raises(DataError, match=msg):
             next_global_batch(streams, c, bad, 2, 4)
     with pytest.raises(DataError, match="cursor"):

@@ -16,6 +16,7 @@ class Spend:
     wall_s: float = 0.0
     gpu_hours: float = 0.0
     cost_usd: float = 0.0
+    sources: dict[str, int] = field(default_factory=dict)  # training tokens read from each data source
 
     def add(self, tokens: int, flops: float, seconds: float, devices: int, usd_per_gpu_hour: float) -> None:
         self.tokens += tokens
@@ -38,6 +39,11 @@ class Ledger:
     def stage(self, name: str) -> Spend:
         return self.stages.setdefault(name, Spend())
 
+    def add_source_tokens(self, name: str, tokens: dict[str, int]) -> None:
+        sources = self.stage(name).sources
+        for source, n in tokens.items():
+            sources[source] = sources.get(source, 0) + n
+
     def add_lost(self, name: str, seconds: float) -> None:
         entry = self.lost.setdefault(name, {"restarts": 0, "lost_s": 0.0})
         entry["restarts"] += 1
@@ -48,7 +54,11 @@ class Ledger:
         t = Spend()
         for s in self.stages.values():
             for k, v in asdict(s).items():
-                setattr(t, k, getattr(t, k) + v)
+                if k == "sources":
+                    for source, n in v.items():
+                        t.sources[source] = t.sources.get(source, 0) + n
+                else:
+                    setattr(t, k, getattr(t, k) + v)
         return t
 
     def to_dict(self) -> dict:

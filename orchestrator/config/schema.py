@@ -94,11 +94,14 @@ class TokenizerConfig:
     kind: str = "byte"  # byte | bpe
     vocab_size: int = 4096  # bpe only
     train_chars: int = 20_000_000  # bpe only: characters of training text to learn from
+    # bpe only: each source's share of those characters, ratios summing to 1 (e.g. English
+    # 0.535, Chinese 0.465); {}: the first train_chars of the sources in config order.
+    train_mix: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class SourceConfig:
-    kind: str = "embedded"  # embedded | files
+    kind: str = "embedded"  # embedded | stdlib_code | stdlib_prose | people_daily | files
     paths: List[str] = field(default_factory=list)  # files: files or directories
     format: str = "auto"  # auto | text | jsonl
     jsonl_key: str = "text"

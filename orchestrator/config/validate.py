@@ -24,7 +24,9 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.config.machine import check_runs_here
 from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.data.check import check_data_sources
+from orchestrator.data.corpus import SOURCE_KINDS
 from orchestrator.data.errors import DataError
+from orchestrator.data.mixture import check_ratios
 from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.model import flops_per_token
 from orchestrator.schedule import (effective_growth, stage_spec, stage_steps,
@@ -126,6 +128,7 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 # -- rules ------------------------------------------------------------------------------
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SEED_MAX = 2**32 - 1  # numpy's limit; torch seeds derived from it (seed x 1_000_003 + i) fit 64 bits
 
 
@@ -176,12 +179,7 @@ def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig |
         raise ConfigError(f"{key}.lr.min", f"{lr.min} is above lr.peak={lr.peak}")
     _check_layout(cfg, key, stage)
     if stage.mixture:
-        for name, w in stage.mixture.items():
-            if name not in cfg.data.sources:
-                raise ConfigError(f"{key}.mixture.{name}", f"no such source; allowed: {', '.join(cfg.data.sources)}")
-            _positive(f"{key}.mixture.{name}", w, allow_zero=True)
-        if not any(w > 0 for w in stage.mixture.values()):
-            raise ConfigError(f"{key}.mixture", "needs at least one positive weight")
+        _check_ratios(f"{key}.mixture", stage.mixture, cfg.data.sources)
     if prev is None:
         if stage.growth is not None and cfg.init_from is None:
             raise ConfigError(f"{key}.growth", "the first stage has nothing to grow from (no init_from); "
@@ -238,6 +236,14 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
     _positive(f"{key}.growth.tolerance_bf16", growth.tolerance_bf16)
 
 
+def _check_ratios(key: str, ratios: dict, sources) -> None:
+    try:
+        check_ratios(ratios, sources, what=key)
+    except DataError as e:
+        message = str(e).removeprefix(f"{key}: ")
+        raise ConfigError(f"{key}.{e.key}" if e.key else key, message) from None
+
+
 def _check_data(cfg: RunConfig) -> None:
     d = cfg.data
     _choice("data.tokenizer.kind", d.tokenizer.kind, ("byte", "bpe"))
@@ -249,9 +255,14 @@ def _check_data(cfg: RunConfig) -> None:
         raise ConfigError("data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     if not d.sources:
         raise ConfigError("data.sources", "needs at least one source")
+    if d.tokenizer.train_mix:
+        _check_ratios("data.tokenizer.train_mix", d.tokenizer.train_mix, d.sources)
     for name, src in d.sources.items():
         key = f"data.sources.{name}"
-        _choice(f"{key}.kind", src.kind, ("embedded", "files"))
+        if not SOURCE_NAME.fullmatch(name):
+            raise ConfigError(key, "a source name is letters, digits, '_', '-' or '.' (it names "
+                                   "metrics: val/<source>/loss)")
+        _choice(f"{key}.kind", src.kind, SOURCE_KINDS)
         _choice(f"{key}.format", src.format, ("auto", "text", "jsonl"))
         if src.kind == "files":
             if not src.paths:

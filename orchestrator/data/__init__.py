@@ -1,19 +1,20 @@
 """Data pipeline: corpus -> tokenizer -> cached token files -> cursor-addressed batches.
 
 Modules, in the order data flows through them:
-  corpus     documents of a source in a fixed order; the hash-based val split
+  corpus     documents of a source (files, the stdlib's code or prose, People's Daily)
+             in a fixed order; the hash-based val split
   tokenizer  byte and byte-level BPE tokenizers, BPE training cached by content
   cache      atomic, race-safe writes of cache files
   dataset    prepare_data: tokenize once into memory-mapped files; TokenStream
   mixture    which source each sequence comes from (pure function of its number)
   batches    next_global_batch / validation_batches over a JSON cursor
 """
-from orchestrator.data.batches import new_cursor, next_global_batch, rank_slice, validation_batches
+from orchestrator.data.batches import new_cursor, next_global_batch, rank_slice, tokens_read, validation_batches
 from orchestrator.data.corpus import is_validation, iter_documents
 from orchestrator.data.dataset import PreparedData, TokenStream, prepare_data
 from orchestrator.data.errors import DataError
 from orchestrator.data.tokenizer import BpeTokenizer, ByteTokenizer, build_tokenizer
 
 __all__ = ["DataError", "prepare_data", "PreparedData", "TokenStream", "new_cursor",
-           "next_global_batch", "validation_batches", "rank_slice", "ByteTokenizer",
+           "next_global_batch", "validation_batches", "tokens_read", "rank_slice", "ByteTokenizer",
            "BpeTokenizer", "build_tokenizer", "iter_documents", "is_validation"]

@@ -94,6 +94,13 @@ def next_global_batch(streams: dict[str, TokenStream], cursor: dict, mixture: di
     return torch.from_numpy(out), {"sequences": start + batch_size, "offsets": offsets}
 
 
+def tokens_read(before: dict, after: dict) -> dict[str, int]:
+    """Training tokens each source gave between two cursors: its offset advances by the
+    tokens it gives, so this is exact whatever the mixture or the sequence length."""
+    return {n: o - before["offsets"].get(n, 0) for n, o in after["offsets"].items()
+            if o != before["offsets"].get(n, 0)}
+
+
 def rank_slice(tokens: torch.Tensor, rank: int, dp: int) -> torch.Tensor:
     """Rows of the global batch that data-parallel rank `rank` of `dp` trains on."""
     b = tokens.shape[0]

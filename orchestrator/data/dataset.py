@@ -23,7 +23,7 @@ from orchestrator.atomic import fsync_dir, read_json, write_json_atomic
 from orchestrator.data.cache import TokenFileWriter, stable_hash
 from orchestrator.data.corpus import content_fingerprint, is_validation, iter_documents
 from orchestrator.data.errors import DataError
-from orchestrator.data.tokenizer import Tokenizer, build_tokenizer
+from orchestrator.data.tokenizer import Tokenizer, build_tokenizer, first_chars
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the file layout or the meaning of a key changes
@@ -148,17 +148,30 @@ def _load(out: Path, expected: dict) -> dict | None:
 def _tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
     """The tokenizer for `cfg`. A BPE learns from the train documents of all configured
     sources (config order), whichever subset is being prepared, so every subset shares
-    one vocabulary; it is keyed by those sources' content fingerprints."""
+    one vocabulary; it is keyed by those sources' content fingerprints. With
+    `tokenizer.train_mix`, source k gives its first train_mix[k] x train_chars characters,
+    so the vocabulary is learnt from a chosen share of each language (a short source gives
+    all it has: its share is then smaller, and the log says so)."""
     if cfg.tokenizer.kind != "bpe":
         return build_tokenizer(cfg.tokenizer, lambda: (), root / "tokenizers")
     content = stable_hash({"format": FORMAT, "val_fraction": cfg.val_fraction,
                            "sources": [[n, _plain(s), content_fingerprint(s)] for n, s in cfg.sources.items()]})
+    mix = cfg.tokenizer.train_mix
+
+    def train_docs(src: SourceConfig) -> Iterator[str]:
+        return (text for doc_id, text in iter_documents(src) if not is_validation(doc_id, cfg.val_fraction))
 
     def texts():
         for n, s in cfg.sources.items():
-            for doc_id, text in iter_documents(s):
-                if not is_validation(doc_id, cfg.val_fraction):
-                    yield text
+            if not mix:
+                yield from train_docs(s)
+            elif mix.get(n, 0) > 0:
+                quota = round(mix[n] * cfg.tokenizer.train_chars)
+                texts = list(first_chars(train_docs(s), quota))  # whole, to say how much there was
+                got = sum(map(len, texts))
+                log.info("data: the tokenizer learns from %d characters of %r (%.1f%% of its share)",
+                         got, n, 100 * got / max(1, quota))
+                yield from texts
 
     return build_tokenizer(cfg.tokenizer, texts, root / "tokenizers", content_key=content)
 

@@ -34,24 +34,40 @@ from orchestrator.data.errors import DataError
 MAX_PERIOD = 1 << 16
 
 
+RATIO_TOLERANCE = 1e-6  # how far from 1 the ratios may sum: float rounding, not a looser mix
+
+
+def check_ratios(ratios: dict[str, float], names, what: str = "mixture") -> None:
+    """Raise DataError unless `ratios` maps known `names` to finite numbers >= 0, at least
+    one positive, that sum to 1 (within RATIO_TOLERANCE). The error's key is the name at
+    fault (None when it is the sum). Ratios, not weights: 0.7 / 0.2 is a mistake
+    (the 0.1 left out), and normalising it silently would train on another mix."""
+    known = sorted(names)
+    for name, w in ratios.items():
+        if name not in known:
+            raise DataError(f"{what}: unknown source {name!r}; sources: {', '.join(known) or 'none'}", name)
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            raise DataError(f"{what}: the ratio of {name!r} must be a finite number >= 0, got {w!r}", name)
+    if not any(w > 0 for w in ratios.values()):
+        raise DataError(f"{what}: needs at least one positive ratio")
+    total = math.fsum(ratios.values())
+    if abs(total - 1.0) > RATIO_TOLERANCE:
+        shown = " + ".join(f"{n} {w:g}" for n, w in ratios.items())
+        raise DataError(f"{what}: the ratios must sum to 1, got {shown} = {total:.6g}")
+
+
 def resolve_weights(names: list[str], mixture: dict[str, float] | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """(names, weights) of the sources that take part, sorted by name.
 
-    None: equal weights over `names`. Otherwise each key must be one of `names`; zero
-    excludes a source, negative or non-finite weights are errors."""
+    None: equal shares over `names`. Otherwise the ratios of `check_ratios`; a zero ratio
+    excludes a source."""
     if mixture is None:
         if not names:
             raise DataError("no training streams to read from")
         chosen = sorted(names)
         return tuple(chosen), tuple(1.0 for _ in chosen)
-    for name, w in mixture.items():
-        if name not in names:
-            raise DataError(f"mixture names unknown source {name!r}; streams: {', '.join(sorted(names)) or 'none'}")
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
-            raise DataError(f"mixture weight of {name!r} must be a finite number >= 0, got {w!r}")
+    check_ratios(mixture, names)
     chosen = sorted(n for n, w in mixture.items() if w > 0)
-    if not chosen:
-        raise DataError("mixture needs at least one positive weight")
     return tuple(chosen), tuple(float(mixture[n]) for n in chosen)
 
 

@@ -32,6 +32,11 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for, indexed by id: what bits-per-byte divides by,
+        so losses compare across tokenizers and languages. eos counts one byte, the
+        separator it stands for, which makes a byte tokenizer's bpb exactly its loss in bits."""
+
 
 class ByteTokenizer:
     """ids 0..255 are the UTF-8 bytes of the text and 256 is end-of-text.
@@ -51,6 +56,10 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self.encode_array(t) for t in texts]
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for (see `Tokenizer.token_bytes`): one each."""
+        return np.ones(self.vocab_size, dtype=np.int64)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; end-of-text is dropped, and bytes that do not form UTF-8 (a
@@ -119,6 +128,16 @@ class BpeTokenizer:
         encs = encode(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
+    def token_bytes(self) -> np.ndarray:
+        """Byte-level tokens are spelled in a 256-symbol alphabet, one symbol per byte, so
+        a token's byte count is its length; special tokens (eos) count one."""
+        out = np.ones(self.vocab_size, dtype=np.int64)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if token not in special:
+                out[i] = len(token)
+        return out
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -127,7 +146,7 @@ class BpeTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-def _first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
+def first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
     """The texts, cut so their total length is `limit` characters."""
     left = limit
     if left <= 0:
@@ -140,8 +159,11 @@ def _first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
 
 
 def tokenizer_path(cfg: TokenizerConfig, cache_dir: Path, content_key: str) -> Path:
-    key = stable_hash({"kind": cfg.kind, "vocab_size": cfg.vocab_size,
-                       "train_chars": cfg.train_chars, "content": content_key, "format": 1})
+    key = {"kind": cfg.kind, "vocab_size": cfg.vocab_size, "train_chars": cfg.train_chars,
+           "content": content_key, "format": 1}
+    if cfg.train_mix:  # only when set, so the tokenizers trained before it existed stay valid
+        key["train_mix"] = dict(sorted(cfg.train_mix.items()))
+    key = stable_hash(key)
     return Path(cache_dir) / f"bpe-{key}.json"
 
 
@@ -150,7 +172,7 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Callable[[], Iterable[str
     """The tokenizer `cfg` describes.
 
     byte needs nothing. bpe learns from the first `cfg.train_chars` characters of
-    `train_texts()` and caches the result in `cache_dir` under a key of the config and
+    `train_texts()` (which honours `cfg.train_mix`, see dataset._tokenizer) and caches the result in `cache_dir` under a key of the config and
     `content_key`, which the caller derives from what the texts are (their sources'
     content fingerprints); a later call with the same key loads it and never calls
     `train_texts`, so training (minutes on a real corpus) happens once."""
@@ -168,6 +190,6 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Callable[[], Iterable[str
             return BpeTokenizer.load(path)
         except Exception as e:  # edited or damaged by hand: retrain rather than fail
             log.warning("ignoring unreadable cached tokenizer %s (%s); retraining", path, e)
-    tok = BpeTokenizer.train(_first_chars(train_texts(), cfg.train_chars), cfg.vocab_size)
+    tok = BpeTokenizer.train(first_chars(train_texts(), cfg.train_chars), cfg.vocab_size)
     tok.save(path)
     return tok

@@ -20,11 +20,12 @@ from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpo
                                                latest_checkpoint, load_checkpoint, open_checkpoint, read_meta)
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError
-from orchestrator.data import new_cursor, prepare_data, validation_batches
+from orchestrator.data import new_cursor, prepare_data
 from orchestrator.engines.registry import engine_kind
 from orchestrator.faults import failpoint
 from orchestrator.model import build_model
 from orchestrator.run.directory import checkpointed_before, pin_settings
+from orchestrator.run.evaluation import ValSet, val_sets
 from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
 from orchestrator.run.state import NextStage, RunState, next_stage
@@ -62,14 +63,24 @@ class Run:
         self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
                                     {**_flat_params(dataclasses.asdict(cfg)), **(extra_params or {})}, console)
         self._val: dict = {}
+        self._token_bytes = None  # the tokenizer's bytes per id, for bits-per-byte
+
+    def val_sets(self, stage: ResolvedStage) -> dict[str, ValSet]:
+        """Each source's fixed validation batches: the sources the stage's mixture reads
+        (with a positive ratio), all of them without a mixture."""
+        s = stage.config
+        names = sorted(n for n, w in s.mixture.items() if w > 0) if s.mixture else sorted(self.data.val)
+        key = (s.batch_size, s.seq_len, tuple(names))
+        if key not in self._val:
+            if self._token_bytes is None:
+                self._token_bytes = self.data.tokenizer.token_bytes()
+            self._val[key] = val_sets({n: self.data.val[n] for n in names}, self._token_bytes,
+                                      s.batch_size, s.seq_len, self.cfg.train.eval_batches)
+        return self._val[key]
 
     def val_batches(self, stage: ResolvedStage) -> list[torch.Tensor]:
-        s = stage.config
-        key = (s.batch_size, s.seq_len, tuple(sorted(s.mixture or self.data.val)))
-        if key not in self._val:
-            streams = {n: self.data.val[n] for n in key[2]}
-            self._val[key] = validation_batches(streams, s.batch_size, s.seq_len, self.cfg.train.eval_batches)
-        return self._val[key]
+        """All the sources' validation batches together: their mean loss is `val/loss`."""
+        return [b for v in self.val_sets(stage).values() for b in v.batches]
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
         """On disk first (metrics.jsonl), then to MLflow when the tracker's flush is due."""

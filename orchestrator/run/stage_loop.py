@@ -15,8 +15,9 @@ from growth_ops.spec import count_parameters
 
 from orchestrator.checkpoint.canonical import checkpoint_dir, prune, save_checkpoint
 from orchestrator.checkpoint.sharded import save_sharded_checkpoint
-from orchestrator.data import next_global_batch
+from orchestrator.data import next_global_batch, tokens_read
 from orchestrator.faults import failpoint
+from orchestrator.run.evaluation import by_source, evaluate_sources
 from orchestrator.run.lr import lr_at
 from orchestrator.run.signals import take_pending
 from orchestrator.run.state import RunState
@@ -96,6 +97,7 @@ class StageLoop:
         mixture = stage.config.mixture
         self.streams = {n: run.data.train[n] for n in (sorted(mixture) if mixture else sorted(run.data.train))}
         self.mixture = mixture or None
+        self.val_metrics: dict = {}  # of the last evaluation in this process
 
     def _params(self) -> dict:
         s, st = self.stage.config, self.state
@@ -107,8 +109,11 @@ class StageLoop:
     def log(self, metrics: dict) -> None:
         self.run.log(self.stage.name, self.state.global_step, metrics)
 
-    def evaluate(self) -> float:
-        return self.engine.evaluate(self.run.val_batches(self.stage))
+    def evaluate(self) -> None:
+        """Validation loss and bits-per-byte, per source and overall: logged, and kept for
+        the summary (`state.val_loss`, `val_metrics`)."""
+        self.state.val_loss, self.val_metrics = evaluate_sources(self.engine, self.run.val_sets(self.stage))
+        self.log(self.val_metrics)
 
     def summary_entry(self) -> dict:
         run, name, ledger = self.run, self.stage.name, self.run.budget.ledger
@@ -116,7 +121,10 @@ class StageLoop:
         return {"name": name, "params": count_parameters(self.stage.spec),
                 "tokens": ledger.stage(name).tokens, "steps": self.state.step, "flops": ledger.stage(name).flops,
                 "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
-                "val_loss": self.state.val_loss, "growth": self.state.growth,
+                "val_loss": self.state.val_loss, "val_bpb": self.val_metrics.get("val/bpb"),
+                "val_by_source": by_source(self.val_metrics),
+                "tokens_by_source": dict(sorted(ledger.stage(name).sources.items())),
+                "growth": self.state.growth,
                 "complete": self.state.step >= self.stage.steps, "checkpoint": None,
                 "mlflow_run_id": run.tracker.run_id(name),
                 "restarts": ledger.lost.get(name, {}).get("restarts", 0),
@@ -151,20 +159,19 @@ class StageLoop:
                         f"without saving, so the last good checkpoint ({run.last_checkpoint() or 'none'}) "
                         "stays the newest - lower the learning rate or check the data, then run again")
                 failpoint("step.done")
+                run.budget.ledger.add_source_tokens(stage.name, tokens_read(st.data_cursor, cursor))
                 st.step, st.data_cursor = st.step + 1, cursor
                 now = time.perf_counter()
                 last_step_s, mark = now - mark, now
                 self._log(loss, grad_norm, mask, last_step_s, run.budget.count_step(stage, st.step, last_step_s))
                 if st.step % cfg.train.eval_every_steps == 0 and st.step < stage.steps:
-                    st.val_loss = self.evaluate()
-                    self.log({"val/loss": st.val_loss})
+                    self.evaluate()
                 if st.step % cfg.checkpoint.every_steps == 0 and st.step < stage.steps:
                     save_state(run, self.engine, st)
                 bar.update(task, completed=st.step, info=f"loss {loss:.3f} lr {st.lr:.2e}")
                 if signals.signum is not None:
                     raise StopRequested(signals.signum, save_state(run, self.engine, st)[0])
-        st.val_loss = self.evaluate()
-        self.log({"val/loss": st.val_loss})
+        self.evaluate()
         return "complete"
 
     def _log(self, loss: float, grad_norm: float, mask: float, seconds: float, budget: dict) -> None:

@@ -82,7 +82,8 @@ def build_summary(entries: list[dict], ledger: Ledger, tracking: dict, status: s
         "status": status,
         "stages": entries,
         "totals": {"tokens": total.tokens, "flops": total.flops, "gpu_hours": total.gpu_hours,
-                   "cost_usd": total.cost_usd, "wall_s": total.wall_s},
+                   "cost_usd": total.cost_usd, "wall_s": total.wall_s,
+                   "tokens_by_source": dict(sorted(total.sources.items()))},
         "mlflow": {"tracking_uri": redact_url(tracking.get("tracking_uri") or "") or None, "experiment": tracking.get("experiment"),
                    "parent_run_id": tracking.get("parent_run_id")},
     }
@@ -124,6 +125,9 @@ def plot_losses(metrics_path: Path, out: Path, growth_steps: list[tuple[int, str
     ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, label="validation loss")
+    for key in sorted({k for p in points for k in p if k.startswith("val/") and k.endswith("/loss") and k != "val/loss"}):
+        per_source = [(p["step"], p[key]) for p in points if key in p]
+        ax.plot(*zip(*per_source), ".--", ms=3, lw=0.8, label=f"validation loss: {key.split('/')[1]}")
     for step, name in growth_steps:
         ax.axvline(step, color="tab:red", ls="--", lw=1)
         ax.annotate(f"grow -> {name}", (step, 1), xycoords=("data", "axes fraction"),
