@@ -55,7 +55,7 @@ class Run:
         self.schedule = resolve(cfg, tok)
         if self.schedule.vocab < tok:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is below the tokenizer's {tok}")
-        check_contexts_fit(cfg, self.data)
+        short_val = check_contexts_fit(cfg, self.data)
         if leader:
             pin_settings(self.run_dir, cfg)
         self.budget = RunBudget(self.schedule, console)
@@ -63,6 +63,8 @@ class Run:
         self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
                                     {**_flat_params(dataclasses.asdict(cfg)), **(extra_params or {})}, console)
         self._val: dict = {}
+        for warning in short_val if leader else ():
+            console.print(f"[yellow]warning:[/] {warning}")
 
     def val_batches(self, stage: ResolvedStage) -> list[torch.Tensor]:
         s = stage.config
@@ -89,26 +91,27 @@ class Run:
         return latest_checkpoint(self.run_dir)
 
 
-def check_contexts_fit(cfg: RunConfig, data) -> None:
-    """Every sequence a stage reads must fit in the split it comes from. Sequences are packed
-    (documents joined with eos, windows cut across them), so a context may be longer than any
-    document, but not than a whole split: such a window would wrap around and hold the split
-    twice. Known only once the data is tokenized, so checked here, before anything is written."""
+def check_contexts_fit(cfg: RunConfig, data) -> list[str]:
+    """Every training sequence a stage reads must fit in its source's train split. Sequences
+    are packed (documents joined with eos, windows cut across them), so a context may be
+    longer than any document, but not than a whole split: such a window would wrap around
+    and hold the split twice. Known only once the data is tokenized, so checked here, before
+    anything is written. A validation split shorter than a sequence only gives warnings
+    (returned): its batches repeat text, as they always have on a tiny corpus."""
+    warnings = []
     for i, stage in enumerate(cfg.schedule.stages):
-        names = sorted(stage.mixture or data.train)
-        need = {"train": max_seq_len(stage) + 1, "val": stage.seq_len + 1}
-        key = "long_seq_len" if max_seq_len(stage) > stage.seq_len else "seq_len"
-        for split, streams in (("train", data.train), ("val", data.val)):
-            for name in names:
-                if split == "train" and stage.mixture.get(name, 1.0) <= 0:
-                    continue  # never read for training
-                have = len(streams[name])
-                if have < need[split]:
-                    raise ConfigError(f"schedule.stages.{i}.{key if split == 'train' else 'seq_len'}",
-                                      f"a sequence of {need[split] - 1} tokens (+1 for the labels) is longer than "
-                                      f"source {name!r}'s {split} split ({have} tokens); sequences are packed "
-                                      "across documents, so a context can be at most a whole split: use a "
-                                      "shorter context or more text")
+        key = f"schedule.stages.{i}.{'long_seq_len' if max_seq_len(stage) > stage.seq_len else 'seq_len'}"
+        for name in sorted(stage.mixture or data.train):
+            have = len(data.train[name])
+            if stage.mixture.get(name, 1.0) > 0 and have < max_seq_len(stage) + 1:
+                raise ConfigError(key, f"a sequence of {max_seq_len(stage)} tokens (+1 for the labels) is longer "
+                                       f"than source {name!r}'s train split ({have} tokens); sequences are packed "
+                                       "across documents, so a context can be at most a whole split: use a "
+                                       "shorter context or more text")
+            if len(data.val[name]) < stage.seq_len + 1:
+                warnings.append(f"stage {stage.name}: validation sequences of {stage.seq_len} tokens are longer than "
+                                f"source {name!r}'s validation split ({len(data.val[name])} tokens) and repeat it")
+    return warnings
 
 
 def _flat_params(d: dict, prefix: str = "") -> dict:
