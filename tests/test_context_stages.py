@@ -327,3 +327,29 @@ def test_export_refuses_an_interpolation_below_one(tmp_path, capsys):
     assert export_command([f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'hf'}"]) == 2
     assert "rope_interpolation: 0.5 has no transformers equivalent" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+# -- the DeepSpeed engine: the same mixture and switch -------------------------------------
+
+@pytest.mark.slow
+def test_deepspeed_pipeline_trains_the_mixture_and_the_switch_as_the_local_engine(tmp_path, data_cache):
+    """pp=2 on gloo: the pipeline resets its buffers when the context changes (every 4th step
+    and for evaluation), and switches RoPE's scaling in place; losses, the reported switch
+    and the ledger match the local engine's."""
+    from .conftest import fork_grow
+
+    mix = ["schedule.stages.0.long_seq_len=256", "schedule.stages.0.long_fraction=0.25",
+           "schedule.stages.0.tokens=14336", "schedule.stages.1.position.interpolation=4",
+           "schedule.stages.1.position.rope_theta=40000"]
+    _, want = run_in_process(tmp_path, data_cache, *mix, name="local")
+    fork_grow(tmp_path, *SHORT[1:], *mix, "engine=deepspeed", "schedule.stages.0.layout.pp=2",
+              "schedule.stages.1.layout.pp=2", "hydra.run.dir=ds", cache=data_cache, schedule="long_context",
+              timeout=900)
+    got = read_summary(tmp_path / "ds")
+    for w, g in zip(want["stages"], got["stages"], strict=True):
+        assert (g["tokens"], g["steps"], g["flops"]) == (w["tokens"], w["steps"], w["flops"])
+        assert g["val_loss"] == pytest.approx(w["val_loss"], rel=1e-5)
+    w, g = want["stages"][1]["growth"]["positions"], got["stages"][1]["growth"]["positions"]
+    assert (g["from"], g["to"]) == (w["from"], w["to"])
+    for k in ("val_loss_before", "val_loss_after"):
+        assert g[k] == pytest.approx(w[k], rel=1e-5)
