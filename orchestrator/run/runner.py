@@ -405,7 +405,7 @@ def _finish(run: Run, entries: list[dict], status: str) -> dict:
     write_summary(run.run_dir, summary)
     growth_steps, step = [], 0
     for e in entries:
-        if e["growth"]:
+        if e["growth"] and e["growth"]["operator"]:  # not a RoPE switch alone
             growth_steps.append((step, e["name"]))
         step += e["steps"]
     plot = plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png", growth_steps)
