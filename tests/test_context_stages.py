@@ -188,8 +188,8 @@ def test_budget_stops_before_a_long_step_would_cross_the_flops_cap():
 # -- the long_context example: ALiBi, RoPE with a switch ---------------------------------
 
 def test_long_context_with_alibi_needs_no_switch(tmp_path, data_cache):
-    run_dir, summary = run_in_process(tmp_path, data_cache, "model=gpt_tiny")
-    short, long = summary["stages"]
+    _, summary = run_in_process(tmp_path, data_cache, "model=gpt_tiny")
+    long = summary["stages"][1]
     assert long["growth"] is None and math.isfinite(long["val_loss"])
     cfg = load(CommandLine([*SHORT, "model=gpt_tiny"]), planning=True)
     for stage, entry, context in zip(resolve(cfg), summary["stages"], (64, 256)):
