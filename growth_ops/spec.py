@@ -9,9 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 
+# RoPE's position scaling: the base frequency and the linear interpolation factor (positions
+# are divided by it). Growth keeps them; a stage may change them (a context-length stage,
+# `schedule.stages.N.position`), which is a separate step that does not preserve the function.
+ROPE_SCALING = ("rope_theta", "rope_interpolation")
+
 # What the function depends on besides the shape and vocabulary: growth keeps these, and a
-# run's config (`model.*`, orchestrator.config.schema.ModelConfig) sets them.
-ARCHITECTURE = ("norm", "mlp", "position", "rope_theta", "tie_embeddings", "norm_eps")
+# run's config (`model.*`, orchestrator.config.schema.ModelConfig; ROPE_SCALING per stage) sets them.
+ARCHITECTURE = ("norm", "mlp", "position", *ROPE_SCALING, "tie_embeddings", "norm_eps")
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class ModelSpec:
     mlp: str = "swiglu"  # swiglu | gelu
     position: str = "rope"  # rope | alibi
     rope_theta: float = 10000.0
+    rope_interpolation: float = 1.0  # linear position interpolation: RoPE sees position / this
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02  # of new weights (fresh models, random growth fill)
@@ -46,6 +52,9 @@ class ModelSpec:
 
     def with_shape(self, **shape) -> "ModelSpec":
         return replace(self, **shape)
+
+    def rope_scaling(self) -> dict:
+        return {f: getattr(self, f) for f in ROPE_SCALING}
 
     def to_dict(self) -> dict:
         return asdict(self)

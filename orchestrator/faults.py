@@ -59,3 +59,5 @@ FAILPOINTS = (
     "stage.complete",  # stage-final checkpoint written, next stage not started
     "step.done",  # after an optimizer step, before its bookkeeping
 )
+# Not on every run's path (so not in FAILPOINTS, which the kill harness aims at on tiny):
+# "positions.switched": a stage's RoPE scaling switched in memory, its step-0 checkpoint not written.

@@ -45,9 +45,17 @@ class Norm(nn.Module):
         return (y * mask).to(dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, theta: float, device,
+                interpolation: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angle position x theta^(-2i/head_dim) per position and frequency i.
+    Linear position interpolation (Chen et al. 2023) divides the positions by
+    `interpolation`, so a context `interpolation` times longer spans the angles the model
+    was trained on; a larger `theta` (base-frequency adjustment) slows every rotation."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    if interpolation != 1.0:
+        positions = positions / interpolation
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout (as Llama)
     return angles.cos(), angles.sin()
 
@@ -68,7 +76,11 @@ def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 class PositionTables:
     """What a block needs for positions at a length: RoPE's cos/sin tables (cached for the
-    last length and device) or ALiBi's bias from the given slopes."""
+    last two lengths and device: a stage that mixes two contexts alternates between them)
+    or ALiBi's bias from the given slopes. An engine swaps in new tables when a stage
+    changes RoPE's scaling (`spec.rope_scaling()`)."""
+
+    CACHED = 2
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -79,7 +91,10 @@ class PositionTables:
             return None, alibi_bias(alibi_slopes, seq_len)
         key = (seq_len, device)
         if key not in self._rope:
-            self._rope = {key: rope_tables(seq_len, self.spec.head_dim, self.spec.rope_theta, device)}
+            if len(self._rope) >= self.CACHED:
+                del self._rope[next(iter(self._rope))]
+            self._rope[key] = rope_tables(seq_len, self.spec.head_dim, self.spec.rope_theta, device,
+                                          self.spec.rope_interpolation)
         return self._rope[key], None
 
 

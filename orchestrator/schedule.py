@@ -8,10 +8,12 @@ stage loop, budget, planner, launcher and Slurm read these; none recomputes them
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from growth_ops import ModelSpec
-from growth_ops.spec import ARCHITECTURE
+from growth_ops.spec import ARCHITECTURE, ROPE_SCALING
 
 from orchestrator.data.tokenizer import ByteTokenizer
 from orchestrator.config.schema import GrowthConfig, LayoutConfig, RunConfig, StageConfig
@@ -19,11 +21,27 @@ from orchestrator.model import flops_per_token
 
 
 
+def stage_rope_scaling(cfg: RunConfig, stage: StageConfig) -> dict:
+    """RoPE's scaling in effect in `stage` (one of cfg.schedule.stages): each null field of a
+    stage's `position` keeps the value of the stage before; the first stage starts from
+    model.rope_theta and no interpolation."""
+    scaling = {"rope_theta": cfg.model.rope_theta, "rope_interpolation": 1.0}
+    for st in cfg.schedule.stages:
+        if st.position.rope_theta is not None:
+            scaling["rope_theta"] = st.position.rope_theta
+        if st.position.interpolation is not None:
+            scaling["rope_interpolation"] = st.position.interpolation
+        if st is stage:
+            break
+    return scaling
+
+
 def stage_spec(cfg: RunConfig, stage: StageConfig, vocab: int) -> ModelSpec:
     m, s = cfg.model, stage.shape
+    fixed = {f: getattr(m, f) for f in ARCHITECTURE if f not in ROPE_SCALING}
     return ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads,
                      kv_heads=s.kv_heads or s.heads, head_dim=s.hidden // s.heads, vocab=vocab,
-                     init_std=m.init_std, **{f: getattr(m, f) for f in ARCHITECTURE})
+                     init_std=m.init_std, **fixed, **stage_rope_scaling(cfg, stage))
 
 
 def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:
@@ -34,8 +52,45 @@ def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:
     return GrowthConfig(**merged)
 
 
+# -- the contexts of a stage's steps ------------------------------------------------------
+# A stage trains at seq_len, except that with `long_fraction` f > 0 step k (from 0) is at
+# long_seq_len when floor((k + 1) f) > floor(k f): the long steps are spread evenly, the
+# first n steps hold exactly floor(n f) of them (f taken exactly, as a fraction), and a step's
+# context is a function of its number alone, so a resume reads the same batches.
+
+def long_steps(stage: StageConfig, n: int) -> int:
+    """Long-context steps among the stage's first `n` steps."""
+    if not stage.long_seq_len or stage.long_fraction <= 0:
+        return 0
+    return math.floor(n * Fraction(stage.long_fraction))
+
+
+def step_seq_len(stage: StageConfig, step: int) -> int:
+    """The context of the stage's step `step` (0-based)."""
+    return stage.long_seq_len if long_steps(stage, step + 1) > long_steps(stage, step) else stage.seq_len
+
+
+def max_seq_len(stage: StageConfig) -> int:
+    """The longest context a stage trains at (what memory must hold)."""
+    return max(stage.seq_len, stage.long_seq_len or 0) if stage.long_fraction > 0 else stage.seq_len
+
+
+def tokens_of_steps(stage: StageConfig, n: int) -> int:
+    """Tokens the first `n` steps of a stage train on."""
+    long = long_steps(stage, n)
+    return stage.batch_size * ((n - long) * stage.seq_len + long * (stage.long_seq_len or 0))
+
+
 def stage_steps(stage: StageConfig) -> int:
-    return stage.tokens // (stage.batch_size * stage.seq_len)
+    """Whole steps within the stage's `tokens`."""
+    lo, hi = 0, stage.tokens // (stage.batch_size * stage.seq_len)  # no step is shorter than seq_len
+    while lo < hi:  # the most steps whose tokens fit
+        mid = (lo + hi + 1) // 2
+        if tokens_of_steps(stage, mid) <= stage.tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def layout_world(layout: LayoutConfig) -> int:
@@ -85,16 +140,48 @@ class ResolvedStage:
 
     @property
     def step_tokens(self) -> int:
+        """Tokens of a step at the stage's `seq_len` (with a context mixture, long steps
+        have more: `tokens_at`)."""
         return self.config.batch_size * self.config.seq_len
+
+    @property
+    def step_flops(self) -> float:
+        """FLOPs of a step at the stage's `seq_len` (long steps: `flops_at`)."""
+        return self.flops_per_token * self.step_tokens
+
+    def seq_len_at(self, step: int) -> int:
+        """The context of step `step` (0-based) of this stage."""
+        return step_seq_len(self.config, step)
+
+    def tokens_at(self, step: int) -> int:
+        return self.config.batch_size * self.seq_len_at(step)
+
+    def flops_at(self, step: int) -> float:
+        """Model FLOPs of step `step`: the attention term grows with its context."""
+        seq_len = self.seq_len_at(step)
+        return flops_per_token(self.spec, seq_len) * self.config.batch_size * seq_len
+
+    def tokens_between(self, start: int, end: int) -> int:
+        """Tokens of steps [start, end)."""
+        return tokens_of_steps(self.config, end) - tokens_of_steps(self.config, start)
+
+    def flops_between(self, start: int, end: int) -> float:
+        """Model FLOPs of steps [start, end)."""
+        c = self.config
+        long = long_steps(c, end) - long_steps(c, start)
+        flops = (end - start - long) * self.step_flops
+        if long:
+            flops += long * flops_per_token(self.spec, c.long_seq_len) * c.batch_size * c.long_seq_len
+        return flops
 
     @property
     def tokens(self) -> int:
         """Tokens the stage trains on: whole steps only."""
-        return self.steps * self.step_tokens
+        return self.tokens_between(0, self.steps)
 
     @property
-    def step_flops(self) -> float:
-        return self.flops_per_token * self.step_tokens
+    def flops(self) -> float:
+        return self.flops_between(0, self.steps)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def simulate(budget: RunBudget, slowdown: float, stop_after: int | None = None) 
         budget.stage_start(stage.index, 0)
         seconds = budget.rates[stage.index].step_seconds * slowdown
         for step in range(1, stage.steps + 1):
-            if budget.blocks(stage, seconds):
+            if budget.blocks(stage, step - 1, seconds):
                 return points
             points[-1].append(budget.count_step(stage, step, seconds))
             taken += 1
@@ -87,7 +87,7 @@ def test_blocks_before_crossing_each_cap():
     def blocks(cap: str, seconds: float, **spent) -> str | None:
         budget = make_budget("cluster.usd_per_gpu_hour=3600", cap)  # $1 per device-second
         budget.ledger.stages["s1"] = Spend(**spent)
-        return budget.blocks(stage, seconds)
+        return budget.blocks(stage, 0, seconds)
 
     assert blocks(f"budget.max_tokens={tokens + 90}", 0, tokens=90) is None
     assert blocks(f"budget.max_tokens={tokens + 89}", 0, tokens=90) == f"budget.max_tokens={tokens + 89}"
@@ -105,7 +105,7 @@ def test_resumed_run_at_its_cap_takes_no_more_steps():
     budget.ledger.stage("s1").add(512, 1e9, 0.45, 1, 3600)  # $0.95 spent, steps cost ~$0.475
     budget.stage_start(0, 2)
     assert budget.expected_step_seconds == pytest.approx(0.475)
-    assert budget.blocks(budget.schedule[0], 0.0) == "budget.max_usd=1.0"
+    assert budget.blocks(budget.schedule[0], 2, 0.0) == "budget.max_usd=1.0"
     assert "95% of budget.max_usd" in budget.console.export_text()  # thresholds already passed: one line
 
 

@@ -10,8 +10,6 @@ where the run will stop.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 from rich.console import Console
 
 from orchestrator.budget.ledger import Ledger, Spend
@@ -38,6 +36,9 @@ class RunBudget:
         self.names = schedule.names
         self.steps = [s.steps for s in schedule]
         self.rates: list[StageRates] = [stage_rates(cfg, s) for s in schedule]
+        # planned seconds of a stage's average step (its steps may mix two contexts)
+        self.planned_step_s = [r.over("step_seconds", 0, n) / n if n else r.step_seconds
+                               for r, n in zip(self.rates, self.steps)]
         self.ledger = ledger or Ledger()
         self.warned: set[tuple[str, float]] = set()
         self.times: list[float] = []  # measured step seconds of the current stage, this process
@@ -50,13 +51,15 @@ class RunBudget:
         self.expected_step_seconds = 0.0
 
     # -- the hard caps -----------------------------------------------------------------
-    def blocks(self, stage: ResolvedStage, last_step_s: float) -> str | None:
-        """The cap the next step of `stage` would cross, or None."""
+    def blocks(self, stage: ResolvedStage, step: int, last_step_s: float) -> str | None:
+        """The cap the next step of `stage` (its step `step`, from 0) would cross, or None."""
         b, total = self.budget, self.ledger.total
         seconds = last_step_s if last_step_s > 0 else self.expected_step_seconds
-        if b.max_tokens is not None and total.tokens + stage.step_tokens > b.max_tokens:
+        if last_step_s > 0 and step > 0:  # a long-context step after a short one costs more
+            seconds *= stage.flops_at(step) / stage.flops_at(step - 1)
+        if b.max_tokens is not None and total.tokens + stage.tokens_at(step) > b.max_tokens:
             return f"budget.max_tokens={b.max_tokens}"
-        if b.max_flops is not None and total.flops + stage.step_flops > b.max_flops:
+        if b.max_flops is not None and total.flops + stage.flops_at(step) > b.max_flops:
             return f"budget.max_flops={b.max_flops:.4g}"
         step_usd = seconds * stage.world / 3600.0 * self.cluster.usd_per_gpu_hour
         if b.max_usd is not None and total.cost_usd + step_usd > b.max_usd:
@@ -73,45 +76,47 @@ class RunBudget:
         spend = self.ledger.stages.get(self.names[index])
         if spend is not None and spend.steps:
             return spend.wall_s / spend.steps
-        return self.rates[index].step_seconds * (self.ratio or self._ledger_ratio(index) or 1.0)
+        return self.planned_step_s[index] * (self.ratio or self._ledger_ratio(index) or 1.0)
 
     def _ledger_ratio(self, index: int) -> float | None:
         """Measured / planned step time of the last earlier stage the ledger has steps of: a
         resume at a stage's first step has not timed one in this process."""
         for j in range(index - 1, -1, -1):
             spend = self.ledger.stages.get(self.names[j])
-            if spend is not None and spend.steps and self.rates[j].step_seconds > 0:
-                return (spend.wall_s / spend.steps) / self.rates[j].step_seconds
+            if spend is not None and spend.steps and self.planned_step_s[j] > 0:
+                return (spend.wall_s / spend.steps) / self.planned_step_s[j]
         return None
 
     def projection(self, index: int, step: int) -> dict:
         """Total cost of the whole schedule if the rest runs at the measured speed."""
         total = self.ledger.total
         per = self._step_estimate(index)
-        ratio = per / self.rates[index].step_seconds if self.rates[index].step_seconds > 0 else 1.0
+        planned = self.planned_step_s[index]
+        ratio = per / planned if planned > 0 else 1.0
         left_s = [0.0] * len(self.steps)
         left_s[index] = (self.steps[index] - step) * per
         for j in range(index + 1, len(self.steps)):
-            left_s[j] = self.steps[j] * self.rates[j].step_seconds * ratio
+            left_s[j] = self.steps[j] * self.planned_step_s[j] * ratio
         gpu_hours = sum(s * r.gpus / 3600.0 for s, r in zip(left_s, self.rates))
-        left_flops = (self.steps[index] - step) * self.rates[index].step_flops + sum(
-            self.steps[j] * self.rates[j].step_flops for j in range(index + 1, len(self.steps)))
+        stages = self.schedule.stages
+        left_flops = stages[index].flops_between(step, self.steps[index]) + sum(
+            stages[j].flops for j in range(index + 1, len(self.steps)))
         return {"usd": total.cost_usd + gpu_hours * self.cluster.usd_per_gpu_hour,
                 "gpu_hours": total.gpu_hours + gpu_hours, "flops": total.flops + left_flops,
-                "step_s": per, "planned_step_s": self.rates[index].step_seconds, "ratio": ratio}
+                "step_s": per, "planned_step_s": planned, "ratio": ratio}
 
     def _stop(self, cap: str, index: int, step: int, step_usd: list[float] | None = None):
         left = getattr(self.budget, cap) - spent(self.ledger.total, cap)
         rates = self.rates
-        if step_usd is not None:  # measured prices per step
-            rates = [replace(r, step_usd=u) for r, u in zip(rates, step_usd)]
+        if step_usd is not None:  # measured prices of a step at each stage's seq_len
+            rates = [r.priced(u) for r, u in zip(rates, step_usd)]
         return stop_point(self.names, rates, self.steps, cap, left, (index, step))
 
     # -- the loop's calls --------------------------------------------------------------
     def stage_start(self, index: int, step: int) -> None:
         """Before a stage's first step in this process."""
         if self.times and index > 0:  # what the stage before measured, against its plan
-            self.ratio = (sum(self.times) / len(self.times)) / max(self.rates[index - 1].step_seconds, 1e-12)
+            self.ratio = (sum(self.times) / len(self.times)) / max(self.planned_step_s[index - 1], 1e-12)
         self.times, self.skipped_first = [], False
         self.reported_over = None
         self.expected_step_seconds = self._step_estimate(index)
@@ -137,10 +142,10 @@ class RunBudget:
                                        f"{self.steps[self.names.index(where[0])]}")
 
     def count_step(self, stage: ResolvedStage, step: int, seconds: float) -> dict:
-        """Add a finished step (`step` of `stage`, `seconds` long) to the ledger; returns
-        the budget metrics: spent, left, projected."""
-        self.ledger.stage(stage.name).add(stage.step_tokens, stage.step_flops, seconds, stage.world,
-                                          self.cluster.usd_per_gpu_hour)
+        """Add a finished step (`step` of `stage`, counted from 1, `seconds` long) to the
+        ledger; returns the budget metrics: spent, left, projected."""
+        self.ledger.stage(stage.name).add(stage.tokens_at(step - 1), stage.flops_at(step - 1), seconds,
+                                          stage.world, self.cluster.usd_per_gpu_hour)
         if seconds > 0:
             if self.skipped_first:
                 self.times.append(seconds)
@@ -192,9 +197,10 @@ class RunBudget:
                 self.reported_over = None
             return
         price = self.cluster.usd_per_gpu_hour
+        # a step at seq_len, at the measured speed (the measured average step of the current
+        # stage, in proportion, where it mixes contexts)
         step_usd = [self.rates[j].step_seconds * proj["ratio"] * self.rates[j].gpus / 3600.0 * price
                     for j in range(len(self.rates))]
-        step_usd[index] = proj["step_s"] * self.rates[index].gpus / 3600.0 * price
         where = self._stop("max_usd", index, step, step_usd)
         last = self.reported_over
         if last is not None and (where is None or last[0] is None or (where[0] == last[0][0] and abs(

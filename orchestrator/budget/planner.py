@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from growth_ops.spec import ModelSpec, count_parameters
 
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
-from orchestrator.config.schema import RunConfig
+from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.config.validate import ConfigError, validate
 from orchestrator.engines.registry import check_parallel_layout
 from orchestrator.model import attention_flops_per_token, flops_per_token
-from orchestrator.schedule import ResolvedStage, Schedule, resolve
+from orchestrator.schedule import (ResolvedStage, Schedule, long_steps, max_seq_len, resolve,
+                                   tokens_of_steps)
 
 
 def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> float:
@@ -43,7 +44,8 @@ def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> f
 
 @dataclass
 class StageRates:
-    """One optimizer step of a stage, planned."""
+    """One optimizer step of a stage at its `seq_len`, planned; `long`: the same for a step
+    at `long_seq_len` when the stage mixes contexts (which steps are long: `long_steps`)."""
 
     step_tokens: int
     step_flops: float  # model FLOPs (the ledger's)
@@ -54,18 +56,44 @@ class StageRates:
     step_seconds: float
     step_gpu_hours: float
     step_usd: float
+    long: "StageRates | None" = None
+    stage: StageConfig | None = None  # whose `long_fraction` places the long steps
+
+    def over(self, field: str, start: int, end: int) -> float:
+        """`field` (step_tokens, step_flops, step_seconds, ...) summed over steps [start, end)."""
+        total = (end - start) * getattr(self, field)
+        if self.long is not None:
+            long = long_steps(self.stage, end) - long_steps(self.stage, start)
+            total += long * (getattr(self.long, field) - getattr(self, field))
+        return total
+
+    def priced(self, step_usd: float) -> "StageRates":
+        """These rates at another price of a step at seq_len (long steps in proportion)."""
+        long = self.long
+        if long is not None:
+            long = dataclasses.replace(long, step_usd=step_usd * long.step_seconds / self.step_seconds
+                                       if self.step_seconds > 0 else long.step_usd)
+        return dataclasses.replace(self, step_usd=step_usd, long=long)
 
 
-def stage_rates(cfg: RunConfig, stage: ResolvedStage) -> StageRates:
+def _step_rates(cfg: RunConfig, stage: ResolvedStage, seq_len: int) -> StageRates:
     c = cfg.cluster
-    tokens, flops, gpus = stage.step_tokens, stage.step_flops, stage.world
-    hw = executed_flops_per_token(stage.spec, stage.config.seq_len, cfg.plan.recompute) * tokens
+    tokens, gpus = stage.config.batch_size * seq_len, stage.world
+    flops = flops_per_token(stage.spec, seq_len) * tokens
+    hw = executed_flops_per_token(stage.spec, seq_len, cfg.plan.recompute) * tokens
     measured = c.achieved_tflops_per_gpu.get(stage.name)
     tflops = measured if measured is not None else c.peak_tflops_per_gpu * c.expected_mfu
     seconds = hw / (gpus * tflops * 1e12)
     gpu_hours = seconds * gpus / 3600.0
     return StageRates(tokens, flops, hw, gpus, tflops, "measured" if measured is not None else "mfu",
                       seconds, gpu_hours, gpu_hours * c.usd_per_gpu_hour)
+
+
+def stage_rates(cfg: RunConfig, stage: ResolvedStage) -> StageRates:
+    rates = _step_rates(cfg, stage, stage.config.seq_len)
+    if stage.config.long_fraction > 0:
+        rates.long, rates.stage = _step_rates(cfg, stage, stage.config.long_seq_len), stage.config
+    return rates
 
 
 @dataclass
@@ -77,6 +105,8 @@ class StagePlan:
     steps: int
     batch_size: int
     seq_len: int
+    long_seq_len: int | None  # the long context of a stage that mixes two
+    long_steps: int  # steps at long_seq_len
     layout: dict
     gpus: int
     flops: float
@@ -116,10 +146,12 @@ def _stage_plan(cfg: RunConfig, stage: ResolvedStage) -> StagePlan:
         shape={"layers": spec.layers, "hidden": spec.hidden, "ffn": spec.ffn, "heads": spec.heads,
                "kv_heads": spec.kv_heads},
         tokens=stage.tokens, steps=steps, batch_size=stage.config.batch_size, seq_len=stage.config.seq_len,
+        long_seq_len=stage.config.long_seq_len if r.long else None,
+        long_steps=long_steps(stage.config, steps),
         layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}, gpus=r.gpus,
-        flops=steps * r.step_flops, hw_flops=steps * r.step_hw_flops, tflops_per_gpu=r.tflops_per_gpu,
-        throughput=r.throughput, gpu_hours=steps * r.step_gpu_hours, days=steps * r.step_seconds / 86400,
-        usd=steps * r.step_usd,
+        flops=stage.flops, hw_flops=r.over("step_hw_flops", 0, steps), tflops_per_gpu=r.tflops_per_gpu,
+        throughput=r.throughput, gpu_hours=r.over("step_gpu_hours", 0, steps),
+        days=r.over("step_seconds", 0, steps) / 86400, usd=r.over("step_usd", 0, steps),
         state_gib_per_gpu=count_parameters(spec) / mp * state_bytes_per_param(cfg.engine.dtype, lay.dp) / GIB)
 
 
@@ -131,14 +163,15 @@ def _sum(stages: list[StagePlan]) -> dict:
 
 def _scratch(cfg: RunConfig, final: ResolvedStage, tokens: int) -> dict:
     """The final model trained from scratch on the schedule's tokens, with the final stage's
-    context, layout and throughput."""
-    r = stage_rates(cfg, final)
-    steps = tokens / r.step_tokens
+    context (or its mixture of contexts, per token as over the stage), layout and throughput."""
+    r, n = stage_rates(cfg, final), final.steps
+    per_token = tokens / r.over("step_tokens", 0, n)  # the stage's steps, scaled to `tokens`
     return {"params": count_parameters(final.spec), "tokens": tokens, "seq_len": final.config.seq_len,
             "layout": {"tp": final.layout.tp, "pp": final.layout.pp, "dp": final.layout.dp},
-            "gpus": r.gpus, "flops": steps * r.step_flops, "hw_flops": steps * r.step_hw_flops,
-            "gpu_hours": steps * r.step_gpu_hours, "days": steps * r.step_seconds / 86400,
-            "usd": steps * r.step_usd}
+            "gpus": r.gpus, **{key: per_token * r.over(field, 0, n) for key, field in (
+                ("flops", "step_flops"), ("hw_flops", "step_hw_flops"), ("gpu_hours", "step_gpu_hours"),
+                ("usd", "step_usd"))},
+            "days": per_token * r.over("step_seconds", 0, n) / 86400}
 
 
 def _saving(plan_value: float, scratch_value: float) -> float:
@@ -160,7 +193,7 @@ def check_layouts(schedule: Schedule) -> list[str]:
                                    f"but cluster.gpus={c.gpus}")
         check_parallel_layout(cfg, i)
         if c.gpu_memory_gb is not None:
-            need = step_memory(spec, lay, stage.batch_size, stage.seq_len, cfg.engine.dtype)
+            need = step_memory(spec, lay, stage.batch_size, max_seq_len(stage), cfg.engine.dtype)
             problem = memory_problem(f"schedule.stages.{i}", need, c.gpu_memory_gb * GIB,
                                      f"cluster.gpu_memory_gb={c.gpu_memory_gb:g}",
                                      f"{cfg.engine.dtype}, optimizer sharded over dp={lay.dp}")
@@ -185,8 +218,23 @@ def check_layouts(schedule: Schedule) -> list[str]:
 CAPS = ("max_usd", "max_flops", "max_tokens")
 
 
+CAP_FIELDS = {"max_usd": "step_usd", "max_flops": "step_flops", "max_tokens": "step_tokens"}
+
+
 def _per_step(r: StageRates, cap: str) -> float:
-    return {"max_usd": r.step_usd, "max_flops": r.step_flops, "max_tokens": r.step_tokens}[cap]
+    return getattr(r, CAP_FIELDS[cap])
+
+
+def _affordable(r: StageRates, cap: str, start: int, todo: int, left: float) -> int:
+    """The most of the `todo` steps from `start` that `left` of a cap pays for."""
+    lo, hi, slack = 0, todo, 1e-9 * _per_step(r, cap)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if r.over(CAP_FIELDS[cap], start, start + mid) <= left + slack:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def stop_point(names: list[str], rates: list[StageRates], steps: list[int], cap: str,
@@ -195,13 +243,14 @@ def stop_point(names: list[str], rates: list[StageRates], steps: list[int], cap:
     finishes. The guard refuses the step that would cross the cap."""
     first, step0 = start
     for i in range(first, len(steps)):
-        per, todo = _per_step(rates[i], cap), steps[i] - (step0 if i == first else 0)
-        if per <= 0:
+        begin = step0 if i == first else 0
+        todo = steps[i] - begin
+        if _per_step(rates[i], cap) <= 0:
             continue
-        affordable = math.floor(left / per + 1e-9)
+        affordable = _affordable(rates[i], cap, begin, todo, left)
         if affordable < todo:
-            return names[i], (step0 if i == first else 0) + max(affordable, 0)
-        left -= todo * per
+            return names[i], begin + affordable
+        left -= rates[i].over(CAP_FIELDS[cap], begin, steps[i])
     return None
 
 
@@ -270,7 +319,7 @@ def fit_steps(schedule: Schedule, rates: list[StageRates]) -> tuple[list[int], d
         raise ConfigError("budget.max_usd", "cannot bind: cluster.usd_per_gpu_hour is 0, so nothing costs money")
 
     def total(cap: str, st: list[int]) -> float:
-        return sum(n * _per_step(r, cap) for n, r in zip(st, rates))
+        return sum(r.over(CAP_FIELDS[cap], 0, n) for n, r in zip(st, rates))
 
     least = [min_useful_steps(schedule, i) for i in range(len(stages))]
     f_min = max(m / n for m, n in zip(least, steps))
@@ -297,7 +346,7 @@ def with_steps(schedule: Schedule, steps: list[int]) -> Schedule:
     """The schedule whose stages train exactly `steps` steps, re-validated."""
     new = copy.deepcopy(schedule.cfg)
     for stage, n in zip(new.schedule.stages, steps):
-        stage.tokens = n * stage.batch_size * stage.seq_len
+        stage.tokens = tokens_of_steps(stage, n)
     return resolve(validate(new, planning=True))
 
 

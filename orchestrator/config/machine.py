@@ -12,7 +12,7 @@ from orchestrator.budget.memory import memory_problem, step_memory
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.engines.registry import engine_kind
-from orchestrator.schedule import layout_world, padded_vocab, stage_spec, tokenizer_vocab
+from orchestrator.schedule import layout_world, max_seq_len, padded_vocab, stage_spec, tokenizer_vocab
 from orchestrator.tracking.mlflow_tracker import sqlite_path
 
 
@@ -78,8 +78,8 @@ def check_runs_here(cfg: RunConfig) -> None:
         if cfg.run.only_stage not in (None, stage.name):
             continue
         limit, where, device = _memory_limit(cfg, stage)
-        need = step_memory(stage_spec(cfg, stage, vocab), stage.layout, stage.batch_size, stage.seq_len,
-                           cfg.engine.dtype, states_dtype)
+        need = step_memory(stage_spec(cfg, stage, vocab), stage.layout, stage.batch_size,
+                           max_seq_len(stage), cfg.engine.dtype, states_dtype)
         problem = memory_problem(f"schedule.stages.{i}", need, limit, where, cfg.engine.dtype, device)
         if problem:
             raise ConfigError(*problem)

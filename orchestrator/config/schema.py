@@ -63,6 +63,16 @@ class GrowthConfig:
 
 
 @dataclass
+class PositionConfig:
+    """RoPE's scaling from this stage on (model.position=rope only); neither option preserves
+    the function, so the runner reports the validation loss change at the switch. Null:
+    as the stage before (the first stage: model.rope_theta, no interpolation)."""
+
+    rope_theta: Optional[float] = None  # base frequency (base-frequency adjustment), > 0
+    interpolation: Optional[float] = None  # linear position interpolation: positions / this; 1: none
+
+
+@dataclass
 class LayoutConfig:
     tp: int = 1
     pp: int = 1
@@ -74,9 +84,14 @@ class LayoutConfig:
 class StageConfig:
     name: str = "???"
     shape: ShapeConfig = field(default_factory=ShapeConfig)
-    tokens: int = 0  # training tokens; rounded down to whole steps of batch_size*seq_len
+    tokens: int = 0  # training tokens; rounded down to whole steps (batch_size x the step's context)
     batch_size: int = 16  # sequences per global batch
     seq_len: int = 128
+    # BTLM-style mixture of contexts within the stage: this fraction of the steps (spread
+    # evenly, fixed by the step number) trains batch_size sequences of long_seq_len tokens.
+    long_seq_len: Optional[int] = None
+    long_fraction: float = 0.0  # in [0, 1]
+    position: PositionConfig = field(default_factory=PositionConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     growth: Optional[GrowthConfig] = None  # null on the first stage
     mixture: Dict[str, float] = field(default_factory=dict)  # weights over data.sources; {}: all equal

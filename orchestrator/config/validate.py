@@ -29,8 +29,8 @@ from orchestrator.data.errors import DataError
 from orchestrator.data.mixture import check_ratios
 from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.model import flops_per_token
-from orchestrator.schedule import (effective_growth, stage_spec, stage_steps,
-                                   tokenizer_vocab)
+from orchestrator.schedule import (effective_growth, stage_spec, stage_steps, step_seq_len,
+                                   tokenizer_vocab, tokens_of_steps)
 
 
 # -- schema: keys and types -------------------------------------------------------------
@@ -163,11 +163,13 @@ def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig |
         raise ConfigError(f"{key}.shape.heads", "RoPE needs an even head_dim = hidden / heads")
     if s.kv_heads and s.heads % s.kv_heads:
         raise ConfigError(f"{key}.shape.kv_heads", f"{s.kv_heads} does not divide heads={s.heads}")
-    for f in ("tokens", "batch_size", "seq_len"):
+    for f in ("tokens", "batch_size", "seq_len", "long_seq_len"):
         _positive(f"{key}.{f}", getattr(stage, f))
-    if stage.tokens < stage.batch_size * stage.seq_len:
+    _check_context(cfg, key, stage)
+    first = tokens_of_steps(stage, 1)
+    if stage.tokens < first:
         raise ConfigError(f"{key}.tokens", f"{stage.tokens} is less than one step "
-                                           f"(batch_size x seq_len = {stage.batch_size * stage.seq_len})")
+                                           f"(batch_size x its context = {first})")
     lr = stage.lr
     if lr.peak is None and prev is None:
         raise ConfigError(f"{key}.lr.peak", "the first stage has no learning rate to inherit; set a number")
@@ -188,6 +190,25 @@ def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig |
     _check_growth(cfg, key, stage, prev)
 
 
+def _check_context(cfg: RunConfig, key: str, stage: StageConfig) -> None:
+    """The within-stage mixture of contexts and RoPE's scaling of a stage."""
+    if not 0 <= stage.long_fraction <= 1:
+        raise ConfigError(f"{key}.long_fraction", f"must be in [0, 1], got {stage.long_fraction}")
+    if stage.long_fraction > 0 and stage.long_seq_len is None:
+        raise ConfigError(f"{key}.long_seq_len", f"long_fraction={stage.long_fraction} needs the long "
+                                                 "context; set a number above seq_len")
+    if stage.long_seq_len is not None and stage.long_seq_len <= stage.seq_len:
+        raise ConfigError(f"{key}.long_seq_len", f"{stage.long_seq_len} is not above seq_len={stage.seq_len}; "
+                                                 f"allowed: > {stage.seq_len}, or null")
+    pos = stage.position
+    for f in ("rope_theta", "interpolation"):
+        value = getattr(pos, f)
+        if value is not None and cfg.model.position != "rope":
+            raise ConfigError(f"{key}.position.{f}", f"RoPE scaling, but model.position={cfg.model.position} "
+                                                     "(ALiBi needs nothing to run at a longer context); set null")
+        _positive(f"{key}.position.{f}", value)
+
+
 def _check_layout(cfg: RunConfig, key: str, stage: StageConfig) -> None:
     lay = stage.layout
     for f in ("tp", "pp", "dp", "micro_batch_size"):
@@ -206,9 +227,11 @@ def _check_growth(cfg: RunConfig, key: str, stage: StageConfig, prev: StageConfi
         op = get_operator(growth.operator or "")
     except GrowthError as e:
         raise ConfigError(f"{key}.growth.operator", str(e).split(": ", 1)[1]) from None
-    old, new = stage_spec(cfg, prev, 1), stage_spec(cfg, stage, 1)
+    old = stage_spec(cfg, prev, 1)
+    # growth runs at the old RoPE scaling; a change of scaling is a separate, reported step
+    new = dataclasses.replace(stage_spec(cfg, stage, 1), **old.rope_scaling())
     if old == new:
-        return  # no shape change: the stage only changes tokens, batch, context or data
+        return  # no shape change: the stage only changes tokens, batch, context, positions or data
     fields = {"head_dim": "shape.heads", "hidden": "shape.hidden", "layers": "shape.layers",
               "ffn": "shape.ffn", "heads": "shape.heads", "kv_heads": "shape.kv_heads",
               "layer_insert": "growth.layer_insert", "init": "growth.init", "moments": "growth.moments",
@@ -380,13 +403,13 @@ def _check_budget_covers_a_step(cfg: RunConfig) -> None:
     """A cap below the first step would stop a run before it starts: refuse it here."""
 
     first = cfg.schedule.stages[0]
-    tokens = first.batch_size * first.seq_len
+    tokens = tokens_of_steps(first, 1)
     if cfg.budget.max_tokens is not None and cfg.budget.max_tokens < tokens:
         raise ConfigError("budget.max_tokens", f"{cfg.budget.max_tokens} is below one step of stage "
                                                f"{first.name!r}; allowed: >= {tokens}")
     # vocabulary not known before the tokenizer: 256 (bytes) bounds the step's FLOPs below
     spec = stage_spec(cfg, first, cfg.model.vocab_size or 256)
-    flops = flops_per_token(spec, first.seq_len) * tokens
+    flops = flops_per_token(spec, step_seq_len(first, 0)) * tokens
     if cfg.budget.max_flops is not None and cfg.budget.max_flops < flops:
         raise ConfigError("budget.max_flops", f"{cfg.budget.max_flops:.4g} is below one step of stage "
                                               f"{first.name!r}; allowed: >= {flops:.4g}")

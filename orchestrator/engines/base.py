@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from growth_ops.masks import MaskState
+from growth_ops.spec import ModelSpec
 
 from orchestrator.config.schema import TrainConfig
 
@@ -52,6 +53,11 @@ class Engine(ABC):
     @abstractmethod
     def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
         """Mean loss over fixed batches; `exact` computes in `check_dtype` (growth checks)."""
+
+    @abstractmethod
+    def set_rope_scaling(self, spec: ModelSpec) -> None:
+        """Compute positions with `spec`'s RoPE scaling (theta, interpolation) from now on;
+        `spec` differs from the engine's only there (a context-length stage's switch)."""
 
     def shard_role(self) -> ShardRole | None:
         """None: this process writes whole checkpoints alone."""

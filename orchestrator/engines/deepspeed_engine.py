@@ -25,11 +25,12 @@ import torch
 import torch.distributed as dist
 
 from growth_ops.masks import MaskState
+from growth_ops.spec import ModelSpec
 
 from orchestrator.checkpoint.canonical import MOMENTS
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines.base import Engine, ShardRole, adamw, set_lr
-from orchestrator.model import install_block_masks, mask_tensors
+from orchestrator.model import PositionTables, install_block_masks, mask_tensors
 from orchestrator.schedule import ResolvedStage
 from orchestrator.data import rank_slice
 from orchestrator.engines.device import backend_for, pick_device
@@ -113,6 +114,7 @@ class DeepSpeedEngine(Engine):
         }
         self.engine = None
         self.masks: MaskState | None = None
+        self._context: int | None = None  # the sequence length the pipeline's buffers have
 
     # -- which canonical tensor each local parameter slices -------------------------
     def _slices(self) -> list[tuple[str, torch.Tensor]]:
@@ -255,6 +257,20 @@ class DeepSpeedEngine(Engine):
         blocks = [(m.index, m.block) for m in self.module.modules() if isinstance(m, BlockLayer)]
         install_block_masks(blocks, tensors, self.tp, self.tp_rank)
 
+    def set_rope_scaling(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        for m in self.module.modules():
+            if isinstance(m, BlockLayer):
+                m.positions = PositionTables(spec)
+
+    def _fit_shape(self, batch: torch.Tensor) -> None:
+        """DeepSpeed's pipeline keeps its activation buffers for one shape: a stage that mixes
+        contexts (or evaluates at another) resets them when the context changes."""
+        if self.pipelined and batch.shape[1] != self._context:
+            if self._context is not None:
+                self.engine.reset_activation_shape()
+            self._context = batch.shape[1]
+
     # -- compute ---------------------------------------------------------------------
     def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
         from megatron.core import parallel_state as ps
@@ -273,6 +289,7 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
         self._apply_masks()
+        self._fit_shape(batch)
         set_lr(self.engine.optimizer, lr)
         _, it = self._micro_batches(batch)
         if self.pipelined:
@@ -297,6 +314,7 @@ class DeepSpeedEngine(Engine):
         if not self.pipelined:
             self.engine.eval()
         for b in batches:
+            self._fit_shape(b)
             n, it = self._micro_batches(b)
             if self.pipelined:
                 losses.append(float(self.engine.eval_batch(it, num_micro_batches=n)))

@@ -6,11 +6,12 @@ import contextlib
 import torch
 
 from growth_ops.masks import MaskState
+from growth_ops.spec import ModelSpec
 
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines.base import Engine, adamw, set_lr
 from orchestrator.engines.device import pick_device
-from orchestrator.model import DecoderLM
+from orchestrator.model import DecoderLM, PositionTables
 from orchestrator.schedule import ResolvedStage
 
 
@@ -56,6 +57,10 @@ class LocalEngine(Engine):
                 moments["exp_avg_sq"][name] = s["exp_avg_sq"].detach().cpu().clone()
                 step = int(s["step"])
         return state, moments, step
+
+    def set_rope_scaling(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model.positions = PositionTables(spec)
 
     # -- compute ---------------------------------------------------------------------
     def _autocast(self, exact: bool = False):

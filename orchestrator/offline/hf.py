@@ -160,10 +160,21 @@ def check_exportable(spec: ModelSpec) -> None:
         if getattr(spec, field) != want:
             raise OfflineError(f"model.{field}", f"{getattr(spec, field)!r} has no Llama equivalent; "
                                                  f"allowed: {want}")
+    if spec.rope_interpolation < 1:
+        raise OfflineError("rope_interpolation", f"{spec.rope_interpolation:g} has no transformers equivalent "
+                                                 "(its linear RoPE scaling factor must be >= 1); allowed: >= 1")
     if spec.hidden % spec.heads:
         raise OfflineError("model.hidden", f"{spec.hidden} is not a multiple of heads={spec.heads}: transformers' "
                                            f"LlamaConfig requires it even with head_dim={spec.head_dim}, so "
                                            "this shape cannot be exported")
+
+
+def hf_rope_parameters(spec: ModelSpec) -> dict:
+    """RoPE's base frequency, and linear position interpolation as transformers' "linear"
+    type (it divides the frequencies by `factor`, which is dividing the positions)."""
+    if spec.rope_interpolation == 1.0:
+        return {"rope_type": "default", "rope_theta": spec.rope_theta}
+    return {"rope_type": "linear", "rope_theta": spec.rope_theta, "factor": spec.rope_interpolation}
 
 
 def hf_config(spec: ModelSpec, max_positions: int = 2048):
@@ -172,7 +183,7 @@ def hf_config(spec: ModelSpec, max_positions: int = 2048):
                        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                        num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, hidden_act="silu",
                        rms_norm_eps=spec.norm_eps, initializer_range=spec.init_std,
-                       rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+                       rope_parameters=hf_rope_parameters(spec),
                        tie_word_embeddings=spec.tie_embeddings, attention_bias=False, mlp_bias=False,
                        max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=None,
                        pad_token_id=None)

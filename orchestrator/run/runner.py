@@ -29,7 +29,7 @@ from orchestrator.run.evaluation import ValSet, val_sets
 from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
 from orchestrator.run.state import NextStage, RunState, next_stage
-from orchestrator.schedule import ResolvedStage, resolve
+from orchestrator.schedule import ResolvedStage, max_seq_len, resolve
 from orchestrator.tracking.mlflow_tracker import make_tracker
 from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
 
@@ -56,6 +56,7 @@ class Run:
         self.schedule = resolve(cfg, tok)
         if self.schedule.vocab < tok:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is below the tokenizer's {tok}")
+        short_val = check_contexts_fit(cfg, self.data)
         if leader:
             pin_settings(self.run_dir, cfg)
         self.budget = RunBudget(self.schedule, console)
@@ -63,6 +64,8 @@ class Run:
         self.tracker = make_tracker(cfg.tracking, self.run_dir, f"{cfg.schedule.name}:{self.run_dir.name}",
                                     {**_flat_params(dataclasses.asdict(cfg)), **(extra_params or {})}, console)
         self._val: dict = {}
+        for warning in short_val if leader else ():
+            console.print(f"[yellow]warning:[/] {warning}")
         self._token_bytes = None  # the tokenizer's bytes per id, for bits-per-byte
 
     def val_sets(self, stage: ResolvedStage) -> dict[str, ValSet]:
@@ -97,6 +100,29 @@ class Run:
 
     def last_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
+
+
+def check_contexts_fit(cfg: RunConfig, data) -> list[str]:
+    """Every training sequence a stage reads must fit in its source's train split. Sequences
+    are packed (documents joined with eos, windows cut across them), so a context may be
+    longer than any document, but not than a whole split: such a window would wrap around
+    and hold the split twice. Known only once the data is tokenized, so checked here, before
+    anything is written. A validation split shorter than a sequence only gives warnings
+    (returned): its batches repeat text, as they always have on a tiny corpus."""
+    warnings = []
+    for i, stage in enumerate(cfg.schedule.stages):
+        key = f"schedule.stages.{i}.{'long_seq_len' if max_seq_len(stage) > stage.seq_len else 'seq_len'}"
+        for name in sorted(stage.mixture or data.train):
+            have = len(data.train[name])
+            if stage.mixture.get(name, 1.0) > 0 and have < max_seq_len(stage) + 1:
+                raise ConfigError(key, f"a sequence of {max_seq_len(stage)} tokens (+1 for the labels) is longer "
+                                       f"than source {name!r}'s train split ({have} tokens); sequences are packed "
+                                       "across documents, so a context can be at most a whole split: use a "
+                                       "shorter context or more text")
+            if len(data.val[name]) < stage.seq_len + 1:
+                warnings.append(f"stage {stage.name}: validation sequences of {stage.seq_len} tokens are longer than "
+                                f"source {name!r}'s validation split ({len(data.val[name])} tokens) and repeat it")
+    return warnings
 
 
 def _flat_params(d: dict, prefix: str = "") -> dict:
@@ -137,15 +163,35 @@ def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: Mod
     """The engine for `stage`, from a model state of shape `old_spec` (and its Adam
     moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine
     and the growth record; a preserving operator must keep the validation loss, measured
-    before growth by `old_engine` if given (it holds `weights`, masks done) or by a new one."""
+    before growth by `old_engine` if given (it holds `weights`, masks done) or by a new one.
+    Growth runs at the old RoPE scaling; a stage that changes it (`schedule.stages.N.position`)
+    switches after, and the loss change of the switch is reported, not checked."""
     new_spec = stage.spec
+    grown_spec = dataclasses.replace(new_spec, **old_spec.rope_scaling())  # the new shape, old positions
     if old_spec == new_spec:
         engine = run.engine(stage)
         engine.load(weights, moments, opt_step, None)
         return engine, None
+    batches = run.val_batches(stage)
+    if old_spec == grown_spec:  # only the positions change
+        del old_engine
+        engine, record = run.engine(stage), None
+        engine.load(weights, moments, opt_step, None)
+    else:
+        engine, record = _grow(run, stage, weights, moments, old_spec, opt_step, source, old_engine, batches)
+    if grown_spec != new_spec:
+        record = _switch_positions(run, stage, engine, old_spec, batches, source, record)
+    return engine, record
+
+
+def _grow(run: Run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec, opt_step: int,
+          source: str, old_engine, batches):
+    """Grow the state into the stage's engine and check the function, at the old RoPE
+    scaling; returns the engine and the growth record. The old engine goes before the new
+    one is built (a parallel engine sets the process groups of its layout)."""
+    new_spec = dataclasses.replace(stage.spec, **old_spec.rope_scaling())
     growth = stage.growth
     op = get_operator(growth.operator)
-    batches = run.val_batches(stage)
     if old_engine is None:
         old_engine = run.engine(dataclasses.replace(stage, spec=old_spec))
         old_engine.load(weights, None, 0, None)
@@ -164,6 +210,7 @@ def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: Mod
                          for k in MOMENTS}
     engine = run.engine(stage)
     engine.load(grown, grown_moments, opt_step, masks)
+    engine.set_rope_scaling(new_spec)  # the check runs at the scaling the state was trained with
     after = engine.evaluate(batches, exact=True)
     failpoint("growth.done")
     run.console.print(f"[bold]grow[/] {source} -> {stage.name} with {growth.operator}: "
@@ -179,6 +226,28 @@ def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: Mod
                     "preserves_function": op.preserves_function, "check_dtype": engine.check_dtype}
 
 
+def _switch_positions(run: Run, stage: ResolvedStage, engine, old_spec: ModelSpec, batches, source: str,
+                      record: dict | None) -> dict:
+    """Switch `engine` (holding the state, at the old RoPE scaling) to the stage's scaling.
+    Neither a new theta nor interpolation preserves the function: like `stack`, the loss
+    change is reported (on the console, in MLflow at the stage's step 0 and in summary.json)."""
+    engine.set_rope_scaling(dataclasses.replace(stage.spec, **old_spec.rope_scaling()))
+    before = engine.evaluate(batches, exact=True) if record is None else record["val_loss_after"]
+    engine.set_rope_scaling(stage.spec)
+    after = engine.evaluate(batches, exact=True)
+    failpoint("positions.switched")
+    old, new = old_spec.rope_scaling(), stage.spec.rope_scaling()
+    run.console.print(f"[bold]positions[/] {source} -> {stage.name}: RoPE "
+                      + ", ".join(f"{k} {old[k]:g} -> {new[k]:g}" for k in old if old[k] != new[k])
+                      + f": val loss {before:.6f} -> {after:.6f} (not function-preserving; reported)")
+    switch = {"from": old, "to": new, "val_loss_before": before, "val_loss_after": after}
+    if record is None:  # no growth: the switch is the stage's transition
+        return {"operator": None, "val_loss_before": before, "val_loss_after": after,
+                "preserves_function": False, "check_dtype": engine.check_dtype, "positions": switch}
+    return {**record, "positions": switch, "val_loss_after": after,
+            "val_loss_after_growth": record["val_loss_after"]}
+
+
 def _fresh_start(run: Run):
     """Stage 1 from a fresh initialisation, or from `init_from` (an imported or earlier
     checkpoint), grown into stage 1's shape if it is smaller."""
@@ -192,10 +261,12 @@ def _fresh_start(run: Run):
         return engine, state
     weights, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
     spec = ModelSpec.from_dict(meta["spec"])
+    # the run starts at model.rope_theta without interpolation; stage 1's `position` may switch from there
+    start = dataclasses.replace(stage.spec, rope_theta=cfg.model.rope_theta, rope_interpolation=1.0)
     for field in ("vocab", "head_dim", *ARCHITECTURE):
-        if getattr(spec, field) != getattr(stage.spec, field):
+        if getattr(spec, field) != getattr(start, field):
             raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
-                                           f"this run's {getattr(stage.spec, field)!r} (model.* and the tokenizer "
+                                           f"this run's {getattr(start, field)!r} (model.* and the tokenizer "
                                            "must match the checkpoint)")
     engine, state.growth = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
     state.masks = engine.masks
@@ -205,7 +276,11 @@ def _fresh_start(run: Run):
 def _resume_stage(run: Run, ckpt: Path):
     weights, moments, meta = run.read_checkpoint(ckpt)
     state = RunState.from_meta(meta)
-    engine = run.engine(run.schedule[state.stage_index])
+    stage = run.schedule[state.stage_index]
+    if state.spec.rope_scaling() != stage.spec.rope_scaling():  # the config is pinned: a damaged meta
+        raise CheckpointError(f"{ckpt}: RoPE scaling {state.spec.rope_scaling()} differs from stage "
+                              f"{stage.name!r}'s {stage.spec.rope_scaling()}")
+    engine = run.engine(stage)
     engine.load(weights, moments, state.optimizer_step, state.masks)
     set_rng_state(state.rng)
     run.budget.ledger = state.ledger
@@ -341,7 +416,7 @@ def _finish(run: Run, entries: list[dict], status: str) -> dict:
     write_summary(run.run_dir, summary)
     growth_steps, step = [], 0
     for e in entries:
-        if e["growth"]:
+        if e["growth"] and e["growth"]["operator"]:  # not a RoPE switch alone
             growth_steps.append((step, e["name"]))
         step += e["steps"]
     plot = plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png", growth_steps)

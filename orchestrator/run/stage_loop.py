@@ -104,6 +104,8 @@ class StageLoop:
         return {"stage_index": st.stage_index, "params": count_parameters(self.stage.spec),
                 **{f"shape.{k}": v for k, v in vars(s.shape).items()}, "tokens": s.tokens,
                 "steps": self.stage.steps, "batch_size": s.batch_size, "seq_len": s.seq_len,
+                "long_seq_len": s.long_seq_len, "long_fraction": s.long_fraction,
+                **(self.stage.spec.rope_scaling() if self.stage.spec.position == "rope" else {}),
                 "lr_peak": st.lr_peak, "growth": (st.growth or {}).get("operator")}
 
     def log(self, metrics: dict) -> None:
@@ -138,6 +140,10 @@ class StageLoop:
         if st.step == 0 and st.growth:
             self.log({"growth/val_loss_before": st.growth["val_loss_before"],
                       "growth/val_loss_after": st.growth["val_loss_after"]})
+            if st.growth.get("positions"):  # RoPE's scaling switched (not function-preserving)
+                switch = st.growth["positions"]
+                self.log({"positions/val_loss_before": switch["val_loss_before"],
+                          "positions/val_loss_after": switch["val_loss_after"]})
         run.budget.stage_start(st.stage_index, st.step)
         last_step_s, mark = 0.0, time.perf_counter()
         with Progress(TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(),
@@ -145,11 +151,11 @@ class StageLoop:
                       console=run.console, transient=False) as bar:
             task = bar.add_task(stage.name, total=stage.steps, completed=st.step, info="")
             while st.step < stage.steps:
-                cap = run.budget.blocks(stage, last_step_s)
+                cap = run.budget.blocks(stage, st.step, last_step_s)
                 if cap:
                     return cap
                 batch, cursor = next_global_batch(self.streams, st.data_cursor, self.mixture,
-                                                  stage.config.batch_size, stage.config.seq_len)
+                                                  stage.config.batch_size, stage.seq_len_at(st.step))
                 st.lr = lr_at(st.step, stage.steps, st.lr_peak, lr_cfg.warmup_steps, lr_cfg.min, lr_cfg.decay)
                 mask = self.engine.masks.value if self.engine.masks else 1.0
                 loss, grad_norm = self.engine.train_step(batch, st.lr)
@@ -176,11 +182,13 @@ class StageLoop:
 
     def _log(self, loss: float, grad_norm: float, mask: float, seconds: float, budget: dict) -> None:
         run, stage, total = self.run, self.stage, self.run.budget.ledger.total
-        tokens_per_s = stage.step_tokens / seconds if seconds > 0 else 0.0
+        done = self.state.step - 1  # the step just taken (its context may be the long one)
+        tokens_per_s = stage.tokens_at(done) / seconds if seconds > 0 else 0.0
         peak = run.cfg.cluster.peak_tflops_per_gpu * 1e12 * self.engine.devices
         metrics = {"train/loss": loss, "train/lr": self.state.lr, "train/grad_norm": grad_norm,
                    "growth/mask": mask, "perf/tokens_per_s": tokens_per_s,
-                   "perf/mfu": stage.step_flops / seconds / peak if seconds > 0 else 0.0,
+                   "perf/mfu": stage.flops_at(done) / seconds / peak if seconds > 0 else 0.0,
+                   "train/seq_len": stage.seq_len_at(done),
                    "progress/tokens": total.tokens, "progress/flops": total.flops, **budget}
         self.log(metrics)
         if self.state.step % run.cfg.train.log_every_steps == 0 and not run.console.is_terminal:

@@ -95,6 +95,13 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
     return path
 
 
+def _transition(g: dict | None) -> str:
+    """How a stage was reached: the growth operator, and `rope` where RoPE's scaling switched."""
+    if not g:
+        return "-"
+    return "+".join(part for part in (g["operator"], "rope" if g.get("positions") else None) if part)
+
+
 def print_table(console: Console, summary: dict) -> None:
     table = Table(title=f"Growth schedule: {summary['status']}")
     for col in ("stage", "params", "tokens", "steps", "FLOPs", "growth", "|val change|", "val loss"):
@@ -102,7 +109,7 @@ def print_table(console: Console, summary: dict) -> None:
     for s in summary["stages"]:
         g = s["growth"]
         table.add_row(s["name"], f"{s['params']:,}", f"{s['tokens']:,}", str(s["steps"]),
-                      f"{s['flops']:.3g}", g["operator"] if g else "-",
+                      f"{s['flops']:.3g}", _transition(g),
                       f"{abs(g['val_loss_after'] - g['val_loss_before']):.1e}" if g else "-",
                       f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "-")
     t = summary["totals"]
