@@ -19,7 +19,7 @@ from orchestrator.config.schema import DataConfig, SourceConfig, TokenizerConfig
 from orchestrator.data import ByteTokenizer, DataError, iter_documents, new_cursor, next_global_batch, tokens_read
 from orchestrator.data.corpus import _docstrings, stdlib_files, stdlib_root
 from orchestrator.data.mixture import Schedule, resolve_weights
-from orchestrator.data.tokenizer import BpeTokenizer, build_tokenizer
+from orchestrator.data.tokenizer import BpeTokenizer
 from orchestrator.run.evaluation import LN2, bits_per_byte, val_sets
 
 from .conftest import fork_grow, read_summary
