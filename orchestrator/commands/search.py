@@ -82,7 +82,8 @@ def search_command(args: list[str]) -> int:
 
 
 def _print(console: Console, report: dict, path) -> None:
-    print_sweep({"sweep_dir": report["sweep_dir"], "members": report["members"]})
+    if report["sweep_exit_status"]:  # else the sweep's own end printed this table
+        print_sweep({"sweep_dir": report["sweep_dir"], "members": report["members"]})
     w = report["winner"]
     ran = len(report["members"])
     if ran < report["planned"] or report["sweep_exit_status"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,15 +59,17 @@ def fit_power_law(ns: list[float], losses: list[float]) -> PowerLaw:
     if not all(math.isfinite(x) for x in losses):
         raise FitError(f"a loss is not finite: {losses}")
     import numpy as np
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     x, y = np.asarray(ns, dtype=float), np.asarray(losses, dtype=float)
     scale = x.max()
     spread = max(y.max() - y.min(), 1e-3)
     try:
-        (a, b, c), _ = curve_fit(lambda n, a, b, c: a * n ** b + c, x / scale, y,
-                                 p0=(spread, -0.5, max(y.min() - spread, 0.0)),
-                                 bounds=((0.0, -5.0, 0.0), (np.inf, 0.0, np.inf)), maxfev=20000)
+        with warnings.catch_warnings():  # 3 points fit exactly: no covariance, which we do not use
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (a, b, c), _ = curve_fit(lambda n, a, b, c: a * n ** b + c, x / scale, y,
+                                     p0=(spread, -0.5, max(y.min() - spread, 0.0)),
+                                     bounds=((0.0, -5.0, 0.0), (np.inf, 0.0, np.inf)), maxfev=20000)
     except (RuntimeError, ValueError) as e:
         raise FitError(f"{LAW} did not converge on these points: {e}") from None
     return PowerLaw(a=float(a) * scale ** -float(b), b=float(b), c=float(c))
