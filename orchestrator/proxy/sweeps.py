@@ -24,7 +24,7 @@ def split_options(args: list[str], prefix: str, allowed: tuple[str, ...]) -> tup
 def sweep_dir(cmd: CommandLine, default_root: str, schedule: str) -> Path:
     for o in reversed(cmd.overrides):
         key, _, value = o.partition("=")
-        if key == SWEEP_DIR:
+        if key == SWEEP_DIR and "${" not in value:  # one with interpolations is replaced: we must know it
             return Path(value)
     return Path(default_root) / schedule / time.strftime("%Y-%m-%d_%H-%M-%S")
 
