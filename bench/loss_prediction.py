@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-batches", type=int, default=32, help="final val loss over this many batches")
     ap.add_argument("--parametrization", default="standard", choices=("standard", "mup"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per run; on a loaded CPU 2 threads ran 100x slower than 1 (spinning)")
     ap.add_argument("--work-dir", default="/tmp/grow-bench-loss-prediction")
     args = ap.parse_args()
 
