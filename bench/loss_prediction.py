@@ -2,7 +2,8 @@
 
 Trains one-stage proxies of several widths (same depth, head size, ffn ratio) on the same
 tokens of the embedded text, plus one model --wide-factor x wider than the largest proxy on
-the same tokens, every one a real `grow run` member of one Hydra sweep (tracking off). Fits
+the same tokens, every one a real `grow run` member of a Hydra sweep (tracking off); each
+proxy at --seeds seeds, its mean loss fitted (training noise at these sizes is a few 0.01). Fits
 L(N) = a*N^b + c (N: non-embedding parameters) to the proxies and reports
   - held_out_rel_error: the largest proxy held out (the law fitted to the smaller ones)
   - wide_rel_error: the law fitted to all proxies, on the wide model it never saw.
@@ -31,17 +32,35 @@ from orchestrator.proxy.scaling import LAW, PowerLaw, fit_with_held_out, plot_fi
 from orchestrator.proxy.sweeps import finished_members, run_sweep  # noqa: E402
 
 
+def sweep_points(cfg, overrides: list[str], shapes: list[dict], directory: Path) -> list[dict]:
+    """Run (or reuse) one sweep over `shapes`; each member's width, N and final val loss."""
+    status = run_sweep(overrides + [shape_sweep(shapes), f"hydra.sweep.dir={directory}"])
+    members, finished = finished_members(directory)
+    if status or len(finished) != len(members) or not finished:
+        sys.exit(f"the sweep in {directory} did not finish (status {status}): {[m['status'] for m in members]}")
+    return points_of(cfg, finished)
+
+
+def mean_per_width(points: list[dict]) -> list[dict]:
+    by_width: dict[int, list[dict]] = {}
+    for p in points:
+        by_width.setdefault(p["width"], []).append(p)
+    return [{"width": w, "n": ps[0]["n"], "loss": sum(p["loss"] for p in ps) / len(ps),
+             "seed_losses": [p["loss"] for p in ps]} for w, ps in sorted(by_width.items())]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default="16,24,32,48", help="proxy widths (>= 4: one is held out)")
     ap.add_argument("--wide-factor", type=int, default=4, help="the unseen model: this x the largest width")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=131072, help="training tokens of every model")
+    ap.add_argument("--tokens", type=int, default=524288, help="training tokens of every model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval-batches", type=int, default=32, help="final val loss over this many batches")
+    ap.add_argument("--eval-batches", type=int, default=64, help="final val loss over this many batches")
+    ap.add_argument("--seeds", default="0,1", help="each proxy at these seeds (mean loss fitted); the wide at the first")
     ap.add_argument("--parametrization", default="standard", choices=("standard", "mup"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run; on a loaded CPU 2 threads ran 100x slower than 1 (spinning)")
@@ -62,27 +81,25 @@ def main() -> None:
     if args.parametrization == "mup":  # the proxies' base shape is the smallest width
         overrides += ["model.parametrization=mup", f"model.mup.base_hidden={base}"]
     cfg = load(CommandLine(overrides), planning=True)
-    shapes = proxy_shapes(cfg, widths + [wide])
-    sweep = Path(args.work_dir) / f"{args.parametrization}-{'-'.join(map(str, widths))}-x{args.wide_factor}-{args.tokens}"
+    seeds = args.seeds.split(",")
+    work = Path(args.work_dir) / f"{args.parametrization}-{'-'.join(map(str, widths))}-{args.tokens}"
     t0 = time.time()
-    status = run_sweep(overrides + [shape_sweep(shapes), f"hydra.sweep.dir={sweep}"])
-    members, finished = finished_members(sweep)
-    if status or len(finished) != len(shapes):
-        sys.exit(f"the sweep did not finish (status {status}): {[m['status'] for m in members]}")
-    points = points_of(cfg, finished)
-    proxies, wide_point = [p for p in points if p["width"] != wide], next(p for p in points if p["width"] == wide)
-    fit = fit_with_held_out(proxies)
+    # the proxies at every seed (their mean loss per width is fitted), the wide model at the first
+    proxies = sweep_points(cfg, overrides + [f"seed={','.join(seeds)}"], proxy_shapes(cfg, widths), work / "proxies")
+    wide_point = sweep_points(cfg, overrides + [f"seed={seeds[0]}"], proxy_shapes(cfg, [wide]),
+                              work / f"wide-x{args.wide_factor}")[0]
+    fit = fit_with_held_out(mean_per_width(proxies))
     law = PowerLaw(fit["a"], fit["b"], fit["c"])
     predicted_wide = law(wide_point["n"])
     held = fit["held_out"]
     result = {
         "law": LAW, "n": fit["n"], "a": fit["a"], "b": fit["b"], "c": fit["c"],
-        "parametrization": args.parametrization, "tokens": finished[0]["tokens"], "widths": widths,
+        "parametrization": args.parametrization, "tokens": wide_point["tokens"], "widths": widths,
         "points": fit["points"], "held_out_width": held["width"], "held_out_loss": held["loss"],
         "held_out_predicted": held["predicted"], "held_out_rel_error": held["rel_error"],
         "wide_width": wide, "wide_n": wide_point["n"], "wide_loss": wide_point["loss"],
         "wide_predicted": predicted_wide, "wide_rel_error": relative_error(predicted_wide, wide_point["loss"]),
-        "settings": vars(args), "sweep_dir": str(sweep), "wall_s": round(time.time() - t0, 1),
+        "settings": vars(args), "work_dir": str(work), "wall_s": round(time.time() - t0, 1),
         "machine": machine(),
     }
     rows = [[f"proxy {p['width']}", p["n"], p["loss"], law(p["n"]), None] for p in fit["points"]]

@@ -72,7 +72,9 @@ def shape_sweep(shapes: list[dict]) -> str:
 
 
 def _member_shape(member: dict) -> dict:
-    return OverridesParser.create().parse_overrides([f"x={member['swept'][SHAPE_KEY]}"])[0].value()
+    """The shape a member ran (from its overrides: swept or, in a one-member sweep, not)."""
+    override = next(o for o in reversed(member["overrides"]) if o.startswith(SHAPE_KEY + "="))
+    return OverridesParser.create().parse_overrides([override])[0].value()
 
 
 def points_of(cfg: RunConfig, finished: list[dict]) -> list[dict]:
@@ -83,7 +85,7 @@ def points_of(cfg: RunConfig, finished: list[dict]) -> list[dict]:
         stage = dataclasses.replace(cfg.schedule.stages[0], shape=ShapeConfig(**shape))
         spec = stage_spec(cfg, stage, vocab=1)  # N leaves the vocabulary out
         points.append({"width": shape["hidden"], "n": non_embedding_parameters(spec), "loss": m["final_val_loss"],
-                       "member": m["member"], "run_dir": m["run_dir"]})
+                       "tokens": m["tokens"], "member": m["member"], "run_dir": m["run_dir"]})
     return points
 
 
