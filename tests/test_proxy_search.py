@@ -116,6 +116,9 @@ def test_search_with_no_finished_member_exits_2_in_one_line(tmp_path, data_cache
     (["search.space=nope"], "grow: search: search.space: 'nope' is neither a preset (flm, lr_init) nor a file"),
     ([], "grow: search: nothing to search"),
     (["model.no_such_key=1,2"], "grow: config error: model.no_such_key"),
+    (["search.target=nope", "seed=0,1"], "grow: search: search.target: overrides: In 'config': Could not find "
+                                         "'schedule/nope'"),
+    (["seed=0,1", "model.init_std=[0.1"], "grow: config error: "),
 ])
 def test_search_refuses_bad_input_before_any_member_runs(tmp_path, capsys, args, message):
     code = grow_in_process("search", "schedule=proxy", *args, f"hydra.sweep.dir={tmp_path / 's'}")
@@ -133,6 +136,8 @@ def test_search_refuses_bad_input_before_any_member_runs(tmp_path, capsys, args,
     (["predict.widths=32,40,64"], "grow: predict: predict.widths: 40 is not a multiple"),
     (["predict.widths=32,48,64", "schedule=tiny"], "grow: predict: the proxy schedule 'tiny' has 3 stages"),
     (["predict.widths=32,48,64", "schedule.stages.0.lr.peak=1e-3,1e-2"], "grow: predict: swept overrides"),
+    (["predict.widths=32,48,64", "predict.target=nope"], "grow: predict: predict.target: overrides: In 'config': "
+                                                         "Could not find 'schedule/nope'"),
 ])
 def test_predict_refuses_bad_input_before_any_proxy_runs(tmp_path, capsys, args, message):
     code = grow_in_process("predict", "schedule=proxy", *args, f"hydra.sweep.dir={tmp_path / 'p'}")

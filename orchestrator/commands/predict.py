@@ -103,8 +103,12 @@ def _prepare(args: list[str]):
         raise UsageError("swept overrides (key=a,b) are not allowed: the widths are the sweep")
     cfg = load(cmd, planning=True)
     shapes = proxy_shapes(cfg, widths)
-    target = load(CommandLine([f"schedule={opts['target']}"], cmd.config_dir), planning=True) \
-        if "target" in opts else None
+    target = None
+    if "target" in opts:
+        try:
+            target = load(CommandLine([f"schedule={opts['target']}"], cmd.config_dir), planning=True)
+        except ConfigError as e:
+            raise UsageError(f"predict.target: {e}") from None
     return cmd, cfg, shapes, target
 
 

@@ -16,7 +16,7 @@ import math
 from rich.console import Console
 
 from orchestrator.atomic import write_json_atomic
-from orchestrator.commands.compose import compose, load, without_sweeps
+from orchestrator.commands.compose import CommandLine, compose, load, without_sweeps
 from orchestrator.commands.options import UsageError
 from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_CONFIG, exit_status, fail
@@ -37,10 +37,13 @@ def _prepare(args: list[str]):
         raise UsageError("nothing to search: give search.space=NAME|FILE or swept overrides (key=a,b)")
     base = without_sweeps(cmd)
     base.overrides = [o for o in base.overrides if o.partition("=")[0].lstrip("+~") not in space]
-    shared = load(type(base)(base.overrides + first_member(space), base.config_dir), planning=True)
+    shared = load(CommandLine(base.overrides + first_member(space), base.config_dir), planning=True)
     target = None
     if "target" in opts:
-        target = compose(type(base)([f"schedule={opts['target']}"], base.config_dir))
+        try:
+            target = compose(CommandLine([f"schedule={opts['target']}"], base.config_dir))
+        except ConfigError as e:
+            raise UsageError(f"search.target: {e}") from None
     return opts, cmd, base, space, shared, target
 
 

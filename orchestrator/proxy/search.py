@@ -12,9 +12,11 @@ from pathlib import Path
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from orchestrator.commands.options import UsageError
+from orchestrator.config.validate import composition_error
 from orchestrator.package_data import CONF_DIR
 
 SPACE_DIR = "search_space"
@@ -42,7 +44,11 @@ def load_space(name: str, config_dir: Path | None) -> dict[str, list]:
 def swept_on_command_line(overrides: list[str]) -> dict[str, list[str]]:
     """`key=a,b,c` overrides given with the search: part of the space too."""
     space = {}
-    for o in OverridesParser.create().parse_overrides(overrides):
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:  # a malformed override: one line naming it
+        raise composition_error(e) from None
+    for o in parsed:
         if o.is_sweep_override():
             space[o.get_key_element().lstrip("+~")] = list(o.sweep_string_iterator())
     return space
