@@ -82,12 +82,13 @@ def main() -> None:
         overrides += ["model.parametrization=mup", f"model.mup.base_hidden={base}"]
     cfg = load(CommandLine(overrides), planning=True)
     seeds = args.seeds.split(",")
-    work = Path(args.work_dir) / f"{args.parametrization}-{'-'.join(map(str, widths))}-{args.tokens}"
+    work = Path(args.work_dir) / f"{args.parametrization}-{args.tokens}"
     t0 = time.time()
     # the proxies at every seed (their mean loss per width is fitted), the wide model at the first
-    proxies = sweep_points(cfg, overrides + [f"seed={','.join(seeds)}"], proxy_shapes(cfg, widths), work / "proxies")
+    proxies = sweep_points(cfg, overrides + [f"seed={','.join(seeds)}"], proxy_shapes(cfg, widths),
+                           work / f"proxies-{'-'.join(map(str, widths))}-seeds-{'-'.join(seeds)}")
     wide_point = sweep_points(cfg, overrides + [f"seed={seeds[0]}"], proxy_shapes(cfg, [wide]),
-                              work / f"wide-x{args.wide_factor}")[0]
+                              work / f"width-{wide}-seed-{seeds[0]}")[0]
     fit = fit_with_held_out(mean_per_width(proxies))
     law = PowerLaw(fit["a"], fit["b"], fit["c"])
     predicted_wide = law(wide_point["n"])
