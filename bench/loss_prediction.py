@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-batches", type=int, default=64, help="final val loss over this many batches")
-    ap.add_argument("--seeds", default="0,1,2", help="each proxy at these seeds (mean loss fitted); the wide at the first")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help="each proxy at these seeds (mean loss fitted); the wide model at the first")
     ap.add_argument("--parametrization", default="standard", choices=("standard", "mup"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run; on a loaded CPU 2 threads ran 100x slower than 1 (spinning)")
@@ -112,7 +113,8 @@ def main() -> None:
     write_json("loss_prediction.json", result)
     plot = plot_fit(fit, RESULTS / "loss_prediction.png",
                     extra=[{"n": wide_point["n"], "loss": wide_point["loss"],
-                            "label": f"{args.wide_factor}x wider, unseen (error {100 * result['wide_rel_error']:.2f}%)"}],
+                            "label": f"{args.wide_factor}x wider, unseen "
+                                     f"(error {100 * result['wide_rel_error']:.2f}%)"}],
                     title=f"{LAW}, {args.parametrization}, {result['tokens']:,} tokens each")
     console.print(f"wrote {plot}")
 

@@ -173,7 +173,8 @@ def test_predict_fits_proxies_and_the_fit_reaches_plan_and_run(tmp_path, data_ca
         h = p["width"]
         assert p["n"] == 2 * (16 * h * h + 2 * h) + h
     held = fit["held_out"]
-    assert held["width"] == 64 and held["rel_error"] == pytest.approx(abs(held["predicted"] - held["loss"]) / held["loss"])
+    assert held["width"] == 64
+    assert held["rel_error"] == pytest.approx(abs(held["predicted"] - held["loss"]) / held["loss"])
     law = read_fit(sweep / "loss_fit.json")
     assert [s["name"] for s in fit["predictions"]["stages"]] == ["s1", "s2", "s3"]
     assert all(s["predicted_loss"] == pytest.approx(law(s["n"])) for s in fit["predictions"]["stages"])
