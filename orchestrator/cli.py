@@ -21,6 +21,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("orchestrator.commands.plan:plan_command",
              "cost of a schedule before it runs: per stage and vs from scratch, budget check\n"
              "          (grow plan schedule=flm101b cluster=a800_192 [budget.max_usd=N plan.fit=true])"),
+    "search": ("orchestrator.commands.search:search_command",
+               "sweep hyperparameters on a proxy, choose the best by val loss, print the overrides for a target\n"
+               "          (grow search schedule=proxy search.space=lr_init [search.target=SCHEDULE hydra/launcher=slurm_cpu])"),
+    "predict": ("orchestrator.commands.predict:predict_command",
+                "fit L(N) = a*N^b + c to proxies of several widths, predict a schedule's losses\n"
+                "          (grow predict schedule=proxy predict.widths=32,48,64,96 [predict.target=SCHEDULE])"),
     "submit": ("orchestrator.commands.submit:submit_command",
                "one chained Slurm job per stage (grow submit hydra.run.dir=runs/x [submit.dry_run=true])"),
     "status": ("orchestrator.commands.status:status_command",

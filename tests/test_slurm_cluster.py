@@ -230,3 +230,23 @@ def test_sweep_through_submitit_slurm(slurm, tmp_path, data_cache):
     assert len(parents) == 2
     assert sorted(r.data.params["sweep/seed"] for r in parents) == ["0", "1"]
     assert {r.info.run_id for r in parents} == {m["mlflow_parent_run_id"] for m in members}
+
+
+def test_search_through_submitit_slurm(slurm, tmp_path, data_cache):
+    """`grow search` on Slurm: the members are submitit jobs, the choice and MLflow as locally."""
+    sweep_dir, db = tmp_path / "search", tmp_path / "search.db"
+    proc = grow(tmp_path, "search", "hydra/launcher=submitit_slurm", "schedule=proxy",
+                "schedule.stages.0.tokens=2048", "schedule.stages.0.lr.min=1e-5",
+                "schedule.stages.0.lr.peak=1e-4,1e-2", "search.target=tiny", f"data.cache_dir={data_cache}",
+                "engine.threads=1", f"tracking.uri=sqlite:///{db}", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    report = json.loads((sweep_dir / "search.json").read_text())
+    assert list((sweep_dir / ".submitit").iterdir())  # the members really went through Slurm
+    losses = {m["swept"]["schedule.stages.0.lr.peak"]: m["final_val_loss"] for m in report["members"]}
+    assert report["finished"] == [0, 1] and losses["0.01"] < losses["0.0001"]
+    assert report["winner"]["swept"] == {"schedule.stages.0.lr.peak": "0.01"}
+    assert report["apply"] == ["schedule.stages.0.lr.peak=0.01"]  # tiny's later stages inherit it
+    assert "grow run schedule=tiny schedule.stages.0.lr.peak=0.01" in proc.stdout
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{db}")
+    for m in report["members"]:
+        assert client.get_run(m["mlflow_parent_run_id"]).data.tags["mlflow.parentRunId"] == report["mlflow_run_id"]

@@ -27,6 +27,7 @@ from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.config.validate import ConfigError, validate
 from orchestrator.engines.registry import check_parallel_layout
 from orchestrator.model import attention_flops_per_token, flops_per_token
+from orchestrator.proxy.scaling import predict, read_fit
 from orchestrator.schedule import (ResolvedStage, Schedule, long_steps, max_seq_len, resolve,
                                    tokens_of_steps)
 
@@ -117,6 +118,7 @@ class StagePlan:
     days: float
     usd: float
     state_gib_per_gpu: float
+    predicted_loss: float | None = None  # from plan.loss_fit (grow predict), at the proxies' tokens
 
 
 @dataclass
@@ -133,6 +135,7 @@ class Plan:
     budget: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     fit: dict | None = None
+    loss_fit: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -364,11 +367,16 @@ def make_plan(cfg: RunConfig) -> Plan:
         cfg = schedule.cfg
         fit["overrides"] = [f"schedule.stages.{i}.tokens={s.tokens}" for i, s in enumerate(cfg.schedule.stages)]
     stages = [_stage_plan(cfg, s) for s in schedule]
+    if cfg.plan.loss_fit is not None:
+        law = read_fit(cfg.plan.loss_fit)
+        for plan_stage, stage in zip(stages, schedule):
+            plan_stage.predicted_loss = predict(law, stage.spec)
     totals = _sum(stages)
     scratch = _scratch(cfg, schedule[-1], totals["tokens"])
     plan = Plan(schedule=cfg.schedule.name, cluster=cfg.cluster.name, recompute=cfg.plan.recompute,
                 vocab=schedule.vocab, stages=stages, totals=totals, scratch=scratch,
                 saving_pct=_saving(totals["gpu_hours"], scratch["gpu_hours"]),
-                saving_pct_flops=_saving(totals["flops"], scratch["flops"]), warnings=warnings, fit=fit)
+                saving_pct_flops=_saving(totals["flops"], scratch["flops"]), warnings=warnings, fit=fit,
+                loss_fit=cfg.plan.loss_fit)
     plan.budget = budget_check(cfg, plan, rates)
     return plan

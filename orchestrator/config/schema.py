@@ -201,6 +201,9 @@ class PlanConfig:
     fit: bool = False  # scale the stages' tokens so the plan fits budget.max_* (and uses it)
     fit_rule: str = "proportional"  # proportional: every stage's tokens x the same factor
     recompute: str = "none"  # none | selective | full: activation recomputation (time, not model FLOPs)
+    # A loss fit from `grow predict` (loss_fit.json): grow plan shows each stage's predicted
+    # loss; a finished grow run records predicted vs actual final val loss
+    loss_fit: Optional[str] = None
 
 
 @dataclass

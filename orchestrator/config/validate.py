@@ -29,6 +29,7 @@ from orchestrator.data.errors import DataError
 from orchestrator.data.mixture import check_ratios
 from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.model import flops_per_token
+from orchestrator.proxy.scaling import read_fit
 from orchestrator.schedule import (effective_growth, stage_spec, stage_steps, step_seq_len,
                                    tokenizer_vocab, tokens_of_steps)
 
@@ -353,6 +354,8 @@ def _check_cluster_budget_plan(cfg: RunConfig) -> None:
     _positive("budget.project_after_steps", b.project_after_steps)
     _choice("plan.fit_rule", p.fit_rule, ("proportional",))
     _choice("plan.recompute", p.recompute, ("none", "selective", "full"))
+    if p.loss_fit is not None:
+        read_fit(p.loss_fit)  # a missing or foreign file is refused before anything runs
 
 
 _SLURM_TIME = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"

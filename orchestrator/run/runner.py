@@ -24,6 +24,7 @@ from orchestrator.data import new_cursor, prepare_data
 from orchestrator.engines.registry import engine_kind
 from orchestrator.faults import failpoint
 from orchestrator.model import build_model
+from orchestrator.proxy.scaling import predicted_vs_actual
 from orchestrator.run.directory import checkpointed_before, pin_settings
 from orchestrator.run.evaluation import ValSet, val_sets
 from orchestrator.run.lock import RunLock, first_rank
@@ -413,12 +414,17 @@ def _finish(run: Run, entries: list[dict], status: str) -> dict:
     for e in entries:  # a stage run created after the store came back has its id only now
         e["mlflow_run_id"] = run.tracker.run_id(e["name"]) or e.get("mlflow_run_id")
     summary = build_summary(entries, run.budget.ledger, run.tracker.written_info, status)
-    write_summary(run.run_dir, summary)
     growth_steps, step = [], 0
     for e in entries:
         if e["growth"] and e["growth"]["operator"]:  # not a RoPE switch alone
             growth_steps.append((step, e["name"]))
         step += e["steps"]
+    if run.cfg.plan.loss_fit and status == "complete":  # predicted vs actual, into MLflow and the summary
+        summary["loss_prediction"] = predicted_vs_actual(run.cfg.plan.loss_fit, run.schedule[-1].spec,
+                                                         entries[-1]["val_loss"])
+        run.log(entries[-1]["name"], step, {f"predict/{k}": v for k, v in summary["loss_prediction"].items()
+                                            if isinstance(v, float)})
+    write_summary(run.run_dir, summary)
     plot = plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png", growth_steps)
     print_table(run.console, summary)
     for path in (run.run_dir / "config.json", run.run_dir / "summary.json", plot):

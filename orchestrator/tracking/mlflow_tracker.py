@@ -24,7 +24,7 @@ from orchestrator.config.schema import TrackingConfig
 from orchestrator.secrets import REDACTED, redact_config, redact_text, redact_url
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
-PARENT_KEYS = re.compile(r"^(train/loss|val/.*|budget/.*|growth/val_loss_.*)$")
+PARENT_KEYS = re.compile(r"^(train/loss|val/.*|budget/.*|growth/val_loss_.*|predict/.*)$")
 
 
 def default_tracking_uri() -> str:

@@ -1,0 +1,55 @@
+"""What `grow search` and `grow predict` share: their own `prefix.key=value` options among
+Hydra's overrides, a sweep run as `grow run -m` in this process (so a local sweep and one
+through hydra/launcher=submitit_slurm take the existing paths), and its finished members."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from orchestrator.commands.compose import CommandLine, parse_args
+from orchestrator.commands.options import parse_options
+from orchestrator.run.sweep import collect
+
+SWEEP_DIR = "hydra.sweep.dir"
+
+
+def split_options(args: list[str], prefix: str, allowed: tuple[str, ...]) -> tuple[dict[str, str], CommandLine]:
+    """(`prefix.key=value` options without the prefix, the rest as Hydra reads it)."""
+    own = [a[len(prefix):] for a in args if a.startswith(prefix)]
+    opts = parse_options(own, required=(), allowed=allowed)
+    return opts, parse_args([a for a in args if not a.startswith(prefix)])
+
+
+def sweep_dir(cmd: CommandLine, default_root: str, schedule: str) -> Path:
+    for o in reversed(cmd.overrides):
+        key, _, value = o.partition("=")
+        if key == SWEEP_DIR and "${" not in value:  # one with interpolations is replaced: we must know it
+            return Path(value)
+    return Path(default_root) / schedule / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def argv(cmd: CommandLine, overrides: list[str]) -> list[str]:
+    return (["--config-dir", str(cmd.config_dir)] if cmd.config_dir else []) + overrides
+
+
+def run_sweep(args: list[str]) -> int:
+    """`grow run -m args` here; its exit status. A member that fails ends a local sweep (the
+    members after it do not run), as in `grow run -m`; the finished ones still count."""
+    from orchestrator.commands.run import run_command  # loads Hydra's task path only now
+    try:
+        return run_command(["-m", *args])
+    except SystemExit as e:  # a member's known failure (run_job) or Hydra's own report
+        return e.code if isinstance(e.code, int) else 1
+
+
+def finished_members(directory: Path) -> tuple[list[dict], list[dict]]:
+    """(all members found in the sweep directory, those that completed with a finite loss)."""
+    members = collect(directory)["members"] if Path(directory).is_dir() else []
+    done = [m for m in members if m["status"] == "complete" and m.get("final_val_loss") is not None
+            and math.isfinite(m["final_val_loss"])]
+    return members, done
+
+
+def statuses(members: list[dict]) -> str:
+    return "; ".join(f"#{m['member']}: {m['status']}" for m in members) or "none ran"
