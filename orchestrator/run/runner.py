@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from growth_ops import ModelSpec, get_operator
-from growth_ops.spec import ARCHITECTURE
+from growth_ops.spec import ARCHITECTURE, PARAMETRIZATION
 
 from orchestrator.budget.control import RunBudget
 from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpoint_dir,
@@ -181,19 +181,26 @@ def _fresh_start(run: Run):
         return engine, state
     weights, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
     spec = ModelSpec.from_dict(meta["spec"])
-    for field in ("vocab", "head_dim", *ARCHITECTURE):
-        if getattr(spec, field) != getattr(stage.spec, field):
-            raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
-                                           f"this run's {getattr(stage.spec, field)!r} (model.* and the tokenizer "
-                                           "must match the checkpoint)")
+    check_same_model(spec, stage.spec, "init_from")
     engine, state.growth = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
     state.masks = engine.masks
     return engine, state
 
 
+def check_same_model(spec: ModelSpec, want: ModelSpec, key: str) -> None:
+    """A checkpoint's architecture and parametrization must be the run's (a muP checkpoint
+    read as standard would compute another function)."""
+    for field in ("vocab", "head_dim", *ARCHITECTURE, *PARAMETRIZATION):
+        if getattr(spec, field) != getattr(want, field):
+            raise ConfigError(key, f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
+                                   f"this run's {getattr(want, field)!r} (model.* and the tokenizer "
+                                   "must match the checkpoint)")
+
+
 def _resume_stage(run: Run, ckpt: Path):
     weights, moments, meta = run.read_checkpoint(ckpt)
     state = RunState.from_meta(meta)
+    check_same_model(state.spec, run.schedule[state.stage_index].spec, "run_dir")
     engine = run.engine(run.schedule[state.stage_index])
     engine.load(weights, moments, state.optimizer_step, state.masks)
     set_rng_state(state.rng)
