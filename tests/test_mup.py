@@ -212,11 +212,11 @@ def test_hf_export_folds_the_multipliers(tmp_path, tied):
 def test_deepspeed_grows_exactly_under_mup_and_matches_local(tmp_path, data_cache, tied):
     """The same three muP widenings on the deepspeed engine (TP=2, DP=1, gloo): every growth
     within 1e-5, and each stage's validation loss the local engine's."""
-    common = ["--config-dir", str(CONFIGS), "model.parametrization=mup", "tracking.enabled=false",
-              f"model.tie_embeddings={str(tied).lower()}"]
-    fork_grow(tmp_path, *common, "hydra.run.dir=local", cache=data_cache, schedule="mup_widths")
+    common = ["model.parametrization=mup", "tracking.enabled=false", f"model.tie_embeddings={str(tied).lower()}"]
+    flag = ["--config-dir", str(CONFIGS)]  # after the overrides: Hydra's parser takes them as one list
+    fork_grow(tmp_path, *common, "hydra.run.dir=local", *flag, cache=data_cache, schedule="mup_widths")
     fork_grow(tmp_path, *common, "engine=deepspeed", *[f"schedule.stages.{i}.layout.tp=2" for i in range(4)],
-              "hydra.run.dir=ds", cache=data_cache, schedule="mup_widths", timeout=900)
+              "hydra.run.dir=ds", *flag, cache=data_cache, schedule="mup_widths", timeout=900)
     want, got = read_summary(tmp_path / "local"), read_summary(tmp_path / "ds")
     assert got["status"] == "complete"
     for w, g in zip(want["stages"], got["stages"], strict=True):
