@@ -223,3 +223,23 @@ def test_deepspeed_grows_exactly_under_mup_and_matches_local(tmp_path, data_cach
         assert abs(g["val_loss"] - w["val_loss"]) <= 1e-5 * w["val_loss"], (w, g)
         if g["growth"]:
             assert abs(g["growth"]["val_loss_after"] - g["growth"]["val_loss_before"]) <= 1e-5
+
+
+@pytest.mark.parametrize("op_name", ["zero", "clone"])
+def test_offline_expand_of_a_mup_checkpoint_is_checked_and_exact(tmp_path, op_name):
+    """`grow expand` streams the grown muP state (the tied input scale included) and its
+    own check passes; the result equals the in-memory growth."""
+    from orchestrator.checkpoint.canonical import load_checkpoint
+    from orchestrator.commands.expand import expand_command
+    from tests.test_hf_interop import save_ours
+
+    old = mup_spec(32, tied=True)
+    state = build_model(old, seed=8).canonical_state()
+    save_ours(tmp_path / "ckpt", old, state)
+    assert expand_command([f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'g'}", f"growth={op_name}",
+                           "hidden=64", "ffn=128"]) == 0
+    grown, _, meta = load_checkpoint(tmp_path / "g")
+    new = ModelSpec.from_dict(meta["spec"])
+    assert new.is_mup and new.width_mult == 4 and grown[INPUT_SCALE].item() == 0.5
+    want, _, _ = get_operator(op_name).grow(state, old, new, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(grown["embed.weight"], want["embed.weight"])
