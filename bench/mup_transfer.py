@@ -3,10 +3,10 @@ widths on the embedded text, standard vs muP, validation loss against log2(lr) p
 Under muP the best learning rate is the same grid point at every width; under the standard
 parametrization it moves as the model widens.
 
-    nice python bench/mup_transfer.py                  # widths 16..128, 7 rates, ~5-10 min on 2 busy cores
+    nice python bench/mup_transfer.py                  # widths 32..256, 8 rates, ~10 min on 2 busy cores
     nice python bench/mup_transfer.py --widths 64,128,256,512 --steps 200 --head-dim 32   # a longer look
 
-The model is the project's DecoderLM (2 blocks, head_dim 8, heads and FFN grow with the
+The model is the project's DecoderLM (2 blocks, head_dim 16, heads and FFN grow with the
 width) trained with the project's AdamW (muP: hidden matrices at lr / m, m = width / the
 narrowest width) for --steps steps (linear warmup over the first fifth, then constant,
 gradient clipping 1, no weight decay) on the same batches for every run; the loss is the
@@ -67,14 +67,14 @@ def plot(losses: dict, widths: list[int], log2_lrs: list[float], path: Path) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--widths", default="16,32,64,128")
-    ap.add_argument("--log2-lrs", default="-11,-10,-9,-8,-7,-6,-5")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--widths", default="32,64,128,256")
+    ap.add_argument("--log2-lrs", default="-12,-11,-10,-9,-8,-7,-6,-5")
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--val-batches", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1: on a busy machine more threads only spin")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
