@@ -3,12 +3,12 @@ widths on the embedded text, standard vs muP, validation loss against log2(lr) p
 Under muP the best learning rate is the same grid point at every width; under the standard
 parametrization it moves as the model widens.
 
-    nice python bench/mup_transfer.py                  # widths 32..256, 8 rates, ~10 min on 2 busy cores
+    nice python bench/mup_transfer.py                  # widths 32..256, 8 rates, 2 runs at once: ~15 min on 2 busy cores
     nice python bench/mup_transfer.py --widths 64,128,256,512 --steps 200 --head-dim 32   # a longer look
 
 The model is the project's DecoderLM (2 blocks, head_dim 16, heads and FFN grow with the
 width) trained with the project's AdamW (muP: hidden matrices at lr / m, m = width / the
-narrowest width) for --steps steps (linear warmup over the first fifth, then constant,
+narrowest width) for --steps steps (linear warmup over the first tenth, then linear decay to 0,
 gradient clipping 1, no weight decay) on the same batches for every run; the loss is the
 mean over fixed validation batches. Writes bench/results/mup_transfer.json (every loss,
 the best learning rate per width and parametrization, and whether muP's is one grid point)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,11 +32,21 @@ from mup_setup import evaluate, spec_for, step, text_batches, trainer  # noqa: E
 PARAMETRIZATIONS = ("standard", "mup")
 
 
-def final_loss(hidden: int, parametrization: str, base: int, head_dim: int, lr: float, train, val) -> float:
+def lr_at(t: int, steps: int, peak: float) -> float:
+    """Linear warmup over the first tenth, then linear decay to 0 (the loss at the end is
+    then not the noise of the last steps at full rate)."""
+    warmup = max(1, steps // 10)
+    if t < warmup:
+        return peak * (t + 1) / warmup
+    return peak * (steps - t) / (steps - warmup)
+
+
+def final_loss(hidden: int, parametrization: str, base: int, head_dim: int, lr: float, train, val,
+               threads: int = 1) -> float:
+    torch.set_num_threads(threads)
     model, optimizer = trainer(spec_for(hidden, parametrization, base, head_dim=head_dim), seed=0)
-    warmup = max(1, len(train) // 5)
     for t, batch in enumerate(train):
-        loss = step(model, optimizer, batch, lr * min(1.0, (t + 1) / warmup))
+        loss = step(model, optimizer, batch, lr_at(t, len(train), lr))
         if not math.isfinite(loss):
             return float("nan")
     return evaluate(model, val)
@@ -70,11 +81,12 @@ def main() -> None:
     ap.add_argument("--widths", default="32,64,128,256")
     ap.add_argument("--log2-lrs", default="-12,-11,-10,-9,-8,-7,-6,-5")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--val-batches", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="1: on a busy machine more threads only spin")
+    ap.add_argument("--threads", type=int, default=1, help="per run; 1: on a busy machine more threads only spin")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,9 +95,13 @@ def main() -> None:
     train, val = text_batches(args.batch, args.seq, args.steps, args.val_batches)
     losses: dict = {p: {} for p in PARAMETRIZATIONS}
     best: dict = {p: {} for p in PARAMETRIZATIONS}
+    runs = [(p, w, x) for p in PARAMETRIZATIONS for w in widths for x in log2_lrs]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {run: pool.submit(final_loss, run[1], run[0], widths[0], args.head_dim, 2.0 ** run[2], train, val,
+                                    args.threads) for run in runs}
     for p in PARAMETRIZATIONS:
         for w in widths:
-            row = [final_loss(w, p, widths[0], args.head_dim, 2.0 ** x, train, val) for x in log2_lrs]
+            row = [futures[(p, w, x)].result() for x in log2_lrs]
             losses[p][str(w)] = row
             finite = [(y, x) for x, y in zip(log2_lrs, row) if math.isfinite(y)]
             best[p][str(w)] = min(finite)[1] if finite else None

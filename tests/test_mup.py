@@ -6,7 +6,8 @@ and bad input refused in one line."""
 from __future__ import annotations
 
 import io
-import math
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from growth_ops import ModelSpec, get_operator
 from growth_ops.spec import INPUT_SCALE
 from orchestrator.commands.run_job import precheck
 from orchestrator.config.errors import ConfigError
+from orchestrator.config.schema import TrainConfig
 from orchestrator.engines.base import adamw, set_lr
 from orchestrator.engines.local import LocalEngine
 from orchestrator.model import build_model
@@ -43,8 +45,6 @@ def test_init_and_learning_rates_follow_the_width_multiplier():
     assert state["layers.0.attn.q.weight"].std().item() == pytest.approx(0.02 / 4, rel=0.03)
     assert state["embed.weight"].std().item() == pytest.approx(0.02, rel=0.03)
     assert state["head.weight"].std().item() == pytest.approx(0.02, rel=0.03)
-    from orchestrator.config.schema import TrainConfig
-
     opt = adamw(model.named_parameters(), TrainConfig(), spec)
     set_lr(opt, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -161,9 +161,6 @@ def test_checkpoint_records_the_parametrization(tmp_path, data_cache):
     cfg = mup_run_config(tmp_path, data_cache, "schedule.stages.0.tokens=256", "run.only_stage=w32")
     run_schedule(cfg, console=Console(file=io.StringIO()))
     ckpt = read_summary(tmp_path / "run")["stages"][0]["checkpoint"]
-    import json
-    from pathlib import Path
-
     assert json.loads((Path(ckpt) / "meta.json").read_text())["spec"]["parametrization"] == "mup"
     plain = precheck(["--config-dir", str(CONFIGS), "schedule=mup_widths", "tracking.enabled=false",
                       f"data.cache_dir={data_cache}", f"hydra.run.dir={tmp_path / 'plain'}", f"init_from={ckpt}"])
