@@ -18,13 +18,13 @@ VOCAB = 320  # the byte tokenizer's 257 ids, padded to 64 as the runner does
 
 
 def spec_for(hidden: int, parametrization: str, base_hidden: int, layers: int = 2,
-             output_mult: float = 1.0, head_dim: int = HEAD_DIM) -> ModelSpec:
+             output_mult: float = 1.0, head_dim: int = HEAD_DIM, init_std: float = 0.02) -> ModelSpec:
     mup = {}
     if parametrization == "mup":
         mup = dict(parametrization="mup", mup_base_hidden=base_hidden, mup_output_mult=output_mult,
                    mup_embed_mult=1.0, mup_attn_scale="inv")
     return ModelSpec(layers=layers, hidden=hidden, ffn=2 * hidden, heads=hidden // head_dim,
-                     kv_heads=hidden // head_dim, head_dim=head_dim, vocab=VOCAB, **mup)
+                     kv_heads=hidden // head_dim, head_dim=head_dim, vocab=VOCAB, init_std=init_std, **mup)
 
 
 def text_batches(batch: int, seq: int, n_train: int, n_val: int, cache_dir: str | None = None):

@@ -7,7 +7,7 @@ parametrization it moves as the model widens.
     nice python bench/mup_transfer.py --widths 64,128,256,512 --steps 200 --head-dim 32   # a longer look
 
 The model is the project's DecoderLM (2 blocks, head_dim 16, heads and FFN grow with the
-width) trained with the project's AdamW (muP: hidden matrices at lr / m, m = width / the
+width; init std 0.02 under standard, the base width's 0.1 under muP) trained with the project's AdamW (muP: hidden matrices at lr / m, m = width / the
 narrowest width) for --steps steps (linear warmup over the first tenth, then linear decay to 0,
 gradient clipping 1, no weight decay) on the same batches for every run; the loss is the
 mean over fixed validation batches, averaged over --seeds inits. Writes
@@ -44,9 +44,9 @@ def lr_at(t: int, steps: int, peak: float) -> float:
 
 
 def final_loss(hidden: int, parametrization: str, base: int, head_dim: int, lr: float, train, val,
-               threads: int = 1, seed: int = 0) -> float:
+               threads: int = 1, seed: int = 0, init_std: float = 0.02) -> float:
     torch.set_num_threads(threads)
-    model, optimizer = trainer(spec_for(hidden, parametrization, base, head_dim=head_dim), seed=seed)
+    model, optimizer = trainer(spec_for(hidden, parametrization, base, head_dim=head_dim, init_std=init_std), seed=seed)
     for t, batch in enumerate(train):
         loss = step(model, optimizer, batch, lr_at(t, len(train), lr))
         if not math.isfinite(loss):
@@ -82,6 +82,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", default="32,64,128,256")
     ap.add_argument("--log2-lrs", default="-10,-9,-8,-7,-6,-5,-4")
+    ap.add_argument("--std-init-std", type=float, default=0.02, help="standard: GPT-2's init std")
+    ap.add_argument("--mup-init-std", type=float, default=0.1,
+                    help="muP: the base width's init std (0.02 leaves the base's hidden layers too small to learn "
+                         "in 80 steps, and muP transfers that to every width)")
     ap.add_argument("--seeds", type=int, default=2, help="inits per point; the loss is their mean")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=16)
@@ -99,10 +103,11 @@ def main() -> None:
     losses: dict = {p: {} for p in PARAMETRIZATIONS}
     best: dict = {p: {} for p in PARAMETRIZATIONS}
     regret: dict = {p: {} for p in PARAMETRIZATIONS}
+    init_std = {"standard": args.std_init_std, "mup": args.mup_init_std}
     runs = [(p, w, x, s) for p in PARAMETRIZATIONS for w in widths for x in log2_lrs for s in range(args.seeds)]
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = {run: pool.submit(final_loss, run[1], run[0], widths[0], args.head_dim, 2.0 ** run[2], train, val,
-                                    args.threads, run[3]) for run in runs}
+                                    args.threads, run[3], init_std[run[0]]) for run in runs}
     for p in PARAMETRIZATIONS:
         for w in widths:
             row = [sum(futures[(p, w, x, s)].result() for s in range(args.seeds)) / args.seeds for x in log2_lrs]
@@ -124,7 +129,7 @@ def main() -> None:
     console.print(f"one best grid point across widths: standard {same['standard']}, muP {same['mup']}")
     write_json("mup_transfer.json", {
         "widths": widths, "log2_lrs": log2_lrs, "steps": args.steps, "batch": args.batch, "seq_len": args.seq,
-        "head_dim": args.head_dim, "seeds": args.seeds, "base_hidden": widths[0], "val_loss": losses,
+        "head_dim": args.head_dim, "seeds": args.seeds, "init_std": init_std, "base_hidden": widths[0], "val_loss": losses,
         "best_log2_lr": best, "loss_lost_with_narrowest_best_lr": regret,
         "same_best_across_widths": same, "machine": machine()}, args.out)
     plot(losses, widths, log2_lrs, Path(args.out) / "mup_transfer.png")
