@@ -15,10 +15,10 @@ from typing import Callable, Iterator
 import torch
 
 from .init import init_tensor
-from .spec import (ARCHITECTURE, FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec, axis_size, buffer_axes,
-                   parameter_axes)
+from .spec import (ARCHITECTURE, FFN, HEADS, HIDDEN, INPUT_SCALE, KV, PARAMETRIZATION, Q, VOCAB, ModelSpec,
+                   axis_size, buffer_axes, parameter_axes)
 
-ARCH_FIELDS = (*ARCHITECTURE, "vocab")
+ARCH_FIELDS = (*ARCHITECTURE, *PARAMETRIZATION, "vocab")
 SHAPE_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 LAYER_INSERTS = ("append", "interleave")
 MOMENT_RULES = ("keep", "staged")
@@ -93,6 +93,23 @@ def new_layer_positions(layer_insert, old_layers: int, new_layers: int) -> list[
     return [p for p in range(new_layers) if p not in set(spots)]
 
 
+# -- muP across a change of width ---------------------------------------------------------
+
+def mup_reparam(old: ModelSpec, new: ModelSpec) -> dict[str, float]:
+    """Factors on copied entries that keep the function when the width multiplier changes
+    (muP only): the logits' factor output_mult / m becomes output_mult / m', so the readout
+    matrix is multiplied by r = m'/m, and with tied embeddings the recorded input scale is
+    divided by r (see growth_ops.spec.INPUT_SCALE). These change the parametrization, not
+    the function: Adam's moments follow the gradient's change whatever the moment rule
+    (`iter_moments`). New entries keep their init (the readout's base scale)."""
+    if not new.is_mup or new.hidden == old.hidden:
+        return {}
+    r = new.hidden / old.hidden
+    if new.tie_embeddings:
+        return {"embed.weight": r, INPUT_SCALE: 1.0 / r}
+    return {"head.weight": r}
+
+
 # -- the plan ----------------------------------------------------------------------------
 
 def layer_sources(old_layers: int, new_layers: int, layer_insert) -> list[int]:
@@ -120,6 +137,11 @@ class GrowthPlan:
     scales: dict[str, float] = field(default_factory=dict)  # generic name -> factor on copied entries
     moments_rule: str = "keep"
     init: str = "random"
+    reparam: dict[str, float] | None = None  # name -> muP factor on copied entries; None: from the specs
+
+    def __post_init__(self):
+        if self.reparam is None:
+            self.reparam = mup_reparam(self.old, self.new)
 
     @property
     def layers(self) -> list[int]:
@@ -146,7 +168,12 @@ class GrowthPlan:
         return None if src < 0 else f"layers.{src}.{rest}"
 
     def scale(self, name: str) -> float:
+        """The operator's factor on copied entries of `name`."""
         return self.scales.get(layer_name(name)[1], 1.0)
+
+    def copy_factor(self, name: str) -> float:
+        """Everything copied entries of `name` are multiplied by: the operator's scale and muP's."""
+        return self.scale(name) * self.reparam.get(name, 1.0)
 
     def gradient_scale(self, name: str, kinds: tuple[str, ...]) -> float:
         """How the loss gradient of a copied entry compares with the old entry's: if the new
@@ -249,11 +276,11 @@ def iter_grown(plan: GrowthPlan, fill: Fill, get_old: Callable[[str], torch.Tens
         src = plan.source(name)
         old = get_old(src) if src is not None else None
         if old is not None and fully_copied(plan, name, kinds):
-            out = place(None, old, kinds, plan.axes, plan.scale(name))
+            out = place(None, old, kinds, plan.axes, plan.copy_factor(name))
         else:
             out = fill(plan, name, shape, get_old, generator)
             if old is not None:
-                out = place(out.to(old.dtype), old, kinds, plan.axes, plan.scale(name))
+                out = place(out.to(old.dtype), old, kinds, plan.axes, plan.copy_factor(name))
         if finish is not None:
             out = finish(plan, name, out)
         yield name, out
@@ -276,7 +303,10 @@ def iter_moments(plan: GrowthPlan, get_old: Callable[[str], torch.Tensor | None]
     """Adam moments of the grown model. Entries copied from old ones carry the old moment
     (rule `keep`: unchanged; rule `staged`: rescaled to the grown model's gradient units,
     m * s and v * s^2 with s = `gradient_scale`, which is Staged Training's m/2, v/4 for a
-    x2 clone); new entries start at zero. The optimizer step count carries over unchanged."""
+    x2 clone); new entries start at zero. The optimizer step count carries over unchanged.
+    muP's reparametrization (`mup_reparam`: an entry times r) divides the gradient by r, so
+    its moments always get m / r and v / r^2: Adam's normalised update is then the one the
+    old moments gave, now in the new parametrization's units."""
     power = moment_power(kind)
     for name, kinds in parameter_axes(plan.new).items():
         shape = tuple(axis_size(plan.new, k) for k in kinds)
@@ -285,6 +315,7 @@ def iter_moments(plan: GrowthPlan, get_old: Callable[[str], torch.Tensor | None]
         out = torch.zeros(shape, dtype=old.dtype if old is not None else torch.float32)
         if old is not None:
             factor = plan.gradient_scale(name, kinds) ** power if plan.moments_rule == "staged" else 1.0
+            factor /= plan.reparam.get(name, 1.0) ** power
             out = place(out, old, kinds, plan.axes, factor)
         yield name, out
 

@@ -17,6 +17,9 @@ ROPE_SCALING = ("rope_theta", "rope_interpolation")
 # What the function depends on besides the shape and vocabulary: growth keeps these, and a
 # run's config (`model.*`, orchestrator.config.schema.ModelConfig; ROPE_SCALING per stage) sets them.
 ARCHITECTURE = ("norm", "mlp", "position", *ROPE_SCALING, "tie_embeddings", "norm_eps")
+# The parametrization (muP's base shape and multipliers, `model.parametrization` and
+# `model.mup.*`): growth keeps these too; the width multiplier follows the hidden size.
+PARAMETRIZATION = ("parametrization", "mup_base_hidden", "mup_output_mult", "mup_embed_mult", "mup_attn_scale")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,17 @@ class ModelSpec:
     rope_interpolation: float = 1.0  # linear position interpolation: RoPE sees position / this
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
-    init_std: float = 0.02  # of new weights (fresh models, random growth fill)
+    init_std: float = 0.02  # of new weights (fresh models, random growth fill); muP: the base shape's
+    # muP (Yang et al., Tensor Programs V) relative to a base shape of hidden size mup_base_hidden,
+    # width multiplier m = hidden / mup_base_hidden: hidden matrices init at init_std / sqrt(m)
+    # and trained at lr / m (orchestrator.engines.base.adamw), embeddings times mup_embed_mult,
+    # logits times mup_output_mult / m, attention scores times 1/head_dim ("inv") or
+    # 1/sqrt(head_dim) ("sqrt"). Under "standard" the mup_* fields are unused (None).
+    parametrization: str = "standard"  # standard | mup
+    mup_base_hidden: int | None = None
+    mup_output_mult: float | None = None
+    mup_embed_mult: float | None = None
+    mup_attn_scale: str | None = None  # sqrt | inv
 
     @property
     def q_dim(self) -> int:
@@ -49,6 +62,34 @@ class ModelSpec:
     def group_size(self) -> int:
         """Query heads per kv head (1 for multi-head attention)."""
         return self.heads // self.kv_heads
+
+    @property
+    def is_mup(self) -> bool:
+        return self.parametrization == "mup"
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier m (1 under the standard parametrization)."""
+        return self.hidden / self.mup_base_hidden if self.is_mup else 1.0
+
+    @property
+    def readout_mult(self) -> float | None:
+        """The factor on the logits (None: none, the standard parametrization)."""
+        return self.mup_output_mult / self.width_mult if self.is_mup else None
+
+    @property
+    def embed_mult(self) -> float | None:
+        return self.mup_embed_mult if self.is_mup else None
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Factor on q.k (None: scaled_dot_product_attention's default 1/sqrt(head_dim))."""
+        return 1.0 / self.head_dim if self.is_mup and self.mup_attn_scale == "inv" else None
+
+    @property
+    def has_input_scale(self) -> bool:
+        """muP with tied embeddings keeps a recorded input scale (see `INPUT_SCALE`)."""
+        return self.is_mup and self.tie_embeddings
 
     def with_shape(self, **shape) -> "ModelSpec":
         return replace(self, **shape)
@@ -102,9 +143,20 @@ def parameter_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
     return axes
 
 
+# muP with tied embeddings: a widening growth from m to m' must change the readout factor
+# output_mult / m to output_mult / m' without changing the function. The one matrix feeds the
+# input and the readout, so growth multiplies it by m'/m (the readout then computes the old
+# logits at its muP-correct factor for the new width) and divides this recorded scalar, which
+# multiplies the embedding output only, by m'/m (the input stays as it was). 1 in a fresh model.
+INPUT_SCALE = "embed_input_scale"
+
+
 def buffer_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
     """Non-trainable tensors that are part of the function (kept in checkpoints)."""
-    return {"alibi_slopes": (HEADS,)} if spec.position == "alibi" else {}
+    axes: dict[str, tuple[str, ...]] = {"alibi_slopes": (HEADS,)} if spec.position == "alibi" else {}
+    if spec.has_input_scale:
+        axes[INPUT_SCALE] = ()  # a scalar
+    return axes
 
 
 def axis_size(spec: ModelSpec, kind: str) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 
 from growth_ops.init import init_tensor
 from growth_ops.masks import MaskState
-from growth_ops.spec import ModelSpec, buffer_axes, count_parameters, parameter_axes
+from growth_ops.spec import INPUT_SCALE, ModelSpec, buffer_axes, count_parameters, parameter_axes
 
 
 class Norm(nn.Module):
@@ -153,6 +153,7 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, tp: int = 1, linear=plain_linear):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = spec.heads // tp, spec.kv_heads // tp, spec.head_dim
+        self.scale = spec.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.q = linear(spec.hidden, spec.q_dim, "column")
         self.k = linear(spec.hidden, spec.kv_dim, "column")
         self.v = linear(spec.hidden, spec.kv_dim, "column")
@@ -167,9 +168,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         gqa = self.kv_heads != self.heads
         if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
+                                               enable_gqa=gqa)
         if head_mask is not None:
             y = y * head_mask[None, :, None, None]
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
@@ -211,6 +213,21 @@ class Block(nn.Module):
         return x + a + f
 
 
+def embed_output(x: torch.Tensor, spec: ModelSpec, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """The embedding lookup's output under the parametrization: as it is (standard), or times
+    muP's embeddings multiplier (and, tied, the recorded input scale: growth_ops.spec.INPUT_SCALE)."""
+    if not spec.is_mup:
+        return x
+    x = x * spec.embed_mult
+    return x if input_scale is None else x * input_scale.to(x.dtype)
+
+
+def readout_input(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """The final norm's output as the head reads it: muP's readout factor output_mult / m is
+    applied here (on the hidden size, not the vocabulary; the logits are linear in it)."""
+    return x if spec.readout_mult is None else x * spec.readout_mult
+
+
 class DecoderLM(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -221,6 +238,8 @@ class DecoderLM(nn.Module):
         self.head = None if spec.tie_embeddings else nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.position == "alibi":
             self.register_buffer("alibi_slopes", torch.zeros(spec.heads))
+        if spec.has_input_scale:
+            self.register_buffer(INPUT_SCALE, torch.ones(()))
         self.hidden_mask: torch.Tensor | None = None
         self.positions = PositionTables(spec)
 
@@ -247,13 +266,13 @@ class DecoderLM(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
+        x = embed_output(self.embed(tokens), self.spec, getattr(self, INPUT_SCALE, None))
         if self.hidden_mask is not None:
             x = x * self.hidden_mask
         rope, bias = self.positions(tokens.shape[1], tokens.device, getattr(self, "alibi_slopes", None))
         for block in self.layers:
             x = block(x, self.hidden_mask, rope, bias)
-        x = self.final_norm(x, self.hidden_mask)
+        x = readout_input(self.final_norm(x, self.hidden_mask), self.spec)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)
 

@@ -36,12 +36,24 @@ def stage_rope_scaling(cfg: RunConfig, stage: StageConfig) -> dict:
     return scaling
 
 
+def parametrization_fields(cfg: RunConfig) -> dict:
+    """ModelSpec's parametrization fields from model.parametrization and model.mup (none under
+    standard); muP's base hidden size defaults to the first stage's."""
+    m = cfg.model
+    if m.parametrization != "mup":
+        return {}
+    base = m.mup.base_hidden or cfg.schedule.stages[0].shape.hidden
+    return {"parametrization": "mup", "mup_base_hidden": base, "mup_output_mult": m.mup.output_mult,
+            "mup_embed_mult": m.mup.embed_mult, "mup_attn_scale": m.mup.attn_scale}
+
+
 def stage_spec(cfg: RunConfig, stage: StageConfig, vocab: int) -> ModelSpec:
     m, s = cfg.model, stage.shape
     fixed = {f: getattr(m, f) for f in ARCHITECTURE if f not in ROPE_SCALING}
     return ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads,
                      kv_heads=s.kv_heads or s.heads, head_dim=s.hidden // s.heads, vocab=vocab,
-                     init_std=m.init_std, **fixed, **stage_rope_scaling(cfg, stage))
+                     init_std=m.init_std, **fixed, **stage_rope_scaling(cfg, stage),
+                     **parametrization_fields(cfg))
 
 
 def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:

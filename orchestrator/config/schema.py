@@ -13,6 +13,17 @@ from growth_ops.spec import ModelSpec
 
 
 @dataclass
+class MupConfig:
+    """muP's base shape and multipliers (used when model.parametrization=mup; see
+    growth_ops.spec.ModelSpec). model.init_std is the base shape's init std."""
+
+    base_hidden: Optional[int] = None  # the base shape's hidden size; null: the first stage's
+    output_mult: float = 1.0  # logits x output_mult / m, m = hidden / base_hidden
+    embed_mult: float = 1.0  # embedding output x embed_mult
+    attn_scale: str = "inv"  # inv: scores / head_dim (muP) | sqrt: / sqrt(head_dim)
+
+
+@dataclass
 class ModelConfig:
     """Architecture options fixed for the whole schedule (shapes live in the stages); the
     defaults are the canonical model's (growth_ops.spec.ModelSpec)."""
@@ -24,6 +35,8 @@ class ModelConfig:
     tie_embeddings: bool = ModelSpec.tie_embeddings
     norm_eps: float = ModelSpec.norm_eps
     init_std: float = ModelSpec.init_std
+    parametrization: str = ModelSpec.parametrization  # standard | mup (model.mup.* then applies)
+    mup: MupConfig = field(default_factory=MupConfig)
     vocab_size: Optional[int] = None  # null: the tokenizer's, padded to vocab_multiple
     vocab_multiple: int = 64
 

@@ -150,6 +150,25 @@ def _check_model(cfg: RunConfig) -> None:
                                               f">= {tokenizer}, or null for the tokenizer's size")
 
 
+def _check_parametrization(cfg: RunConfig) -> None:
+    """model.parametrization and, under muP, model.mup (its base shape must not be wider than
+    the first stage: m < 1 would be an extrapolation nobody tuned)."""
+    m = cfg.model
+    _choice("model.parametrization", m.parametrization, ("standard", "mup"))
+    if m.parametrization != "mup":
+        return
+    mup, first = m.mup, cfg.schedule.stages[0]
+    _positive("model.mup.base_hidden", mup.base_hidden)
+    if mup.base_hidden is not None and mup.base_hidden > first.shape.hidden:
+        raise ConfigError("model.mup.base_hidden", f"{mup.base_hidden} is larger than the first stage's "
+                                                   f"hidden size {first.shape.hidden} ({first.name!r}); the "
+                                                   f"base shape is the small proxy: allowed: 1..{first.shape.hidden}, "
+                                                   "or null for the first stage's")
+    _positive("model.mup.output_mult", mup.output_mult)
+    _positive("model.mup.embed_mult", mup.embed_mult)
+    _choice("model.mup.attn_scale", mup.attn_scale, ("inv", "sqrt"))
+
+
 def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig | None) -> None:
     key = f"schedule.stages.{i}"
     if not stage.name or "/" in stage.name:
@@ -431,6 +450,7 @@ def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise ConfigError(f"schedule.stages.{i}.name", f"{name!r} is used by two stages")
+    _check_parametrization(cfg)
     for i, stage in enumerate(stages):
         _check_stage(cfg, i, stage, stages[i - 1] if i else None)
     _check_budget_covers_a_step(cfg)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from growth_ops.init import is_hidden_matrix
 from growth_ops.masks import MaskState
 from growth_ops.spec import ModelSpec
 
@@ -64,15 +65,26 @@ class Engine(ABC):
         return None
 
 
-def adamw(params, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or slopes)."""
-    params = [p for p in params if p.requires_grad]
+def adamw(named_params, train: TrainConfig, spec: ModelSpec) -> torch.optim.AdamW:
+    """AdamW over (canonical name, parameter) pairs, with weight decay on matrices only (not
+    on norms, biases or slopes). Under muP (microsoft/mup's MuAdam rule) the hidden matrices
+    form their own group at learning rate lr / m; embeddings, the readout and vectors stay at
+    lr. Each group's `lr_mult` is applied by `set_lr`, so an engine built for a grown stage
+    trains at the new width's rates from its first step."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    matrices = [(n, p) for n, p in named if p.ndim >= 2]
+    if spec.is_mup:
+        groups = [([p for n, p in matrices if is_hidden_matrix(n, p.ndim)], train.weight_decay, 1.0 / spec.width_mult),
+                  ([p for n, p in matrices if not is_hidden_matrix(n, p.ndim)], train.weight_decay, 1.0)]
+    else:
+        groups = [([p for _, p in matrices], train.weight_decay, 1.0)]
+    groups.append(([p for _, p in named if p.ndim < 2], 0.0, 1.0))
     return torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        [{"params": params, "weight_decay": decay, "lr_mult": mult} for params, decay, mult in groups if params],
         lr=0.0, betas=(train.beta1, train.beta2), eps=train.eps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate, times each group's muP multiplier (1 under the standard parametrization)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)

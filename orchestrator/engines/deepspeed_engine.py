@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from growth_ops.masks import MaskState
-from growth_ops.spec import ModelSpec
+from growth_ops.spec import INPUT_SCALE, ModelSpec
 
 from orchestrator.checkpoint.canonical import MOMENTS
 from orchestrator.config.schema import RunConfig
@@ -129,9 +129,9 @@ class DeepSpeedEngine(Engine):
         return out
 
     def _owns(self, name: str) -> bool:
-        """Tensors present on several pipeline stages (tied embedding, ALiBi slopes) are
-        written by stage 0 only."""
-        return self.pp_rank == 0 or name not in ("embed.weight", "alibi_slopes")
+        """Tensors present on several pipeline stages (tied embedding and its muP input
+        scale, ALiBi slopes) are written by stage 0 only."""
+        return self.pp_rank == 0 or name not in ("embed.weight", "alibi_slopes", INPUT_SCALE)
 
     def _local(self, tensors, name: str) -> torch.Tensor:
         """This rank's TP slice of canonical tensor `name` from `tensors` (a dict, or a
@@ -163,7 +163,8 @@ class DeepSpeedEngine(Engine):
         with torch.no_grad():
             for param, local in slices:
                 param.copy_(local)
-        optimizer = adamw(self.module.parameters(), self.cfg.train)
+        names = {id(t): name for name, t in self._slices()}
+        optimizer = adamw(((names[id(p)], p) for p in self.module.parameters()), self.cfg.train, self.spec)
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
                                                mpu=None if self.pipelined else MegatronMpu())
         if self.pipelined:

@@ -29,7 +29,7 @@ class LocalEngine(Engine):
         with torch.device("meta"):  # no default init: load() sets every weight
             self.model = DecoderLM(self.spec)
         self.model.to_empty(device=self.device)
-        self.optimizer = adamw(self.model.parameters(), cfg.train)
+        self.optimizer = adamw(self.model.named_parameters(), cfg.train, self.spec)
         self.masks: MaskState | None = None
 
     # -- canonical state -------------------------------------------------------------

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growth_ops.spec import ModelSpec, layer_parameter_axes
+from growth_ops.spec import INPUT_SCALE, ModelSpec, layer_parameter_axes
 
-from orchestrator.model import Block, Norm, PositionTables
+from orchestrator.model import Block, Norm, PositionTables, embed_output, readout_input
 
 
 def _zeros(weight: torch.Tensor) -> None:  # weights come from the canonical state
@@ -78,23 +78,27 @@ class EmbedLayer(nn.Module):
 
         self.embed = VocabParallelEmbedding(spec.vocab, spec.hidden, init_method=_zeros, config=config)
         self.weight = self.embed.weight  # the tied attribute DeepSpeed syncs
-        self.box = box
+        self.spec, self.box = spec, box
+        if spec.has_input_scale:
+            self.register_buffer(INPUT_SCALE, torch.ones(()))
 
     def forward(self, tokens):
-        x = self.embed(tokens)
+        x = embed_output(self.embed(tokens), self.spec, getattr(self, INPUT_SCALE, None))
         if self.box.hidden is not None:
             x = x * self.box.hidden
         return x
 
     def canonical_slices(self):
         yield "embed.weight", self.weight
+        if self.spec.has_input_scale:
+            yield INPUT_SCALE, getattr(self, INPUT_SCALE)
 
 
 def tied_head_forward(module: EmbedLayer, x):
     """Logits of this rank's vocab slice with the embedding weight (tied head)."""
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    return F.linear(copy_to_tensor_model_parallel_region(x), module.weight)
+    return F.linear(copy_to_tensor_model_parallel_region(readout_input(x, module.spec)), module.weight)
 
 
 class BlockLayer(nn.Module):
@@ -134,10 +138,11 @@ class FinalNormLayer(nn.Module):
 class HeadLayer(nn.Module):
     def __init__(self, spec: ModelSpec, config):
         super().__init__()
+        self.spec = spec
         self.head = tp_linear_factory(config)(spec.hidden, spec.vocab, "column")
 
     def forward(self, x):
-        return self.head(x)
+        return self.head(readout_input(x, self.spec))
 
     def canonical_slices(self):
         yield "head.weight", self.head.weight

@@ -13,7 +13,8 @@ Only the Llama architecture maps one to one: RMSNorm, SwiGLU, RoPE (default rope
 rotate-half layout, which our `apply_rope` uses too), any GQA ratio, tied or untied
 embeddings, no biases. Tensors are streamed one at a time in both directions; import
 writes fp32 with zero optimizer moments (step 0). transformers is not needed to import,
-and is only used on export to write a complete config.json.
+and is only used on export to write a complete config.json. A muP checkpoint exports with
+its multipliers folded into the weights (`folded_mup`), tied embeddings as two matrices.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import torch
 from safetensors import SafetensorError
 
 from growth_ops import MaskState, ModelSpec, iter_grown
+from growth_ops.common import mup_reparam
 from growth_ops.msg import unmasked_plan
-from growth_ops.spec import axis_size, parameter_axes
+from growth_ops.spec import INPUT_SCALE, axis_size, parameter_axes
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
 from orchestrator.offline.expand import check_state
 from orchestrator.offline.outputs import (OfflineError, check_output, publish_dir, staged_dir,
@@ -184,9 +186,44 @@ def hf_config(spec: ModelSpec, max_positions: int = 2048):
                        num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, hidden_act="silu",
                        rms_norm_eps=spec.norm_eps, initializer_range=spec.init_std,
                        rope_parameters=hf_rope_parameters(spec),
-                       tie_word_embeddings=spec.tie_embeddings, attention_bias=False, mlp_bias=False,
+                       tie_word_embeddings=hf_tied(spec), attention_bias=False, mlp_bias=False,
                        max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=None,
                        pad_token_id=None)
+
+
+def hf_tied(spec: ModelSpec) -> bool:
+    """muP's tied matrix reads differently as input and readout (multipliers), so it is
+    exported as two matrices."""
+    return spec.tie_embeddings and not spec.is_mup
+
+
+def hf_layout(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) in the order the export writes them."""
+    layout = [(hf_name(n), tuple(axis_size(spec, k) for k in kinds)) for n, kinds in parameter_axes(spec).items()]
+    if spec.tie_embeddings and not hf_tied(spec):
+        layout.append(("lm_head.weight", (spec.vocab, spec.hidden)))
+    return layout
+
+
+def folded_mup(spec: ModelSpec, tensors, input_scale: float):
+    """(HF name, tensor) with muP's multipliers folded into the weights, so transformers'
+    Llama (which has none) computes the same logits: the embedding times embed_mult (and the
+    tied input scale), the readout times output_mult / m (tied: a separate lm_head), and
+    with attn_scale=inv the query projection times 1/sqrt(head_dim) (Llama divides q.k by
+    sqrt(head_dim); RoPE is linear, so the factor passes through it)."""
+    q_factor = spec.attention_scale * spec.head_dim ** 0.5 if spec.attention_scale is not None else 1.0
+    for name, t in tensors:
+        if name == "embed.weight":
+            if spec.tie_embeddings:
+                readout = t * spec.readout_mult
+            t = t * (spec.embed_mult * input_scale)
+        elif name == "head.weight":
+            t = t * spec.readout_mult
+        elif name.endswith("attn.q.weight") and q_factor != 1.0:
+            t = t * q_factor
+        yield hf_name(name), t
+    if spec.tie_embeddings:
+        yield "lm_head.weight", readout
 
 
 def _no_new_entries(*_):
@@ -239,10 +276,16 @@ def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | 
     except ValueError as e:  # transformers' own validation, in one line
         raise OfflineError("model", f"transformers refuses this shape: {str(e).splitlines()[-1].strip()}") from None
     cfg.dtype = HF_DTYPES[dtype]
-    layout = [(hf_name(n), dtype, tuple(axis_size(spec, k) for k in kinds))
-              for n, kinds in parameter_axes(spec).items()]
+    layout = [(n, dtype, shape) for n, shape in hf_layout(spec)]
+    if spec.is_mup:
+        # the tied input scale of the exported shape (masks=drop narrows it: muP's reparametrization)
+        input_scale = (float(model[INPUT_SCALE]) * mup_reparam(stored_spec, spec).get(INPUT_SCALE, 1.0)
+                       if spec.has_input_scale else 1.0)
+        named = folded_mup(spec, tensors, input_scale)
+    else:
+        named = ((hf_name(n), t) for n, t in tensors)
     with staged_dir(out) as tmp:
-        write_safetensors_stream(tmp / "model.safetensors", layout, ((hf_name(n), t) for n, t in tensors))
+        write_safetensors_stream(tmp / "model.safetensors", layout, named)
         cfg.save_pretrained(tmp)
         publish_dir(tmp, out)
     return spec, warnings

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from growth_ops import ModelSpec, get_operator
-from growth_ops.spec import ARCHITECTURE
+from growth_ops.spec import ARCHITECTURE, PARAMETRIZATION
 
 from orchestrator.budget.control import RunBudget
 from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpoint_dir,
@@ -264,14 +264,20 @@ def _fresh_start(run: Run):
     spec = ModelSpec.from_dict(meta["spec"])
     # the run starts at model.rope_theta without interpolation; stage 1's `position` may switch from there
     start = dataclasses.replace(stage.spec, rope_theta=cfg.model.rope_theta, rope_interpolation=1.0)
-    for field in ("vocab", "head_dim", *ARCHITECTURE):
-        if getattr(spec, field) != getattr(start, field):
-            raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
-                                           f"this run's {getattr(start, field)!r} (model.* and the tokenizer "
-                                           "must match the checkpoint)")
+    check_same_model(spec, start, "init_from")
     engine, state.growth = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
     state.masks = engine.masks
     return engine, state
+
+
+def check_same_model(spec: ModelSpec, want: ModelSpec, key: str) -> None:
+    """A checkpoint's architecture and parametrization must be the run's (a muP checkpoint
+    read as standard would compute another function)."""
+    for field in ("vocab", "head_dim", *ARCHITECTURE, *PARAMETRIZATION):
+        if getattr(spec, field) != getattr(want, field):
+            raise ConfigError(key, f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
+                                   f"this run's {getattr(want, field)!r} (model.* and the tokenizer "
+                                   "must match the checkpoint)")
 
 
 def _resume_stage(run: Run, ckpt: Path):
@@ -282,6 +288,7 @@ def _resume_stage(run: Run, ckpt: Path):
         raise CheckpointError(f"{ckpt}: RoPE scaling {state.spec.rope_scaling()} differs from stage "
                               f"{stage.name!r}'s {stage.spec.rope_scaling()}")
     engine = run.engine(stage)
+    check_same_model(state.spec, stage.spec, "run_dir")
     engine.load(weights, moments, state.optimizer_step, state.masks)
     set_rng_state(state.rng)
     run.budget.ledger = state.ledger
