@@ -57,6 +57,11 @@ class Engine(ABC):
         """None: this process writes whole checkpoints alone."""
         return None
 
+    def written_names(self) -> list[str] | None:
+        """The canonical tensors this rank writes into its shard (see `shard_role`), or None
+        when this process writes them all. A growth transition grows exactly these here."""
+        return None
+
 
 def adamw(params, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms, biases or slopes)."""

@@ -225,9 +225,9 @@ class DeepSpeedEngine(Engine):
             zopt._lazy_init_hp_params_optimizer_state()
         state: dict = {}
         moments: dict = {k: {} for k in MOMENTS}
-        owned = [(n, t) for n, t in self._slices() if self._owns(n)]
-        for j, (name, t) in enumerate(owned):
-            writer = self.dp_rank == 0 and j % self.tp == self.tp_rank
+        mine = set(self.written_names())
+        for name, t in [(n, t) for n, t in self._slices() if self._owns(n)]:
+            writer = name in mine
             master = safe_get_full_fp32_param(t) if self.bf16 and hasattr(t, "_hp_mapping") else None
             full = self._gather_tp((t.detach() if master is None else master).float(), name)
             if writer:
@@ -242,6 +242,13 @@ class DeepSpeedEngine(Engine):
         if has_state:
             step = int(next(iter(zopt.optimizer.state.values()))["step"])
         return state, moments, step
+
+    def written_names(self) -> list[str]:
+        """Of the tensors this pipeline stage owns, one in every `tp` (in model order) on
+        each TP rank of DP rank 0; none on the other DP ranks. Each name once (every block
+        of an ALiBi model holds the same slopes)."""
+        owned = list(dict.fromkeys(n for n, _ in self._slices() if self._owns(n)))
+        return [n for j, n in enumerate(owned) if self.dp_rank == 0 and j % self.tp == self.tp_rank]
 
     def shard_role(self) -> ShardRole:
         """Writers: the TP x PP ranks of DP rank 0, one file each."""

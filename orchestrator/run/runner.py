@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from growth_ops import ModelSpec, get_operator
 from growth_ops.spec import ARCHITECTURE
 
 from orchestrator.budget.control import RunBudget
-from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpoint_dir,
-                                               latest_checkpoint, load_checkpoint, open_checkpoint, read_meta)
+from orchestrator.checkpoint.canonical import (CheckpointError, checkpoint_dir, latest_checkpoint,
+                                               open_checkpoint, open_tensors, read_meta, seal_and_publish)
+from orchestrator.checkpoint.grown import write_grown_shares
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError
 from orchestrator.data import new_cursor, prepare_data, validation_batches
@@ -26,7 +29,8 @@ from orchestrator.faults import failpoint
 from orchestrator.model import build_model
 from orchestrator.run.directory import checkpointed_before, pin_settings
 from orchestrator.run.lock import RunLock, first_rank
-from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
+from orchestrator.run.stage_loop import (SignalFlag, StageLoop, StopRequested, checkpoint_meta, save_state,
+                                        set_rng_state)
 from orchestrator.run.state import NextStage, RunState, next_stage
 from orchestrator.schedule import ResolvedStage, resolve
 from orchestrator.tracking.mlflow_tracker import make_tracker
@@ -76,10 +80,11 @@ class Run:
         self.metrics.write(stage, step, metrics)
         self.tracker.flush()
 
-    def read_checkpoint(self, path: Path):
-        """(weights, moments, meta): a slice-reading engine opens it lazily and reads only
-        its slices; the others load it whole."""
-        return open_checkpoint(path) if self.kind.reads_slices else load_checkpoint(path)
+    def read_checkpoint(self, path: Path, check: bool = True):
+        """(weights, moments, meta), opened lazily: engines and growth read tensor by tensor
+        (a slice-reading engine only its slices). `check=False`: a checkpoint this job has
+        just sealed, not hashed again."""
+        return open_checkpoint(path, check)
 
     def engine(self, stage: ResolvedStage):
         return self.kind.create(self.cfg, stage)
@@ -103,11 +108,12 @@ def _flat_params(d: dict, prefix: str = "") -> dict:
 
 
 def _grow_into(run: Run, index: int, prev: RunState, source: dict):
-    """Start stage `index` from the finished stage before it (`prev`), whose weights and
-    moments are in `source` ({"weights", "moments"}, and "engine": the finished engine when
-    this process just trained it, for the 'before' loss). Entries are taken out of the dict,
-    so the old engine is freed once it has served the check. The grown state is saved as
-    the stage's step 0: the growth happens once, even if the run dies right after."""
+    """Start stage `index` from the finished stage before it (`prev`), whose checkpoint's
+    weights and moments `source` holds opened lazily ({"weights", "moments"}, and "engine":
+    the finished engine when this process just trained it, for the 'before' loss). Entries
+    are taken out of the dict, so the old engine is freed once it has served the check. The
+    grown state is the stage's step-0 checkpoint: the growth happens once, even if the run
+    dies right after."""
     stage = run.schedule[index]
     lr = stage.config.lr
     state = RunState(stage_index=index, stage_name=stage.name, steps_total=stage.steps, spec=stage.spec,
@@ -115,44 +121,61 @@ def _grow_into(run: Run, index: int, prev: RunState, source: dict):
                      ledger=prev.ledger, global_step_start=prev.global_step,
                      completed_stages=prev.completed_stages)
     run.budget.ledger = state.ledger
-    engine, state.growth = _start_stage(run, stage, source.pop("weights"), source.pop("moments"), prev.spec,
-                                        prev.optimizer_step, prev.stage_name, source.pop("engine", None))
-    save_state(run, engine, state)
+    engine, state.growth, grown = _start_stage(run, stage, source.pop("weights"), source.pop("moments"),
+                                               prev.spec, prev.optimizer_step, prev.stage_name,
+                                               source.pop("engine", None))
+    if grown is None:  # same shape: nothing grown, the engine writes its state
+        save_state(run, engine, state)
+        return engine, state
+    state.optimizer_step = prev.optimizer_step
+    meta = checkpoint_meta(run, engine, state)
+    role = engine.shard_role()
+    if role is None or role.leader:  # the files the engine loaded are what it would export now
+        seal_and_publish(grown, checkpoint_dir(run.run_dir, index, stage.name, 0), meta)
+        run.tracker.flush(force=True)
+    if role is not None:
+        role.barrier()
     return engine, state
 
 
 def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec, opt_step: int,
                  source: str, old_engine=None):
     """The engine for `stage`, from a model state of shape `old_spec` (and its Adam
-    moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine
-    and the growth record; a preserving operator must keep the validation loss, measured
-    before growth by `old_engine` if given (it holds `weights`, masks done) or by a new one."""
+    moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine,
+    the growth record and the staging dir of the grown, unsealed step-0 checkpoint (None
+    without growth). A preserving operator must keep the validation loss, measured before
+    growth by `old_engine` if given (it holds `weights`, masks done) or by a new one.
+
+    No process holds more than its own slice of the grown state and a few tensors: the
+    growth is written once, tensor by tensor from the old files, each writer rank growing
+    the tensors it owns (`Engine.written_names`) into its shard; then every rank loads its
+    slices from those files, as a resume does."""
     new_spec = stage.spec
     if old_spec == new_spec:
         engine = run.engine(stage)
         engine.load(weights, moments, opt_step, None)
-        return engine, None
+        return engine, None, None
+    started = time.time()
     growth = stage.growth
     op = get_operator(growth.operator)
+    plan, masks = op.prepare(old_spec, new_spec, ramp_steps=growth.ramp_steps, layer_insert=growth.layer_insert,
+                             init=growth.init, moments=growth.moments)
     batches = run.val_batches(stage)
     if old_engine is None:
         old_engine = run.engine(dataclasses.replace(stage, spec=old_spec))
         old_engine.load(weights, None, 0, None)
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
-    # growth maps whole tensors: every rank of the new layout grows the full state
-    weights = dict(weights.items())
+    gc.collect()  # DeepSpeed's engine keeps reference cycles: free the old model before the new one
+    engine = run.engine(stage)  # this rank's slices of the new model, filled by load below
+    role = engine.shard_role()
     generator = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + stage.index)
-    grown, masks, maps = op.grow(weights, old_spec, new_spec, ramp_steps=growth.ramp_steps,
-                                 layer_insert=growth.layer_insert, generator=generator,
-                                 init=growth.init, moments=growth.moments)
-    # masks is None for operators exact without masks (zero, clone) and for stack
-    grown_moments = None
-    if opt_step:
-        grown_moments = {k: op.grow_moments(dict(moments[k].items()), old_spec, new_spec, maps, kind=k)
-                         for k in MOMENTS}
-    engine = run.engine(stage)
-    engine.load(grown, grown_moments, opt_step, masks)
+    grown = write_grown_shares(checkpoint_dir(run.run_dir, stage.index, stage.name, 0), role,
+                               engine.written_names(), op=op, plan=plan, weights=weights,
+                               moments=moments if opt_step else None, generator=generator)
+    weights = moments = None
+    grown_weights, grown_moments = open_tensors(grown)
+    engine.load(grown_weights, grown_moments if opt_step else None, opt_step, masks)
     after = engine.evaluate(batches, exact=True)
     failpoint("growth.done")
     run.console.print(f"[bold]grow[/] {source} -> {stage.name} with {growth.operator}: "
@@ -160,12 +183,15 @@ def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: Mod
     # the local engine checks in fp32 even when it trains in bf16; deepspeed bf16 cannot
     tolerance = growth.tolerance if engine.check_dtype == "fp32" else growth.tolerance_bf16
     if op.preserves_function and not abs(after - before) <= tolerance:  # a NaN fails too
+        if role is None or role.leader:
+            shutil.rmtree(grown, ignore_errors=True)  # never published
         raise GrowthCheckError(
             f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
             f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
             f"{tolerance:g} in {engine.check_dtype}); the operator did not preserve the function")
     return engine, {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
-                    "preserves_function": op.preserves_function, "check_dtype": engine.check_dtype}
+                    "preserves_function": op.preserves_function, "check_dtype": engine.check_dtype,
+                    "started_at": started, "seconds": round(time.time() - started, 3)}, grown
 
 
 def _fresh_start(run: Run):
@@ -179,14 +205,20 @@ def _fresh_start(run: Run):
         engine = run.engine(stage)
         engine.load(build_model(stage.spec, seed=cfg.seed).canonical_state(), None, 0, None)
         return engine, state
-    weights, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
+    weights, _, meta = open_checkpoint(Path(cfg.init_from).expanduser())
     spec = ModelSpec.from_dict(meta["spec"])
     for field in ("vocab", "head_dim", *ARCHITECTURE):
         if getattr(spec, field) != getattr(stage.spec, field):
             raise ConfigError("init_from", f"the checkpoint's {field}={getattr(spec, field)!r} differs from "
                                            f"this run's {getattr(stage.spec, field)!r} (model.* and the tokenizer "
                                            "must match the checkpoint)")
-    engine, state.growth = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
+    engine, state.growth, grown = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
+    if grown is not None:  # loaded; the stage's first checkpoint is written by training
+        role = engine.shard_role()
+        if role is not None:
+            role.barrier()
+        if role is None or role.leader:
+            shutil.rmtree(grown, ignore_errors=True)
     state.masks = engine.masks
     return engine, state
 
@@ -296,7 +328,7 @@ def _run(run: Run) -> dict:
             loop = StageLoop(run, stage, engine, state)
             outcome = loop.train(signals)
             if outcome != "complete":
-                path, _ = save_state(run, engine, state)
+                path = save_state(run, engine, state)
                 console.print(f"[yellow]stopped at the step boundary before {outcome} would be "
                               f"exceeded[/]; checkpoint {path}")
                 entry = {**loop.summary_entry(), "checkpoint": str(path)}
@@ -304,7 +336,7 @@ def _run(run: Run) -> dict:
             entry = loop.summary_entry()
             entry["checkpoint"] = str(checkpoint_dir(run.run_dir, index, stage.name, state.step))
             state.completed_stages = state.completed_stages + [entry]
-            final, written = save_state(run, engine, state, complete=True)
+            final = save_state(run, engine, state, complete=True)
             failpoint("stage.complete")
             run.tracker.finish_stage(stage.name)
             console.print(f"[green]stage {stage.name} done[/]: val loss {state.val_loss:.4f}")
@@ -312,12 +344,9 @@ def _run(run: Run) -> dict:
                 return _finish(run, state.completed_stages, "complete")
             if index == only:  # one stage per job: growth into the next happens in its own job
                 return _finish(run, state.completed_stages, f"stopped: run.only_stage={stage.name} done")
-            if written is not None:  # this process wrote `final` whole: grow from memory
-                source = {"weights": written[0], "moments": written[1], "engine": engine}
-            else:
-                weights, moments, _ = run.read_checkpoint(final)
-                source = {"weights": weights, "moments": moments}
-            engine = loop = written = None  # `source` holds the only references now
+            weights, moments, _ = run.read_checkpoint(final, check=False)  # grown from disk, tensor by tensor
+            source = {"weights": weights, "moments": moments, "engine": engine}
+            engine = loop = None  # `source` holds the only reference now
             engine, state = _grow_into(run, index + 1, state, source)
 
 
