@@ -41,6 +41,20 @@ KINDS = ("model", "optimizer")
 READ_OBSERVERS: list[Callable[[Path, str, tuple | None], None]] = []
 
 
+def _log_reads(folder: str) -> Callable[[Path, str, tuple | None], None]:
+    """`GROW_READ_LOG=<dir>` (tests of multi-rank runs): each process appends every read to
+    <dir>/reads-<pid>.jsonl with its RANK, so a test can check no rank read what it does not own."""
+    def observe(file: Path, key: str, region: tuple | None) -> None:
+        with open(Path(folder) / f"reads-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "dir": file.parent.name,
+                                "stage_dir": file.parent.parent.name, "key": key, "region": region}) + "\n")
+    return observe
+
+
+if os.environ.get("GROW_READ_LOG"):
+    READ_OBSERVERS.append(_log_reads(os.environ["GROW_READ_LOG"]))
+
+
 class CheckpointError(RuntimeError):
     pass
 
