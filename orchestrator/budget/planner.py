@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from growth_ops.spec import ModelSpec, count_parameters
 
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
+from orchestrator.budget.transition import transition_cost
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError, validate
 from orchestrator.engines.registry import check_parallel_layout
@@ -87,6 +88,7 @@ class StagePlan:
     days: float
     usd: float
     state_gib_per_gpu: float
+    transition: dict | None = None  # the growth into this stage (budget/transition.py)
 
 
 @dataclass
@@ -315,6 +317,9 @@ def make_plan(cfg: RunConfig) -> Plan:
         cfg = schedule.cfg
         fit["overrides"] = [f"schedule.stages.{i}.tokens={s.tokens}" for i, s in enumerate(cfg.schedule.stages)]
     stages = [_stage_plan(cfg, s) for s in schedule]
+    for i in range(1, len(stages)):
+        if schedule[i].spec != schedule[i - 1].spec:
+            stages[i].transition = transition_cost(cfg, schedule[i - 1], schedule[i])
     totals = _sum(stages)
     scratch = _scratch(cfg, schedule[-1], totals["tokens"])
     plan = Plan(schedule=cfg.schedule.name, cluster=cfg.cluster.name, recompute=cfg.plan.recompute,
