@@ -79,13 +79,21 @@ def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
     path = Path(path)
     try:
         return _save(path, model, moments, meta)
-    except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
-        shutil.rmtree(path.with_name(f".{path.name}.tmp-{os.getpid()}"), ignore_errors=True)
-        latest = path.parents[1] / "latest"
-        kept = json.loads(latest.read_text())["path"] if latest.exists() else "none"
-        reason = getattr(e, "strerror", None) or str(e)
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
-                              f"the previous checkpoint ({kept}) is intact") from e
+    except WRITE_ERRORS as e:
+        raise write_failed(path, path.with_name(f".{path.name}.tmp-{os.getpid()}"), e) from e
+
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports ENOSPC as its own error
+
+
+def write_failed(path: Path, tmp: Path, error: Exception) -> CheckpointError:
+    """After a failed write of checkpoint `path` (disk full...): its temporary directory
+    removed, and the error that says the previous checkpoint is untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    latest = path.parents[1] / "latest"
+    kept = json.loads(latest.read_text())["path"] if latest.exists() else "none"
+    reason = getattr(error, "strerror", None) or str(error)
+    return CheckpointError(f"could not write checkpoint {path}: {reason}; the previous checkpoint ({kept}) is intact")
 
 
 def _save(path: Path, model, moments, meta) -> Path:

@@ -22,7 +22,7 @@ from growth_ops.common import all_axes
 from growth_ops.spec import axis_size, parameter_axes
 
 from orchestrator.atomic import fsync_file
-from orchestrator.checkpoint.canonical import MOMENTS, shard_name
+from orchestrator.checkpoint.canonical import MOMENTS, WRITE_ERRORS, shard_name, write_failed
 from orchestrator.checkpoint.stream import write_safetensors_stream
 
 
@@ -71,9 +71,12 @@ def write_grown_shares(path: Path, role, names: Collection[str] | None, **grow) 
         files = [] if role.index is None else [tmp / shard_name(k, role.index, role.count)
                                                for k in ("model", "optimizer")]
     if files:
-        write_grown(*files, names=names, **grow)
-        for f in files:
-            fsync_file(f)
+        try:
+            write_grown(*files, names=names, **grow)
+            for f in files:
+                fsync_file(f)
+        except WRITE_ERRORS as e:  # nothing is published: the job stops here
+            raise write_failed(path, tmp, e) from e
     if role is not None:
         role.barrier()
     return tmp

@@ -157,10 +157,10 @@ class DeepSpeedEngine(Engine):
 
         if self.engine is not None:
             raise RuntimeError("a DeepSpeedEngine loads its state once")
-        slices = [(t, self._local(state, name)) for name, t in self._slices()]  # read each slice once
-        with torch.no_grad():
-            for param, local in slices:
-                param.copy_(local)
+        slices = self._slices()
+        with torch.no_grad():  # one slice in memory at a time
+            for name, param in slices:
+                param.copy_(self._local(state, name))
         optimizer = adamw(self.module.parameters(), self.cfg.train)
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
                                                mpu=None if self.pipelined else MegatronMpu())
@@ -169,9 +169,9 @@ class DeepSpeedEngine(Engine):
         if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly
             from deepspeed.utils import safe_set_full_fp32_param
 
-            for param, local in slices:  # the same Parameter objects, now bf16 views
-                if hasattr(param, "_hp_mapping"):
-                    safe_set_full_fp32_param(param, local.to(self.device, torch.float32))
+            for name, param in slices:  # the same Parameter objects, now bf16 views (read again:
+                if hasattr(param, "_hp_mapping"):  # holding every slice meanwhile would double the model)
+                    safe_set_full_fp32_param(param, self._local(state, name).to(self.device, torch.float32))
         if step and moments:
             self._set_moments(moments, step)
         self.masks = masks

@@ -54,7 +54,6 @@ class EngineKind:
     name: str
     implementation: str  # "module:Class"
     multi_rank: bool  # one process per device, started by torchrun or srun (one launch per stage)
-    reads_slices: bool  # loads only its own slices of a lazily opened canonical checkpoint
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
     bf16_weights: bool  # engine.dtype=bf16 keeps bf16 weights (else fp32 weights under autocast)
@@ -70,11 +69,11 @@ class EngineKind:
 
 
 ENGINES: dict[str, EngineKind] = {k.name: k for k in (
-    EngineKind("local", "orchestrator.engines.local:LocalEngine", multi_rank=False, reads_slices=False,
+    EngineKind("local", "orchestrator.engines.local:LocalEngine", multi_rank=False,
                devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), bf16_weights=False,
                check_layout=_single_device_layout),
     EngineKind("deepspeed", "orchestrator.engines.deepspeed_engine:DeepSpeedEngine", multi_rank=True,
-               reads_slices=True, devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), bf16_weights=True,
+               devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), bf16_weights=True,
                check_layout=check_parallel_layout),
 )}
 

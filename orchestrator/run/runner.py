@@ -80,11 +80,12 @@ class Run:
         self.metrics.write(stage, step, metrics)
         self.tracker.flush()
 
-    def read_checkpoint(self, path: Path, check: bool = True):
+    def read_checkpoint(self, path: Path):
         """(weights, moments, meta), opened lazily: engines and growth read tensor by tensor
-        (a slice-reading engine only its slices). `check=False`: a checkpoint this job has
-        just sealed, not hashed again."""
-        return open_checkpoint(path, check)
+        (a slice-reading engine only its slices). Not hashed again: a run reads only what
+        `_newest_checkpoint` has just verified or this job has just sealed (at scale, hashing
+        on every rank would cost more than the reads)."""
+        return open_checkpoint(path, check=False)
 
     def engine(self, stage: ResolvedStage):
         return self.kind.create(self.cfg, stage)
@@ -344,7 +345,7 @@ def _run(run: Run) -> dict:
                 return _finish(run, state.completed_stages, "complete")
             if index == only:  # one stage per job: growth into the next happens in its own job
                 return _finish(run, state.completed_stages, f"stopped: run.only_stage={stage.name} done")
-            weights, moments, _ = run.read_checkpoint(final, check=False)  # grown from disk, tensor by tensor
+            weights, moments, _ = run.read_checkpoint(final)  # grown from disk, tensor by tensor
             source = {"weights": weights, "moments": moments, "engine": engine}
             engine = loop = None  # `source` holds the only reference now
             engine, state = _grow_into(run, index + 1, state, source)
