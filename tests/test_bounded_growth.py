@@ -247,3 +247,26 @@ def test_deepspeed_transition_across_tp_and_pp_reads_only_owned_slices(tmp_path,
             whole = {_name(r["key"]) for r in reads if r["rank"] == rank and r["region"] is None
                      and (r["stage_dir"], r["dir"]) == (old_dir.parent.name, old_dir.name)}
             assert len(whole) < len(old_files), (rank, sorted(set(old_files) - whole))
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+
+def test_freed_tensors_leave_resident_memory():
+    """With the engines' malloc setting, tensors of a few MiB freed during a transition are
+    returned to the OS even when a live tensor sits after them (glibc's default would keep
+    them in its heap once it has raised its mmap threshold)."""
+    from orchestrator.engines.host_memory import return_freed_tensors_to_the_os
+
+    assert return_freed_tensors_to_the_os()
+    torch.ones(5 << 18).sum()  # a 5 MiB block freed: glibc would now raise its threshold to 5 MiB
+    base = _rss_anon()
+    tensors = [torch.ones(5 << 18) for _ in range(40)]  # 200 MiB
+    high = _rss_anon()
+    last = tensors[-1]
+    del tensors
+    assert high - base > 150 << 20
+    assert _rss_anon() - base < 30 << 20, (base, high, _rss_anon())
+    assert last.sum() == 5 << 18

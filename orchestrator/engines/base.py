@@ -37,8 +37,9 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, state, moments: dict | None, step: int, masks: MaskState | None) -> None:
-        """Canonical weights (a dict, or lazily opened tensors for a slice reader), Adam
-        moments ({exp_avg, exp_avg_sq}: name -> tensor) when `step` > 0, growth masks."""
+        """Canonical weights (a dict, or a checkpoint's lazily opened tensors, read one
+        tensor or slice at a time), Adam moments ({exp_avg, exp_avg_sq}: name -> tensor)
+        when `step` > 0, growth masks."""
 
     @abstractmethod
     def export(self) -> tuple[dict, dict, int]:

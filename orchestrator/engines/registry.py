@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
+from orchestrator.engines.host_memory import return_freed_tensors_to_the_os
 
 if TYPE_CHECKING:
     from orchestrator.engines.base import Engine
@@ -64,6 +65,7 @@ class EngineKind:
             self.check_layout(cfg, i)
 
     def create(self, cfg: RunConfig, stage: "ResolvedStage") -> "Engine":
+        return_freed_tensors_to_the_os()  # before the engine holds a model: see host_memory.py
         module, cls = self.implementation.split(":")
         return getattr(importlib.import_module(module), cls)(cfg, stage)
 
