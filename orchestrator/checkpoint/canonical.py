@@ -228,13 +228,10 @@ class LazyTensors(Mapping):
     `dim` (as `tensor.chunk`), so a rank reads just the slice it owns. With an `index`
     (HF weight map) no file is opened until one of its tensors is read."""
 
-    def __init__(self, files: list[Path], prefix: str = "", index: dict[str, str] | None = None):
+    def __init__(self, files: list[Path], prefix: str = "", index: dict[str, Path] | None = None):
         self._where: dict[str, tuple[Path, str]] = {}
-        if index is not None:
-            folder = files[0].parent
-            for key, file in index.items():
-                if key.startswith(prefix):
-                    self._where[key[len(prefix):]] = (folder / file, key)
+        if index is not None:  # key -> file: no header read
+            self._where = {key[len(prefix):]: (f, key) for key, f in index.items() if key.startswith(prefix)}
             return
         for f in files:
             with safe_open(f, framework="pt") as h:
@@ -284,8 +281,10 @@ def open_tensors(path: Path) -> tuple[LazyTensors, dict[str, LazyTensors]]:
 
     def opened(kind: str, prefix: str = "") -> LazyTensors:
         index = path / index_name(kind)
-        weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
-        return LazyTensors(_data_files(path, kind), prefix, weight_map)
+        if not index.exists():  # one file, or shards of an earlier version
+            return LazyTensors(_data_files(path, kind), prefix)
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return LazyTensors([], prefix, {key: path / file for key, file in weight_map.items()})
 
     return opened("model"), {kind: opened("optimizer", f"{kind}.") for kind in MOMENTS}
 
