@@ -35,6 +35,7 @@ def write_safetensors_stream(path: Path, layout: list[tuple[str, torch.dtype, tu
             if name != want or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"internal: got {name} {tuple(t.shape)}, expected {want} {shape}")
             t = t.detach().to(dtype).contiguous()
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # the tensor's own bytes, not a copy of them
+                f.write(t.view(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
