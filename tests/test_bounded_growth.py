@@ -8,7 +8,6 @@ a tensor or slice it does not own."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -61,13 +60,13 @@ def test_split_growth_equals_in_memory_growth(tmp_path, name, tied):
     old = ModelSpec(**OLD, tie_embeddings=tied)
     new = old.with_shape(**TARGETS[name])
     state, moments = old_state(old)
-    want, masks, plan = op.grow(dict(state), old, new, ramp_steps=4 if op.uses_masks else None,
+    want, _, plan = op.grow(dict(state), old, new, ramp_steps=4 if op.uses_masks else None,
                                 generator=torch.Generator().manual_seed(9))
     want_moments = {k: op.grow_moments(moments[k], old, new, plan, kind=k) for k in MOMENTS}
     names = list(want)
-    rng = random.Random(1)
+    shuffled = random.Random(1).sample(names, len(names))
     for case, writers in (("one", None), ("3-round-robin", [names[i::3] for i in range(3)]),
-                          ("4-random", [sorted(rng.sample(names, len(names)))[i::4] for i in range(4)])):
+                          ("4-shuffled", [shuffled[i::4] for i in range(4)])):
         ckpt = grow_split(tmp_path / case, op, plan, state, moments, 9, writers)
         got, got_moments, _ = load_checkpoint(ckpt)
         assert got.keys() == want.keys(), case
@@ -178,8 +177,8 @@ def test_run_step0_is_the_in_memory_growth_and_trains_the_same(tmp_path, data_ca
     (copy / "summary.json").unlink()
     fork_grow(tmp_path, *args, "hydra.run.dir=copy", cache=data_cache)
     assert _losses(copy, "s2") == _losses(run_dir, "s2") and _losses(copy, "s3") == _losses(run_dir, "s3")
-    assert read_summary(copy)["stages"] == read_summary(run_dir)["stages"] or \
-        [s["val_loss"] for s in read_summary(copy)["stages"]] == [s["val_loss"] for s in read_summary(run_dir)["stages"]]
+    assert [s["val_loss"] for s in read_summary(copy)["stages"]] == \
+        [s["val_loss"] for s in read_summary(run_dir)["stages"]]
 
 
 def _name(key: str) -> str:

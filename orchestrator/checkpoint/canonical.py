@@ -46,7 +46,7 @@ def _log_reads(folder: str) -> Callable[[Path, str, tuple | None], None]:
     <dir>/reads-<pid>.jsonl with its RANK, so a test can check no rank read what it does not own."""
     def observe(file: Path, key: str, region: tuple | None) -> None:
         with open(Path(folder) / f"reads-{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "dir": file.parent.name,
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "dir": file.parent.name,
                                 "stage_dir": file.parent.parent.name, "key": key, "region": region}) + "\n")
     return observe
 
