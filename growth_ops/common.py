@@ -9,8 +9,9 @@ entries, so one builder serves all of them, in memory or tensor by tensor from d
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 
@@ -266,19 +267,34 @@ def fully_copied(plan: GrowthPlan, name: str, kinds: tuple[str, ...]) -> bool:
 Fill = Callable[[GrowthPlan, str, tuple, Callable, "torch.Generator | None"], torch.Tensor]
 
 
+def tensor_generator(generator: torch.Generator | None, name: str) -> torch.Generator | None:
+    """The random stream of one grown tensor, seeded by the growth's seed and the tensor's
+    name: a tensor's new entries are the same whichever rank grows it, in whatever order,
+    and whichever other tensors are grown, so the growth can be split over ranks (any
+    layout) and still give the same bits as growing the whole state in one process."""
+    if generator is None:
+        return None
+    digest = hashlib.sha256(f"{generator.initial_seed()}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def iter_grown(plan: GrowthPlan, fill: Fill, get_old: Callable[[str], torch.Tensor | None],
-               generator: torch.Generator | None = None, finish=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, grown tensor) in canonical order, reading only the old tensors each one
-    needs through `get_old`: memory stays at a few tensors, so a checkpoint can be grown
-    from disk. `finish(plan, name, tensor)` lets an operator adjust a built tensor."""
+               generator: torch.Generator | None = None, finish=None,
+               names: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, grown tensor) in canonical order (only `names`, if given), reading only
+    the old tensors each one needs through `get_old`: memory stays at a few tensors, so a
+    checkpoint can be grown from disk, and a share of it by each rank. `finish(plan, name,
+    tensor)` lets an operator adjust a built tensor."""
     for name, kinds in all_axes(plan.new).items():
+        if names is not None and name not in names:
+            continue
         shape = tuple(axis_size(plan.new, k) for k in kinds)
         src = plan.source(name)
         old = get_old(src) if src is not None else None
         if old is not None and fully_copied(plan, name, kinds):
             out = place(None, old, kinds, plan.axes, plan.copy_factor(name))
         else:
-            out = fill(plan, name, shape, get_old, generator)
+            out = fill(plan, name, shape, get_old, tensor_generator(generator, name))
             if old is not None:
                 out = place(out.to(old.dtype), old, kinds, plan.axes, plan.copy_factor(name))
         if finish is not None:
@@ -299,16 +315,18 @@ def moment_power(kind: str) -> int:
 
 
 def iter_moments(plan: GrowthPlan, get_old: Callable[[str], torch.Tensor | None],
-                 kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+                 kind: str, names: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Adam moments of the grown model. Entries copied from old ones carry the old moment
     (rule `keep`: unchanged; rule `staged`: rescaled to the grown model's gradient units,
     m * s and v * s^2 with s = `gradient_scale`, which is Staged Training's m/2, v/4 for a
     x2 clone); new entries start at zero. The optimizer step count carries over unchanged.
     muP's reparametrization (`mup_reparam`: an entry times r) divides the gradient by r, so
     its moments always get m / r and v / r^2: Adam's normalised update is then the one the
-    old moments gave, now in the new parametrization's units."""
+    old moments gave, now in the new parametrization's units. Only `names`, if given."""
     power = moment_power(kind)
     for name, kinds in parameter_axes(plan.new).items():
+        if names is not None and name not in names:
+            continue
         shape = tuple(axis_size(plan.new, k) for k in kinds)
         src = plan.source(name)
         old = get_old(src) if src is not None else None

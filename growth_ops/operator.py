@@ -48,6 +48,14 @@ class GrowthOperator:
              moments: str | None = None) -> tuple[dict[str, torch.Tensor], MaskState | None, GrowthPlan]:
         """The grown state, the masks that keep it equal to the old function (None for an
         operator without masks), and the plan (for carrying optimizer moments)."""
+        plan, masks = self.prepare(old, new, ramp_steps=ramp_steps, layer_insert=layer_insert, init=init,
+                                   moments=moments)
+        return grow_state(plan, self.fill, state, generator, self.finish), masks, plan
+
+    def prepare(self, old: ModelSpec, new: ModelSpec, *, ramp_steps: int | None = None, layer_insert="append",
+                init: str | None = None, moments: str | None = None) -> tuple[GrowthPlan, MaskState | None]:
+        """The checked plan and masks of a growth, before any tensor is built (tensor by
+        tensor growth builds them from the plan with `iter_grown`)."""
         self.check(old, new, layer_insert, init, moments)
         plan = self.plan(old, new, layer_insert, init, moments)
         masks = None
@@ -55,7 +63,7 @@ class GrowthOperator:
             ramp_steps = self.default_ramp_steps if ramp_steps is None else ramp_steps
             self.check_ramp_steps(ramp_steps)
             masks = self.masks(plan, ramp_steps)
-        return grow_state(plan, self.fill, state, generator, self.finish), masks, plan
+        return plan, masks
 
     def grow_moments(self, moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,
                      plan: GrowthPlan, kind: str = "exp_avg") -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from growth_ops.spec import ModelSpec, count_parameters
 
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
+from orchestrator.budget.transition import transition_cost
 from orchestrator.config.schema import RunConfig, StageConfig
 from orchestrator.config.validate import ConfigError, validate
 from orchestrator.engines.registry import check_parallel_layout
@@ -119,6 +120,7 @@ class StagePlan:
     usd: float
     state_gib_per_gpu: float
     predicted_loss: float | None = None  # from plan.loss_fit (grow predict), at the proxies' tokens
+    transition: dict | None = None  # the growth into this stage (budget/transition.py)
 
 
 @dataclass
@@ -371,6 +373,10 @@ def make_plan(cfg: RunConfig) -> Plan:
         law = read_fit(cfg.plan.loss_fit)
         for plan_stage, stage in zip(stages, schedule):
             plan_stage.predicted_loss = predict(law, stage.spec)
+    for i in range(1, len(stages)):
+        prev = schedule[i - 1].spec
+        if dataclasses.replace(schedule[i].spec, **prev.rope_scaling()) != prev:  # a growth, not a RoPE switch
+            stages[i].transition = transition_cost(cfg, schedule[i - 1], schedule[i])
     totals = _sum(stages)
     scratch = _scratch(cfg, schedule[-1], totals["tokens"])
     plan = Plan(schedule=cfg.schedule.name, cluster=cfg.cluster.name, recompute=cfg.plan.recompute,

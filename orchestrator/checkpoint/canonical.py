@@ -2,10 +2,15 @@
 them, and a JSON with everything else needed to resume (shape, masks, step, tokens, data
 cursor, RNG, ledger, tracking ids).
 
-Layout: `<run_dir>/checkpoints/<index>-<stage>/step_<NNNNNNNN>/` holding `model.safetensors`,
-`optimizer.safetensors`, `meta.json` and `manifest.json` (sha256 of each file). A
-checkpoint is written under a temporary name, fsynced and renamed; `latest` is replaced
-last, so it never points at a partial checkpoint.
+Layout: `<run_dir>/checkpoints/<index>-<stage>/step_<NNNNNNNN>/` holding `meta.json`,
+`manifest.json` (sha256 of each file) and the tensors: `model.safetensors` and
+`optimizer.safetensors` from one process, or from many ranks shards split by tensor
+(`model-<i>-of-<n>.safetensors`, `optimizer-<i>-of-<n>.safetensors`, each holding full
+tensors) with the Hugging Face index beside them (`model.safetensors.index.json`,
+`optimizer.safetensors.index.json`: tensor -> file), so a reader opens only the files it
+needs. Sharded checkpoints of earlier versions (no index) load as well. A checkpoint is
+written under a temporary name, fsynced and renamed; `latest` is replaced last, so it
+never points at a partial checkpoint.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 import os
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +34,25 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+KINDS = ("model", "optimizer")
+# Called as observer(file, key, region) on every tensor read through LazyTensors (region:
+# None for a whole tensor, else (dim, start, stop)): how tests and benchmarks see what a
+# rank reads. Empty (always, outside them) it costs one list check.
+READ_OBSERVERS: list[Callable[[Path, str, tuple | None], None]] = []
+
+
+def _log_reads(folder: str) -> Callable[[Path, str, tuple | None], None]:
+    """`GROW_READ_LOG=<dir>` (tests of multi-rank runs): each process appends every read to
+    <dir>/reads-<pid>.jsonl with its RANK, so a test can check no rank read what it does not own."""
+    def observe(file: Path, key: str, region: tuple | None) -> None:
+        with open(Path(folder) / f"reads-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "dir": file.parent.name,
+                                "stage_dir": file.parent.parent.name, "key": key, "region": region}) + "\n")
+    return observe
+
+
+if os.environ.get("GROW_READ_LOG"):
+    READ_OBSERVERS.append(_log_reads(os.environ["GROW_READ_LOG"]))
 
 
 class CheckpointError(RuntimeError):
@@ -55,13 +79,21 @@ def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
     path = Path(path)
     try:
         return _save(path, model, moments, meta)
-    except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
-        shutil.rmtree(path.with_name(f".{path.name}.tmp-{os.getpid()}"), ignore_errors=True)
-        latest = path.parents[1] / "latest"
-        kept = json.loads(latest.read_text())["path"] if latest.exists() else "none"
-        reason = getattr(e, "strerror", None) or str(e)
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
-                              f"the previous checkpoint ({kept}) is intact") from e
+    except WRITE_ERRORS as e:
+        raise write_failed(path, path.with_name(f".{path.name}.tmp-{os.getpid()}"), e) from e
+
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports ENOSPC as its own error
+
+
+def write_failed(path: Path, tmp: Path, error: Exception) -> CheckpointError:
+    """After a failed write of checkpoint `path` (disk full...): its temporary directory
+    removed, and the error that says the previous checkpoint is untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    latest = path.parents[1] / "latest"
+    kept = json.loads(latest.read_text())["path"] if latest.exists() else "none"
+    reason = getattr(error, "strerror", None) or str(error)
+    return CheckpointError(f"could not write checkpoint {path}: {reason}; the previous checkpoint ({kept}) is intact")
 
 
 def _save(path: Path, model, moments, meta) -> Path:
@@ -82,6 +114,7 @@ def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = Tru
     step, never leaving a gap) and, in a run directory, point `latest` at it last."""
     with open(tmp / "meta.json", "w") as f:
         json.dump({"format": FORMAT_VERSION, **meta}, f, indent=1)
+    write_indexes(tmp)
     names = sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json")
     for name in names:
         fsync_file(tmp / name)
@@ -120,6 +153,27 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{f} does not match its checksum")
 
 
+def index_name(kind: str) -> str:
+    return f"{kind}.safetensors.index.json"
+
+
+def write_indexes(path: Path) -> None:
+    """For a sharded checkpoint: the index of each kind (HF convention: {"metadata":
+    {"total_size"}, "weight_map": {tensor: file}}), from the shards' headers alone."""
+    for kind in KINDS:
+        shards = sorted(path.glob(f"{kind}-*-of-*.safetensors"))
+        if not shards:
+            continue
+        weight_map, total = {}, 0
+        for f in shards:
+            with safe_open(f, framework="pt") as h:
+                for key in h.keys():
+                    weight_map[key] = f.name
+            total += f.stat().st_size
+        with open(path / index_name(kind), "w") as out:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, out, indent=1)
+
+
 def shard_name(kind: str, index: int, count: int) -> str:
     """File of one writer of a checkpoint written by several ranks (`kind`: model or
     optimizer). Shards split the set of tensors, never a tensor: each holds full tensors."""
@@ -127,16 +181,20 @@ def shard_name(kind: str, index: int, count: int) -> str:
 
 
 def _complete_file_set(names: set[str]) -> bool:
-    """meta.json plus either model/optimizer.safetensors or every shard of both."""
+    """meta.json plus either model/optimizer.safetensors or every shard of both (with
+    their indexes, or without: checkpoints of earlier versions have none)."""
     if names == {"model.safetensors", "optimizer.safetensors", "meta.json"}:
         return True
-    shards = sorted(names - {"meta.json"})
+    indexes = {index_name(k) for k in KINDS}
+    if names & indexes and not indexes <= names:
+        return False
+    shards = sorted(names - {"meta.json"} - indexes)
     if "meta.json" not in names or not shards:
         return False
     count = shards[0].rsplit("-of-", 1)[-1].split(".")[0]
     if not count.isdigit():
         return False
-    want = {shard_name(k, i, int(count)) for k in ("model", "optimizer") for i in range(int(count))}
+    want = {shard_name(k, i, int(count)) for k in KINDS for i in range(int(count))}
     return set(shards) == want
 
 
@@ -167,10 +225,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
 class LazyTensors(Mapping):
     """Tensors of a checkpoint's safetensors files, read on access: `t[name]` reads one
     full tensor, `t.slice(name, dim, index, parts)` only chunk `index` of `parts` along
-    `dim` (as `tensor.chunk`), so a rank reads just the slice it owns."""
+    `dim` (as `tensor.chunk`), so a rank reads just the slice it owns. With an `index`
+    (HF weight map) no file is opened until one of its tensors is read."""
 
-    def __init__(self, files: list[Path], prefix: str = ""):
+    def __init__(self, files: list[Path], prefix: str = "", index: dict[str, Path] | None = None):
         self._where: dict[str, tuple[Path, str]] = {}
+        if index is not None:  # key -> file: no header read
+            self._where = {key[len(prefix):]: (f, key) for key, f in index.items() if key.startswith(prefix)}
+            return
         for f in files:
             with safe_open(f, framework="pt") as h:
                 for key in h.keys():
@@ -179,6 +241,8 @@ class LazyTensors(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         f, key = self._where[name]
+        for observe in READ_OBSERVERS:
+            observe(f, key, None)
         with safe_open(f, framework="pt") as h:
             return h.get_tensor(key)
 
@@ -190,6 +254,8 @@ class LazyTensors(Mapping):
             size = -(-shape[dim] // parts)  # tensor.chunk's sizes
             lo, hi = min(index * size, shape[dim]), min((index + 1) * size, shape[dim])
             idx = tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(shape)))
+            for observe in READ_OBSERVERS:
+                observe(f, key, (dim, lo, hi))
             return sl[idx]
 
     def stored(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
@@ -209,12 +275,28 @@ class LazyTensors(Mapping):
         return len(self._where)
 
 
-def open_checkpoint(path: Path) -> tuple[LazyTensors, dict[str, LazyTensors], dict]:
-    """As `load_checkpoint`, but nothing is read until asked for (see LazyTensors)."""
+def open_tensors(path: Path) -> tuple[LazyTensors, dict[str, LazyTensors]]:
+    """The weights and moments in the tensor files of `path`, opened lazily (see LazyTensors)."""
     path = Path(path)
-    verify(path)
-    model = LazyTensors(_data_files(path, "model"))
-    moments = {kind: LazyTensors(_data_files(path, "optimizer"), f"{kind}.") for kind in MOMENTS}
+
+    def opened(kind: str, prefix: str = "") -> LazyTensors:
+        index = path / index_name(kind)
+        if not index.exists():  # one file, or shards of an earlier version
+            return LazyTensors(_data_files(path, kind), prefix)
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return LazyTensors([], prefix, {key: path / file for key, file in weight_map.items()})
+
+    return opened("model"), {kind: opened("optimizer", f"{kind}.") for kind in MOMENTS}
+
+
+def open_checkpoint(path: Path, check: bool = True) -> tuple[LazyTensors, dict[str, LazyTensors], dict]:
+    """As `load_checkpoint`, but nothing is read until asked for (see LazyTensors).
+    `check=False` skips hashing every file against the manifest, for a checkpoint this very
+    job has just sealed (at scale, hashing on every rank costs more than the reads)."""
+    path = Path(path)
+    if check:
+        verify(path)
+    model, moments = open_tensors(path)
     return model, moments, read_meta(path)
 
 

@@ -2,9 +2,10 @@
 
 Each writer rank (an engine's `shard_role().index`) writes the full tensors it owns
 to `model-<i>-of-<n>.safetensors` / `optimizer-<i>-of-<n>.safetensors` in a shared
-temporary directory; the leader then writes meta.json and the manifest, renames the
-directory into place and moves `latest`, exactly as `checkpoint.save_checkpoint` does for
-one file, so `load_checkpoint` and every reader see the same format either way.
+temporary directory; the leader then writes meta.json, the index of each kind and the
+manifest, renames the directory into place and moves `latest`, exactly as
+`checkpoint.save_checkpoint` does for one file, so `load_checkpoint` and every reader see
+the same format either way.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.atomic import write_json_atomic
+from orchestrator.budget.memory import GIB
 from orchestrator.budget.planner import make_plan
 from orchestrator.commands.compose import CommandLine, load, parse_args
 from orchestrator.config.schema import RunConfig
@@ -81,6 +82,13 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
         console.print(f"pred. loss: final validation loss predicted by {p.loss_fit} (grow predict) for the "
                       "stage's shape, at the proxies' token count")
     console.print(table)
+    for s in p.stages:
+        if s.transition:
+            tr = s.transition
+            console.print(f"growth {tr['from']} -> {s.name}: reads {tr['bytes_read'] / GIB:,.1f} GiB, writes "
+                          f"{tr['bytes_written'] / GIB:,.1f} GiB, peak {tr['peak_gib_per_gpu']:.3g} GiB per GPU and "
+                          f"{tr['peak_gib_per_host']:.3g} GiB per host, {tr['seconds'] / 60:,.1f} min at "
+                          f"cluster.storage_gbps")
     if any(s.throughput != "measured" for s in p.stages):
         console.print("* TFLOP/s per GPU = cluster.peak_tflops_per_gpu x cluster.expected_mfu (not measured)")
     console.print(f"growth saves [bold]{p.saving_pct:.1f}%[/] of the cost of training the final model from "

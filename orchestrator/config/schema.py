@@ -188,6 +188,9 @@ class ClusterConfig:
     gpu_memory_gb: Optional[float] = None  # null: not checked; else model states must fit per GPU
     expected_mfu: float = 0.4  # fraction of peak a stage reaches when not measured
     achieved_tflops_per_gpu: Dict[str, float] = field(default_factory=dict)  # stage name -> measured
+    # checkpoint storage bandwidth in GB/s, for the time of a growth transition in `grow plan`;
+    # 0.078 was measured on the development machine's disk (dd, 2 GiB, fdatasync)
+    storage_gbps: float = 0.078
 
 
 @dataclass

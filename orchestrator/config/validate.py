@@ -358,7 +358,7 @@ def _check_rest(cfg: RunConfig) -> None:
 
 def _check_cluster_budget_plan(cfg: RunConfig) -> None:
     c, b, p = cfg.cluster, cfg.budget, cfg.plan
-    for f in ("gpus", "gpus_per_node", "gpu_memory_gb"):
+    for f in ("gpus", "gpus_per_node", "gpu_memory_gb", "storage_gbps"):
         _positive(f"cluster.{f}", getattr(c, f))
     if not 0 < c.expected_mfu <= 1:
         raise ConfigError("cluster.expected_mfu", f"must be in (0, 1], got {c.expected_mfu}")

@@ -39,8 +39,9 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, state, moments: dict | None, step: int, masks: MaskState | None) -> None:
-        """Canonical weights (a dict, or lazily opened tensors for a slice reader), Adam
-        moments ({exp_avg, exp_avg_sq}: name -> tensor) when `step` > 0, growth masks."""
+        """Canonical weights (a dict, or a checkpoint's lazily opened tensors, read one
+        tensor or slice at a time), Adam moments ({exp_avg, exp_avg_sq}: name -> tensor)
+        when `step` > 0, growth masks."""
 
     @abstractmethod
     def export(self) -> tuple[dict, dict, int]:
@@ -62,6 +63,11 @@ class Engine(ABC):
 
     def shard_role(self) -> ShardRole | None:
         """None: this process writes whole checkpoints alone."""
+        return None
+
+    def written_names(self) -> list[str] | None:
+        """The canonical tensors this rank writes into its shard (see `shard_role`), or None
+        when this process writes them all. A growth transition grows exactly these here."""
         return None
 
 

@@ -159,11 +159,11 @@ class DeepSpeedEngine(Engine):
 
         if self.engine is not None:
             raise RuntimeError("a DeepSpeedEngine loads its state once")
-        slices = [(t, self._local(state, name)) for name, t in self._slices()]  # read each slice once
-        with torch.no_grad():
-            for param, local in slices:
-                param.copy_(local)
-        names = {id(t): name for name, t in self._slices()}
+        slices = self._slices()
+        with torch.no_grad():  # one slice in memory at a time
+            for name, param in slices:
+                param.copy_(self._local(state, name))
+        names = {id(t): name for name, t in slices}
         optimizer = adamw(((names[id(p)], p) for p in self.module.parameters()), self.cfg.train, self.spec)
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
                                                mpu=None if self.pipelined else MegatronMpu())
@@ -172,9 +172,9 @@ class DeepSpeedEngine(Engine):
         if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly
             from deepspeed.utils import safe_set_full_fp32_param
 
-            for param, local in slices:  # the same Parameter objects, now bf16 views
-                if hasattr(param, "_hp_mapping"):
-                    safe_set_full_fp32_param(param, local.to(self.device, torch.float32))
+            for name, param in slices:  # the same Parameter objects, now bf16 views (read again:
+                if hasattr(param, "_hp_mapping"):  # holding every slice meanwhile would double the model)
+                    safe_set_full_fp32_param(param, self._local(state, name).to(self.device, torch.float32))
         if step and moments:
             self._set_moments(moments, step)
         self.masks = masks
@@ -228,9 +228,9 @@ class DeepSpeedEngine(Engine):
             zopt._lazy_init_hp_params_optimizer_state()
         state: dict = {}
         moments: dict = {k: {} for k in MOMENTS}
-        owned = [(n, t) for n, t in self._slices() if self._owns(n)]
-        for j, (name, t) in enumerate(owned):
-            writer = self.dp_rank == 0 and j % self.tp == self.tp_rank
+        mine = set(self.written_names())
+        for name, t in [(n, t) for n, t in self._slices() if self._owns(n)]:
+            writer = name in mine
             master = safe_get_full_fp32_param(t) if self.bf16 and hasattr(t, "_hp_mapping") else None
             full = self._gather_tp((t.detach() if master is None else master).float(), name)
             if writer:
@@ -245,6 +245,13 @@ class DeepSpeedEngine(Engine):
         if has_state:
             step = int(next(iter(zopt.optimizer.state.values()))["step"])
         return state, moments, step
+
+    def written_names(self) -> list[str]:
+        """Of the tensors this pipeline stage owns, one in every `tp` (in model order) on
+        each TP rank of DP rank 0; none on the other DP ranks. Each name once (every block
+        of an ALiBi model holds the same slopes)."""
+        owned = list(dict.fromkeys(n for n, _ in self._slices() if self._owns(n)))
+        return [n for j, n in enumerate(owned) if self.dp_rank == 0 and j % self.tp == self.tp_rank]
 
     def shard_role(self) -> ShardRole:
         """Writers: the TP x PP ranks of DP rank 0, one file each."""

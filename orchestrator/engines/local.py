@@ -33,8 +33,16 @@ class LocalEngine(Engine):
         self.masks: MaskState | None = None
 
     # -- canonical state -------------------------------------------------------------
-    def load(self, state: dict, moments: dict | None, step: int, masks: MaskState | None) -> None:
-        self.model.load_canonical({k: v.to(self.device) for k, v in state.items()})
+    def load(self, state, moments: dict | None, step: int, masks: MaskState | None) -> None:
+        """`state` may be lazily opened files: tensors are read and copied one at a time,
+        so loading never holds a second copy of the model."""
+        own = self.model.canonical_state()
+        if set(own) != set(state):
+            raise KeyError(f"canonical state mismatch: missing {sorted(set(own) - set(state))}, "
+                           f"unexpected {sorted(set(state) - set(own))}")
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(state[name])
         self.masks = masks
         self.model.set_masks(masks)
         if step == 0 or not moments:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
+from orchestrator.engines.host_memory import return_freed_tensors_to_the_os
 
 if TYPE_CHECKING:
     from orchestrator.engines.base import Engine
@@ -54,7 +55,6 @@ class EngineKind:
     name: str
     implementation: str  # "module:Class"
     multi_rank: bool  # one process per device, started by torchrun or srun (one launch per stage)
-    reads_slices: bool  # loads only its own slices of a lazily opened canonical checkpoint
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
     bf16_weights: bool  # engine.dtype=bf16 keeps bf16 weights (else fp32 weights under autocast)
@@ -65,16 +65,17 @@ class EngineKind:
             self.check_layout(cfg, i)
 
     def create(self, cfg: RunConfig, stage: "ResolvedStage") -> "Engine":
+        return_freed_tensors_to_the_os()  # before the engine holds a model: see host_memory.py
         module, cls = self.implementation.split(":")
         return getattr(importlib.import_module(module), cls)(cfg, stage)
 
 
 ENGINES: dict[str, EngineKind] = {k.name: k for k in (
-    EngineKind("local", "orchestrator.engines.local:LocalEngine", multi_rank=False, reads_slices=False,
+    EngineKind("local", "orchestrator.engines.local:LocalEngine", multi_rank=False,
                devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), bf16_weights=False,
                check_layout=_single_device_layout),
     EngineKind("deepspeed", "orchestrator.engines.deepspeed_engine:DeepSpeedEngine", multi_rank=True,
-               reads_slices=True, devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), bf16_weights=True,
+               devices=("auto", "cpu", "cuda"), dtypes=("fp32", "bf16"), bf16_weights=True,
                check_layout=check_parallel_layout),
 )}
 

@@ -19,13 +19,13 @@ from types import ModuleType
 
 import torch
 
-from growth_ops import GrowthError, MaskState, ModelSpec, get_operator, iter_grown, iter_moments
+from growth_ops import GrowthError, MaskState, ModelSpec, get_operator
 from growth_ops.common import all_axes
-from growth_ops.spec import axis_size, parameter_axes
-from orchestrator.checkpoint.canonical import MOMENTS, LazyTensors, open_checkpoint
+from growth_ops.spec import axis_size
+from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
+from orchestrator.checkpoint.grown import write_grown
 from orchestrator.offline.check import FunctionChangedError, describe, logit_change
-from orchestrator.offline.outputs import (OfflineError, check_output, write_checkpoint_dir,
-                                          write_safetensors_stream)
+from orchestrator.offline.outputs import OfflineError, check_output, write_checkpoint_dir
 
 
 
@@ -92,22 +92,12 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
     if op.uses_masks:
         op.check_ramp_steps(ramp_steps)  # msg: a ramp of 0 steps would not preserve the function
         masks = op.masks(plan, ramp_steps)
-    model_layout = [(n, dtype, tuple(axis_size(new, k) for k in kinds)) for n, kinds in all_axes(new).items()]
     has_moments = len(moments_in["exp_avg"]) > 0
-    moment_layout = [(f"{kind}.{n}", torch.float32, tuple(axis_size(new, k) for k in kinds))
-                     for kind in MOMENTS for n, kinds in parameter_axes(new).items()] if has_moments else []
     generator = torch.Generator().manual_seed(seed)
 
-    def moment_stream():
-        for kind in MOMENTS:
-            for name, t in iter_moments(plan, moments_in[kind].get, kind):
-                yield f"{kind}.{name}", t
-
     def write_files(tmp: Path) -> None:
-        write_safetensors_stream(tmp / "model.safetensors", model_layout,
-                                 iter_grown(plan, op.fill, model_in.get, generator, op.finish))
-        write_safetensors_stream(tmp / "optimizer.safetensors", moment_layout,
-                                 moment_stream() if has_moments else iter(()))
+        write_grown(tmp / "model.safetensors", tmp / "optimizer.safetensors", op, plan, model_in,
+                    moments_in if has_moments else None, generator, dtype)
 
     record = {"operator": operator, "from_spec": old.to_dict(), "layer_insert": layer_insert,
               "init": plan.init, "moments": plan.moments_rule, "seed": seed,

@@ -10,21 +10,16 @@ temporary directory is removed if anything fails.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-import torch
+from typing import Callable, Iterator
 
 from orchestrator.atomic import fsync_dir, fsync_file, replace_dir
 from orchestrator.checkpoint.canonical import seal_and_publish
+from orchestrator.checkpoint.stream import write_safetensors_stream  # noqa: F401 (the offline tools' writer)
 from orchestrator.faults import failpoint
-
-DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 class OfflineError(ValueError):
@@ -93,29 +88,3 @@ def write_checkpoint_dir(out: Path, write_files: Callable[[Path], None], meta: d
         if before_publish is not None:
             meta = before_publish(tmp, meta)
         return seal_and_publish(tmp, Path(out), meta, point_latest=False)
-
-
-def write_safetensors_stream(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                             tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Write a safetensors file whose tensors arrive one by one, in `layout` order."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape in layout:
-        n = torch.tensor([], dtype=dtype).element_size()
-        for s in shape:
-            n *= s
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    expected = iter(layout)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, t in tensors:
-            want, dtype, shape = next(expected)
-            if name != want or tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"internal: got {name} {tuple(t.shape)}, expected {want} {shape}")
-            t = t.detach().to(dtype).contiguous()
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        f.flush()
-        os.fsync(f.fileno())

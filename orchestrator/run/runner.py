@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from growth_ops import ModelSpec, get_operator
 from growth_ops.spec import ARCHITECTURE, PARAMETRIZATION
 
 from orchestrator.budget.control import RunBudget
-from orchestrator.checkpoint.canonical import (MOMENTS, CheckpointError, checkpoint_dir,
-                                               latest_checkpoint, load_checkpoint, open_checkpoint, read_meta)
+from orchestrator.checkpoint.canonical import (CheckpointError, checkpoint_dir, latest_checkpoint,
+                                               open_checkpoint, open_tensors, read_meta, seal_and_publish)
+from orchestrator.checkpoint.grown import write_grown_shares
 from orchestrator.config.schema import RunConfig
 from orchestrator.config.validate import ConfigError
 from orchestrator.data import new_cursor, prepare_data
@@ -28,7 +31,8 @@ from orchestrator.proxy.scaling import predicted_vs_actual
 from orchestrator.run.directory import checkpointed_before, pin_settings
 from orchestrator.run.evaluation import ValSet, val_sets
 from orchestrator.run.lock import RunLock, first_rank
-from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state, set_rng_state
+from orchestrator.run.stage_loop import (SignalFlag, StageLoop, StopRequested, checkpoint_meta, save_state,
+                                        set_rng_state)
 from orchestrator.run.state import NextStage, RunState, next_stage
 from orchestrator.schedule import ResolvedStage, max_seq_len, resolve
 from orchestrator.tracking.mlflow_tracker import make_tracker
@@ -92,9 +96,11 @@ class Run:
         self.tracker.flush()
 
     def read_checkpoint(self, path: Path):
-        """(weights, moments, meta): a slice-reading engine opens it lazily and reads only
-        its slices; the others load it whole."""
-        return open_checkpoint(path) if self.kind.reads_slices else load_checkpoint(path)
+        """(weights, moments, meta), opened lazily: engines and growth read tensor by tensor
+        (a slice-reading engine only its slices). Not hashed again: a run reads only what
+        `_newest_checkpoint` has just verified or this job has just sealed (at scale, hashing
+        on every rank would cost more than the reads)."""
+        return open_checkpoint(path, check=False)
 
     def engine(self, stage: ResolvedStage):
         return self.kind.create(self.cfg, stage)
@@ -141,11 +147,12 @@ def _flat_params(d: dict, prefix: str = "") -> dict:
 
 
 def _grow_into(run: Run, index: int, prev: RunState, source: dict):
-    """Start stage `index` from the finished stage before it (`prev`), whose weights and
-    moments are in `source` ({"weights", "moments"}, and "engine": the finished engine when
-    this process just trained it, for the 'before' loss). Entries are taken out of the dict,
-    so the old engine is freed once it has served the check. The grown state is saved as
-    the stage's step 0: the growth happens once, even if the run dies right after."""
+    """Start stage `index` from the finished stage before it (`prev`), whose checkpoint's
+    weights and moments `source` holds opened lazily ({"weights", "moments"}, and "engine":
+    the finished engine when this process just trained it, for the 'before' loss). Entries
+    are taken out of the dict, so the old engine is freed once it has served the check. The
+    grown state is the stage's step-0 checkpoint: the growth happens once, even if the run
+    dies right after."""
     stage = run.schedule[index]
     lr = stage.config.lr
     state = RunState(stage_index=index, stage_name=stage.name, steps_total=stage.steps, spec=stage.spec,
@@ -153,18 +160,30 @@ def _grow_into(run: Run, index: int, prev: RunState, source: dict):
                      ledger=prev.ledger, global_step_start=prev.global_step,
                      completed_stages=prev.completed_stages)
     run.budget.ledger = state.ledger
-    engine, state.growth = _start_stage(run, stage, source.pop("weights"), source.pop("moments"), prev.spec,
-                                        prev.optimizer_step, prev.stage_name, source.pop("engine", None))
-    save_state(run, engine, state)
+    engine, state.growth, grown = _start_stage(run, stage, source.pop("weights"), source.pop("moments"),
+                                               prev.spec, prev.optimizer_step, prev.stage_name,
+                                               source.pop("engine", None))
+    if grown is None:  # same shape: nothing grown, the engine writes its state
+        save_state(run, engine, state)
+        return engine, state
+    state.optimizer_step = prev.optimizer_step
+    meta = checkpoint_meta(run, engine, state)
+    role = engine.shard_role()
+    if role is None or role.leader:  # the files the engine loaded are what it would export now
+        seal_and_publish(grown, checkpoint_dir(run.run_dir, index, stage.name, 0), meta)
+        run.tracker.flush(force=True)
+    if role is not None:
+        role.barrier()
     return engine, state
 
 
 def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec, opt_step: int,
                  source: str, old_engine=None):
     """The engine for `stage`, from a model state of shape `old_spec` (and its Adam
-    moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine
-    and the growth record; a preserving operator must keep the validation loss, measured
-    before growth by `old_engine` if given (it holds `weights`, masks done) or by a new one.
+    moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine,
+    the growth record and the staging dir of the grown, unsealed step-0 checkpoint (None
+    without growth). A preserving operator must keep the validation loss, measured before
+    growth by `old_engine` if given (it holds `weights`, masks done) or by a new one.
     Growth runs at the old RoPE scaling; a stage that changes it (`schedule.stages.N.position`)
     switches after, and the loss change of the switch is reported, not checked."""
     new_spec = stage.spec
@@ -172,45 +191,53 @@ def _start_stage(run: Run, stage: ResolvedStage, weights, moments, old_spec: Mod
     if old_spec == new_spec:
         engine = run.engine(stage)
         engine.load(weights, moments, opt_step, None)
-        return engine, None
+        return engine, None, None
     batches = run.val_batches(stage)
+    grown = None
     if old_spec == grown_spec:  # only the positions change
         del old_engine
         engine, record = run.engine(stage), None
         engine.load(weights, moments, opt_step, None)
     else:
-        engine, record = _grow(run, stage, weights, moments, old_spec, opt_step, source, old_engine, batches)
+        engine, record, grown = _grow(run, stage, weights, moments, old_spec, opt_step, source, old_engine,
+                                      batches)
     if grown_spec != new_spec:
         record = _switch_positions(run, stage, engine, old_spec, batches, source, record)
-    return engine, record
+    return engine, record, grown
 
 
 def _grow(run: Run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec, opt_step: int,
           source: str, old_engine, batches):
     """Grow the state into the stage's engine and check the function, at the old RoPE
-    scaling; returns the engine and the growth record. The old engine goes before the new
-    one is built (a parallel engine sets the process groups of its layout)."""
+    scaling; returns the engine, the growth record and the staging dir of the grown step-0
+    checkpoint. The old engine goes before the new one is built (a parallel engine sets the
+    process groups of its layout).
+
+    No process holds more than its own slice of the grown state and a few tensors: the
+    growth is written once, tensor by tensor from the old files, each writer rank growing
+    the tensors it owns (`Engine.written_names`) into its shard; then every rank loads its
+    slices from those files, as a resume does."""
     new_spec = dataclasses.replace(stage.spec, **old_spec.rope_scaling())
+    started = time.time()
     growth = stage.growth
     op = get_operator(growth.operator)
+    plan, masks = op.prepare(old_spec, new_spec, ramp_steps=growth.ramp_steps, layer_insert=growth.layer_insert,
+                             init=growth.init, moments=growth.moments)
     if old_engine is None:
         old_engine = run.engine(dataclasses.replace(stage, spec=old_spec))
         old_engine.load(weights, None, 0, None)
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
-    # growth maps whole tensors: every rank of the new layout grows the full state
-    weights = dict(weights.items())
+    gc.collect()  # DeepSpeed's engine keeps reference cycles: free the old model before the new one
+    engine = run.engine(stage)  # this rank's slices of the new model, filled by load below
+    role = engine.shard_role()
     generator = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + stage.index)
-    grown, masks, maps = op.grow(weights, old_spec, new_spec, ramp_steps=growth.ramp_steps,
-                                 layer_insert=growth.layer_insert, generator=generator,
-                                 init=growth.init, moments=growth.moments)
-    # masks is None for operators exact without masks (zero, clone) and for stack
-    grown_moments = None
-    if opt_step:
-        grown_moments = {k: op.grow_moments(dict(moments[k].items()), old_spec, new_spec, maps, kind=k)
-                         for k in MOMENTS}
-    engine = run.engine(stage)
-    engine.load(grown, grown_moments, opt_step, masks)
+    grown = write_grown_shares(checkpoint_dir(run.run_dir, stage.index, stage.name, 0), role,
+                               engine.written_names(), op=op, plan=plan, weights=weights,
+                               moments=moments if opt_step else None, generator=generator)
+    weights = moments = None
+    grown_weights, grown_moments = open_tensors(grown)
+    engine.load(grown_weights, grown_moments if opt_step else None, opt_step, masks)
     engine.set_rope_scaling(new_spec)  # the check runs at the scaling the state was trained with
     after = engine.evaluate(batches, exact=True)
     failpoint("growth.done")
@@ -219,12 +246,15 @@ def _grow(run: Run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec,
     # the local engine checks in fp32 even when it trains in bf16; deepspeed bf16 cannot
     tolerance = growth.tolerance if engine.check_dtype == "fp32" else growth.tolerance_bf16
     if op.preserves_function and not abs(after - before) <= tolerance:  # a NaN fails too
+        if role is None or role.leader:
+            shutil.rmtree(grown, ignore_errors=True)  # never published
         raise GrowthCheckError(
             f"growth into stage {stage.name!r} with {growth.operator} changed the validation loss "
             f"from {before:.8f} to {after:.8f} (|diff| {abs(after - before):.2e} > tolerance "
             f"{tolerance:g} in {engine.check_dtype}); the operator did not preserve the function")
     return engine, {"operator": growth.operator, "val_loss_before": before, "val_loss_after": after,
-                    "preserves_function": op.preserves_function, "check_dtype": engine.check_dtype}
+                    "preserves_function": op.preserves_function, "check_dtype": engine.check_dtype,
+                    "started_at": started, "seconds": round(time.time() - started, 3)}, grown
 
 
 def _switch_positions(run: Run, stage: ResolvedStage, engine, old_spec: ModelSpec, batches, source: str,
@@ -260,12 +290,18 @@ def _fresh_start(run: Run):
         engine = run.engine(stage)
         engine.load(build_model(stage.spec, seed=cfg.seed).canonical_state(), None, 0, None)
         return engine, state
-    weights, _, meta = load_checkpoint(Path(cfg.init_from).expanduser())
+    weights, _, meta = open_checkpoint(Path(cfg.init_from).expanduser())
     spec = ModelSpec.from_dict(meta["spec"])
     # the run starts at model.rope_theta without interpolation; stage 1's `position` may switch from there
     start = dataclasses.replace(stage.spec, rope_theta=cfg.model.rope_theta, rope_interpolation=1.0)
     check_same_model(spec, start, "init_from")
-    engine, state.growth = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
+    engine, state.growth, grown = _start_stage(run, stage, weights, None, spec, 0, Path(cfg.init_from).name)
+    if grown is not None:  # loaded; the stage's first checkpoint is written by training
+        role = engine.shard_role()
+        if role is not None:
+            role.barrier()
+        if role is None or role.leader:
+            shutil.rmtree(grown, ignore_errors=True)
     state.masks = engine.masks
     return engine, state
 
@@ -390,7 +426,7 @@ def _run(run: Run) -> dict:
             loop = StageLoop(run, stage, engine, state)
             outcome = loop.train(signals)
             if outcome != "complete":
-                path, _ = save_state(run, engine, state)
+                path = save_state(run, engine, state)
                 console.print(f"[yellow]stopped at the step boundary before {outcome} would be "
                               f"exceeded[/]; checkpoint {path}")
                 entry = {**loop.summary_entry(), "checkpoint": str(path)}
@@ -398,7 +434,7 @@ def _run(run: Run) -> dict:
             entry = loop.summary_entry()
             entry["checkpoint"] = str(checkpoint_dir(run.run_dir, index, stage.name, state.step))
             state.completed_stages = state.completed_stages + [entry]
-            final, written = save_state(run, engine, state, complete=True)
+            final = save_state(run, engine, state, complete=True)
             failpoint("stage.complete")
             run.tracker.finish_stage(stage.name)
             console.print(f"[green]stage {stage.name} done[/]: val loss {state.val_loss:.4f}")
@@ -406,12 +442,9 @@ def _run(run: Run) -> dict:
                 return _finish(run, state.completed_stages, "complete")
             if index == only:  # one stage per job: growth into the next happens in its own job
                 return _finish(run, state.completed_stages, f"stopped: run.only_stage={stage.name} done")
-            if written is not None:  # this process wrote `final` whole: grow from memory
-                source = {"weights": written[0], "moments": written[1], "engine": engine}
-            else:
-                weights, moments, _ = run.read_checkpoint(final)
-                source = {"weights": weights, "moments": moments}
-            engine = loop = written = None  # `source` holds the only references now
+            weights, moments, _ = run.read_checkpoint(final)  # grown from disk, tensor by tensor
+            source = {"weights": weights, "moments": moments, "engine": engine}
+            engine = loop = None  # `source` holds the only reference now
             engine, state = _grow_into(run, index + 1, state, source)
 
 

@@ -68,27 +68,28 @@ def set_rng_state(d: dict) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
-def save_state(run, engine, state: RunState, complete: bool = False) -> tuple[Path, tuple | None]:
-    """Checkpoint `state` with the engine's weights and moments. Returns the path and, when
-    this process wrote a stage-final checkpoint whole, (weights, moments) as written, so the
-    next stage can grow from them without reading back the files just written."""
-    weights, moments, state.optimizer_step = engine.export()
+def checkpoint_meta(run, engine, state: RunState, complete: bool = False) -> dict:
+    """meta.json of a checkpoint of `state` taken now (masks, RNG, tracking ids, time)."""
     state.stage_complete, state.masks = complete, engine.masks
     state.rng, state.tracking, state.saved_at = rng_state(), run.tracker.written_info, time.time()
-    meta = json.loads(json.dumps(state.to_meta()))  # as meta.json reads back
+    return json.loads(json.dumps(state.to_meta()))  # as meta.json reads back
+
+
+def save_state(run, engine, state: RunState, complete: bool = False) -> Path:
+    """Checkpoint `state` with the engine's weights and moments; returns its path."""
+    weights, moments, state.optimizer_step = engine.export()
+    meta = checkpoint_meta(run, engine, state, complete)
     path = checkpoint_dir(run.run_dir, state.stage_index, state.stage_name, state.step)
     role = engine.shard_role()
-    written = None
     if role is None:
         save_checkpoint(path, weights, moments, meta)
-        written = (weights, moments) if complete else None
     else:  # many ranks: each writes its share of full tensors
         save_sharded_checkpoint(path, weights, moments, meta, role)
         if not role.leader:
-            return path, None
+            return path
     prune(path.parent, run.cfg.checkpoint.keep)
     run.tracker.flush(force=True)
-    return path, written
+    return path
 
 
 class StageLoop:
@@ -176,7 +177,7 @@ class StageLoop:
                     save_state(run, self.engine, st)
                 bar.update(task, completed=st.step, info=f"loss {loss:.3f} lr {st.lr:.2e}")
                 if signals.signum is not None:
-                    raise StopRequested(signals.signum, save_state(run, self.engine, st)[0])
+                    raise StopRequested(signals.signum, save_state(run, self.engine, st))
         self.evaluate()
         return "complete"
 
