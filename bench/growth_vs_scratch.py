@@ -12,7 +12,7 @@ over the scratch run's FLOPs (linear interpolation between evaluations; null if 
 `wall_frac` the same in elapsed seconds (steps, evaluations, checkpoints, growths). FLOPs do
 not depend on the machine's load; wall times do (the load is recorded with them).
 
-    python bench/growth_vs_scratch.py                          # small: ~25 runs, ~15 min on 2 idle cores
+    python bench/growth_vs_scratch.py                          # small: 25 runs, ~20 min on 2 idle cores
     python bench/growth_vs_scratch.py --size medium            # ~5M params after growth, ~60 min on 2 idle cores
     python bench/growth_vs_scratch.py --size large             # a GPU (engine.device=auto), one run at a time
     python bench/growth_vs_scratch.py --decay wsd --split 0.2,0.2,0.6   # the schedule levers
@@ -173,7 +173,7 @@ def spread(xs: list) -> dict:
     """Mean, sample standard deviation, min and max; None where any seed never got there."""
     if not xs or any(x is None for x in xs):
         return {"mean": None, "std": None, "min": None, "max": None, "reached": sum(x is not None for x in xs)}
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None,
             "min": min(xs), "max": max(xs), "reached": len(xs)}
 
 
