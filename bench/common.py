@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -14,8 +15,11 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# the repository first: bench/growth_ops.py (this script's folder is sys.path[0]) must not
+# shadow the growth_ops package
+if str(REPO) in sys.path:
+    sys.path.remove(str(REPO))
+sys.path.insert(0, str(REPO))
 
 console = Console(width=140)
 
@@ -83,13 +87,15 @@ def timed(fn, device=None) -> float:
 
 
 def stage_literal(name: str, shape, tokens: int, batch: int, seq: int, peak: float, warmup: int,
-                  min_lr: float, growth: dict | None = None) -> str:
+                  min_lr: float, growth: dict | None = None, decay: str = "cosine",
+                  decay_fraction: float = 0.2) -> str:
     """One `schedule.stages` element in Hydra's override grammar; shape = (layers, hidden, ffn, heads)."""
     layers, hidden, ffn, heads = shape
     g = "null" if growth is None else "{" + ",".join(f"{k}:{v}" for k, v in growth.items()) + "}"
     return (f"{{name:{name},shape:{{layers:{layers},hidden:{hidden},ffn:{ffn},heads:{heads},kv_heads:null}},"
             f"tokens:{tokens},batch_size:{batch},seq_len:{seq},"
-            f"lr:{{peak:{peak},warmup_steps:{warmup},min:{min_lr:.3g},decay:cosine}},growth:{g}}}")
+            f"lr:{{peak:{peak:.4g},warmup_steps:{warmup},min:{min_lr:.3g},decay:{decay},"
+            f"decay_fraction:{decay_fraction}}},growth:{g}}}")
 
 
 def one_stage_config(shape, batch: int, seq: int, steps: int = 1000, extra: list[str] | None = None):
@@ -105,3 +111,84 @@ def one_stage_config(shape, batch: int, seq: int, steps: int = 1000, extra: list
     tok = data.tokenizer.vocab_size
     vocab = m.vocab_size or -(-tok // m.vocab_multiple) * m.vocab_multiple
     return cfg, stage_spec(cfg, cfg.schedule.stages[0], vocab), data
+
+
+# -- interleaved A/B timing that refuses to publish what it cannot resolve -------------------
+
+def busy_limit(cpus: int | None = None) -> float:
+    """The 1-minute load average above which the machine counts as busy: 0.75 per core
+    (1.5 on 2 cores)."""
+    return 0.75 * (cpus or os.cpu_count() or 1)
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Mean of paired ratios (b/a per pair of adjacent blocks), its sample std, and the spread:
+    twice the standard error (a ~95% interval's half-width), as a fraction."""
+    n = len(ratios)
+    mean = statistics.fmean(ratios)
+    std = statistics.stdev(ratios) if n > 1 else float("inf")
+    return {"pairs": n, "ratio": mean, "effect": mean - 1.0, "std": std, "spread": 2 * std / math.sqrt(n)}
+
+
+def settled(ratios: list[float], target_spread: float, min_pairs: int) -> bool:
+    """Enough pairs that the spread is at most `target_spread` (never before `min_pairs`)."""
+    return len(ratios) >= max(2, min_pairs) and ratio_summary(ratios)["spread"] <= target_spread
+
+
+def refusal(summary: dict, resolution: float, loads: list[float], own_threads: int, max_load: float) -> str | None:
+    """Why a timing result must not be published, or None. The spread must not exceed the
+    effect, unless it is within `resolution` (the smallest effect the bench claims to resolve:
+    an effect of 0 is then "below resolution", not noise); the load the others put on the
+    machine (1-minute load average minus this bench's own threads, averaged over the pairs)
+    must not exceed `max_load`."""
+    others = statistics.fmean(loads) - own_threads if loads else 0.0
+    if others > max_load:
+        return f"machine busy: load average {statistics.fmean(loads):.2f} ({others:.2f} beyond this bench's " \
+               f"{own_threads} threads) > {max_load:.2f}"
+    if summary["spread"] > max(abs(summary["effect"]), resolution):
+        return f"spread {100 * summary['spread']:.2f}% is larger than the effect {100 * summary['effect']:+.2f}% " \
+               f"and the resolution {100 * resolution:.2f}% after {summary['pairs']} pairs"
+    return None
+
+
+def check_quiet(max_load: float | None = None) -> float:
+    """Refuse (SystemExit, one line) to start timing on a busy machine; the load it started at."""
+    limit = busy_limit() if max_load is None else max_load
+    load = os.getloadavg()[0]
+    if load > limit:
+        raise SystemExit(f"bench: refused: machine busy before starting (load average {load:.2f} > {limit:.2f}); "
+                         "nothing written")
+    return load
+
+
+def interleaved(blocks: dict, target_spread: float, min_pairs: int = 6, max_pairs: int = 40,
+                max_load: float | None = None) -> dict:
+    """Time two sides, {"a": fn, "b": fn} (each fn runs one short block and returns its seconds),
+    in pairs of adjacent blocks, a b, b a, a b, ..., so that both see the same load, until
+    the spread of the paired ratios b/a is at most `target_spread` or `max_pairs` ran. Returns
+    the summary with every block's time and the 1-minute load average after each pair."""
+    (na, fa), (nb, fb) = blocks.items()
+    times, ratios, loads = {na: [], nb: []}, [], []
+    while len(ratios) < max_pairs and not settled(ratios, target_spread, min_pairs):
+        order = ((na, fa), (nb, fb)) if len(ratios) % 2 == 0 else ((nb, fb), (na, fa))
+        took = {name: fn() for name, fn in order}
+        for name, t in took.items():
+            times[name].append(t)
+        ratios.append(took[nb] / took[na])
+        loads.append(os.getloadavg()[0])
+    return {**ratio_summary(ratios), "ratios": ratios, "blocks_s": times,
+            "loadavg_1_per_pair": [round(x, 2) for x in loads],
+            "max_load": busy_limit() if max_load is None else max_load}
+
+
+def publish_timing(name: str, result: dict, checks: list[dict], resolution: float, own_threads: int,
+                   out_dir: Path | None = None) -> int:
+    """Write `result` as bench/results/<name> only if no interleaved measurement in `checks`
+    is refused; else one line on stderr, nothing written, exit status 1."""
+    for c in checks:
+        why = refusal(c, resolution, c["loadavg_1_per_pair"], own_threads, c["max_load"])
+        if why:
+            print(f"bench: refused to write {name}: {why}", file=sys.stderr)
+            return 1
+    write_json(name, result, out_dir)
+    return 0

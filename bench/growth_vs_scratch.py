@@ -1,31 +1,34 @@
-"""Growth vs training from scratch, through the real runner (`grow run`).
+"""Growth vs training from scratch, through the real runner (`grow run`), against a tuned
+scratch baseline and over seeds.
 
-Trains the final shape from scratch for T tokens, then growth schedules that end at the
-same shape (one per operator), every one a real `grow run` with tracking off into its own
-run directory. From each run's metrics.jsonl it takes validation loss against cumulative
-FLOPs (the ledger's progress/flops) and elapsed wall time (metrics' time stamps: steps,
-evaluations, checkpoints and growths all count), and reports the FLOPs and the wall time
-each schedule needed to reach the scratch run's final validation loss, as fractions of the
-scratch run's (linear interpolation between evaluation points; null if never reached).
+Every configuration - the scratch run (the final shape for T tokens) and one growth schedule
+per operator, ending at the same shape - is tuned by the same sweep: peak learning rate
+(--sweep-lr, multiples of the size's base rate) x first-stage warmup (--sweep-warmup), at
+seed 0. Scratch keeps the setting with the lowest final validation loss; an operator keeps
+the one that reaches that scratch run's final loss with the fewest FLOPs. The winners then
+run at --seeds seeds (seed 0 is the sweep's run). For every seed, a growth run's `flops_frac`
+is the FLOPs at which its validation loss first reaches the same seed's scratch final loss,
+over the scratch run's FLOPs (linear interpolation between evaluations; null if never), and
+`wall_frac` the same in elapsed seconds (steps, evaluations, checkpoints, growths). FLOPs do
+not depend on the machine's load; wall times do (the load is recorded with them).
 
-    python bench/growth_vs_scratch.py                      # default: CPU, ~4 min on 2 idle cores, 25-35 busy
-    python bench/growth_vs_scratch.py --size large         # a GPU (engine.device=auto), one run at a time
-    python bench/growth_vs_scratch.py --operators msg,stack --split 0.25,0.25,0.5 --growth-tokens 1.0 --decay-in each
+    python bench/growth_vs_scratch.py                          # small: 25 runs, ~20 min on 2 idle cores
+    python bench/growth_vs_scratch.py --size medium            # ~5M params after growth, ~60 min on 2 idle cores
+    python bench/growth_vs_scratch.py --size large             # a GPU (engine.device=auto), one run at a time
+    python bench/growth_vs_scratch.py --decay wsd --split 0.2,0.2,0.6   # the schedule levers
+    python bench/growth_vs_scratch.py --parametrization mup    # with muP (model.parametrization=mup)
 
-The small size runs its 5 runs at once, one torch thread each (--jobs 5 --threads 1): on 2
-cores that finishes sooner than one after another, and the scratch run, the longest, has the
-machine more to itself at its end, so the growth runs' wall_frac is if anything overstated.
-
-Schedules (3 stages each; --split gives each stage's share of the schedule's tokens,
---growth-tokens the schedule's tokens as a multiple of the scratch run's T):
+Schedules (3 stages each; --split gives each stage's share of the schedule's tokens - the
+growth timing - and --growth-tokens the schedule's tokens as a multiple of T):
   msg, zero, clone: width x2 (hidden, ffn, heads; head_dim fixed), then depth x2;
   stack (grows depth only): depth x2, then x2 again at the final width.
-Every stage warms (re-warms after a growth) to --peak-lr over --rewarm steps; by default
-(--decay-in last) the earlier stages then hold the peak and only the last stage decays
-(cosine) to --min-lr-frac x peak, as the scratch run does over its whole length; --decay-in
-each decays within every stage (a visible bump at each re-warm, and later crossings). Runs are cached in
---work-dir by their overrides: a second call with the same settings reuses finished runs.
-Writes bench/results/growth_vs_scratch.json and growth_vs_scratch.png.
+--decay cosine: the earlier stages hold the peak after their (re-)warm and the last stage
+decays (cosine) to --min-lr-frac x peak, as the scratch run does over its whole length;
+--decay wsd: `lr.decay: wsd` in every stage and in the scratch run, a linear decay over the
+last --decay-fraction of each run's tokens. Runs are cached in --work-dir by their overrides,
+so a second call reuses finished runs. Writes bench/results/growth_vs_scratch.json (one entry
+per size, every seed, the sweeps and the chosen settings), growth_vs_scratch.details.json
+(curves) and growth_vs_scratch.png (val loss vs FLOPs, growth points marked, a panel per size).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,26 +46,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, console, machine, table, write_json  # noqa: E402
+from common import REPO, RESULTS, console, machine, stage_literal, table  # noqa: E402
 
 # shape = (layers, hidden, ffn, heads)
 SIZES = {
     "small": dict(final=(4, 128, 352, 4), width_path=[(2, 64, 176, 2), (2, 128, 352, 4)],
                   depth_path=[(1, 128, 352, 4), (2, 128, 352, 4)], tokens=655360, batch=16, seq=128,
-                  peak_lr=3e-3, warmup=30, eval_every=10, eval_batches=4, jobs=5, threads=1),
+                  peak_lr=3e-3, warmup=30, eval_every=10, eval_batches=4, jobs=5, threads=1,
+                  operators="msg,zero,clone,stack", sweep_lr="0.5,1,2"),
+    # ~5.0M parameters at the end (head_dim 32); the sweep is as wide, over the operators that
+    # preserve the function best at the small size and stack, to fit ~60 min on 2 idle cores
+    "medium": dict(final=(4, 320, 864, 10), width_path=[(2, 160, 432, 5), (2, 320, 864, 10)],
+                   depth_path=[(1, 320, 864, 10), (2, 320, 864, 10)], tokens=655360, batch=16, seq=128,
+                   peak_lr=2e-3, warmup=30, eval_every=10, eval_batches=4, jobs=3, threads=1,
+                   operators="msg,stack", sweep_lr="0.5,1,2"),
     "large": dict(final=(8, 512, 1408, 8), width_path=[(4, 256, 704, 4), (4, 512, 1408, 8)],
                   depth_path=[(2, 512, 1408, 8), (4, 512, 1408, 8)], tokens=52428800, batch=32, seq=256,
-                  peak_lr=1e-3, warmup=200, eval_every=50, eval_batches=8, jobs=1, threads=0),
+                  peak_lr=1e-3, warmup=200, eval_every=50, eval_batches=8, jobs=1, threads=0,
+                  operators="msg,zero,stack", sweep_lr="0.5,1,2"),
 }
-
-
-def stage(name: str, shape, tokens: int, a, peak: float, warmup: int, growth: dict | None,
-          decay: str = "cosine") -> str:
-    layers, hidden, ffn, heads = shape
-    g = "null" if growth is None else "{" + ",".join(f"{k}:{v}" for k, v in growth.items()) + "}"
-    return (f"{{name:{name},shape:{{layers:{layers},hidden:{hidden},ffn:{ffn},heads:{heads},kv_heads:null}},"
-            f"tokens:{tokens},batch_size:{a.batch},seq_len:{a.seq},"
-            f"lr:{{peak:{peak},warmup_steps:{warmup},min:{peak * a.min_lr_frac:.3g},decay:{decay}}},growth:{g}}}")
+DEFAULTS = ("tokens", "batch", "seq", "peak_lr", "warmup", "eval_every", "eval_batches", "jobs", "threads",
+            "operators", "sweep_lr")
 
 
 def whole_steps(tokens: float, a) -> int:
@@ -69,69 +74,80 @@ def whole_steps(tokens: float, a) -> int:
     return max(1, int(round(tokens / step))) * step
 
 
-def schedules(a) -> dict[str, list[str]]:
-    """name -> the Hydra overrides of its `grow run`."""
-    size = SIZES[a.size]
-    common = ["tracking=off", f"train.eval_every_steps={a.eval_every}", f"train.eval_batches={a.eval_batches}",
-              "checkpoint.every_steps=1000000", f"seed={a.seed}"]
+def common_overrides(a, seed: int) -> list[str]:
+    out = ["tracking=off", f"train.eval_every_steps={a.eval_every}", f"train.eval_batches={a.eval_batches}",
+           "checkpoint.every_steps=1000000", f"seed={seed}"]
     if a.threads:
-        common.append(f"engine.threads={a.threads}")
-    out = {"scratch": common + ["schedule.name=scratch",
-                                "schedule.stages=[" + stage("final", size["final"], whole_steps(a.tokens, a), a,
-                                                            a.peak_lr, a.warmup, None) + "]"]}
-    split = [float(x) for x in a.split.split(",")]
-    total = a.tokens * a.growth_tokens
-    for op in a.operators.split(","):
-        path = (size["depth_path"] if op == "stack" else size["width_path"]) + [size["final"]]
-        growth = {"operator": op, "ramp_steps": a.ramp if op == "msg" else 0,
-                  "layer_insert": "append" if op == "stack" else a.layer_insert}
-        stages = []
-        for i, (shape, frac) in enumerate(zip(path, split)):
-            decay = "constant" if a.decay_in == "last" and i < len(path) - 1 else "cosine"
-            stages.append(stage(f"s{i + 1}", shape, whole_steps(total * frac / sum(split), a), a, a.peak_lr,
-                                a.warmup if i == 0 else a.rewarm, None if i == 0 else growth, decay))
-        out[op] = common + [f"growth={op}", f"schedule.name=grow_{op}", "schedule.stages=[" + ",".join(stages) + "]"]
+        out.append(f"engine.threads={a.threads}")
+    if a.parametrization == "mup":  # the model's own muP (its own issue); base: the first stage's width
+        base = SIZES[a.size]["width_path"][0][1]
+        out += ["model.parametrization=mup", f"model.mup.base_hidden={a.mup_base_hidden or base}",
+                f"model.mup.output_mult={a.mup_output_mult}"]
     return out
 
 
-def run_one(name: str, overrides: list[str], work: Path, quiet: bool) -> Path:
-    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:10]
+def overrides(a, name: str, peak: float, warmup: int, seed: int) -> list[str]:
+    """The Hydra overrides of one `grow run`: `name` is "scratch" or an operator."""
+    size = SIZES[a.size]
+    last_decay = "wsd" if a.decay == "wsd" else "cosine"
+    held = "wsd" if a.decay == "wsd" else "constant"  # earlier stages: stable after the (re-)warm
+    lit = dict(batch=a.batch, seq=a.seq, min_lr=peak * a.min_lr_frac, decay_fraction=a.decay_fraction)
+    if name == "scratch":
+        st = [stage_literal("final", size["final"], whole_steps(a.tokens, a), peak=peak, warmup=warmup,
+                            decay=last_decay, **lit)]
+        return common_overrides(a, seed) + ["schedule.name=scratch", "schedule.stages=[" + ",".join(st) + "]"]
+    path = (size["depth_path"] if name == "stack" else size["width_path"]) + [size["final"]]
+    split = [float(x) for x in a.split.split(",")]
+    growth = {"operator": name, "ramp_steps": a.ramp if name == "msg" else 0,
+              "layer_insert": "append" if name == "stack" else a.layer_insert}
+    total = a.tokens * a.growth_tokens
+    st = [stage_literal(f"s{i + 1}", shape, whole_steps(total * frac / sum(split), a), peak=peak,
+                        warmup=warmup if i == 0 else a.rewarm, growth=None if i == 0 else growth,
+                        decay=last_decay if i == len(path) - 1 else held, **lit)
+          for i, (shape, frac) in enumerate(zip(path, split))]
+    return common_overrides(a, seed) + [f"growth={name}", f"schedule.name=grow_{name}",
+                                        "schedule.stages=[" + ",".join(st) + "]"]
+
+
+def run_one(name: str, ovr: list[str], work: Path) -> Path:
+    key = hashlib.sha256(json.dumps(ovr).encode()).hexdigest()[:10]
     run_dir = work / f"{name}-{key}"
-    if (run_dir / "summary.json").exists() and json.loads((run_dir / "summary.json").read_text())["status"] == "complete":
-        console.print(f"{name}: reusing {run_dir}")
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["status"] == "complete":
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    (run_dir.parent / f"{name}-{key}.overrides.json").write_text(json.dumps(overrides, indent=1))
-    cmd = [str(Path(sys.executable).parent / "grow"), "run", *overrides, f"hydra.run.dir={run_dir}"]
-    console.print(f"{name}: running into {run_dir}")
+    (work / f"{name}-{key}.overrides.json").write_text(json.dumps(ovr, indent=1))
+    cmd = [str(Path(sys.executable).parent / "grow"), "run", *ovr, f"hydra.run.dir={run_dir}"]
     t = time.time()
-    with open(run_dir.parent / f"{name}-{key}.log", "w") as log:
+    with open(work / f"{name}-{key}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise SystemExit(f"{name}: grow run failed (rc {rc}); see {run_dir.parent / f'{name}-{key}.log'}")
-    console.print(f"{name}: done in {time.time() - t:.0f} s")
+        raise SystemExit(f"{name}: grow run failed (rc {rc}); see {work / f'{name}-{key}.log'}")
+    console.print(f"{name}: {run_dir.name} done in {time.time() - t:.0f} s")
     return run_dir
 
 
 def curve(run_dir: Path) -> dict:
-    """Validation loss against cumulative FLOPs and elapsed seconds since the run began."""
-    flops_at, t0, points = {}, None, []
+    """Validation loss against cumulative FLOPs and elapsed seconds since the run began, and
+    the FLOPs at which each growth happened."""
+    flops_at, t0, points, growths, stage = {}, None, [], [], None
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for r in recs:
         if "progress/flops" in r:
+            if stage is not None and r["stage"] != stage:
+                growths.append(flops_at[r["step"] - 1])
+            stage = r["stage"]
             flops_at[r["step"]] = r["progress/flops"]
             if t0 is None:  # the first step's own duration is in its tokens/s
                 tokens = r["progress/tokens"]
                 t0 = r["time"] - (tokens / r["perf/tokens_per_s"] if r.get("perf/tokens_per_s") else 0.0)
     for r in recs:
         if "val/loss" in r:
-            points.append((flops_at[r["step"]], r["time"] - t0, r["val/loss"], r["step"]))
+            points.append((flops_at[r["step"]], r["time"] - t0, r["val/loss"]))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"flops": [p[0] for p in points], "wall_s": [p[1] for p in points], "val_loss": [p[2] for p in points],
-            "step": [p[3] for p in points], "total_flops": summary["totals"]["flops"],
-            "total_tokens": summary["totals"]["tokens"],
-            "growth_checks": [s["growth"] for s in summary["stages"] if s.get("growth")]}
+            "growth_flops": growths, "total_flops": summary["totals"]["flops"]}
 
 
 def crossing(c: dict, target: float) -> tuple[float | None, float | None]:
@@ -146,39 +162,118 @@ def crossing(c: dict, target: float) -> tuple[float | None, float | None]:
     return None, None
 
 
-def plot(curves: dict, target: float, path: Path) -> None:
+def fractions(c: dict, scratch: dict) -> dict:
+    """flops_frac and wall_frac of a growth curve against a scratch curve's final loss."""
+    f, w = crossing(c, scratch["val_loss"][-1])
+    return {"flops_frac": None if f is None else f / scratch["flops"][-1],
+            "wall_frac": None if w is None else w / scratch["wall_s"][-1], "final_val_loss": c["val_loss"][-1]}
+
+
+def spread(xs: list) -> dict:
+    """Mean, sample standard deviation, min and max; None where any seed never got there."""
+    if not xs or any(x is None for x in xs):
+        return {"mean": None, "std": None, "min": None, "max": None, "reached": sum(x is not None for x in xs)}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None,
+            "min": min(xs), "max": max(xs), "reached": len(xs)}
+
+
+def rank(r: dict) -> tuple:
+    """Sweep order for a growth setting: reached first, then fewer FLOPs, then lower final loss."""
+    return (r["flops_frac"] is None, r["flops_frac"] or 0.0, r["final_val_loss"])
+
+
+def run_all(jobs: int, todo: dict[tuple, list[str]], work: Path) -> dict[tuple, dict]:
+    """Runs every (name, peak, warmup, seed) -> overrides at `jobs` at a time; their curves."""
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        dirs = dict(zip(todo, pool.map(lambda kv: run_one(kv[0][0], kv[1], work), todo.items())))
+    return {k: curve(d) for k, d in dirs.items()}
+
+
+def bench(a) -> tuple[dict, dict]:
+    """The sweep at seed 0, then the winners at every seed: (result, curves for the plot)."""
+    work = Path(a.work_dir) / a.size
+    work.mkdir(parents=True, exist_ok=True)
+    names = ["scratch"] + a.operators.split(",")
+    grid = [(a.peak_lr * float(m), int(w)) for m in a.sweep_lr.split(",")
+            for w in (a.sweep_warmup or str(a.warmup)).split(",")]
+    sweep = run_all(a.jobs, {(n, p, w, 0): overrides(a, n, p, w, 0) for n in names for p, w in grid}, work)
+    scratch_sweep = [{"peak_lr": p, "warmup": w, "final_val_loss": sweep["scratch", p, w, 0]["val_loss"][-1]}
+                     for p, w in grid]
+    best = min(scratch_sweep, key=lambda r: r["final_val_loss"])
+    chosen = {"scratch": (best["peak_lr"], best["warmup"])}
+    sweeps = {"scratch": scratch_sweep}
+    for op in names[1:]:
+        rows = [{"peak_lr": p, "warmup": w, **fractions(sweep[op, p, w, 0], sweep["scratch", *chosen["scratch"], 0])}
+                for p, w in grid]
+        sweeps[op] = rows
+        win = min(rows, key=rank)
+        chosen[op] = (win["peak_lr"], win["warmup"])
+    seeds = range(a.seeds)
+    final = run_all(a.jobs, {(n, *chosen[n], s): overrides(a, n, *chosen[n], s) for n in names for s in seeds}, work)
+    per_op = {}
+    for op in names[1:]:
+        runs = [{"seed": s, **fractions(final[op, *chosen[op], s], final["scratch", *chosen["scratch"], s])}
+                for s in seeds]
+        per_op[op] = {"peak_lr": chosen[op][0], "warmup": chosen[op][1], "seeds": runs,
+                      "flops_frac": spread([r["flops_frac"] for r in runs]),
+                      "wall_frac": spread([r["wall_frac"] for r in runs]),
+                      "total_flops_frac": final[op, *chosen[op], 0]["total_flops"]
+                      / final["scratch", *chosen["scratch"], 0]["total_flops"]}
+    sc = [final["scratch", *chosen["scratch"], s] for s in seeds]
+    result = {"scratch": {"peak_lr": chosen["scratch"][0], "warmup": chosen["scratch"][1],
+                          "final_val_loss": [c["val_loss"][-1] for c in sc], "flops": sc[0]["flops"][-1],
+                          "wall_s": [c["wall_s"][-1] for c in sc]},
+              "operators": per_op, "sweeps": sweeps}
+    curves = {n: final[n, *chosen[n], 0] for n in names}
+    return result, curves
+
+
+def plot(panels: dict[str, dict], path: Path) -> None:
+    """One panel per size: seed 0's val loss vs FLOPs of every chosen configuration, growths marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, c in curves.items():
-        ax.plot(c["flops"], c["val_loss"], label=name, lw=2.2 if name == "scratch" else 1.4,
-                color="black" if name == "scratch" else None)
-    ax.axhline(target, color="gray", ls="--", lw=0.8, label="scratch final val loss")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss")
-    lo = min(min(c["val_loss"]) for c in curves.values())
-    ax.set_ylim(lo - 0.05, min(lo + 1.5, max(max(c["val_loss"]) for c in curves.values())))
-    ax.set_title("growth vs scratch (embedded corpus)")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (size, curves) in zip(axes[0], panels.items()):
+        target = curves["scratch"]["val_loss"][-1]
+        for name, c in curves.items():
+            line, = ax.plot(c["flops"], c["val_loss"], label=name, lw=2.2 if name == "scratch" else 1.4,
+                            color="black" if name == "scratch" else None)
+            for g in c["growth_flops"]:
+                i = min(range(len(c["flops"])), key=lambda j: abs(c["flops"][j] - g))
+                ax.plot([g], [c["val_loss"][i]], marker="o", ms=6, mfc="none", color=line.get_color())
+        ax.axhline(target, color="gray", ls="--", lw=0.8, label="scratch final val loss")
+        ax.set_xlabel("training FLOPs (o: growth)")
+        ax.set_ylabel("validation loss")
+        lo = min(min(c["val_loss"]) for c in curves.values())
+        ax.set_ylim(lo - 0.05, lo + 1.2)
+        ax.set_title(f"{size}: growth vs tuned scratch (seed 0)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--operators", default="msg,zero,clone,stack")
+    p.add_argument("--operators", help="comma-separated (default per size)")
     p.add_argument("--tokens", type=int, help="scratch run's tokens T (default per size)")
     p.add_argument("--growth-tokens", type=float, default=1.25, help="growth schedules' tokens as a multiple of T")
     p.add_argument("--split", default="0.34,0.33,0.33", help="each stage's share of a growth schedule's tokens")
-    p.add_argument("--peak-lr", type=float)
+    p.add_argument("--peak-lr", type=float, help="base peak LR; the sweep multiplies it (default per size)")
+    p.add_argument("--sweep-lr", help="multiples of --peak-lr swept for every configuration (default per size)")
+    p.add_argument("--sweep-warmup", help="first-stage warmups swept (default: --warmup alone)")
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, help="warmup steps of the first stage / the scratch run")
     p.add_argument("--rewarm", type=int, default=10, help="LR re-warm steps after each growth")
-    p.add_argument("--decay-in", choices=("each", "last"), default="last",
-                   help="cosine decay in every stage, or only in the last (the others hold the peak)")
+    p.add_argument("--decay", choices=("cosine", "wsd"), default="cosine",
+                   help="cosine in the last stage only, or lr.decay=wsd everywhere (scratch too)")
+    p.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of each run's tokens that decays")
+    p.add_argument("--parametrization", choices=("standard", "mup"), default="standard")
+    p.add_argument("--mup-base-hidden", type=int, help="muP base width (default: the first stage's hidden)")
+    p.add_argument("--mup-output-mult", type=float, default=1.0)
     p.add_argument("--ramp", type=int, default=20, help="msg mask ramp steps")
     p.add_argument("--layer-insert", default="interleave")
     p.add_argument("--batch", type=int)
@@ -187,47 +282,55 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--threads", type=int, help="engine.threads (0: torch's default; default per size)")
     p.add_argument("--jobs", type=int, help="runs at a time (default per size; wall times then share the CPU)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "growth_vs_scratch"))
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
-    size = SIZES[a.size]
-    for k in ("tokens", "batch", "seq", "peak_lr", "warmup", "eval_every", "eval_batches", "jobs", "threads"):
+    for k in DEFAULTS:
         if getattr(a, k) is None:
-            setattr(a, k, size[k])
-    work = Path(a.work_dir) / a.size
-    work.mkdir(parents=True, exist_ok=True)
-    runs = schedules(a)
-    started = time.time()
-    load_before = os.getloadavg()
-    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        dirs = dict(zip(runs, pool.map(lambda kv: run_one(kv[0], kv[1], work, True), runs.items())))
-    curves = {name: curve(d) for name, d in dirs.items()}
-    sc = curves["scratch"]
-    target, scratch_flops, scratch_wall = sc["val_loss"][-1], sc["flops"][-1], sc["wall_s"][-1]
-    result, rows = {}, []
-    for name, c in curves.items():
-        if name == "scratch":
-            continue
-        f, w = crossing(c, target)
-        result[name] = {"flops_frac": None if f is None else f / scratch_flops,
-                        "wall_frac": None if w is None else w / scratch_wall}
-        rows.append([name, result[name]["flops_frac"], result[name]["wall_frac"], c["val_loss"][-1],
-                     c["total_flops"] / scratch_flops, c["wall_s"][-1] / scratch_wall, c["total_tokens"]])
-    rows.insert(0, ["scratch", 1.0, 1.0, target, 1.0, 1.0, sc["total_tokens"]])
-    table(f"growth vs scratch ({a.size}): to reach the scratch final val loss {target:.4f}",
-          ["schedule", "flops_frac", "wall_frac", "final val", "total FLOPs frac", "total wall frac", "tokens"], rows)
+            setattr(a, k, SIZES[a.size][k])
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    started, load_before = time.time(), os.getloadavg()
+    result, curves = bench(a)
+    load_after = os.getloadavg()
+    sc = result["scratch"]
+    rows = [["scratch", f"{sc['peak_lr']:.3g}/{sc['warmup']}", 1.0, None, 1.0, None,
+             statistics.fmean(sc["final_val_loss"]), 1.0]]
+    for op, r in result["operators"].items():
+        f, w = r["flops_frac"], r["wall_frac"]
+        rows.append([op, f"{r['peak_lr']:.3g}/{r['warmup']}", f["mean"], f["std"], w["mean"], w["std"],
+                     statistics.fmean(s["final_val_loss"] for s in r["seeds"]), r["total_flops_frac"]])
+    table(f"growth vs tuned scratch ({a.size}, {a.seeds} seeds, decay {a.decay}, split {a.split}, "
+          f"{a.parametrization}): to reach each seed's scratch final val loss",
+          ["schedule", "lr/warmup", "flops_frac", "+-", "wall_frac", "+-", "final val", "total FLOPs frac"], rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(curves, target, out / "growth_vs_scratch.png")
+    result.update({"args": vars(a), "machine": machine(), "elapsed_s": round(time.time() - started, 1),
+                   "loadavg_1_5_15_start": [round(x, 2) for x in load_before],
+                   "loadavg_1_5_15_end": [round(x, 2) for x in load_after]})
+    merge_json(out / "growth_vs_scratch.json", a.size, result)
+    details = merge_json(out / "growth_vs_scratch.details.json", a.size, {"curves": curves})
+    plot({size: d["curves"] for size, d in details.items() if size in SIZES}, out / "growth_vs_scratch.png")
     console.print(f"wrote {out / 'growth_vs_scratch.png'}")
-    write_json("growth_vs_scratch.json", result, out)
-    details = {"args": vars(a), "machine": machine(), "loadavg_at_start": [round(x, 2) for x in load_before],
-               "elapsed_s": time.time() - started, "scratch": {"final_val_loss": target, "flops": scratch_flops,
-                                                                "wall_s": scratch_wall},
-               "overrides": runs, "curves": curves}
-    write_json("growth_vs_scratch.details.json", details, out)
     return 0
+
+
+def merge_json(path: Path, size: str, entry: dict) -> dict:
+    """The file's entry for `size` replaced (the other sizes' kept), written atomically."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data = {k: v for k, v in data.items() if k in SIZES}  # drops the old single-size layout
+    data[size] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+    console.print(f"wrote {path}")
+    return data
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ Both train the identical model (same shape, RMSNorm + SwiGLU + RoPE, tied embedd
 initial weights copied tensor by tensor), on the same batches from the embedded corpus, with
 the same AdamW (decay on matrices only, same betas/eps/weight decay), the same gradient
 clipping and the same fp32 cross-entropy on [B, T+1] token batches; both read the loss and
-the grad norm back each step as the engine does. Runs alternate in one process (ours, HF,
-HF, ours, ... per repetition) so both see the same machine load; the figure per size is the
-ratio of median tokens/s (ours / HF; >= 1.0 means we are not slower).
+the grad norm back each step as the engine does. Short blocks alternate in one process
+(ours, HF, HF, ours, ...: bench/common.interleaved) so both see the same machine load, pair
+after pair until the spread is small; the figure per size is the mean over pairs of HF's
+block time / ours (= ours / HF in tokens/s; >= 1.0 means we are not slower). Nothing is
+written (exit status 1) if any size's spread (2 standard errors) is wider than both
+|ratio - 1| and --resolution, or the machine was busy (load average beyond this bench's
+threads > 0.75 per core).
 
     python bench/throughput.py                              # 3 CPU sizes, ~5-10 min on 2 busy cores
-    python bench/throughput.py --sizes 2x128,4x256 --reps 7 --steps 4
+    python bench/throughput.py --sizes 2x128,4x256 --steps 4 --target-spread 0.01
     python bench/throughput.py --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # ~1B on a GPU (+ MFU
                                                     # over the measured matmul peak)
 
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import console, machine, median, one_stage_config, sync, table, write_json  # noqa: E402
+from common import (check_quiet, console, interleaved, machine, median, one_stage_config, publish_timing,  # noqa: E402
+                    sync, table)
 
 DEFAULT_SIZES = "2x128,4x256,6x384"
 
@@ -114,42 +119,45 @@ def measure(size: str, a) -> dict:
     hf = HFRunner(spec, ours, a.seq, a.attn)
     streams = {n: data.train[n] for n in sorted(data.train)}
     cursor = new_cursor(sorted(data.train))
-    batches = []
-    for _ in range(a.warmup + a.reps * a.steps):
-        b, cursor = next_global_batch(streams, cursor, None, a.batch, a.seq)
-        batches.append(b)
     lr = 1e-3
+
+    def batch():
+        nonlocal cursor
+        b, cursor = next_global_batch(streams, cursor, None, a.batch, a.seq)
+        return b
+
     # the same first steps on both: a check that the two are the same model and optimizer
-    check = [(ours.train_step(b, lr)[0], hf.train_step(b, lr)[0]) for b in batches[:a.warmup]]
-    times = {"ours": [], "hf": []}
-    runners = {"ours": ours, "hf": hf}
-    i = a.warmup
-    for rep in range(a.reps):
-        order = ("ours", "hf") if rep % 2 == 0 else ("hf", "ours")
-        chunk = batches[i:i + a.steps]
-        i += a.steps
-        for name in order:
-            r = runners[name]
-            sync(ours.device)
-            t = time.perf_counter()
-            for b in chunk:
-                r.train_step(b, lr)
-            sync(ours.device)
-            times[name].append((time.perf_counter() - t) / len(chunk))
+    check = []
+    for _ in range(a.warmup):
+        b = batch()
+        check.append((ours.train_step(b, lr)[0], hf.train_step(b, lr)[0]))
+
+    def block(runner) -> float:
+        """--steps steps on fresh batches; seconds per step."""
+        chunk = [batch() for _ in range(a.steps)]
+        sync(ours.device)
+        t = time.perf_counter()
+        for b in chunk:
+            runner.train_step(b, lr)
+        sync(ours.device)
+        return (time.perf_counter() - t) / len(chunk)
+
+    timing = interleaved({"ours": lambda: block(ours), "hf": lambda: block(hf)}, a.target_spread,
+                         a.min_pairs, a.max_pairs, a.max_load)
+    times = timing["blocks_s"]
     tokens = a.batch * a.seq
-    tps = {k: tokens / median(v) for k, v in times.items()}
+    tps = {k: tokens / median(v) for k, v in times.items()}  # for the table; the ratio is paired
     fpt = flops_per_token(spec, a.seq)
     out = {"shape": dict(zip(("layers", "hidden", "ffn", "heads"), shape)), "params": sum(
         p.numel() for p in ours.model.parameters()), "batch": a.batch, "seq": a.seq,
-           "ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"], "ratio": tps["ours"] / tps["hf"],
-           "ours_step_s": times["ours"], "hf_step_s": times["hf"],
+           "ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"],
+           "ratio": timing["ratio"], "spread": timing["spread"], "timing": timing,
            "first_losses_ours_hf": check, "max_first_loss_diff": max(abs(x - y) for x, y in check) if check else None,
            "achieved_tflops_ours": fpt * tps["ours"] / 1e12, "achieved_tflops_hf": fpt * tps["hf"] / 1e12}
     if a.peak_tflops:
         out["peak_tflops"] = a.peak_tflops
         out["mfu_ours"] = out["achieved_tflops_ours"] / a.peak_tflops
         out["mfu_hf"] = out["achieved_tflops_hf"] / a.peak_tflops
-    del ours, hf
     return out
 
 
@@ -158,8 +166,13 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated LAYERSxHIDDEN[xFFNxHEADS]")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
-    p.add_argument("--reps", type=int, default=4, help="alternating repetitions (median)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per block")
+    p.add_argument("--min-pairs", type=int, default=6, help="pairs of (ours, HF) blocks at least")
+    p.add_argument("--max-pairs", type=int, default=30, help="... and at most, until the spread is --target-spread")
+    p.add_argument("--target-spread", type=float, default=0.02, help="stop once 2 standard errors are this small")
+    p.add_argument("--resolution", type=float, default=0.03,
+                   help="smallest ratio difference resolved; a wider spread than this and |ratio - 1|: refused")
+    p.add_argument("--max-load", type=float, help="busy above this 1-minute load average (default 0.75 x cores)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (also a loss check)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
@@ -169,6 +182,7 @@ def main(argv=None) -> int:
                    help="per-device peak for MFU; 0: measured with large matmuls on a GPU, none on the CPU")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    start_load = check_quiet(a.max_load)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -181,15 +195,18 @@ def main(argv=None) -> int:
         results[size] = measure(size, a)
         r = results[size]
         console.print(f"  ours {r['ours_tokens_per_s']:,.0f} tok/s  hf {r['hf_tokens_per_s']:,.0f} tok/s  "
-                      f"ratio {r['ratio']:.3f}  (first-step loss diff {r['max_first_loss_diff']:.2e})")
-    rows = [[s, r["params"], r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ratio"], r["max_first_loss_diff"],
-             r.get("mfu_ours"), r.get("mfu_hf")] for s, r in results.items()]
+                      f"ratio {r['ratio']:.3f} +- {r['spread']:.3f} over {r['timing']['pairs']} pairs  "
+                      f"(first-step loss diff {r['max_first_loss_diff']:.2e})")
+    rows = [[s, r["params"], r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ratio"], r["spread"],
+             r["max_first_loss_diff"], r.get("mfu_ours"), r.get("mfu_hf")] for s, r in results.items()]
     table(f"training tokens/s, ours vs transformers LlamaForCausalLM (batch {a.batch} x seq {a.seq}, "
           f"{a.device}{' bf16' if a.bf16 else ' fp32'})",
-          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "first-loss diff", "MFU ours", "MFU HF"],
+          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "+-", "first-loss diff", "MFU ours",
+           "MFU HF"],
           rows)
-    write_json("throughput.json", {"args": vars(a), "machine": machine(), "sizes": results}, a.out)
-    return 0
+    return publish_timing("throughput.json", {"args": vars(a), "machine": machine(), "loadavg_1_start": start_load,
+                                            "sizes": results},
+                          [r["timing"] for r in results.values()], a.resolution, torch.get_num_threads(), a.out)
 
 
 if __name__ == "__main__":

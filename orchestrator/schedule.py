@@ -105,6 +105,18 @@ def stage_steps(stage: StageConfig) -> int:
     return lo
 
 
+def wsd_decay_steps(stages: list[StageConfig], index: int) -> int:
+    """Updates of stage `index` that decay under `lr.decay: wsd`: none but in the last stage,
+    which decays over the last stage's `lr.decay_fraction` of the whole schedule's tokens (a
+    share of the schedule, as for a scratch run, so that runs of different stage splits
+    decay over the same tokens), in whole steps of the last stage, at least one."""
+    stage = stages[index]
+    if stage.lr.decay != "wsd" or index != len(stages) - 1:
+        return 0
+    total = sum(stage_steps(s) * s.batch_size * s.seq_len for s in stages)
+    return max(1, round(stage.lr.decay_fraction * total / (stage.batch_size * stage.seq_len)))
+
+
 def layout_world(layout: LayoutConfig) -> int:
     """Ranks a layout runs on (one device each)."""
     return layout.tp * layout.pp * layout.dp
@@ -131,12 +143,14 @@ class ResolvedStage:
     steps: int
     growth: GrowthConfig | None  # effective settings; None where the stage is not grown into
     flops_per_token: float
+    lr_decay_steps: int = 0  # wsd: the final updates that decay (orchestrator.run.lr)
 
     @classmethod
     def alone(cls, config: StageConfig, spec: ModelSpec) -> "ResolvedStage":
         """One stage outside a schedule (benchmarks, engine tests), not grown into."""
         return cls(index=0, config=config, spec=spec, steps=stage_steps(config), growth=None,
-                   flops_per_token=flops_per_token(spec, config.seq_len))
+                   flops_per_token=flops_per_token(spec, config.seq_len),
+                   lr_decay_steps=wsd_decay_steps([config], 0))
 
     @property
     def name(self) -> str:
@@ -228,5 +242,6 @@ def resolve(cfg: RunConfig, tokenizer_size: int | None = None) -> Schedule:
         grown = i > 0 or cfg.init_from is not None
         stages.append(ResolvedStage(index=i, config=st, spec=spec, steps=stage_steps(st),
                                     growth=effective_growth(cfg, st) if grown else None,
-                                    flops_per_token=flops_per_token(spec, st.seq_len)))
+                                    flops_per_token=flops_per_token(spec, st.seq_len),
+                                    lr_decay_steps=wsd_decay_steps(cfg.schedule.stages, i)))
     return Schedule(cfg=cfg, vocab=vocab, stages=tuple(stages))

@@ -58,7 +58,11 @@ class LRConfig:
     peak: Optional[float] = None  # null: inherit the learning rate the last stage ended at
     warmup_steps: int = 0  # linear 0 -> peak; after a growth this is the re-warm
     min: float = 0.0  # floor of the decay
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: str = "cosine"  # cosine | linear | constant | wsd
+    # wsd (warmup-stable-decay, across stages): every stage holds its peak after the warmup;
+    # the last stage alone decays, linearly to `min`, over its final decay_fraction of the
+    # whole schedule's tokens (read from the last stage; it must fit after its warmup).
+    decay_fraction: float = 0.2
 
 
 @dataclass

@@ -31,7 +31,7 @@ from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.model import flops_per_token
 from orchestrator.proxy.scaling import read_fit
 from orchestrator.schedule import (effective_growth, stage_spec, stage_steps, step_seq_len,
-                                   tokenizer_vocab, tokens_of_steps)
+                                   tokenizer_vocab, tokens_of_steps, wsd_decay_steps)
 
 
 # -- schema: keys and types -------------------------------------------------------------
@@ -196,7 +196,9 @@ def _check_stage(cfg: RunConfig, i: int, stage: StageConfig, prev: StageConfig |
     _positive(f"{key}.lr.peak", lr.peak)
     _positive(f"{key}.lr.warmup_steps", lr.warmup_steps, allow_zero=True)
     _positive(f"{key}.lr.min", lr.min, allow_zero=True)
-    _choice(f"{key}.lr.decay", lr.decay, ("cosine", "linear", "constant"))
+    _choice(f"{key}.lr.decay", lr.decay, ("cosine", "linear", "constant", "wsd"))
+    if not 0 < lr.decay_fraction <= 1:
+        raise ConfigError(f"{key}.lr.decay_fraction", f"{lr.decay_fraction} is not in (0, 1]")
     if lr.peak is not None and lr.min > lr.peak:
         raise ConfigError(f"{key}.lr.min", f"{lr.min} is above lr.peak={lr.peak}")
     _check_layout(cfg, key, stage)
@@ -437,6 +439,18 @@ def _check_budget_covers_a_step(cfg: RunConfig) -> None:
                                               f"{first.name!r}; allowed: >= {flops:.4g}")
 
 
+def _check_wsd_window(stages: list[StageConfig]) -> None:
+    """wsd decays only in the last stage, so its window must fit there after the re-warm."""
+    i, last = len(stages) - 1, stages[-1]
+    window = wsd_decay_steps(stages, i)
+    room = stage_steps(last) - last.lr.warmup_steps
+    if window > room:
+        raise ConfigError(f"schedule.stages.{i}.lr.decay_fraction",
+                          f"{last.lr.decay_fraction} of the schedule's tokens is {window} steps of the last "
+                          f"stage, which has {room} after its warmup; only the last stage decays under wsd: "
+                          "lower it or give the last stage more tokens")
+
+
 def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
     """`planning`: for `grow plan`, which checks layouts against the cluster, not the engine."""
     _check_model(cfg)
@@ -453,6 +467,7 @@ def validate(cfg: RunConfig, planning: bool = False) -> RunConfig:
     _check_parametrization(cfg)
     for i, stage in enumerate(stages):
         _check_stage(cfg, i, stage, stages[i - 1] if i else None)
+    _check_wsd_window(stages)
     _check_budget_covers_a_step(cfg)
     _check_init_from(cfg)
     if not planning:

@@ -157,7 +157,8 @@ class StageLoop:
                     return cap
                 batch, cursor = next_global_batch(self.streams, st.data_cursor, self.mixture,
                                                   stage.config.batch_size, stage.seq_len_at(st.step))
-                st.lr = lr_at(st.step, stage.steps, st.lr_peak, lr_cfg.warmup_steps, lr_cfg.min, lr_cfg.decay)
+                st.lr = lr_at(st.step, stage.steps, st.lr_peak, lr_cfg.warmup_steps, lr_cfg.min, lr_cfg.decay,
+                              stage.lr_decay_steps)
                 mask = self.engine.masks.value if self.engine.masks else 1.0
                 loss, grad_norm = self.engine.train_step(batch, st.lr)
                 if not math.isfinite(loss):
