@@ -7,7 +7,7 @@ proxy at --seeds seeds, its mean loss fitted (training noise at these sizes is a
 L(N) = a*N^b + c (N: non-embedding parameters) to the proxies and reports
   - held_out_rel_error: the largest proxy held out (the law fitted to the smaller ones)
   - wide_rel_error: the law fitted to all proxies, on the wide model it never saw.
-Writes bench/results/loss_prediction.json and loss_prediction.png.
+Writes bench/results/loss_prediction.json and loss_prediction.png (muP: loss_prediction.mup.*).
 
     nice python bench/loss_prediction.py                         # CPU, ~10-15 min on 2 loaded cores
     python bench/loss_prediction.py --parametrization mup         # muP proxies (once muP exists)
@@ -110,8 +110,9 @@ def main() -> None:
                  f"{100 * result['wide_rel_error']:.2f}%"])
     table(f"{LAW}: a={fit['a']:.4g} b={fit['b']:.4f} c={fit['c']:.4f}, {result['tokens']:,} tokens each",
           ["model", "N (non-embedding)", "val loss", "fit (all proxies)", "note"], rows)
-    write_json("loss_prediction.json", result)
-    plot = plot_fit(fit, RESULTS / "loss_prediction.png",
+    name = "loss_prediction" if args.parametrization == "standard" else f"loss_prediction.{args.parametrization}"
+    write_json(f"{name}.json", result)
+    plot = plot_fit(fit, RESULTS / f"{name}.png",
                     extra=[{"n": wide_point["n"], "loss": wide_point["loss"],
                             "label": f"{args.wide_factor}x wider, unseen "
                                      f"(error {100 * result['wide_rel_error']:.2f}%)"}],
