@@ -26,7 +26,7 @@ EXIT_FAILED = 1
 ERROR_KINDS: dict[str, tuple[int, str]] = {
     "orchestrator.config.errors.ConfigError": (EXIT_CONFIG, "config error: "),
     "orchestrator.data.errors.DataError": (EXIT_CONFIG, "config error: "),
-    "orchestrator.run.runner.GrowthCheckError": (EXIT_GROWTH_CHECK, ""),
+    "orchestrator.run.transition.GrowthCheckError": (EXIT_GROWTH_CHECK, ""),
     "orchestrator.checkpoint.canonical.CheckpointError": (EXIT_FAILED, "checkpoint error: "),
     "orchestrator.run.stage_loop.TrainingDiverged": (EXIT_FAILED, "training diverged: "),
 }

@@ -20,7 +20,7 @@ from orchestrator.cli import main
 from orchestrator.config.validate import ConfigError
 from orchestrator.data import DataError
 from orchestrator.package_data import CONF_DIR
-from orchestrator.run.runner import GrowthCheckError
+from orchestrator.run.transition import GrowthCheckError
 from orchestrator.run.stage_loop import StopRequested
 
 

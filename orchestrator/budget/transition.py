@@ -1,6 +1,6 @@
 """What a growth transition costs, before anything runs (`grow plan`).
 
-The transition into a grown stage (orchestrator/run/runner.py `_start_stage`): every rank
+The transition into a grown stage (orchestrator/run/transition.py `start_stage`): every rank
 of the new layout evaluates the old model from its slices of the old checkpoint, the
 writer ranks grow the state tensor by tensor from the old files into the new stage's
 step-0 checkpoint (each old tensor read once, each grown tensor written once), and every
