@@ -6,7 +6,9 @@ import math
 import pytest
 
 from orchestrator.budget.ledger import Ledger
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import LRConfig, StageConfig
+from orchestrator.config.validate import _check_wsd_window
 from orchestrator.run.lr import lr_at
 from orchestrator.schedule import wsd_decay_steps
 
@@ -47,6 +49,16 @@ def test_wsd_window_is_a_fraction_of_the_whole_schedule_in_the_last_stage_alone(
     stages[2].lr.decay = "cosine"
     assert wsd_decay_steps(stages, 2) == 0
     assert wsd_decay_steps([_stage(1024, 8, 128, fraction=0.01)], 0) == 1  # at least one step
+
+
+def test_wsd_window_is_checked_only_under_wsd():
+    # a last stage shorter than its re-warm is allowed by cosine (it never reaches its peak)
+    short = _stage(1024, 8, 64, decay="cosine")  # 2 steps, warmup 4
+    short.lr.warmup_steps = 4
+    _check_wsd_window([_stage(102400, 8, 128), short])
+    short.lr.decay = "wsd"
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        _check_wsd_window([_stage(102400, 8, 128), short])
 
 
 def test_wsd_across_growths_and_a_resume(tmp_path, data_cache):

@@ -442,6 +442,8 @@ def _check_budget_covers_a_step(cfg: RunConfig) -> None:
 def _check_wsd_window(stages: list[StageConfig]) -> None:
     """wsd decays only in the last stage, so its window must fit there after the re-warm."""
     i, last = len(stages) - 1, stages[-1]
+    if last.lr.decay != "wsd":
+        return
     window = wsd_decay_steps(stages, i)
     room = stage_steps(last) - last.lr.warmup_steps
     if window > room:
