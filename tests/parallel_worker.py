@@ -109,6 +109,10 @@ def main() -> None:
     result["full_reads"] = sorted(set(full_reads))
     step = save("")
     (out / f"result-{rank}.json").write_text(json.dumps({**result, "step": step}))
+    # leave together: a rank whose interpreter exits with gloo's threads still running can
+    # abort ("terminate called without an active exception"), seen once under load
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
