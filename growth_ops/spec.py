@@ -6,6 +6,7 @@ operators can work on it without knowing any engine.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 
@@ -164,14 +165,13 @@ def axis_size(spec: ModelSpec, kind: str) -> int:
             HEADS: spec.heads, VOCAB: spec.vocab}[kind]
 
 
+def tensor_size(spec: ModelSpec, kinds: tuple[str, ...]) -> int:
+    """Entries of a tensor whose axes are `kinds`."""
+    return math.prod(axis_size(spec, k) for k in kinds)
+
+
 def count_parameters(spec: ModelSpec) -> int:
-    total = 0
-    for kinds in parameter_axes(spec).values():
-        n = 1
-        for k in kinds:
-            n *= axis_size(spec, k)
-        total += n
-    return total
+    return sum(tensor_size(spec, kinds) for kinds in parameter_axes(spec).values())
 
 
 def is_output_projection(name: str) -> bool:

@@ -14,7 +14,7 @@ fill of its new entries, on each rank of the node. Time: all bytes at
 from __future__ import annotations
 
 from growth_ops.common import all_axes
-from growth_ops.spec import ModelSpec, axis_size, count_parameters
+from growth_ops.spec import ModelSpec, count_parameters, tensor_size
 
 from orchestrator.budget.memory import GIB, state_bytes_per_param
 from orchestrator.config.schema import RunConfig
@@ -26,13 +26,7 @@ GROWTH_WORKING_SET = 3  # a grown tensor, its old source and the random fill of 
 
 
 def largest_tensor_bytes(spec: ModelSpec) -> int:
-    largest = 0
-    for kinds in all_axes(spec).values():
-        n = 1
-        for k in kinds:
-            n *= axis_size(spec, k)
-        largest = max(largest, n)
-    return largest * FP32
+    return max(tensor_size(spec, kinds) for kinds in all_axes(spec).values()) * FP32
 
 
 def transition_cost(cfg: RunConfig, old: ResolvedStage, new: ResolvedStage) -> dict:

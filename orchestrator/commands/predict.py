@@ -29,7 +29,7 @@ from orchestrator.exits import EXIT_CONFIG, exit_status, fail
 from orchestrator.proxy.scaling import (LAW, MIN_POINTS, FitError, PowerLaw, fit_with_held_out,
                                         non_embedding_parameters, plot_fit, predict)
 from orchestrator.proxy.search import swept_on_command_line
-from orchestrator.proxy.sweeps import SWEEP_DIR, argv, finished_members, run_sweep, split_options, statuses, sweep_dir
+from orchestrator.proxy.sweeps import split_options, statuses, sweep_dir, sweep_members
 from orchestrator.schedule import resolve, stage_spec
 
 SHAPE_KEY = "schedule.stages.0.shape"
@@ -123,9 +123,7 @@ def predict_command(args: list[str]) -> int:
     except ConfigError as e:
         return exit_status(e)
     directory = sweep_dir(cmd, "predictions", cfg.schedule.name)
-    overrides = [o for o in cmd.overrides if not o.startswith(SWEEP_DIR + "=")]
-    status = run_sweep(argv(cmd, overrides + [shape_sweep(shapes), f"{SWEEP_DIR}={directory}"]))
-    members, finished = finished_members(directory)
+    status, members, finished = sweep_members(cmd, cmd.overrides, [shape_sweep(shapes)], directory)
     try:
         fit = fit_with_held_out(points_of(cfg, finished))
     except FitError as e:

@@ -22,7 +22,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_CONFIG, exit_status, fail
 from orchestrator.proxy.search import (apply_to, choose, first_member, load_space, log_to_mlflow, parametrization,
                                        space_overrides, swept_on_command_line)
-from orchestrator.proxy.sweeps import SWEEP_DIR, argv, finished_members, run_sweep, split_options, statuses, sweep_dir
+from orchestrator.proxy.sweeps import split_options, statuses, sweep_dir, sweep_members
 from orchestrator.run.sweep import print_sweep
 from orchestrator.tracking.mlflow_tracker import default_tracking_uri
 
@@ -58,9 +58,7 @@ def search_command(args: list[str]) -> int:
     except ConfigError as e:
         return exit_status(e)
     directory = sweep_dir(cmd, "searches", cfg.schedule.name)
-    overrides = [o for o in base.overrides if not o.startswith(SWEEP_DIR + "=")]
-    status = run_sweep(argv(cmd, overrides + space_overrides(space) + [f"{SWEEP_DIR}={directory}"]))
-    members, finished = finished_members(directory)
+    status, members, finished = sweep_members(cmd, base.overrides, space_overrides(space), directory)
     if not finished:
         return fail(EXIT_CONFIG, f"search: no member finished in {directory} (sweep exit status {status}; "
                                  f"{statuses(members)}); nothing chosen")

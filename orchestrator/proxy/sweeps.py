@@ -53,3 +53,12 @@ def finished_members(directory: Path) -> tuple[list[dict], list[dict]]:
 
 def statuses(members: list[dict]) -> str:
     return "; ".join(f"#{m['member']}: {m['status']}" for m in members) or "none ran"
+
+
+def sweep_members(cmd: CommandLine, overrides: list[str], extra: list[str],
+                  directory: Path) -> tuple[int, list[dict], list[dict]]:
+    """Run `grow run -m` with `overrides` (their own hydra.sweep.dir dropped) and `extra` into
+    `directory`: the sweep's exit status, its members and the finished ones."""
+    kept = [o for o in overrides if not o.startswith(SWEEP_DIR + "=")]
+    status = run_sweep(argv(cmd, kept + extra + [f"{SWEEP_DIR}={directory}"]))
+    return (status, *finished_members(directory))
