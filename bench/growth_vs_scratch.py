@@ -189,38 +189,73 @@ def run_all(jobs: int, todo: dict[tuple, list[str]], work: Path) -> dict[tuple, 
     return {k: curve(d) for k, d in dirs.items()}
 
 
+def next_lr(tried: list[float], best: float, base: list[float], limit: int) -> float | None:
+    """The peak LR to try next when the best one sits on the edge of those tried: half the
+    lowest or twice the highest, at most `limit` doublings beyond the base grid; None when the
+    best is inside (the optimum is bracketed) or the limit is reached."""
+    lo, hi = min(tried), max(tried)
+    if best == lo and lo / 2 >= min(base) / 2 ** limit * (1 - 1e-9):
+        return lo / 2
+    if best == hi and hi * 2 <= max(base) * 2 ** limit * (1 + 1e-9):
+        return hi * 2
+    return None
+
+
+def choose(runs: dict[tuple, dict], names: list[str]) -> tuple[dict, dict]:
+    """Each configuration's chosen (peak LR, warmup) among its seed-0 runs, and the sweep rows:
+    scratch by its final val loss, an operator by `rank` against the chosen scratch run."""
+    def rows_of(name):
+        return sorted((k[1], k[2]) for k in runs if k[0] == name and k[3] == 0)
+    sweeps = {"scratch": [{"peak_lr": p, "warmup": w, "final_val_loss": runs["scratch", p, w, 0]["val_loss"][-1]}
+                          for p, w in rows_of("scratch")]}
+    best = min(sweeps["scratch"], key=lambda r: r["final_val_loss"])
+    chosen = {"scratch": (best["peak_lr"], best["warmup"])}
+    for op in names[1:]:
+        sweeps[op] = [{"peak_lr": p, "warmup": w,
+                       **fractions(runs[op, p, w, 0], runs["scratch", *chosen["scratch"], 0])}
+                      for p, w in rows_of(op)]
+        win = min(sweeps[op], key=rank)
+        chosen[op] = (win["peak_lr"], win["warmup"])
+    return chosen, sweeps
+
+
 def bench(a) -> tuple[dict, dict]:
-    """The sweep at seed 0, then the winners at every seed: (result, curves for the plot)."""
+    """The sweep at seed 0 - widened while a configuration's best LR sits on the grid's edge -
+    then the winners at every seed: (result, curves for the plot)."""
     work = Path(a.work_dir) / a.size
     work.mkdir(parents=True, exist_ok=True)
     names = ["scratch"] + a.operators.split(",")
-    grid = [(a.peak_lr * float(m), int(w)) for m in a.sweep_lr.split(",")
-            for w in (a.sweep_warmup or str(a.warmup)).split(",")]
-    sweep = run_all(a.jobs, {(n, p, w, 0): overrides(a, n, p, w, 0) for n in names for p, w in grid}, work)
-    scratch_sweep = [{"peak_lr": p, "warmup": w, "final_val_loss": sweep["scratch", p, w, 0]["val_loss"][-1]}
-                     for p, w in grid]
-    best = min(scratch_sweep, key=lambda r: r["final_val_loss"])
-    chosen = {"scratch": (best["peak_lr"], best["warmup"])}
-    sweeps = {"scratch": scratch_sweep}
-    for op in names[1:]:
-        rows = [{"peak_lr": p, "warmup": w, **fractions(sweep[op, p, w, 0], sweep["scratch", *chosen["scratch"], 0])}
-                for p, w in grid]
-        sweeps[op] = rows
-        win = min(rows, key=rank)
-        chosen[op] = (win["peak_lr"], win["warmup"])
+    base = [a.peak_lr * float(m) for m in a.sweep_lr.split(",")]
+    warmups = [int(w) for w in (a.sweep_warmup or str(a.warmup)).split(",")]
+    sweep: dict[tuple, dict] = {}
+    todo = {(n, p, w, 0): overrides(a, n, p, w, 0) for n in names for p in base for w in warmups}
+    while todo:  # each round runs every configuration's next edge point side by side
+        sweep.update(run_all(a.jobs, todo, work))
+        chosen, sweeps = choose(sweep, names)
+        todo = {}
+        for n, (p, w) in chosen.items():
+            nxt = next_lr([k[1] for k in sweep if k[0] == n], p, base, a.sweep_extend)
+            if nxt is not None:
+                todo[n, nxt, w, 0] = overrides(a, n, nxt, w, 0)
+
+    def bracketed(name):  # False: the best LR is still the edge of those tried (--sweep-extend ran out)
+        tried = [k[1] for k in sweep if k[0] == name]
+        return min(tried) < chosen[name][0] < max(tried)
+
     seeds = range(a.seeds)
     final = run_all(a.jobs, {(n, *chosen[n], s): overrides(a, n, *chosen[n], s) for n in names for s in seeds}, work)
     per_op = {}
     for op in names[1:]:
         runs = [{"seed": s, **fractions(final[op, *chosen[op], s], final["scratch", *chosen["scratch"], s])}
                 for s in seeds]
-        per_op[op] = {"peak_lr": chosen[op][0], "warmup": chosen[op][1], "seeds": runs,
+        per_op[op] = {"peak_lr": chosen[op][0], "warmup": chosen[op][1], "lr_bracketed": bracketed(op), "seeds": runs,
                       "flops_frac": spread([r["flops_frac"] for r in runs]),
                       "wall_frac": spread([r["wall_frac"] for r in runs]),
                       "total_flops_frac": final[op, *chosen[op], 0]["total_flops"]
                       / final["scratch", *chosen["scratch"], 0]["total_flops"]}
     sc = [final["scratch", *chosen["scratch"], s] for s in seeds]
     result = {"scratch": {"peak_lr": chosen["scratch"][0], "warmup": chosen["scratch"][1],
+                          "lr_bracketed": bracketed("scratch"),
                           "final_val_loss": [c["val_loss"][-1] for c in sc], "flops": sc[0]["flops"][-1],
                           "wall_s": [c["wall_s"][-1] for c in sc]},
               "operators": per_op, "sweeps": sweeps}
@@ -263,6 +298,8 @@ def parse(argv=None):
     p.add_argument("--split", default="0.34,0.33,0.33", help="each stage's share of a growth schedule's tokens")
     p.add_argument("--peak-lr", type=float, help="base peak LR; the sweep multiplies it (default per size)")
     p.add_argument("--sweep-lr", help="multiples of --peak-lr swept for every configuration (default per size)")
+    p.add_argument("--sweep-extend", type=int, default=2,
+                   help="doublings (or halvings) of the LR beyond the grid tried while a best LR sits on its edge")
     p.add_argument("--sweep-warmup", help="first-stage warmups swept (default: --warmup alone)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
