@@ -17,6 +17,8 @@ not depend on the machine's load; wall times do (the load is recorded with them)
     python bench/growth_vs_scratch.py --size large             # a GPU (engine.device=auto), one run at a time
     python bench/growth_vs_scratch.py --decay wsd --split 0.2,0.2,0.6   # the schedule levers
     python bench/growth_vs_scratch.py --parametrization mup    # with muP (model.parametrization=mup)
+    python bench/growth_vs_scratch.py --lever-splits 0.2,0.2,0.6/0.5,0.25,0.25 --lever-growth-tokens 1,1.5
+                                     # + growth timing probes of the best operator at seed 0
 
 Schedules (3 stages each; --split gives each stage's share of the schedule's tokens - the
 growth timing - and --growth-tokens the schedule's tokens as a multiple of T):
@@ -28,7 +30,8 @@ decays (cosine) to --min-lr-frac x peak, as the scratch run does over its whole 
 last --decay-fraction of each run's tokens. Runs are cached in --work-dir by their overrides,
 so a second call reuses finished runs. Writes bench/results/growth_vs_scratch.json (one entry
 per size, every seed, the sweeps and the chosen settings), growth_vs_scratch.details.json
-(curves) and growth_vs_scratch.png (val loss vs FLOPs, growth points marked, a panel per size).
+(curves) and growth_vs_scratch.png (val loss vs FLOPs, growth points marked, a panel per size);
+with --parametrization mup, growth_vs_scratch.mup.{json,details.json,png}.
 """
 from __future__ import annotations
 
@@ -259,8 +262,25 @@ def bench(a) -> tuple[dict, dict]:
                           "final_val_loss": [c["val_loss"][-1] for c in sc], "flops": sc[0]["flops"][-1],
                           "wall_s": [c["wall_s"][-1] for c in sc]},
               "operators": per_op, "sweeps": sweeps}
+    if a.lever_splits or a.lever_growth_tokens:
+        result["levers"] = levers(a, per_op, chosen, final["scratch", *chosen["scratch"], 0], work)
     curves = {n: final[n, *chosen[n], 0] for n in names}
     return result, curves
+
+
+def levers(a, per_op: dict, chosen: dict, scratch: dict, work: Path) -> dict:
+    """Growth timing probed at seed 0: the best operator at its chosen LR, every --lever-splits x
+    --lever-growth-tokens combination, each measured against the tuned scratch run."""
+    reached = {op: r["flops_frac"]["mean"] for op, r in per_op.items() if r["flops_frac"]["mean"] is not None}
+    op = min(reached, key=reached.get) if reached else next(iter(per_op))
+    splits = a.lever_splits.split("/") if a.lever_splits else [a.split]
+    tokens = [float(t) for t in a.lever_growth_tokens.split(",")] if a.lever_growth_tokens else [a.growth_tokens]
+    todo = {(op, split, t, 0): overrides(argparse.Namespace(**{**vars(a), "split": split, "growth_tokens": t}),
+                                         op, *chosen[op], 0) for split in splits for t in tokens}
+    runs = run_all(a.jobs, todo, work)
+    rows = [{"split": split, "growth_tokens": t, **fractions(c, scratch),
+             "total_flops_frac": c["total_flops"] / scratch["total_flops"]} for (_, split, t, _), c in runs.items()]
+    return {"operator": op, "peak_lr": chosen[op][0], "warmup": chosen[op][1], "seed": 0, "rows": rows}
 
 
 def plot(panels: dict[str, dict], path: Path) -> None:
@@ -296,6 +316,8 @@ def parse(argv=None):
     p.add_argument("--tokens", type=int, help="scratch run's tokens T (default per size)")
     p.add_argument("--growth-tokens", type=float, default=1.25, help="growth schedules' tokens as a multiple of T")
     p.add_argument("--split", default="0.34,0.33,0.33", help="each stage's share of a growth schedule's tokens")
+    p.add_argument("--lever-splits", help="growth timing probes: splits separated by '/', e.g. 0.2,0.2,0.6/0.5,0.25,0.25")
+    p.add_argument("--lever-growth-tokens", help="growth timing probes: schedule tokens as multiples of T, e.g. 1,1.25,1.5")
     p.add_argument("--peak-lr", type=float, help="base peak LR; the sweep multiplies it (default per size)")
     p.add_argument("--sweep-lr", help="multiples of --peak-lr swept for every configuration (default per size)")
     p.add_argument("--sweep-extend", type=int, default=2,
@@ -343,15 +365,22 @@ def main(argv=None) -> int:
     table(f"growth vs tuned scratch ({a.size}, {a.seeds} seeds, decay {a.decay}, split {a.split}, "
           f"{a.parametrization}): to reach each seed's scratch final val loss",
           ["schedule", "lr/warmup", "flops_frac", "+-", "wall_frac", "+-", "final val", "total FLOPs frac"], rows)
+    if "levers" in result:
+        lv = result["levers"]
+        table(f"growth timing ({lv['operator']} at {lv['peak_lr']:.3g}, seed 0, against the tuned scratch run)",
+              ["split", "tokens / T", "flops_frac", "final val", "total FLOPs frac"],
+              [[r["split"], r["growth_tokens"], r["flops_frac"], r["final_val_loss"], r["total_flops_frac"]]
+               for r in lv["rows"]])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result.update({"args": vars(a), "machine": machine(), "elapsed_s": round(time.time() - started, 1),
                    "loadavg_1_5_15_start": [round(x, 2) for x in load_before],
                    "loadavg_1_5_15_end": [round(x, 2) for x in load_after]})
-    merge_json(out / "growth_vs_scratch.json", a.size, result)
-    details = merge_json(out / "growth_vs_scratch.details.json", a.size, {"curves": curves})
-    plot({size: d["curves"] for size, d in details.items() if size in SIZES}, out / "growth_vs_scratch.png")
-    console.print(f"wrote {out / 'growth_vs_scratch.png'}")
+    stem = "growth_vs_scratch" + (".mup" if a.parametrization == "mup" else "")
+    merge_json(out / f"{stem}.json", a.size, result)
+    details = merge_json(out / f"{stem}.details.json", a.size, {"curves": curves})
+    plot({size: d["curves"] for size, d in details.items() if size in SIZES}, out / f"{stem}.png")
+    console.print(f"wrote {out / f'{stem}.png'}")
     return 0
 
 
