@@ -280,7 +280,22 @@ def levers(a, per_op: dict, chosen: dict, scratch: dict, work: Path) -> dict:
     runs = run_all(a.jobs, todo, work)
     rows = [{"split": split, "growth_tokens": t, **fractions(c, scratch),
              "total_flops_frac": c["total_flops"] / scratch["total_flops"]} for (_, split, t, _), c in runs.items()]
-    return {"operator": op, "peak_lr": chosen[op][0], "warmup": chosen[op][1], "seed": 0, "rows": rows}
+    budget = {split: budget_frac([r for r in rows if r["split"] == split], scratch["val_loss"][-1])
+              for split in splits}
+    return {"operator": op, "peak_lr": chosen[op][0], "warmup": chosen[op][1], "seed": 0, "rows": rows,
+            "budget_flops_frac": budget}
+
+
+def budget_frac(rows: list[dict], target: float) -> float | None:
+    """The schedule cost (FLOPs over scratch's) at which the *final* val loss of one split's
+    schedules of several lengths reaches `target`, interpolated between the two lengths that
+    bracket it: every length decays at its own end, as the scratch run did, so this does not
+    hinge on one run's decay landing just above or below the target. None if none brackets it."""
+    pts = sorted((r["total_flops_frac"], r["final_val_loss"]) for r in rows)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 > target >= y1:
+            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
+    return pts[0][0] if pts and pts[0][1] <= target else None
 
 
 def plot(panels: dict[str, dict], path: Path) -> None:
@@ -371,6 +386,8 @@ def main(argv=None) -> int:
               ["split", "tokens / T", "flops_frac", "final val", "total FLOPs frac"],
               [[r["split"], r["growth_tokens"], r["flops_frac"], r["final_val_loss"], r["total_flops_frac"]]
                for r in lv["rows"]])
+        console.print("final val loss = scratch's, interpolated over the schedule's length (FLOPs frac): "
+                      + ", ".join(f"{k}: {'-' if v is None else f'{v:.3f}'}" for k, v in lv["budget_flops_frac"].items()))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result.update({"args": vars(a), "machine": machine(), "elapsed_s": round(time.time() - started, 1),

@@ -54,3 +54,11 @@ def test_operators_are_chosen_against_the_chosen_scratch_run():
     chosen, sweeps = gvs.choose(runs, ["scratch", "msg"])
     assert chosen == {"scratch": (2.0, 30), "msg": (1.0, 30)}
     assert [r["flops_frac"] for r in sweeps["msg"]] == pytest.approx([10 / 30, 12.5 / 30])
+
+
+def test_budget_frac_interpolates_the_final_losses_of_schedules_of_several_lengths():
+    rows = [{"total_flops_frac": 0.5, "final_val_loss": 1.8}, {"total_flops_frac": 0.7, "final_val_loss": 1.6},
+            {"total_flops_frac": 0.6, "final_val_loss": 1.7}]
+    assert gvs.budget_frac(rows, 1.65) == pytest.approx(0.65)
+    assert gvs.budget_frac(rows, 1.9) == 0.5       # the shortest already ends below the target
+    assert gvs.budget_frac(rows, 1.5) is None      # the longest still ends above it
