@@ -2,23 +2,28 @@
 scratch baseline and over seeds.
 
 Every configuration - the scratch run (the final shape for T tokens) and one growth schedule
-per operator, ending at the same shape - is tuned by the same sweep: peak learning rate
-(--sweep-lr, multiples of the size's base rate) x first-stage warmup (--sweep-warmup), at
-seed 0. Scratch keeps the setting with the lowest final validation loss; an operator keeps
-the one that reaches that scratch run's final loss with the fewest FLOPs. The winners then
-run at --seeds seeds (seed 0 is the sweep's run). For every seed, a growth run's `flops_frac`
-is the FLOPs at which its validation loss first reaches the same seed's scratch final loss,
-over the scratch run's FLOPs (linear interpolation between evaluations; null if never), and
-`wall_frac` the same in elapsed seconds (steps, evaluations, checkpoints, growths). FLOPs do
-not depend on the machine's load; wall times do (the load is recorded with them).
+per operator, ending at the same shape - is tuned by the same sweep at seed 0: peak learning
+rate (--sweep-lr, multiples of the size's base rate; widened by halving or doubling, up to
+--sweep-extend times, while a configuration's best rate sits on the edge of those tried) x
+first-stage warmup (--sweep-warmup). Scratch keeps the setting with the lowest final
+validation loss; an operator keeps the one that reaches that scratch run's final loss with
+the fewest FLOPs. The winners then run at --seeds seeds (seed 0 is the sweep's run). For
+every seed, a growth run's `flops_frac` is the FLOPs at which its validation loss first
+reaches the same seed's scratch final loss, over the scratch run's FLOPs (linear
+interpolation between evaluations; null if never), and `wall_frac` the same in elapsed
+seconds (steps, evaluations, checkpoints, growths). FLOPs do not depend on the machine's
+load; wall times do (the load is recorded with them; --jobs runs share the CPU).
 
-    python bench/growth_vs_scratch.py                          # small: 25 runs, ~20 min on 2 idle cores
+    python bench/growth_vs_scratch.py --lever-splits 0.2,0.2,0.6/0.34,0.33,0.33/0.5,0.25,0.25 \
+        --lever-growth-tokens 1,1.25,1.5                       # small: ~40 runs, ~24 min on 2 idle cores
     python bench/growth_vs_scratch.py --size medium            # ~5M params after growth, ~60 min on 2 idle cores
     python bench/growth_vs_scratch.py --size large             # a GPU (engine.device=auto), one run at a time
-    python bench/growth_vs_scratch.py --decay wsd --split 0.2,0.2,0.6   # the schedule levers
-    python bench/growth_vs_scratch.py --parametrization mup    # with muP (model.parametrization=mup)
-    python bench/growth_vs_scratch.py --lever-splits 0.2,0.2,0.6/0.5,0.25,0.25 --lever-growth-tokens 1,1.5
-                                     # + growth timing probes of the best operator at seed 0
+    python bench/growth_vs_scratch.py --parametrization mup --peak-lr 6e-3   # with muP
+    python bench/growth_vs_scratch.py --decay cosine --split 0.2,0.2,0.6     # other schedule levers
+
+--lever-splits x --lever-growth-tokens probe the growth timing with the best operator at its
+chosen rate (seed 0, against the tuned scratch run), and give for each split the schedule
+cost at which the final loss equals scratch's, interpolated over the schedule lengths.
 
 Schedules (3 stages each; --split gives each stage's share of the schedule's tokens - the
 growth timing - and --growth-tokens the schedule's tokens as a multiple of T):
@@ -55,13 +60,13 @@ from common import REPO, RESULTS, console, machine, stage_literal, table  # noqa
 SIZES = {
     "small": dict(final=(4, 128, 352, 4), width_path=[(2, 64, 176, 2), (2, 128, 352, 4)],
                   depth_path=[(1, 128, 352, 4), (2, 128, 352, 4)], tokens=655360, batch=16, seq=128,
-                  peak_lr=3e-3, warmup=30, eval_every=10, eval_batches=4, jobs=5, threads=1,
+                  peak_lr=3e-3, warmup=30, eval_every=10, eval_batches=4, jobs=2, threads=1,
                   operators="msg,zero,clone,stack", sweep_lr="0.5,1,2"),
     # ~5.0M parameters at the end (head_dim 32); the sweep is as wide, over the operators that
     # preserve the function best at the small size and stack, to fit ~60 min on 2 idle cores
     "medium": dict(final=(4, 320, 864, 10), width_path=[(2, 160, 432, 5), (2, 320, 864, 10)],
                    depth_path=[(1, 320, 864, 10), (2, 320, 864, 10)], tokens=655360, batch=16, seq=128,
-                   peak_lr=2e-3, warmup=30, eval_every=10, eval_batches=4, jobs=3, threads=1,
+                   peak_lr=2e-3, warmup=30, eval_every=10, eval_batches=4, jobs=2, threads=1,
                    operators="msg,stack", sweep_lr="0.5,1,2"),
     "large": dict(final=(8, 512, 1408, 8), width_path=[(4, 256, 704, 4), (4, 512, 1408, 8)],
                   depth_path=[(2, 512, 1408, 8), (4, 512, 1408, 8)], tokens=52428800, batch=32, seq=256,
@@ -342,7 +347,7 @@ def parse(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, help="warmup steps of the first stage / the scratch run")
     p.add_argument("--rewarm", type=int, default=10, help="LR re-warm steps after each growth")
-    p.add_argument("--decay", choices=("cosine", "wsd"), default="cosine",
+    p.add_argument("--decay", choices=("cosine", "wsd"), default="wsd",
                    help="cosine in the last stage only, or lr.decay=wsd everywhere (scratch too)")
     p.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of each run's tokens that decays")
     p.add_argument("--parametrization", choices=("standard", "mup"), default="standard")
