@@ -117,7 +117,7 @@ def overrides(a, name: str, peak: float, warmup: int, seed: int) -> list[str]:
                                         "schedule.stages=[" + ",".join(st) + "]"]
 
 
-def run_one(name: str, ovr: list[str], work: Path) -> Path:
+def run_one(name: str, ovr: list[str], work: Path, jobs: int) -> Path:
     key = hashlib.sha256(json.dumps(ovr).encode()).hexdigest()[:10]
     run_dir = work / f"{name}-{key}"
     summary = run_dir / "summary.json"
@@ -132,6 +132,8 @@ def run_one(name: str, ovr: list[str], work: Path) -> Path:
         rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"{name}: grow run failed (rc {rc}); see {work / f'{name}-{key}.log'}")
+    # the conditions it ran under travel with the cached run (a later call may reuse it)
+    (run_dir / "bench_run.json").write_text(json.dumps({"loadavg_1_5_15_end": os.getloadavg(), "jobs": jobs}))
     console.print(f"{name}: {run_dir.name} done in {time.time() - t:.0f} s")
     return run_dir
 
@@ -154,7 +156,9 @@ def curve(run_dir: Path) -> dict:
         if "val/loss" in r:
             points.append((flops_at[r["step"]], r["time"] - t0, r["val/loss"]))
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"flops": [p[0] for p in points], "wall_s": [p[1] for p in points], "val_loss": [p[2] for p in points],
+    ran = run_dir / "bench_run.json"
+    return {"loadavg_1min_end": json.loads(ran.read_text())["loadavg_1_5_15_end"][0] if ran.exists() else None,
+            "flops": [p[0] for p in points], "wall_s": [p[1] for p in points], "val_loss": [p[2] for p in points],
             "growth_flops": growths, "total_flops": summary["totals"]["flops"]}
 
 
@@ -193,7 +197,7 @@ def rank(r: dict) -> tuple:
 def run_all(jobs: int, todo: dict[tuple, list[str]], work: Path) -> dict[tuple, dict]:
     """Runs every (name, peak, warmup, seed) -> overrides at `jobs` at a time; their curves."""
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        dirs = dict(zip(todo, pool.map(lambda kv: run_one(kv[0][0], kv[1], work), todo.items())))
+        dirs = dict(zip(todo, pool.map(lambda kv: run_one(kv[0][0], kv[1], work, jobs), todo.items())))
     return {k: curve(d) for k, d in dirs.items()}
 
 
@@ -262,11 +266,14 @@ def bench(a) -> tuple[dict, dict]:
                       "total_flops_frac": final[op, *chosen[op], 0]["total_flops"]
                       / final["scratch", *chosen["scratch"], 0]["total_flops"]}
     sc = [final["scratch", *chosen["scratch"], s] for s in seeds]
+    loads = [c["loadavg_1min_end"] for c in final.values() if c["loadavg_1min_end"] is not None]
     result = {"scratch": {"peak_lr": chosen["scratch"][0], "warmup": chosen["scratch"][1],
                           "lr_bracketed": bracketed("scratch"),
                           "final_val_loss": [c["val_loss"][-1] for c in sc], "flops": sc[0]["flops"][-1],
                           "wall_s": [c["wall_s"][-1] for c in sc]},
-              "operators": per_op, "sweeps": sweeps}
+              "operators": per_op, "sweeps": sweeps,
+              # min and max over the runs in the table: cached runs may come from an earlier call
+              "runs_loadavg_1min_end": [min(loads), max(loads)] if loads else None}
     if a.lever_splits or a.lever_growth_tokens:
         result["levers"] = levers(a, per_op, chosen, final["scratch", *chosen["scratch"], 0], work)
     curves = {n: final[n, *chosen[n], 0] for n in names}
