@@ -310,6 +310,9 @@ def budget_frac(rows: list[dict], target: float) -> float | None:
     return pts[0][0] if pts and pts[0][1] <= target else None
 
 
+COLORS = {"scratch": "black", "msg": "tab:blue", "zero": "tab:orange", "clone": "tab:green", "stack": "tab:red"}
+
+
 def plot(panels: dict[str, dict], path: Path) -> None:
     """One panel per size: seed 0's val loss vs FLOPs of every chosen configuration, growths marked."""
     import matplotlib
@@ -320,7 +323,7 @@ def plot(panels: dict[str, dict], path: Path) -> None:
         target = curves["scratch"]["val_loss"][-1]
         for name, c in curves.items():
             line, = ax.plot(c["flops"], c["val_loss"], label=name, lw=2.2 if name == "scratch" else 1.4,
-                            color="black" if name == "scratch" else None)
+                            color=COLORS.get(name))
             for g in c["growth_flops"]:
                 i = min(range(len(c["flops"])), key=lambda j: abs(c["flops"][j] - g))
                 ax.plot([g], [c["val_loss"][i]], marker="o", ms=6, mfc="none", color=line.get_color())
