@@ -19,7 +19,7 @@ from orchestrator.config.validate import ConfigError, load_config
 from orchestrator.engines.registry import engine_kind
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.exits import exit_status
-from orchestrator.run.launch import drive, in_launch
+from orchestrator.run.launch import drive, in_launch, leave_process_group
 from orchestrator.run.lock import first_rank
 from orchestrator.run.runner import run_schedule
 from orchestrator.run.sweep import sweep_member_params
@@ -68,6 +68,7 @@ def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
         if engine_kind(cfg.engine.name).multi_rank and not in_launch():
             sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
         run_schedule(cfg, extra_params=sweep_member_params())
+        leave_process_group()
     except Exception as e:
         status = exit_status(e)
         if status is None:

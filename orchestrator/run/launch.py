@@ -32,6 +32,15 @@ def in_launch() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
+def leave_process_group() -> None:
+    """A rank leaves its process group before the interpreter exits: otherwise gloo's threads
+    can still be running at exit and abort it (`terminate called without an active exception`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def next_stage_index(cfg: RunConfig) -> int | None:
     """The stage the next launch runs (None: the schedule is finished)."""
     return next_stage(read_meta(ckpt) if (ckpt := latest_checkpoint(Path(cfg.run_dir))) else None,
