@@ -201,6 +201,10 @@ def run_all(jobs: int, todo: dict[tuple, list[str]], work: Path) -> dict[tuple, 
     return {k: curve(d) for k, d in dirs.items()}
 
 
+def tried_lrs(sweep: dict[tuple, dict], name: str) -> list[float]:
+    return [k[1] for k in sweep if k[0] == name]
+
+
 def next_lr(tried: list[float], best: float, base: list[float], limit: int) -> float | None:
     """The peak LR to try next when the best one sits on the edge of those tried: half the
     lowest or twice the highest, at most `limit` doublings beyond the base grid; None when the
@@ -246,12 +250,12 @@ def bench(a) -> tuple[dict, dict]:
         chosen, sweeps = choose(sweep, names)
         todo = {}
         for n, (p, w) in chosen.items():
-            nxt = next_lr([k[1] for k in sweep if k[0] == n], p, base, a.sweep_extend)
+            nxt = next_lr(tried_lrs(sweep, n), p, base, a.sweep_extend)
             if nxt is not None:
                 todo[n, nxt, w, 0] = overrides(a, n, nxt, w, 0)
 
     def bracketed(name):  # False: the best LR is still the edge of those tried (--sweep-extend ran out)
-        tried = [k[1] for k in sweep if k[0] == name]
+        tried = tried_lrs(sweep, name)
         return min(tried) < chosen[name][0] < max(tried)
 
     seeds = range(a.seeds)

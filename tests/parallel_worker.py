@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from growth_ops import MaskState, ModelSpec
+from orchestrator.run.launch import leave_process_group
 from orchestrator.schedule import ResolvedStage
 from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
 from orchestrator.model import build_model
@@ -109,10 +110,8 @@ def main() -> None:
     result["full_reads"] = sorted(set(full_reads))
     step = save("")
     (out / f"result-{rank}.json").write_text(json.dumps({**result, "step": step}))
-    # leave together: a rank whose interpreter exits with gloo's threads still running can
-    # abort ("terminate called without an active exception"), seen once under load
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # leave together, as `grow run`'s ranks do
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -155,8 +155,8 @@ def _grow_into(run: Run, index: int, prev: RunState, source: dict):
                      completed_stages=prev.completed_stages)
     run.budget.ledger = state.ledger
     engine, state.growth, grown = start_stage(run, stage, source.pop("weights"), source.pop("moments"),
-                                               prev.spec, prev.optimizer_step, prev.stage_name,
-                                               source.pop("engine", None))
+                                              prev.spec, prev.optimizer_step, prev.stage_name,
+                                              source.pop("engine", None))
     if grown is None:  # same shape: nothing grown, the engine writes its state
         save_state(run, engine, state)
         return engine, state

@@ -24,7 +24,7 @@ class GrowthCheckError(RuntimeError):
 
 
 def start_stage(run, stage: ResolvedStage, weights, moments, old_spec: ModelSpec, opt_step: int,
-                 source: str, old_engine=None):
+                source: str, old_engine=None):
     """The engine for `stage`, from a model state of shape `old_spec` (and its Adam
     moments, if `opt_step` > 0), grown when the stage's shape differs. Returns the engine,
     the growth record and the staging dir of the grown, unsealed step-0 checkpoint (None
