@@ -10,7 +10,7 @@ every torchrun rank and every Slurm job.
 
 Error classes are named, not imported, so this module imports nothing of the project and
 anything may use it: a class whose module was never loaded cannot have been raised. Each
-name is checked to exist by tests/test_entry.py.
+name is checked to exist by tests/cli/test_entry.py.
 """
 from __future__ import annotations
 
