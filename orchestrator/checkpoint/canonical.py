@@ -27,7 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from orchestrator.atomic import fsync_dir, fsync_file, replace_dir, write_json_atomic
+from orchestrator.atomic import fsync_dir, fsync_file, replace_dir
+from orchestrator.checkpoint.layout import (all_checkpoints, checkpoint_dir,  # noqa: F401 (also imported from here)
+                                            checkpoints_root, pointed_at, set_latest)
 from orchestrator.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def checkpoint_dir(run_dir: Path, stage_index: int, stage_name: str, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{stage_index}-{stage_name}" / f"step_{step:08d}"
-
-
 def save_checkpoint(path: Path, model: dict[str, torch.Tensor],
                     moments: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
     """Write a checkpoint atomically at `path` and point `latest` at it. On a write
@@ -90,8 +88,7 @@ def write_failed(path: Path, tmp: Path, error: Exception) -> CheckpointError:
     """After a failed write of checkpoint `path` (disk full...): its temporary directory
     removed, and the error that says the previous checkpoint is untouched."""
     shutil.rmtree(tmp, ignore_errors=True)
-    latest = path.parents[1] / "latest"
-    kept = json.loads(latest.read_text())["path"] if latest.exists() else "none"
+    kept = pointed_at(path.parents[1]) or "none"
     reason = getattr(error, "strerror", None) or str(error)
     return CheckpointError(f"could not write checkpoint {path}: {reason}; the previous checkpoint ({kept}) is intact")
 
@@ -129,7 +126,7 @@ def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = Tru
     replace_dir(tmp, path)
     failpoint("checkpoint.renamed")
     if point_latest:
-        write_json_atomic(path.parents[1] / "latest", {"path": str(path.relative_to(path.parents[1]))})
+        set_latest(path)
         failpoint("checkpoint.done")
     return path
 
@@ -300,32 +297,18 @@ def open_checkpoint(path: Path, check: bool = True) -> tuple[LazyTensors, dict[s
     return model, moments, read_meta(path)
 
 
-def all_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by stage index, then step)."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    for stage_dir in root.glob("*-*"):
-        idx = stage_dir.name.split("-", 1)[0]
-        if not (stage_dir.is_dir() and idx.isdigit()):
-            continue
-        for ckpt in stage_dir.glob("step_*"):
-            if ckpt.is_dir():
-                found.append((int(idx), int(ckpt.name[5:]), ckpt))
-    return [p for _, _, p in sorted(found)]
-
-
 def latest_checkpoint(run_dir: Path, damaged: list[str] | None = None) -> Path | None:
     """The checkpoint to resume from: `latest` if it verifies, else the newest one that
     does, with a warning naming what was skipped (also appended to `damaged`)."""
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoints_root(run_dir)
     candidates = list(reversed(all_checkpoints(run_dir)))
-    pointer = root / "latest"
-    if pointer.exists():
-        try:
-            target = root / json.loads(pointer.read_text())["path"]
+    try:
+        pointed = pointed_at(root)
+        if pointed is not None:
+            target = root / pointed
             candidates = [target] + [c for c in candidates if c != target]
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring damaged pointer %s", pointer)
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring damaged pointer %s", root / "latest")
     for ckpt in candidates:
         try:
             verify(ckpt)
