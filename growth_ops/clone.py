@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from .common import (layer_sources, MOMENT_RULES, GrowthError, GrowthPlan, check_choice, check_common,
-                     new_layer_positions, tiling_axes)
+from .errors import GrowthError
+from .index_maps import tiling_axes
+from .layer_placement import layer_sources
 from .operator import GrowthOperator
+from .plan import GrowthPlan
 from .spec import FFN, HEADS, HIDDEN, KV, Q, ModelSpec
-from .zero import fill as zero_block_fill
+from .zero import OPERATOR as ZERO
 
 INITS = ("copy",)
 DEFAULT_MOMENTS = "staged"
@@ -34,45 +36,43 @@ def factors(old: ModelSpec, new: ModelSpec) -> dict[str, int]:
     return {f: getattr(new, f) // getattr(old, f) for f in ("hidden", "ffn", "heads", "kv_heads")}
 
 
-def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-                 moments: str | None = None) -> None:
-    check_common(old, new)
-    for f in ("hidden", "ffn", "heads", "kv_heads"):
-        a, b = getattr(old, f), getattr(new, f)
-        if b % a:
-            raise GrowthError(f, f"clone tiles by integer factors: {b} is not a multiple of {a}; "
-                                 f"allowed: {', '.join(str(a * k) for k in range(1, 5))}, ...")
-    n = factors(old, new)
-    if n["heads"] % n["kv_heads"]:
-        allowed = [old.kv_heads * d for d in range(1, n["heads"] + 1) if n["heads"] % d == 0]
-        raise GrowthError("kv_heads", f"clone needs the heads factor ({n['heads']}) to be a multiple of "
-                                      f"the kv_heads factor ({n['kv_heads']}) so every query head keeps "
-                                      f"a copy of its kv head; allowed: {', '.join(map(str, allowed))}")
-    new_layer_positions(layer_insert, old.layers, new.layers)
-    check_choice("init", init or "copy", INITS, "clone")
-    check_choice("moments", moments or DEFAULT_MOMENTS, MOMENT_RULES, "clone")
+class Clone(GrowthOperator):
+    name = "clone"
+    preserves_function = True
+    inits = INITS
+    default_moments = DEFAULT_MOMENTS
+
+    def check_target(self, old, new):
+        for f in ("hidden", "ffn", "heads", "kv_heads"):
+            a, b = getattr(old, f), getattr(new, f)
+            if b % a:
+                raise GrowthError(f, f"clone tiles by integer factors: {b} is not a multiple of {a}; "
+                                     f"allowed: {', '.join(str(a * k) for k in range(1, 5))}, ...")
+        n = factors(old, new)
+        if n["heads"] % n["kv_heads"]:
+            allowed = [old.kv_heads * d for d in range(1, n["heads"] + 1) if n["heads"] % d == 0]
+            raise GrowthError("kv_heads", f"clone needs the heads factor ({n['heads']}) to be a multiple of "
+                                          f"the kv_heads factor ({n['kv_heads']}) so every query head keeps "
+                                          f"a copy of its kv head; allowed: {', '.join(map(str, allowed))}")
+
+    def build_plan(self, old, new, options):
+        n = factors(old, new)
+        scales = {"attn.q.weight": 1 / n["hidden"], "attn.k.weight": 1 / n["hidden"],
+                  "attn.v.weight": 1 / n["hidden"], "mlp.up.weight": 1 / n["hidden"],
+                  "mlp.gate.weight": 1 / n["hidden"], "attn.o.weight": 1 / n["heads"],
+                  "mlp.down.weight": 1 / n["ffn"], "head.weight": 1 / n["hidden"]}
+        if new.tie_embeddings:
+            scales["final_norm.weight"] = scales["final_norm.bias"] = 1 / n["hidden"]
+        copies = {HIDDEN: n["hidden"], FFN: n["ffn"], HEADS: n["heads"], Q: n["heads"], KV: n["kv_heads"]}
+        return GrowthPlan(old, new, tiling_axes(old, new),
+                          layer_sources(old.layers, new.layers, options.layer_insert),
+                          copies=copies, scales=scales, moments_rule=options.moments, init="copy")
+
+    def fill(self, plan, name, shape, get_old, generator):
+        """Only new blocks need filling: identities (zero output projections, unit norms)."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        return ZERO.fill(plan, name, shape, get_old, generator)
 
 
-def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-                moments: str | None = None) -> GrowthPlan:
-    n = factors(old, new)
-    scales = {"attn.q.weight": 1 / n["hidden"], "attn.k.weight": 1 / n["hidden"],
-              "attn.v.weight": 1 / n["hidden"], "mlp.up.weight": 1 / n["hidden"],
-              "mlp.gate.weight": 1 / n["hidden"], "attn.o.weight": 1 / n["heads"],
-              "mlp.down.weight": 1 / n["ffn"], "head.weight": 1 / n["hidden"]}
-    if new.tie_embeddings:
-        scales["final_norm.weight"] = scales["final_norm.bias"] = 1 / n["hidden"]
-    copies = {HIDDEN: n["hidden"], FFN: n["ffn"], HEADS: n["heads"], Q: n["heads"], KV: n["kv_heads"]}
-    return GrowthPlan(old, new, tiling_axes(old, new), layer_sources(old.layers, new.layers, layer_insert),
-                      copies=copies, scales=scales, moments_rule=moments or DEFAULT_MOMENTS, init="copy")
-
-
-def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch.Tensor:
-    """Only new blocks need filling: identities (zero output projections, unit norms)."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    return zero_block_fill(plan, name, shape, get_old, generator)
-
-
-OPERATOR = GrowthOperator("clone", preserves_function=True, inits=INITS, default_moments=DEFAULT_MOMENTS,
-                          check=check_growth, plan=plan_growth, fill=fill)
+OPERATOR = Clone()

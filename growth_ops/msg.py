@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from .common import (layer_sources, LAYER_INSERTS, MOMENT_RULES, GrowthError, GrowthPlan, all_axes,  # noqa: F401
-                     check_choice, check_common, check_group, expand_heads, gather, grow_moments_with,
-                     grow_state, layer_name, new_layer_positions, placement_axes, random_fill,
-                     tiling_axes)
+from .errors import GrowthError
+from .grown_tensors import GetOld, all_axes, gather, random_fill
+from .index_maps import expand_heads, placement_axes, tiling_axes
+from .layer_placement import layer_name, layer_sources
 from .masks import MaskState
 from .operator import GrowthOperator
+from .plan import GrowthPlan
 from .spec import FFN, HEADS, HIDDEN, KV, Q, VOCAB, ModelSpec
+from .target_rules import check_group
 
 INITS = ("random", "copy")
 DEFAULT_MOMENTS = "keep"
@@ -27,24 +29,12 @@ DEFAULT_MOMENTS = "keep"
 MIN_RAMP_STEPS = 1
 DEFAULT_RAMP_STEPS = 40
 
-def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-                 moments: str | None = None) -> None:
-    check_common(old, new)
-    check_group(old, new)
-    new_layer_positions(layer_insert, old.layers, new.layers)
-    check_choice("init", init or "random", INITS, "msg")
-    check_choice("moments", moments or DEFAULT_MOMENTS, MOMENT_RULES, "msg")
 
-
-def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-                moments: str | None = None) -> GrowthPlan:
-    return GrowthPlan(old, new, placement_axes(old, new), layer_sources(old.layers, new.layers, layer_insert),
-                      moments_rule=moments or DEFAULT_MOMENTS, init=init or "random")
-
-
-def copy_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch.Tensor:
-    """New entries copied from old ones: a new block from the nearest old block before it
-    (the first old block if none), new width indices cycling through the old indices."""
+def copy_fill(plan: GrowthPlan, name: str, shape: tuple, get_old: GetOld,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """A `Fill`: new entries copied from old ones: a new block from the nearest old block
+    before it (the first old block if none), new width indices cycling through the old
+    indices."""
     i, rest = layer_name(name)
     if name == "alibi_slopes":
         return random_fill(plan, name, shape, get_old, generator)
@@ -54,20 +44,6 @@ def copy_fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> 
         before = [s for s in plan.layer_src[: i + 1] if s >= 0]
         src = f"layers.{before[-1] if before else 0}.{rest}"
     return gather(get_old(src), all_axes(plan.new)[name], tiling_axes(plan.old, plan.new)).clone()
-
-
-def fill_for(plan: GrowthPlan):
-    return copy_fill if plan.init == "copy" else random_fill
-
-
-def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch.Tensor:
-    return fill_for(plan)(plan, name, shape, get_old, generator)
-
-
-def masks_for(plan: GrowthPlan, ramp_steps: int) -> MaskState:
-    return MaskState(ramp_steps=ramp_steps, hidden_new=plan.new_indices(HIDDEN),
-                     ffn_new=plan.new_indices(FFN), heads_new=plan.new_indices(HEADS),
-                     layers_new=plan.new_layers)
 
 
 def unmasked_plan(spec: ModelSpec, masks: MaskState) -> GrowthPlan:
@@ -97,6 +73,31 @@ def unmasked_plan(spec: ModelSpec, masks: MaskState) -> GrowthPlan:
 
 # Adam moments: copied for old coordinates, zero for new ones (the `staged` rule is the same
 # here: no old entry is scaled or tiled).
-OPERATOR = GrowthOperator("msg", preserves_function=True, inits=INITS, default_moments=DEFAULT_MOMENTS,
-                          check=check_growth, plan=plan_growth, fill=fill, masks=masks_for,
-                          min_ramp_steps=MIN_RAMP_STEPS, default_ramp_steps=DEFAULT_RAMP_STEPS)
+class Msg(GrowthOperator):
+    name = "msg"
+    preserves_function = True
+    inits = INITS
+    default_moments = DEFAULT_MOMENTS
+    uses_masks = True
+    min_ramp_steps = MIN_RAMP_STEPS
+    default_ramp_steps = DEFAULT_RAMP_STEPS
+
+    def check_target(self, old, new):
+        check_group(old, new)
+
+    def build_plan(self, old, new, options):
+        return GrowthPlan(old, new, placement_axes(old, new), layer_sources(old.layers, new.layers, options.layer_insert),
+                          moments_rule=options.moments, init=options.init)
+
+    def fill(self, plan, name, shape, get_old, generator):
+        return (copy_fill if plan.init == "copy" else random_fill)(plan, name, shape, get_old, generator)
+
+    def masks(self, plan, ramp_steps):
+        return MaskState(ramp_steps=ramp_steps, hidden_new=plan.new_indices(HIDDEN),
+                         ffn_new=plan.new_indices(FFN), heads_new=plan.new_indices(HEADS),
+                         layers_new=plan.new_layers)
+
+
+OPERATOR = Msg()
+# module-level names of the operator's calls, which callers (tests) use
+check_growth, plan_growth = OPERATOR.check, OPERATOR.plan

@@ -17,60 +17,59 @@ import math
 
 import torch
 
-from .common import (layer_sources, MOMENT_RULES, GrowthPlan, check_choice, check_common, check_group,
-                     layer_name, new_layer_positions,
-                     placement_axes, random_fill)
+from .grown_tensors import random_fill
+from .index_maps import placement_axes
+from .layer_placement import layer_name, layer_sources
 from .operator import GrowthOperator
-from .spec import HIDDEN, ModelSpec, is_norm
+from .plan import GrowthPlan
+from .spec import HIDDEN, is_norm
+from .target_rules import check_group
 
 INITS = ("random",)
 DEFAULT_MOMENTS = "keep"
 WRITERS = ("attn.o.weight", "mlp.down.weight")  # into the residual stream (hidden on axis 0)
 
 
-def check_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-                 moments: str | None = None) -> None:
-    check_common(old, new)
-    check_group(old, new)
-    new_layer_positions(layer_insert, old.layers, new.layers)
-    check_choice("init", init or "random", INITS, "zero")
-    check_choice("moments", moments or DEFAULT_MOMENTS, MOMENT_RULES, "zero")
-
-
-def plan_growth(old: ModelSpec, new: ModelSpec, layer_insert="append", init: str | None = None,
-                moments: str | None = None) -> GrowthPlan:
-    c = math.sqrt(new.hidden / old.hidden)
-    scales = {"embed.weight": c, "attn.o.weight": c, "mlp.down.weight": c,
-              "attn_norm.weight": 1 / c, "mlp_norm.weight": 1 / c,
-              "final_norm.weight": 1 / (c * c) if new.tie_embeddings else 1 / c}
-    if new.tie_embeddings:
-        scales["final_norm.bias"] = 1 / c
-    return GrowthPlan(old, new, placement_axes(old, new), layer_sources(old.layers, new.layers, layer_insert),
-                      scales=scales, moments_rule=moments or DEFAULT_MOMENTS, init="random")
-
-
-def fill(plan: GrowthPlan, name: str, shape: tuple, get_old, generator) -> torch.Tensor:
-    rest = layer_name(name)[1]
-    if is_norm(name):  # gains at the scaled stream's level; biases zero (new outputs stay 0)
-        return torch.full(shape, plan.scale(name)) if name.endswith("weight") else torch.zeros(shape)
-    if rest in WRITERS or name == "embed.weight":
-        return torch.zeros(shape)  # output side: new structure writes nothing yet
-    return random_fill(plan, name, shape, get_old, generator)
-
-
-def finish(plan: GrowthPlan, name: str, out: torch.Tensor) -> torch.Tensor:
-    """LayerNorm: new residual coordinates receive the mean of the old ones."""
-    if plan.new.norm != "layernorm" or plan.new.hidden == plan.old.hidden:
-        return out
-    old, new = plan.axes[HIDDEN] >= 0, plan.axes[HIDDEN] < 0
-    if name == "embed.weight":
-        out[:, new] = out[:, old].mean(1, keepdim=True)
-    elif layer_name(name)[1] in WRITERS:
-        out[new] = out[old].mean(0, keepdim=True)
-    return out
-
-
 # `keep`: old entries' moments as they were, new zero. `staged`: rescaled by the gradient
 # change the c-scaling causes (m / a, v / a^2 for an entry scaled by a).
-OPERATOR = GrowthOperator("zero", preserves_function=True, inits=INITS, default_moments=DEFAULT_MOMENTS,
-                          check=check_growth, plan=plan_growth, fill=fill, finish=finish)
+class Zero(GrowthOperator):
+    name = "zero"
+    preserves_function = True
+    inits = INITS
+    default_moments = DEFAULT_MOMENTS
+
+    def check_target(self, old, new):
+        check_group(old, new)
+
+    def build_plan(self, old, new, options):
+        c = math.sqrt(new.hidden / old.hidden)
+        scales = {"embed.weight": c, "attn.o.weight": c, "mlp.down.weight": c,
+                  "attn_norm.weight": 1 / c, "mlp_norm.weight": 1 / c,
+                  "final_norm.weight": 1 / (c * c) if new.tie_embeddings else 1 / c}
+        if new.tie_embeddings:
+            scales["final_norm.bias"] = 1 / c
+        return GrowthPlan(old, new, placement_axes(old, new),
+                          layer_sources(old.layers, new.layers, options.layer_insert),
+                          scales=scales, moments_rule=options.moments, init="random")
+
+    def fill(self, plan, name, shape, get_old, generator):
+        rest = layer_name(name)[1]
+        if is_norm(name):  # gains at the scaled stream's level; biases zero (new outputs stay 0)
+            return torch.full(shape, plan.scale(name)) if name.endswith("weight") else torch.zeros(shape)
+        if rest in WRITERS or name == "embed.weight":
+            return torch.zeros(shape)  # output side: new structure writes nothing yet
+        return random_fill(plan, name, shape, get_old, generator)
+
+    def finish(self, plan, name, tensor):
+        """LayerNorm: new residual coordinates receive the mean of the old ones."""
+        if plan.new.norm != "layernorm" or plan.new.hidden == plan.old.hidden:
+            return tensor
+        old, new = plan.axes[HIDDEN] >= 0, plan.axes[HIDDEN] < 0
+        if name == "embed.weight":
+            tensor[:, new] = tensor[:, old].mean(1, keepdim=True)
+        elif layer_name(name)[1] in WRITERS:
+            tensor[new] = tensor[old].mean(0, keepdim=True)
+        return tensor
+
+
+OPERATOR = Zero()

@@ -13,7 +13,7 @@ fill of its new entries, on each rank of the node. Time: all bytes at
 """
 from __future__ import annotations
 
-from growth_ops.common import all_axes
+from growth_ops.grown_tensors import all_axes
 from growth_ops.spec import ModelSpec, count_parameters, tensor_size
 
 from orchestrator.budget.memory import GIB, state_bytes_per_param

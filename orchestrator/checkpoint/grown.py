@@ -18,7 +18,7 @@ from typing import Collection
 import torch
 
 from growth_ops import GrowthOperator, GrowthPlan, iter_grown, iter_moments
-from growth_ops.common import all_axes
+from growth_ops.grown_tensors import all_axes
 from growth_ops.spec import axis_size, parameter_axes
 
 from orchestrator.atomic import fsync_file

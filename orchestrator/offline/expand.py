@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 
 from growth_ops import GrowthError, MaskState, ModelSpec, get_operator
-from growth_ops.common import all_axes
+from growth_ops.grown_tensors import all_axes
 from growth_ops.spec import axis_size
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
 from orchestrator.checkpoint.grown import write_grown

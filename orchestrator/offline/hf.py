@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from growth_ops import MaskState, ModelSpec, iter_grown
-from growth_ops.common import mup_reparam
+from growth_ops.mup_reparam import mup_reparam
 from growth_ops.msg import unmasked_plan
 from growth_ops.spec import INPUT_SCALE, axis_size, parameter_axes
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
