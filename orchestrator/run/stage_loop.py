@@ -13,10 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from growth_ops.spec import count_parameters
 
-from orchestrator.checkpoint.canonical import checkpoint_dir, prune, save_checkpoint
-from orchestrator.checkpoint.sharded import save_sharded_checkpoint
 from orchestrator.data import next_global_batch, tokens_read
+from orchestrator.engines.base import Engine
 from orchestrator.faults import failpoint
+from orchestrator.run.context import RunContext
 from orchestrator.run.evaluation import by_source, evaluate_sources
 from orchestrator.run.lr import lr_at
 from orchestrator.run.signals import take_pending
@@ -68,35 +68,29 @@ def set_rng_state(d: dict) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
-def checkpoint_meta(run, engine, state: RunState, complete: bool = False) -> dict:
+def checkpoint_meta(ctx: RunContext, engine: Engine, state: RunState, complete: bool = False) -> dict:
     """meta.json of a checkpoint of `state` taken now (masks, RNG, tracking ids, time)."""
     state.stage_complete, state.masks = complete, engine.masks
-    state.rng, state.tracking, state.saved_at = rng_state(), run.tracker.written_info, time.time()
+    state.rng, state.tracking, state.saved_at = rng_state(), ctx.tracker.written_info, time.time()
     return json.loads(json.dumps(state.to_meta()))  # as meta.json reads back
 
 
-def save_state(run, engine, state: RunState, complete: bool = False) -> Path:
-    """Checkpoint `state` with the engine's weights and moments; returns its path."""
+def save_state(ctx: RunContext, engine: Engine, state: RunState, complete: bool = False) -> Path:
+    """Checkpoint `state` with the engine's weights and moments (many ranks: each writes its
+    share of full tensors); returns its path."""
     weights, moments, state.optimizer_step = engine.export()
-    meta = checkpoint_meta(run, engine, state, complete)
-    path = checkpoint_dir(run.run_dir, state.stage_index, state.stage_name, state.step)
-    role = engine.shard_role()
-    if role is None:
-        save_checkpoint(path, weights, moments, meta)
-    else:  # many ranks: each writes its share of full tensors
-        save_sharded_checkpoint(path, weights, moments, meta, role)
-        if not role.leader:
-            return path
-    prune(path.parent, run.cfg.checkpoint.keep)
-    run.tracker.flush(force=True)
+    meta = checkpoint_meta(ctx, engine, state, complete)
+    path = ctx.checkpointer.path(state.stage_index, state.stage_name, state.step)
+    if ctx.checkpointer.save(path, weights, moments, meta, engine.shard_role()):
+        ctx.tracker.flush(force=True)
     return path
 
 
 class StageLoop:
-    def __init__(self, run, stage: ResolvedStage, engine, state: RunState):
-        self.run, self.stage, self.engine, self.state = run, stage, engine, state
+    def __init__(self, ctx: RunContext, stage: ResolvedStage, engine: Engine, state: RunState):
+        self.ctx, self.stage, self.engine, self.state = ctx, stage, engine, state
         mixture = stage.config.mixture
-        self.streams = {n: run.data.train[n] for n in (sorted(mixture) if mixture else sorted(run.data.train))}
+        self.streams = {n: ctx.data.train[n] for n in (sorted(mixture) if mixture else sorted(ctx.data.train))}
         self.mixture = mixture or None
         self.val_metrics: dict = {}  # of the last evaluation in this process
 
@@ -107,19 +101,19 @@ class StageLoop:
                 "steps": self.stage.steps, "batch_size": s.batch_size, "seq_len": s.seq_len,
                 "long_seq_len": s.long_seq_len, "long_fraction": s.long_fraction,
                 **(self.stage.spec.rope_scaling() if self.stage.spec.position == "rope" else {}),
-                "lr_peak": st.lr_peak, "growth": (st.growth or {}).get("operator")}
+                "lr_peak": st.lr_peak, "growth": st.growth.operator if st.growth else None}
 
     def log(self, metrics: dict) -> None:
-        self.run.log(self.stage.name, self.state.global_step, metrics)
+        self.ctx.log(self.stage.name, self.state.global_step, metrics)
 
     def evaluate(self) -> None:
         """Validation loss and bits-per-byte, per source and overall: logged, and kept for
         the summary (`state.val_loss`, `val_metrics`)."""
-        self.state.val_loss, self.val_metrics = evaluate_sources(self.engine, self.run.val_sets(self.stage))
+        self.state.val_loss, self.val_metrics = evaluate_sources(self.engine, self.ctx.val_sets(self.stage))
         self.log(self.val_metrics)
 
     def summary_entry(self) -> dict:
-        run, name, ledger = self.run, self.stage.name, self.run.budget.ledger
+        ctx, name, ledger = self.ctx, self.stage.name, self.ctx.budget.ledger
         lay = self.stage.layout
         return {"name": name, "params": count_parameters(self.stage.spec),
                 "tokens": ledger.stage(name).tokens, "steps": self.state.step, "flops": ledger.stage(name).flops,
@@ -127,32 +121,32 @@ class StageLoop:
                 "val_loss": self.state.val_loss, "val_bpb": self.val_metrics.get("val/bpb"),
                 "val_by_source": by_source(self.val_metrics),
                 "tokens_by_source": dict(sorted(ledger.stage(name).sources.items())),
-                "growth": self.state.growth,
+                "growth": self.state.growth.to_dict() if self.state.growth else None,
                 "complete": self.state.step >= self.stage.steps, "checkpoint": None,
-                "mlflow_run_id": run.tracker.run_id(name),
+                "mlflow_run_id": ctx.tracker.run_id(name),
                 "restarts": ledger.lost.get(name, {}).get("restarts", 0),
                 "lost_s": ledger.lost.get(name, {}).get("lost_s", 0.0)}
 
     def train(self, signals: SignalFlag) -> str:
         """Train to the end of the stage. Returns "complete" or the budget cap that stopped it."""
-        run, st, stage, cfg = self.run, self.state, self.stage, self.run.cfg
+        ctx, st, stage, cfg = self.ctx, self.state, self.stage, self.ctx.cfg
         lr_cfg = stage.config.lr
-        run.tracker.stage_run(stage.name, self._params())  # the stage's MLflow run opens here
+        ctx.tracker.stage_run(stage.name, self._params())  # the stage's MLflow run opens here
         if st.step == 0 and st.growth:
-            self.log({"growth/val_loss_before": st.growth["val_loss_before"],
-                      "growth/val_loss_after": st.growth["val_loss_after"]})
-            if st.growth.get("positions"):  # RoPE's scaling switched (not function-preserving)
-                switch = st.growth["positions"]
-                self.log({"positions/val_loss_before": switch["val_loss_before"],
-                          "positions/val_loss_after": switch["val_loss_after"]})
-        run.budget.stage_start(st.stage_index, st.step)
+            self.log({"growth/val_loss_before": st.growth.val_loss_before,
+                      "growth/val_loss_after": st.growth.val_loss_after})
+            if st.growth.positions:  # RoPE's scaling switched (not function-preserving)
+                switch = st.growth.positions
+                self.log({"positions/val_loss_before": switch.val_loss_before,
+                          "positions/val_loss_after": switch.val_loss_after})
+        ctx.budget.stage_start(st.stage_index, st.step)
         last_step_s, mark = 0.0, time.perf_counter()
         with Progress(TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                      console=run.console, transient=False) as bar:
+                      console=ctx.console, transient=False) as bar:
             task = bar.add_task(stage.name, total=stage.steps, completed=st.step, info="")
             while st.step < stage.steps:
-                cap = run.budget.blocks(stage, st.step, last_step_s)
+                cap = ctx.budget.blocks(stage, st.step, last_step_s)
                 if cap:
                     return cap
                 batch, cursor = next_global_batch(self.streams, st.data_cursor, self.mixture,
@@ -164,35 +158,35 @@ class StageLoop:
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"stage {stage.name} step {st.step + 1}: the training loss is {loss}; stopped "
-                        f"without saving, so the last good checkpoint ({run.last_checkpoint() or 'none'}) "
+                        f"without saving, so the last good checkpoint ({ctx.checkpointer.latest() or 'none'}) "
                         "stays the newest - lower the learning rate or check the data, then run again")
                 failpoint("step.done")
-                run.budget.ledger.add_source_tokens(stage.name, tokens_read(st.data_cursor, cursor))
+                ctx.budget.ledger.add_source_tokens(stage.name, tokens_read(st.data_cursor, cursor))
                 st.step, st.data_cursor = st.step + 1, cursor
                 now = time.perf_counter()
                 last_step_s, mark = now - mark, now
-                self._log(loss, grad_norm, mask, last_step_s, run.budget.count_step(stage, st.step, last_step_s))
+                self._log(loss, grad_norm, mask, last_step_s, ctx.budget.count_step(stage, st.step, last_step_s))
                 if st.step % cfg.train.eval_every_steps == 0 and st.step < stage.steps:
                     self.evaluate()
                 if st.step % cfg.checkpoint.every_steps == 0 and st.step < stage.steps:
-                    save_state(run, self.engine, st)
+                    save_state(ctx, self.engine, st)
                 bar.update(task, completed=st.step, info=f"loss {loss:.3f} lr {st.lr:.2e}")
                 if signals.signum is not None:
-                    raise StopRequested(signals.signum, save_state(run, self.engine, st))
+                    raise StopRequested(signals.signum, save_state(ctx, self.engine, st))
         self.evaluate()
         return "complete"
 
     def _log(self, loss: float, grad_norm: float, mask: float, seconds: float, budget: dict) -> None:
-        run, stage, total = self.run, self.stage, self.run.budget.ledger.total
+        ctx, stage, total = self.ctx, self.stage, self.ctx.budget.ledger.total
         done = self.state.step - 1  # the step just taken (its context may be the long one)
         tokens_per_s = stage.tokens_at(done) / seconds if seconds > 0 else 0.0
-        peak = run.cfg.cluster.peak_tflops_per_gpu * 1e12 * self.engine.devices
+        peak = ctx.cfg.cluster.peak_tflops_per_gpu * 1e12 * self.engine.devices
         metrics = {"train/loss": loss, "train/lr": self.state.lr, "train/grad_norm": grad_norm,
                    "growth/mask": mask, "perf/tokens_per_s": tokens_per_s,
                    "perf/mfu": stage.flops_at(done) / seconds / peak if seconds > 0 else 0.0,
                    "train/seq_len": stage.seq_len_at(done),
                    "progress/tokens": total.tokens, "progress/flops": total.flops, **budget}
         self.log(metrics)
-        if self.state.step % run.cfg.train.log_every_steps == 0 and not run.console.is_terminal:
-            run.console.print(f"\\[{stage.name}] step {self.state.step}/{stage.steps} loss {loss:.4f} "
+        if self.state.step % ctx.cfg.train.log_every_steps == 0 and not ctx.console.is_terminal:
+            ctx.console.print(f"\\[{stage.name}] step {self.state.step}/{stage.steps} loss {loss:.4f} "
                               f"lr {self.state.lr:.2e} {tokens_per_s:,.0f} tok/s")

@@ -10,11 +10,11 @@ wrapper (`orchestrator.slurm.jobstate`, run before and after every job) stays ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.atomic import read_json
 from orchestrator.budget.ledger import Ledger
+from orchestrator.checkpoint.layout import latest_meta  # noqa: F401 (the job helpers' import)
+from orchestrator.run.growth_record import GrowthRecord
 
 if TYPE_CHECKING:
     from growth_ops.masks import MaskState
@@ -35,13 +35,17 @@ class RunState:
     stage_complete: bool = False
     lr: float = 0.0
     val_loss: float | None = None
-    growth: dict | None = None  # the growth into this stage: operator, loss before/after, ...
+    growth: GrowthRecord | None = None  # the transition into this stage
     completed_stages: list = field(default_factory=list)  # summary entries of earlier stages
     masks: "MaskState | None" = None
     optimizer_step: int = 0
     rng: dict | None = None
     tracking: dict = field(default_factory=dict)
     saved_at: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.growth, dict):  # as meta.json holds it
+            self.growth = GrowthRecord.from_dict(self.growth)
 
     @property
     def global_step(self) -> int:
@@ -53,7 +57,8 @@ class RunState:
                 "stage_complete": self.stage_complete, "spec": self.spec.to_dict(),
                 "masks": None if self.masks is None or self.masks.done else self.masks.to_dict(),
                 "lr_peak": self.lr_peak, "lr": self.lr, "data_cursor": self.data_cursor, "rng": self.rng,
-                "ledger": self.ledger.to_dict(), "tracking": self.tracking, "growth": self.growth,
+                "ledger": self.ledger.to_dict(), "tracking": self.tracking,
+                "growth": None if self.growth is None else self.growth.to_dict(),
                 "val_loss": self.val_loss, "completed_stages": self.completed_stages,
                 "saved_at": self.saved_at, "optimizer_step": self.optimizer_step}
 
@@ -68,7 +73,7 @@ class RunState:
                    ledger=Ledger.from_dict(meta["ledger"]), step=meta["step"],
                    global_step_start=meta["global_step"] - meta["step"],
                    stage_complete=meta["stage_complete"], lr=meta["lr"], val_loss=meta["val_loss"],
-                   growth=meta["growth"], completed_stages=meta["completed_stages"],
+                   growth=GrowthRecord.from_dict(meta["growth"]), completed_stages=meta["completed_stages"],
                    masks=MaskState.from_dict(meta["masks"]), optimizer_step=meta.get("optimizer_step", 0),
                    rng=meta.get("rng"), tracking=meta.get("tracking") or {}, saved_at=meta.get("saved_at"))
 
@@ -103,12 +108,3 @@ def is_finished(meta: dict | None, index: int) -> bool:
     the newest): a requeued or resubmitted job then exits without training it again."""
     return meta is not None and (meta["stage_index"], meta["stage_complete"]) >= (index, True)
 
-
-def latest_meta(run_dir) -> dict | None:
-    """meta.json of the checkpoint `latest` points at, JSON only (the runner verifies the
-    checkpoint's bytes before it resumes from it; bookkeeping needs only where it is)."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = read_json(root / "latest")
-    if not isinstance(pointer, dict) or "path" not in pointer:
-        return None
-    return read_json(root / pointer["path"] / "meta.json")
