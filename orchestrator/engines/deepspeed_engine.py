@@ -12,6 +12,9 @@ over the TP ranks of DP rank 0), so a checkpoint is written by many ranks in par
 never gathered on one. Megatron's parallel state and DeepSpeed's grid use the same rank
 order (tp fastest, then dp, then pp); `load` asserts they agree.
 
+What differs between the pipeline and the pipeline-less run lives in `deepspeed_steps`;
+what touches DeepSpeed's ZeRO internals, in `zero_state`.
+
 DeepSpeed is imported inside the functions that use it: it picks its accelerator when
 first imported, so `init_distributed` must set DS_ACCELERATOR (from engine.device) first.
 """
@@ -29,13 +32,14 @@ from growth_ops.spec import INPUT_SCALE, ModelSpec
 
 from orchestrator.checkpoint.canonical import MOMENTS
 from orchestrator.config.schema import RunConfig
+from orchestrator.engines import zero_state
 from orchestrator.engines.base import Engine, ShardRole, adamw, set_lr
+from orchestrator.engines.deepspeed_steps import pick_steps
 from orchestrator.model import PositionTables, install_block_masks, mask_tensors
 from orchestrator.schedule import ResolvedStage
 from orchestrator.data import rank_slice
 from orchestrator.engines.device import backend_for, pick_device
-from orchestrator.engines.parallel_model import (BlockLayer, FlatModel, MaskBox, MegatronMpu, layer_specs, megatron_config, split_dim,
-                             vocab_parallel_loss)
+from orchestrator.engines.parallel_model import BlockLayer, MaskBox, megatron_config, split_dim
 
 
 def init_distributed(timeout_s: float, device: str = "cpu") -> torch.device:
@@ -70,8 +74,6 @@ class DeepSpeedEngine(Engine):
         self.check_dtype = cfg.engine.dtype  # evaluate(exact=True) runs in the weights' dtype
         self.device = init_distributed(cfg.engine.timeout_s, cfg.engine.device)
         import deepspeed
-        from deepspeed.pipe import PipelineModule
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
         from megatron.core import parallel_state as ps
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -91,18 +93,9 @@ class DeepSpeedEngine(Engine):
         self.gas = per_rank // self.micro
         self.box = MaskBox()
         config = megatron_config(spec, self.tp, self.pp, torch.float32)
-        # ZeRO-1 runs in DeepSpeed's pipeline engine (any pp); ZeRO-2, which that engine
-        # refuses, runs the same layers as one module (pp=1, checked by validate.py)
-        self.pipelined = cfg.engine.zero_stage < 2
-        if self.pipelined:
-            self.topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
-            self.module = PipelineModule(layers=layer_specs(spec, self.tp, self.tp_rank, config, self.box),
-                                         topology=self.topology, loss_fn=vocab_parallel_loss,
-                                         partition_method="type:BlockLayer")
-        elif self.pp == 1:
-            self.module = FlatModel(spec, self.tp, self.tp_rank, config, self.box)
-        else:
-            raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} needs layout.pp=1 (got {self.pp})")
+        # the pipeline engine (ZeRO-1, any pp) or one module without a pipeline (ZeRO-2, pp=1)
+        self.steps = pick_steps(cfg.engine.zero_stage, self.tp, self.pp, self.dp)
+        self.module = self.steps.build(spec, self.tp_rank, config, self.box)
         self.ds_config = {
             "train_batch_size": stage.config.batch_size, "train_micro_batch_size_per_gpu": self.micro,
             "gradient_accumulation_steps": self.gas,
@@ -114,7 +107,6 @@ class DeepSpeedEngine(Engine):
         }
         self.engine = None
         self.masks: MaskState | None = None
-        self._context: int | None = None  # the sequence length the pipeline's buffers have
 
     # -- which canonical tensor each local parameter slices -------------------------
     def _slices(self) -> list[tuple[str, torch.Tensor]]:
@@ -166,85 +158,37 @@ class DeepSpeedEngine(Engine):
         names = {id(t): name for name, t in slices}
         optimizer = adamw(((names[id(p)], p) for p in self.module.parameters()), self.cfg.train, self.spec)
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
-                                               mpu=None if self.pipelined else MegatronMpu())
-        if self.pipelined:
-            self._check_grid()
+                                               mpu=self.steps.mpu())
+        self.steps.check(self.engine, self.rank, (self.tp_rank, self.dp_rank, self.pp_rank))
         if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly
-            from deepspeed.utils import safe_set_full_fp32_param
-
             for name, param in slices:  # the same Parameter objects, now bf16 views (read again:
-                if hasattr(param, "_hp_mapping"):  # holding every slice meanwhile would double the model)
-                    safe_set_full_fp32_param(param, self._local(state, name).to(self.device, torch.float32))
-        if step and moments:
-            self._set_moments(moments, step)
+                if zero_state.has_master(param):  # holding every slice meanwhile would double the model)
+                    zero_state.set_full_master(param, self._local(state, name).to(self.device, torch.float32))
+        if step and moments:  # this rank's ZeRO partition of the Adam moments of its TP slices
+            names = {id(t): name for name, t in self._slices()}  # the parameters as initialize left them
+            zero_state.write_moments(self.engine, lambda p, key: self._local(moments[key], names[id(p)]), step)
         self.masks = masks
         self._apply_masks()
 
-    def _check_grid(self) -> None:
-        grid = self.engine.grid
-        got = (grid.get_slice_parallel_rank(), grid.get_data_parallel_rank(), grid.get_pipe_parallel_rank())
-        if got != (self.tp_rank, self.dp_rank, self.pp_rank):
-            raise RuntimeError(f"rank {self.rank}: DeepSpeed grid (tp, dp, pp) = {got} disagrees with "
-                               f"Megatron's {(self.tp_rank, self.dp_rank, self.pp_rank)}")
-
-    def _zero(self):
-        """DeepSpeed's partitioned optimizer, its flat fp32 partitions and its parameter groups:
-        ZeRO 1/2 (`DeepSpeedZeroOptimizer`), or bf16 with ZeRO 1 (`BF16_Optimizer`)."""
-        zopt = self.engine.optimizer
-        for flat, groups in (("single_partition_of_fp32_groups", "bit16_groups"),
-                             ("fp32_groups_flat_partition", "bf16_groups")):
-            if hasattr(zopt, flat):
-                return zopt, getattr(zopt, flat), getattr(zopt, groups)
-        raise RuntimeError("canonical moments need ZeRO stage 1 or 2 (engine.zero_stage)")
-
-    def _set_moments(self, moments: dict, step: int) -> None:
-        """Write this rank's ZeRO partition of the Adam moments of its TP slices."""
-        zopt, flat_groups, param_groups = self._zero()
-        names = {id(t): name for name, t in self._slices()}
-        for i, hp in enumerate(flat_groups):
-            st = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(hp),
-                  "exp_avg_sq": torch.zeros_like(hp)}
-            for lp in param_groups[i]:
-                m = getattr(lp, "_hp_mapping", None)
-                if m is None:
-                    continue
-                name = names[id(lp)]
-                for key in MOMENTS:
-                    flat = self._local(moments[key], name).reshape(-1).to(hp.device, hp.dtype)
-                    st[key].narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel).copy_(
-                        flat.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel))
-            zopt.optimizer.state[hp] = st
-        zopt._hp_optimizer_states_linked = False
-        zopt._lazy_init_hp_params_optimizer_state()
-
     def export(self) -> tuple[dict, dict, int]:
         """This rank's share of the canonical state, as full tensors (see module doc)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        zopt = self._zero()[0]
-        has_state = bool(zopt.optimizer.state)
-        if has_state:  # (re)link the moments' fragments: DeepSpeed may have linked before they existed
-            zopt._hp_optimizer_states_linked = False
-            zopt._lazy_init_hp_params_optimizer_state()
+        has_state = zero_state.link_moments(self.engine)
         state: dict = {}
         moments: dict = {k: {} for k in MOMENTS}
         mine = set(self.written_names())
         for name, t in [(n, t) for n, t in self._slices() if self._owns(n)]:
             writer = name in mine
-            master = safe_get_full_fp32_param(t) if self.bf16 and hasattr(t, "_hp_mapping") else None
+            master = zero_state.full_master(t) if self.bf16 and zero_state.has_master(t) else None
             full = self._gather_tp((t.detach() if master is None else master).float(), name)
             if writer:
                 state[name] = full.cpu().clone()
             if has_state and isinstance(t, torch.nn.Parameter):
                 for key in MOMENTS:
-                    local = safe_get_full_optimizer_state(t, key)  # all-reduce over DP
+                    local = zero_state.full_moment(t, key)  # all-reduce over DP
                     full = self._gather_tp(local.reshape(t.shape), name)
                     if writer:
                         moments[key][name] = full.cpu().clone()
-        step = 0
-        if has_state:
-            step = int(next(iter(zopt.optimizer.state.values()))["step"])
-        return state, moments, step
+        return state, moments, zero_state.optimizer_step(self.engine) if has_state else 0
 
     def written_names(self) -> list[str]:
         """Of the tensors this pipeline stage owns, one in every `tp` (in model order) on
@@ -271,24 +215,7 @@ class DeepSpeedEngine(Engine):
             if isinstance(m, BlockLayer):
                 m.positions = PositionTables(spec)
 
-    def _fit_shape(self, batch: torch.Tensor) -> None:
-        """DeepSpeed's pipeline keeps its activation buffers for one shape: a stage that mixes
-        contexts (or evaluates at another) resets them when the context changes."""
-        if self.pipelined and batch.shape[1] != self._context:
-            if self._context is not None:
-                self.engine.reset_activation_shape()
-            self._context = batch.shape[1]
-
     # -- compute ---------------------------------------------------------------------
-    def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        loss = loss.detach().clone()
-        if self.dp > 1:
-            dist.all_reduce(loss, group=ps.get_data_parallel_group())
-            loss /= self.dp
-        return loss
-
     def _micro_batches(self, batch: torch.Tensor):
         local = rank_slice(batch, self.dp_rank, self.dp)
         chunks = local.split(self.micro)
@@ -297,19 +224,10 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
         self._apply_masks()
-        self._fit_shape(batch)
+        self.steps.fit_shape(self.engine, batch.shape[1])
         set_lr(self.engine.optimizer, lr)
         _, it = self._micro_batches(batch)
-        if self.pipelined:
-            loss = self.engine.train_batch(data_iter=it)
-        else:
-            losses = []
-            for x, y in it:  # DeepSpeed scales each by 1/gas and steps at the boundary
-                micro_loss = self.engine(x, y)
-                self.engine.backward(micro_loss)
-                self.engine.step()
-                losses.append(micro_loss.detach())
-            loss = self._dp_mean(torch.stack(losses).mean())
+        loss = self.steps.train(self.engine, it)
         norm = self.engine.get_global_grad_norm()
         if self.masks is not None:
             self.masks.advance()
@@ -319,14 +237,10 @@ class DeepSpeedEngine(Engine):
     def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
         self._apply_masks()
         losses = []
-        if not self.pipelined:
-            self.engine.eval()
+        self.engine.eval()  # (the pipeline's eval_batch also does so itself)
         for b in batches:
-            self._fit_shape(b)
+            self.steps.fit_shape(self.engine, b.shape[1])
             n, it = self._micro_batches(b)
-            if self.pipelined:
-                losses.append(float(self.engine.eval_batch(it, num_micro_batches=n)))
-            else:
-                losses.append(float(self._dp_mean(torch.stack([self.engine(x, y) for x, y in it]).mean())))
+            losses.append(self.steps.evaluate(self.engine, it, n))
         self.engine.train()
         return sum(losses) / len(losses)
