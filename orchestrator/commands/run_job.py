@@ -19,7 +19,7 @@ from orchestrator.config.validate import ConfigError, load_config
 from orchestrator.engines.registry import engine_kind
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.exits import exit_status
-from orchestrator.run.launch import drive, in_launch, leave_process_group
+from orchestrator.run.launch import drive, in_launch, leave_process_group, prepare_rank
 from orchestrator.run.lock import first_rank
 from orchestrator.run.runner import run_schedule
 from orchestrator.run.sweep import sweep_member_params
@@ -65,8 +65,10 @@ def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
         if first_rank():
             record_hydra_config(raw_cfg, cfg.run_dir)
         print(f"grow run: {cfg.run_dir}: preparing data, then stage {cfg.schedule.stages[0].name} ...", flush=True)
-        if engine_kind(cfg.engine.name).multi_rank and not in_launch():
-            sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
+        if engine_kind(cfg.engine.name).multi_rank:
+            if not in_launch():
+                sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
+            prepare_rank(cfg)  # a rank srun/torchrun started: its environment, before DeepSpeed loads
         run_schedule(cfg, extra_params=sweep_member_params())
         leave_process_group()
     except Exception as e:

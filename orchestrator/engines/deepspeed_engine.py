@@ -16,12 +16,13 @@ What differs between the pipeline and the pipeline-less run lives in `deepspeed_
 what touches DeepSpeed's ZeRO internals, in `zero_state`.
 
 DeepSpeed is imported inside the functions that use it: it picks its accelerator when
-first imported, so `init_distributed` must set DS_ACCELERATOR (from engine.device) first.
+first imported (DS_ACCELERATOR), and reads the rank's place (RANK, LOCAL_RANK, ...) from
+the environment, which the launcher completes before this module runs
+(`orchestrator.run.launch.prepare_rank`); nothing here changes the environment.
 """
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 
 import torch
@@ -43,13 +44,9 @@ from orchestrator.engines.parallel_model import BlockLayer, MaskBox, megatron_co
 
 
 def init_distributed(timeout_s: float, device: str = "cpu") -> torch.device:
-    """Join the process group torchrun/srun described in the environment (once); returns
+    """Join the process group the launcher described in the environment (once); returns
     this rank's device (`engine.device`: auto|cpu|cuda; CUDA: GPU LOCAL_RANK and NCCL)."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun, no torchrun
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
     dev = pick_device(device)
-    os.environ.setdefault("DS_ACCELERATOR", dev.type)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before any NCCL group exists
     if dist.is_initialized():

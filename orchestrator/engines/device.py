@@ -7,9 +7,16 @@ import os
 import torch
 
 
-def pick_device(name: str) -> torch.device:
+def device_type(name: str) -> str:
+    """The device type `engine.device` means here (auto: cuda when one is visible), without
+    checking that it is there (`pick_device` does)."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pick_device(name: str) -> torch.device:
+    name = device_type(name)
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("engine.device=cuda but no CUDA device is visible")

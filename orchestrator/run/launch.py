@@ -4,7 +4,9 @@ Outside a launch (no RANK/SLURM_PROCID in the environment) `drive` starts one to
 stage, each with that stage's tp*pp*dp ranks on a free port (`--standalone`) and
 `run.only_stage` set, because every stage may need a different world size; growth into a
 stage runs in that stage's job, on its new layout, from the canonical checkpoint. Inside
-a launch (torchrun or srun already started the ranks) the runner runs in place.
+a launch (torchrun or srun already started the ranks) the runner runs in place. Either way
+a rank's first act is `prepare_rank`: what the engine needs in the environment is set here,
+by the launch, and nowhere else.
 
 Fail fast: torchrun is told never to restart and polls its workers every 0.2 s; when one
 rank dies it stops the others and reports the failed rank (its traceback is recorded by
@@ -19,6 +21,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.config.schema import RunConfig
@@ -30,6 +33,31 @@ ONLY_STAGE_DONE = "stopped: run.only_stage="
 
 def in_launch() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def rank_environment(environ: Mapping[str, str], device: str) -> dict[str, str]:
+    """What a rank adds to the environment its launcher gave it, before the engine imports
+    DeepSpeed, which reads all of it from there:
+    - under a plain srun (no torchrun), RANK/WORLD_SIZE/LOCAL_RANK from Slurm's task ids, as
+      torch.distributed's env:// rendezvous and DeepSpeed expect them;
+    - DS_ACCELERATOR from `engine.device` unless already set: DeepSpeed picks its accelerator
+      once, when first imported, and would otherwise detect one itself (CUDA on a GPU machine
+      even with engine.device=cpu; elsewhere the CPU, with a warning)."""
+    add = {}
+    if "RANK" not in environ and "SLURM_PROCID" in environ:
+        add.update(RANK=environ["SLURM_PROCID"], WORLD_SIZE=environ["SLURM_NTASKS"],
+                   LOCAL_RANK=environ.get("SLURM_LOCALID", "0"))
+    if "DS_ACCELERATOR" not in environ:
+        from orchestrator.engines.device import device_type
+
+        add["DS_ACCELERATOR"] = device_type(device)
+    return add
+
+
+def prepare_rank(cfg: RunConfig) -> None:
+    """Complete this process's environment as a rank of `cfg`'s multi-rank engine (see
+    `rank_environment`), before anything imports DeepSpeed."""
+    os.environ.update(rank_environment(os.environ, cfg.engine.device))
 
 
 def leave_process_group() -> None:
@@ -89,6 +117,7 @@ def drive(cfg: RunConfig) -> int:
         print(f"launching stage {only} on {world} ranks ({device.type})", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.run.launch", str(path)]
+        # DeepSpeed picks its accelerator when first imported: the ranks find it set (see rank_environment)
         env = {"DS_ACCELERATOR": device.type, "PYTHONUNBUFFERED": "1", **os.environ}
         try:
             code = subprocess.run(cmd, env=env).returncode
@@ -115,6 +144,7 @@ def _rank_main(config_path: str) -> int:
 
     try:
         cfg = load_config(json.loads(Path(config_path).read_text()))
+        prepare_rank(cfg)
         init_distributed(cfg.engine.timeout_s, cfg.engine.device)
         run_schedule(cfg)
     except Exception as e:
