@@ -15,11 +15,6 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-# the repository first: bench/growth_ops.py (this script's folder is sys.path[0]) must not
-# shadow the growth_ops package
-if str(REPO) in sys.path:
-    sys.path.remove(str(REPO))
-sys.path.insert(0, str(REPO))
 
 console = Console(width=140)
 

@@ -20,9 +20,9 @@ grown state's bytes with fsync, read them back, read the old checkpoint). The me
 do not depend on the machine's load; the time ratio does, so the load average is recorded
 with it.
 
-    python bench/growth_at_scale.py                      # ~1B parameters after growth (~13 GB of checkpoints)
-    python bench/growth_at_scale.py --quick              # ~15M, a couple of minutes
-    python bench/growth_at_scale.py --params 1.5e8 --code /path/to/other/checkout --label today
+    python -m bench.growth_at_scale                      # ~1B parameters after growth (~13 GB of checkpoints)
+    python -m bench.growth_at_scale --quick              # ~15M, a couple of minutes
+    python -m bench.growth_at_scale --params 1.5e8 --code /path/to/other/checkout --label today
 
 `--code` runs another checkout's `orchestrator` (PYTHONPATH), e.g. the previous version for
 comparison; `--label` names the entry in bench/results/growth_at_scale.json (entries of
@@ -43,13 +43,9 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, console, machine, stage_literal, table  # noqa: E402
-from transition import plain_io  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent  # bench/growth_ops.py would shadow the growth_ops package
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-from growth_ops.spec import ModelSpec, count_parameters  # noqa: E402
+from bench.common import REPO, RESULTS, console, machine, stage_literal, table
+from bench.transition import plain_io
+from growth_ops.spec import ModelSpec, count_parameters
 
 TP, PP = 2, 2
 HEAD_DIM = 64

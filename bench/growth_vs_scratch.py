@@ -14,12 +14,12 @@ interpolation between evaluations; null if never), and `wall_frac` the same in e
 seconds (steps, evaluations, checkpoints, growths). FLOPs do not depend on the machine's
 load; wall times do (the load is recorded with them; --jobs runs share the CPU).
 
-    python bench/growth_vs_scratch.py --lever-splits 0.2,0.2,0.6/0.34,0.33,0.33/0.5,0.25,0.25 \
+    python -m bench.growth_vs_scratch --lever-splits 0.2,0.2,0.6/0.34,0.33,0.33/0.5,0.25,0.25 \
         --lever-growth-tokens 1,1.25,1.5                       # small: ~40 runs, ~24 min on 2 idle cores
-    python bench/growth_vs_scratch.py --size medium            # ~5M params after growth, ~60 min on 2 idle cores
-    python bench/growth_vs_scratch.py --size large             # a GPU (engine.device=auto), one run at a time
-    python bench/growth_vs_scratch.py --parametrization mup --peak-lr 6e-3   # with muP
-    python bench/growth_vs_scratch.py --decay cosine --split 0.2,0.2,0.6     # other schedule levers
+    python -m bench.growth_vs_scratch --size medium            # ~5M params after growth, ~60 min on 2 idle cores
+    python -m bench.growth_vs_scratch --size large             # a GPU (engine.device=auto), one run at a time
+    python -m bench.growth_vs_scratch --parametrization mup --peak-lr 6e-3   # with muP
+    python -m bench.growth_vs_scratch --decay cosine --split 0.2,0.2,0.6     # other schedule levers
 
 --lever-splits x --lever-growth-tokens probe the growth timing with the best operator at its
 chosen rate (seed 0, against the tuned scratch run), and give for each split the schedule
@@ -53,8 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, console, machine, stage_literal, table  # noqa: E402
+from bench.common import REPO, RESULTS, console, machine, stage_literal, table
 
 # shape = (layers, hidden, ffn, heads)
 SIZES = {

@@ -9,9 +9,9 @@ L(N) = a*N^b + c (N: non-embedding parameters) to the proxies and reports
   - wide_rel_error: the law fitted to all proxies, on the wide model it never saw.
 Writes bench/results/loss_prediction.json and loss_prediction.png (muP: loss_prediction.mup.*).
 
-    nice python bench/loss_prediction.py                         # CPU, ~10-15 min on 2 loaded cores
-    python bench/loss_prediction.py --parametrization mup         # muP proxies (once muP exists)
-    python bench/loss_prediction.py --widths 64,96,128,192 --tokens 1048576   # a GPU
+    nice python -m bench.loss_prediction                         # CPU, ~10-15 min on 2 loaded cores
+    python -m bench.loss_prediction --parametrization mup         # muP proxies (once muP exists)
+    python -m bench.loss_prediction --widths 64,96,128,192 --tokens 1048576   # a GPU
 
 A finished sweep in --work-dir is reused (the members resume as finished runs).
 """
@@ -22,14 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-# the repository before bench/ (this script's directory), whose growth_ops.py is a benchmark, not the package
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS, console, machine, table, write_json  # noqa: E402
-
-from orchestrator.commands.compose import CommandLine, load  # noqa: E402
-from orchestrator.commands.predict import points_of, proxy_shapes, shape_sweep  # noqa: E402
-from orchestrator.proxy.scaling import LAW, PowerLaw, fit_with_held_out, plot_fit, relative_error  # noqa: E402
-from orchestrator.proxy.sweeps import finished_members, run_sweep  # noqa: E402
+from bench.common import RESULTS, console, machine, table, write_json
+from orchestrator.commands.compose import CommandLine, load
+from orchestrator.commands.predict import points_of, proxy_shapes, shape_sweep
+from orchestrator.proxy.scaling import LAW, PowerLaw, fit_with_held_out, plot_fit, relative_error
+from orchestrator.proxy.sweeps import finished_members, run_sweep
 
 
 def sweep_points(cfg, overrides: list[str], shapes: list[dict], directory: Path) -> list[dict]:

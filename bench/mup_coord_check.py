@@ -2,8 +2,8 @@
 few Adam steps, across widths, standard vs muP. Under muP the curves stay flat in width;
 under the standard parametrization (fixed init std, one learning rate) they grow.
 
-    nice python bench/mup_coord_check.py                       # widths 64..1024, CPU, ~2-4 min on 2 busy cores
-    nice python bench/mup_coord_check.py --widths 64,128,256 --steps 3
+    nice python -m bench.mup_coord_check                       # widths 64..1024, CPU, ~2-4 min on 2 busy cores
+    nice python -m bench.mup_coord_check --widths 64,128,256 --steps 3
 
 Layer types: the embedding's output (with its multiplier: what the first block reads),
 the attention block's output, the MLP's output (both what they add to the residual stream,
@@ -17,15 +17,12 @@ the last step) and mup_coord_check.png.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # the repository first: bench/growth_ops.py is not the package
-from common import RESULTS, console, machine, table, write_json  # noqa: E402
-from mup_setup import spec_for, step, text_batches, trainer  # noqa: E402
+from bench.common import RESULTS, console, machine, table, write_json
+from bench.mup_setup import spec_for, step, text_batches, trainer
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "logits")
 PARAMETRIZATIONS = ("standard", "mup")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path)
 from growth_ops import ModelSpec
 from orchestrator.config.schema import DataConfig, SourceConfig, TrainConfig
 from orchestrator.data import prepare_data, validation_batches

@@ -3,8 +3,8 @@ widths on the embedded text, standard vs muP, validation loss against log2(lr) p
 Under muP the best learning rate is the same grid point at every width; under the standard
 parametrization it moves as the model widens.
 
-    nice python bench/mup_transfer.py                  # widths 32..256, 7 rates, 2 seeds, 3 runs at once: ~15-20 min on 2 busy cores
-    nice python bench/mup_transfer.py --widths 64,128,256,512 --steps 200 --head-dim 32   # a longer look
+    nice python -m bench.mup_transfer                  # widths 32..256, 7 rates, 2 seeds, 3 runs at once: ~15-20 min on 2 busy cores
+    nice python -m bench.mup_transfer --widths 64,128,256,512 --steps 200 --head-dim 32   # a longer look
 
 The model is the project's DecoderLM (2 blocks, head_dim 16, heads and FFN grow with the
 width; init std 0.02 under standard, the base width's 0.1 under muP) trained with the project's AdamW (muP: hidden matrices at lr / m, m = width / the
@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # the repository first: bench/growth_ops.py is not the package
-from common import RESULTS, console, machine, table, write_json  # noqa: E402
-from mup_setup import evaluate, spec_for, step, text_batches, trainer  # noqa: E402
+from bench.common import RESULTS, console, machine, table, write_json
+from bench.mup_setup import evaluate, spec_for, step, text_batches, trainer
 
 PARAMETRIZATIONS = ("standard", "mup")
 

@@ -12,9 +12,9 @@ written (exit status 1) if any size's spread (2 standard errors) is wider than b
 |ratio - 1| and --resolution, or the machine was busy (load average beyond this bench's
 threads > 0.75 per core).
 
-    python bench/throughput.py                              # 3 CPU sizes, ~5-10 min on 2 busy cores
-    python bench/throughput.py --sizes 2x128,4x256 --steps 4 --target-spread 0.01
-    python bench/throughput.py --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # ~1B on a GPU (+ MFU
+    python -m bench.throughput                              # 3 CPU sizes, ~5-10 min on 2 busy cores
+    python -m bench.throughput --sizes 2x128,4x256 --steps 4 --target-spread 0.01
+    python -m bench.throughput --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # ~1B on a GPU (+ MFU
                                                     # over the measured matmul peak)
 
 A size is LAYERSxHIDDEN (ffn = 8/3 hidden rounded up to 16, head_dim 32 below hidden 512,
@@ -23,16 +23,13 @@ else 64), or LAYERSxHIDDENxFFNxHEADS. Writes bench/results/throughput.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (check_quiet, console, interleaved, machine, median, one_stage_config, publish_timing,  # noqa: E402
-                    sync, table)
+from bench.common import (check_quiet, console, interleaved, machine, median, one_stage_config, publish_timing,
+                          sync, table)
 
 DEFAULT_SIZES = "2x128,4x256,6x384"
 

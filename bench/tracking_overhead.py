@@ -16,8 +16,8 @@ time spent inside tracker.flush (the only extra work when on) is timed too: per 
 does not depend on the step time, so flush_s_per_send / flush_every_s is the overhead a run
 with steps shorter than the flush interval pays, whatever the machine's load.
 
-    python bench/tracking_overhead.py                          # ~1-4 min on 2 idle cores
-    python bench/tracking_overhead.py --shape 4x128x352x4 --block-steps 10 --target-spread 0.003
+    python -m bench.tracking_overhead                          # ~1-4 min on 2 idle cores
+    python -m bench.tracking_overhead --shape 4x128x352x4 --block-steps 10 --target-spread 0.003
 
 Also reports the one-time costs (tracker start, stage-run creation, finish). Writes
 bench/results/tracking_overhead.json.
@@ -28,16 +28,14 @@ import argparse
 import dataclasses
 import io
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (check_quiet, console, interleaved, machine, median, one_stage_config, publish_timing,  # noqa: E402
-                    table)
+from bench.common import (check_quiet, console, interleaved, machine, median, one_stage_config, publish_timing,
+                          table)
 
 
 def main(argv=None) -> int:

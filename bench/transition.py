@@ -12,9 +12,9 @@ The reference is plain I/O on the same disk: writing (with fsync) and reading ba
 bytes the transition writes - stage 1's final checkpoint plus the grown checkpoint - measured
 in the same process right after each run. The figure is transition / plain I/O (aim <= 3).
 
-    python bench/transition.py                                   # ~0.8 GB of checkpoints, a few minutes
-    python bench/transition.py --old 4x512x1408x8 --new 4x1024x2816x16 --operator msg --reps 3
-    python bench/transition.py --operator stack --new 8x512x1408x8
+    python -m bench.transition                                   # ~0.8 GB of checkpoints, a few minutes
+    python -m bench.transition --old 4x512x1408x8 --new 4x1024x2816x16 --operator msg --reps 3
+    python -m bench.transition --operator stack --new 8x512x1408x8
 
 Writes bench/results/transition.json.
 """
@@ -32,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, console, machine, median, stage_literal, table, write_json  # noqa: E402
+from bench.common import REPO, console, machine, median, stage_literal, table, write_json
 
 CHUNK = 1 << 24
 

@@ -1,17 +1,9 @@
 """bench/growth_vs_scratch.py's measurement and its LR sweep: pure functions, in-process."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))  # the bench imports its sibling `common`
-_spec = importlib.util.spec_from_file_location("bench_gvs", BENCH / "growth_vs_scratch.py")
-gvs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gvs)
+from bench import growth_vs_scratch as gvs
 
 
 def curve(losses, flops_per_eval=10.0):

@@ -1,17 +1,13 @@
 """bench/common.py's interleaved timing and its refusals: pure functions, in-process."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).resolve().parents[2] / "bench/common.py")
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from bench import common
 
 
 def test_ratio_summary_is_the_mean_paired_ratio_and_twice_its_standard_error():

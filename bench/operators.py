@@ -1,8 +1,8 @@
 """Offline growth of a checkpoint with each operator: time against one plain read + write
 of the same bytes on the same disk, and peak memory against the checkpoint size.
 
-    python bench/growth_ops.py                       # ~1.1B params (hidden 2048, 16 layers)
-    python bench/growth_ops.py --hidden 512 --layers 8 --ffn 1408 --vocab 32000   # smaller
+    python -m bench.operators                       # ~1.1B params (hidden 2048, 16 layers)
+    python -m bench.operators --hidden 512 --layers 8 --ffn 1408 --vocab 32000   # smaller
 
 Each operator runs `grow grow` in its own process (peak RSS from getrusage). The source
 checkpoint (weights + two Adam moments, fp32) is written once with random tensors. Width
@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from growth_ops import ModelSpec, count_parameters  # noqa: E402
-from growth_ops.spec import axis_size, parameter_axes  # noqa: E402
-from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
+from bench.common import REPO, RESULTS
+from growth_ops import ModelSpec, count_parameters
+from growth_ops.spec import axis_size, parameter_axes
+from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream
 
 CHUNK = 1 << 24
 # Runs the CLI in-process and reports the process's own peak RSS.
@@ -99,7 +97,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--operators", default="msg,zero,clone,stack")
     ap.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "growth_ops.json"))
+    ap.add_argument("--out", default=str(RESULTS / "growth_ops.json"))
     a = ap.parse_args()
     spec = ModelSpec(layers=a.layers, hidden=a.hidden, ffn=a.ffn, heads=a.heads, kv_heads=a.kv_heads,
                      head_dim=a.hidden // a.heads, vocab=a.vocab, tie_embeddings=False)
