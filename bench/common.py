@@ -98,14 +98,21 @@ def one_stage_config(shape, batch: int, seq: int, steps: int = 1000, extra: list
     its ModelSpec, and the prepared embedded data."""
     from orchestrator.data import prepare_data
     from orchestrator.commands.plan import compose_config
-    from orchestrator.schedule import stage_spec
+    from orchestrator.schedule import padded_vocab, stage_spec
     stage = stage_literal("s", shape, steps * batch * seq, batch, seq, 1e-3, 10, 1e-4)
     cfg = compose_config(["tracking=off", "schedule.name=bench", f"schedule.stages=[{stage}]", *(extra or [])])
     data = prepare_data(cfg.data)
-    m = cfg.model
-    tok = data.tokenizer.vocab_size
-    vocab = m.vocab_size or -(-tok // m.vocab_multiple) * m.vocab_multiple
-    return cfg, stage_spec(cfg, cfg.schedule.stages[0], vocab), data
+    return cfg, stage_spec(cfg, cfg.schedule.stages[0], padded_vocab(cfg, data.tokenizer.vocab_size)), data
+
+
+def run_vocab(overrides: list[str] | None = None) -> int:
+    """The model's vocabulary in a `grow run` with `overrides` (the package's padded
+    vocabulary: the configured tokenizer's size rounded up to model.vocab_multiple, or
+    model.vocab_size), read from the config alone, before any data is prepared."""
+    from orchestrator.commands.plan import compose_config
+    from orchestrator.schedule import padded_vocab, tokenizer_vocab
+    cfg = compose_config(["tracking=off", *(overrides or [])])
+    return padded_vocab(cfg, tokenizer_vocab(cfg))
 
 
 # -- interleaved A/B timing that refuses to publish what it cannot resolve -------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.common import run_vocab
 from growth_ops import ModelSpec
 from orchestrator.config.schema import DataConfig, SourceConfig, TrainConfig
 from orchestrator.data import prepare_data, validation_batches
@@ -13,7 +14,7 @@ from orchestrator.engines.base import adamw, set_lr
 from orchestrator.model import build_model
 
 HEAD_DIM = 32
-VOCAB = 320  # the byte tokenizer's 257 ids, padded to 64 as the runner does
+VOCAB = run_vocab()  # the runner's own for the embedded text's byte tokenizer (257 ids, padded: 320)
 
 
 def spec_for(hidden: int, parametrization: str, base_hidden: int, layers: int = 2,
