@@ -41,19 +41,16 @@ with --parametrization mup, growth_vs_scratch.mup.{json,details.json,png}.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import REPO, RESULTS, console, machine, stage_literal, table
+from bench.common import RESULTS, console, machine, stage_literal, table
+from bench.run_cache import CONDITIONS, cached_run
 
 # shape = (layers, hidden, ffn, heads)
 SIZES = {
@@ -116,27 +113,6 @@ def overrides(a, name: str, peak: float, warmup: int, seed: int) -> list[str]:
                                         "schedule.stages=[" + ",".join(st) + "]"]
 
 
-def run_one(name: str, ovr: list[str], work: Path, jobs: int) -> Path:
-    key = hashlib.sha256(json.dumps(ovr).encode()).hexdigest()[:10]
-    run_dir = work / f"{name}-{key}"
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text())["status"] == "complete":
-        return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    (work / f"{name}-{key}.overrides.json").write_text(json.dumps(ovr, indent=1))
-    cmd = [str(Path(sys.executable).parent / "grow"), "run", *ovr, f"hydra.run.dir={run_dir}"]
-    t = time.time()
-    with open(work / f"{name}-{key}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise SystemExit(f"{name}: grow run failed (rc {rc}); see {work / f'{name}-{key}.log'}")
-    # the conditions it ran under travel with the cached run (a later call may reuse it)
-    (run_dir / "bench_run.json").write_text(json.dumps({"loadavg_1_5_15_end": os.getloadavg(), "jobs": jobs}))
-    console.print(f"{name}: {run_dir.name} done in {time.time() - t:.0f} s")
-    return run_dir
-
-
 def curve(run_dir: Path) -> dict:
     """Validation loss against cumulative FLOPs and elapsed seconds since the run began, and
     the FLOPs at which each growth happened."""
@@ -155,7 +131,7 @@ def curve(run_dir: Path) -> dict:
         if "val/loss" in r:
             points.append((flops_at[r["step"]], r["time"] - t0, r["val/loss"]))
     summary = json.loads((run_dir / "summary.json").read_text())
-    ran = run_dir / "bench_run.json"
+    ran = run_dir / CONDITIONS
     return {"loadavg_1min_end": json.loads(ran.read_text())["loadavg_1_5_15_end"][0] if ran.exists() else None,
             "flops": [p[0] for p in points], "wall_s": [p[1] for p in points], "val_loss": [p[2] for p in points],
             "growth_flops": growths, "total_flops": summary["totals"]["flops"]}
@@ -196,7 +172,7 @@ def rank(r: dict) -> tuple:
 def run_all(jobs: int, todo: dict[tuple, list[str]], work: Path) -> dict[tuple, dict]:
     """Runs every (name, peak, warmup, seed) -> overrides at `jobs` at a time; their curves."""
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        dirs = dict(zip(todo, pool.map(lambda kv: run_one(kv[0][0], kv[1], work, jobs), todo.items())))
+        dirs = dict(zip(todo, pool.map(lambda kv: cached_run(kv[0][0], kv[1], work, jobs), todo.items())))
     return {k: curve(d) for k, d in dirs.items()}
 
 
