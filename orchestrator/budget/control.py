@@ -12,21 +12,10 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from orchestrator.budget.caps import CAPS, USD, Cap
 from orchestrator.budget.ledger import Ledger, Spend
-from orchestrator.budget.planner import CAPS, StageRates, stage_rates, stop_point
+from orchestrator.budget.planner import StageRates, stage_rates, stop_point
 from orchestrator.schedule import ResolvedStage, Schedule
-
-CAP_UNITS = {"max_usd": "$", "max_flops": "FLOPs", "max_tokens": "tokens"}
-
-
-def spent(total: Spend, cap: str) -> float:
-    return {"max_usd": total.cost_usd, "max_flops": total.flops, "max_tokens": total.tokens}[cap]
-
-
-def _fmt(cap: str, value: float) -> str:
-    if cap == "max_usd":
-        return f"${value:,.4g}" if value < 1000 else f"${value:,.0f}"
-    return f"{value:.4g} {CAP_UNITS[cap]}"
 
 
 class RunBudget:
@@ -40,7 +29,7 @@ class RunBudget:
         self.planned_step_s = [r.over("step_seconds", 0, n) / n if n else r.step_seconds
                                for r, n in zip(self.rates, self.steps)]
         self.ledger = ledger or Ledger()
-        self.warned: set[tuple[str, float]] = set()
+        self.warned: set[tuple[Cap, float]] = set()  # (cap, warn_at fraction) already said
         self.times: list[float] = []  # measured step seconds of the current stage, this process
         self.ratio: float | None = None  # measured / planned step time, last measured stage
         self.reported_over: tuple | None = None  # last announced (stop point, overrun USD)
@@ -105,8 +94,8 @@ class RunBudget:
                 "gpu_hours": total.gpu_hours + gpu_hours, "flops": total.flops + left_flops,
                 "step_s": per, "planned_step_s": planned, "ratio": ratio}
 
-    def _stop(self, cap: str, index: int, step: int, step_usd: list[float] | None = None):
-        left = getattr(self.budget, cap) - spent(self.ledger.total, cap)
+    def _stop(self, cap: Cap, index: int, step: int, step_usd: list[float] | None = None):
+        left = cap.limit(self.budget) - cap.spent(self.ledger.total)
         rates = self.rates
         if step_usd is not None:  # measured prices of a step at each stage's seq_len
             rates = [r.priced(u) for r, u in zip(rates, step_usd)]
@@ -125,19 +114,19 @@ class RunBudget:
         self.started = True
         total = self.ledger.total
         for cap in CAPS:
-            limit = getattr(self.budget, cap)
+            limit = cap.limit(self.budget)
             if limit is None:
                 continue
-            used = spent(total, cap)
+            used = cap.spent(total)
             passed = [f for f in self.budget.warn_at if used >= f * limit]
             self.warned.update((cap, f) for f in passed)
             if passed:
-                self.console.print(f"[yellow]budget[/]: {100 * used / limit:.0f}% of budget.{cap}="
-                                   f"{_fmt(cap, limit)} already spent ({_fmt(cap, used)})")
-            if cap != "max_usd":  # FLOPs and tokens are known in advance: say now where it stops
+                self.console.print(f"[yellow]budget[/]: {100 * used / limit:.0f}% of budget.{cap.key}="
+                                   f"{cap.brief(limit)} already spent ({cap.brief(used)})")
+            if cap is not USD:  # FLOPs and tokens are known in advance: say now where it stops
                 where = self._stop(cap, index, step)
                 if where:
-                    self.console.print(f"[yellow]budget[/]: budget.{cap}={_fmt(cap, limit)} stops this "
+                    self.console.print(f"[yellow]budget[/]: budget.{cap.key}={cap.brief(limit)} stops this "
                                        f"schedule in stage {where[0]} at step {where[1]} of "
                                        f"{self.steps[self.names.index(where[0])]}")
 
@@ -176,16 +165,16 @@ class RunBudget:
 
     def _threshold_warnings(self, total: Spend) -> None:
         for cap in CAPS:
-            limit = getattr(self.budget, cap)
+            limit = cap.limit(self.budget)
             if limit is None:
                 continue
-            used = spent(total, cap)
+            used = cap.spent(total)
             crossed = [f for f in sorted(self.budget.warn_at) if used >= f * limit and (cap, f) not in self.warned]
             if crossed:
                 self.warned.update((cap, f) for f in crossed)
-                self.console.print(f"[yellow]budget[/]: {100 * crossed[-1]:.0f}% of budget.{cap}="
-                                   f"{_fmt(cap, limit)} spent ({_fmt(cap, used)}; "
-                                   f"{_fmt(cap, limit - used)} left)")
+                self.console.print(f"[yellow]budget[/]: {100 * crossed[-1]:.0f}% of budget.{cap.key}="
+                                   f"{cap.brief(limit)} spent ({cap.brief(used)}; "
+                                   f"{cap.brief(limit - used)} left)")
 
     def _announce_projection(self, index: int, step: int, proj: dict) -> None:
         limit = self.budget.max_usd
@@ -193,7 +182,7 @@ class RunBudget:
         if over <= 0:
             if self.reported_over is not None:
                 self.console.print(f"[green]budget[/]: now projected to fit budget.max_usd="
-                                   f"{_fmt('max_usd', limit)} (${proj['usd']:,.4g})")
+                                   f"{USD.brief(limit)} (${proj['usd']:,.4g})")
                 self.reported_over = None
             return
         price = self.cluster.usd_per_gpu_hour
@@ -201,7 +190,7 @@ class RunBudget:
         # stage, in proportion, where it mixes contexts)
         step_usd = [self.rates[j].step_seconds * proj["ratio"] * self.rates[j].gpus / 3600.0 * price
                     for j in range(len(self.rates))]
-        where = self._stop("max_usd", index, step, step_usd)
+        where = self._stop(USD, index, step, step_usd)
         last = self.reported_over
         if last is not None and (where is None or last[0] is None or (where[0] == last[0][0] and abs(
                 where[1] - last[0][1]) <= max(1, self.steps[self.names.index(where[0])] // 10))):
@@ -211,4 +200,4 @@ class RunBudget:
         self.console.print(
             f"[yellow]budget[/]: at the measured {proj['step_s']:.3g} s/step (plan {proj['planned_step_s']:.3g} s, "
             f"x{proj['ratio']:.2f}) the schedule will cost ${proj['usd']:,.4g}, ${over:,.4g} "
-            f"({100 * over / limit:.0f}%) over budget.max_usd={_fmt('max_usd', limit)}{at}")
+            f"({100 * over / limit:.0f}%) over budget.max_usd={USD.brief(limit)}{at}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from growth_ops.spec import ModelSpec, count_parameters
 
+from orchestrator.budget.caps import CAPS, Cap
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
 from orchestrator.budget.transition import transition_cost
 from orchestrator.config.schema import RunConfig, StageConfig
@@ -220,29 +221,19 @@ def check_layouts(schedule: Schedule) -> list[str]:
 
 # -- budget ------------------------------------------------------------------------------
 
-CAPS = ("max_usd", "max_flops", "max_tokens")
-
-
-CAP_FIELDS = {"max_usd": "step_usd", "max_flops": "step_flops", "max_tokens": "step_tokens"}
-
-
-def _per_step(r: StageRates, cap: str) -> float:
-    return getattr(r, CAP_FIELDS[cap])
-
-
-def _affordable(r: StageRates, cap: str, start: int, todo: int, left: float) -> int:
+def _affordable(r: StageRates, cap: Cap, start: int, todo: int, left: float) -> int:
     """The most of the `todo` steps from `start` that `left` of a cap pays for."""
-    lo, hi, slack = 0, todo, 1e-9 * _per_step(r, cap)
+    lo, hi, slack = 0, todo, 1e-9 * cap.per_step(r)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if r.over(CAP_FIELDS[cap], start, start + mid) <= left + slack:
+        if r.over(cap.step_field, start, start + mid) <= left + slack:
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-def stop_point(names: list[str], rates: list[StageRates], steps: list[int], cap: str,
+def stop_point(names: list[str], rates: list[StageRates], steps: list[int], cap: Cap,
                left: float, start: tuple[int, int] = (0, 0)) -> tuple[str, int] | None:
     """Where a run from (stage index, step) stops under `left` of a cap, or None if it
     finishes. The guard refuses the step that would cross the cap."""
@@ -250,48 +241,35 @@ def stop_point(names: list[str], rates: list[StageRates], steps: list[int], cap:
     for i in range(first, len(steps)):
         begin = step0 if i == first else 0
         todo = steps[i] - begin
-        if _per_step(rates[i], cap) <= 0:
+        if cap.per_step(rates[i]) <= 0:
             continue
         affordable = _affordable(rates[i], cap, begin, todo, left)
         if affordable < todo:
             return names[i], begin + affordable
-        left -= rates[i].over(CAP_FIELDS[cap], begin, steps[i])
+        left -= rates[i].over(cap.step_field, begin, steps[i])
     return None
-
-
-def _planned(totals: dict, cap: str) -> float:
-    return {"max_usd": totals["usd"], "max_flops": totals["flops"], "max_tokens": totals["tokens"]}[cap]
-
-
-def _fmt(cap: str, value: float) -> str:
-    if cap == "max_usd":
-        return f"${value:,.2f}"
-    if cap == "max_flops":
-        return f"{value:.4g} FLOPs"
-    return f"{value:,.0f} tokens"
 
 
 def budget_check(cfg: RunConfig, plan: Plan, rates: list[StageRates]) -> dict:
     b = cfg.budget
-    out: dict = {"max_usd": b.max_usd, "max_flops": b.max_flops, "max_tokens": b.max_tokens,
-                 "fits": True, "violations": []}
+    out: dict = {**{cap.key: cap.limit(b) for cap in CAPS}, "fits": True, "violations": []}
     names, steps = [s.name for s in plan.stages], [s.steps for s in plan.stages]
     for cap in CAPS:
-        limit = getattr(b, cap)
+        limit = cap.limit(b)
         if limit is None:
             continue
-        planned = _planned(plan.totals, cap)
+        planned = plan.totals[cap.name]
         if planned <= limit:
             continue
         where = stop_point(names, rates, steps, cap, limit)
         stop = f"; the run would stop in stage {where[0]} at step {where[1]}" if where else ""
         out["fits"] = False
         out["violations"].append({
-            "key": f"budget.{cap}", "limit": limit, "planned": planned,
+            "key": f"budget.{cap.key}", "limit": limit, "planned": planned,
             "over_pct": 100.0 * (planned / limit - 1.0),
             "stop": {"stage": where[0], "step": where[1]} if where else None,
-            "message": f"budget.{cap}: the plan needs {_fmt(cap, planned)}, {100 * (planned / limit - 1):.1f}% "
-                       f"over the cap of {_fmt(cap, limit)}{stop}"})
+            "message": f"budget.{cap.key}: the plan needs {cap.exact(planned)}, {100 * (planned / limit - 1):.1f}% "
+                       f"over the cap of {cap.exact(limit)}{stop}"})
     return out
 
 
@@ -315,16 +293,16 @@ def fit_steps(schedule: Schedule, rates: list[StageRates]) -> tuple[list[int], d
     cfg = schedule.cfg
     b, stages = cfg.budget, schedule.stages
     steps = [s.steps for s in stages]
-    caps = {cap: getattr(b, cap) for cap in CAPS if getattr(b, cap) is not None}
+    caps = {cap: cap.limit(b) for cap in CAPS if cap.limit(b) is not None}
     if not caps:
         raise ConfigError("plan.fit", "needs a budget to fit; set budget.max_usd, budget.max_flops "
                                       "or budget.max_tokens")
-    binding = {cap: v for cap, v in caps.items() if any(_per_step(r, cap) > 0 for r in rates)}
+    binding = {cap: v for cap, v in caps.items() if any(cap.per_step(r) > 0 for r in rates)}
     if not binding:
         raise ConfigError("budget.max_usd", "cannot bind: cluster.usd_per_gpu_hour is 0, so nothing costs money")
 
-    def total(cap: str, st: list[int]) -> float:
-        return sum(r.over(CAP_FIELDS[cap], 0, n) for n, r in zip(st, rates))
+    def total(cap: Cap, st: list[int]) -> float:
+        return sum(r.over(cap.step_field, 0, n) for n, r in zip(st, rates))
 
     least = [min_useful_steps(schedule, i) for i in range(len(stages))]
     f_min = max(m / n for m, n in zip(least, steps))
@@ -332,18 +310,18 @@ def fit_steps(schedule: Schedule, rates: list[StageRates]) -> tuple[list[int], d
     for cap, limit in binding.items():
         need = total(cap, smallest)
         if need > limit:
-            raise ConfigError(f"budget.{cap}", f"{_fmt(cap, limit)} cannot pay for the smallest useful "
+            raise ConfigError(f"budget.{cap.key}", f"{cap.exact(limit)} cannot pay for the smallest useful "
                                                f"schedule ({', '.join(f'{s.name}: {n} steps' for s, n in zip(stages, smallest))}"
                                                f"; each stage past its warmup and growth ramp, in the "
-                                               f"schedule's proportions), which needs {_fmt(cap, need)}; "
-                                               f"allowed: >= {_fmt(cap, need)}")
+                                               f"schedule's proportions), which needs {cap.exact(need)}; "
+                                               f"allowed: >= {cap.exact(need)}")
     factor = min(limit / total(cap, steps) for cap, limit in binding.items())
     fitted = [max(m, math.floor(factor * n + 1e-9)) for m, n in zip(smallest, steps)]
     while any(total(cap, fitted) > limit for cap, limit in binding.items()):
         over = [(fitted[i] / steps[i], i) for i in range(len(steps)) if fitted[i] > smallest[i]]
         fitted[max(over)[1]] -= 1  # terminates: `smallest` fits every cap
     info = {"rule": cfg.plan.fit_rule, "factor": factor, "original_steps": steps, "steps": fitted,
-            "min_steps": smallest, "min": {cap: total(cap, smallest) for cap in binding}}
+            "min_steps": smallest, "min": {cap.key: total(cap, smallest) for cap in binding}}
     return fitted, info
 
 
