@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from growth_ops import GrowthError, ModelSpec, get_operator
-from growth_ops.common import layer_name
+from growth_ops.layer_placement import layer_name
 from orchestrator.model import build_model
 
 ARCHS = list(itertools.product(["rmsnorm", "layernorm"], ["swiglu", "gelu"], ["rope", "alibi"], [True, False]))
