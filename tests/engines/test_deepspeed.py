@@ -1,7 +1,7 @@
 """The deepspeed engine (Megatron TP + DeepSpeed PP + ZeRO-1, CPU/gloo) against the local
 engine: per-step losses with clipping active, growth masks in flight and Adam moments
-loaded at step 3; exported canonical state; layouts refused early; a dead rank ends the
-job fast; a three-stage schedule across layouts matches the local run.
+loaded at step 3; exported canonical state; a dead rank ends the job fast; a three-stage
+schedule across layouts matches the local run (impossible layouts: tests/config/test_refusals.py).
 
 Multi-process runs cost ~25-70 s each on 2 cores, so they are few and marked slow. The
 `grow run` drivers are forked from a process that has imported torch already (conftest's
@@ -27,7 +27,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from ..conftest import REPO, fork_grow, grow_cmd, grow_in_process, read_summary, run_grow  # noqa: E402
+from ..conftest import REPO, fork_grow, grow_cmd, read_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from orchestrator.schedule import ResolvedStage
@@ -123,39 +123,6 @@ def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
     matrices = [k for k, v in final.items() if v.ndim == 2]
     assert all(final[k].dtype == torch.float32 for k in final)
     assert all((final[k].bfloat16().float() != final[k]).any() for k in matrices)  # fp32 precision kept
-
-
-LAYOUT_REFUSALS = [
-    ("engine.zero_stage=3", "3 is not supported"),
-    ("engine.zero_stage=2 schedule.stages.2.layout.pp=2", "DeepSpeed's pipeline runs ZeRO-1 only"),
-    ("schedule.stages.1.layout.tp=3", "3 does not divide heads=4"),
-    ("schedule.stages.2.layout.pp=3", "3 does not divide layers=4"),
-    ("schedule.stages.1.layout.tp=4", "4 does not divide heads=2 (the previous stage's shape"),
-    ("schedule.stages.0.layout.dp=3", "not divisible by layout.dp=3"),
-]
-
-
-@pytest.mark.parametrize("override,message", LAYOUT_REFUSALS)
-def test_impossible_layouts_refused_before_any_process(tmp_path, data_cache, override, message, capsys):
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    code = grow_in_process("run", "schedule=default", f"data.cache_dir={data_cache}", "engine=deepspeed",
-                           *override.split(), f"hydra.run.dir={tmp_path / 'run'}")
-    out, err = capsys.readouterr()
-    assert code == 2, err
-    assert err.strip().splitlines() == [err.strip()] and message in err
-    assert "launching" not in out  # no rank was started, none is left running
-    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
-    assert not (tmp_path / "run").exists()
-
-
-def test_impossible_layout_refused_by_the_grow_script(tmp_path, data_cache):
-    """The same refusal through the real `grow` process: exit 2, one line, nothing written."""
-    override, message = LAYOUT_REFUSALS[0]
-    proc = run_grow(tmp_path, "engine=deepspeed", override, f"hydra.run.dir={tmp_path / 'run'}",
-                    cache=data_cache, check=False, schedule="default")
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
-    assert not (tmp_path / "run").exists()
 
 
 def test_gpu_engine_without_a_visible_gpu_is_refused_before_any_process(tmp_path, data_cache):

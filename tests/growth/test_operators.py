@@ -320,28 +320,3 @@ def test_impossible_targets_name_the_field_and_allowed_values(op_name, change, o
 def test_unknown_operator_lists_the_allowed_ones():
     with pytest.raises(GrowthError, match="allowed: msg, zero, clone, stack"):
         get_operator("net2net")
-
-
-@pytest.mark.parametrize("overrides,key,text", [
-    (["schedule.stages.1.growth.operator=stack"], "schedule.stages.1.shape.hidden", "stack grows depth only"),
-    (["schedule.stages.1.growth.operator=clone", "schedule.stages.1.shape.ffn=300"],
-     "schedule.stages.1.shape.ffn", "integer factors"),
-    (["schedule.stages.1.growth.operator=zero", "schedule.stages.1.growth.init=copy"],
-     "schedule.stages.1.growth.init", "allowed: random"),
-    (["schedule.stages.2.growth.layer_insert=sideways"], "schedule.stages.2.growth.layer_insert", "allowed: append"),
-    (["schedule.stages.2.growth.operator=stack", "schedule.stages.2.shape.layers=5"],
-     "schedule.stages.2.shape.layers", "allowed: 2, 4, 6"),
-])
-def test_config_refuses_unreachable_targets(overrides, key, text, capsys):
-    from orchestrator.commands.run_job import precheck as _precheck
-    assert _precheck(["schedule=default", *overrides]) == 2
-    err = capsys.readouterr().err
-    assert key in err and text in err, err
-
-
-@pytest.mark.parametrize("wide,deep", [("zero", "zero"), ("clone", "clone"), ("msg", "stack")])
-def test_config_accepts_operators_on_the_default_schedule(wide, deep):
-    from orchestrator.commands.run_job import precheck as _precheck
-    from orchestrator.config.schema import RunConfig
-    assert isinstance(_precheck(["schedule=default", f"schedule.stages.1.growth.operator={wide}",
-                                 f"schedule.stages.2.growth.operator={deep}"]), RunConfig)

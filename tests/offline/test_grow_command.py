@@ -11,6 +11,8 @@ from orchestrator.cli import main
 from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream
 from orchestrator.model import build_model
 
+from ..conftest import hf_logits
+
 OLD = ModelSpec(layers=2, hidden=16, ffn=24, heads=4, kv_heads=2, head_dim=4, vocab=31, tie_embeddings=False,
                 norm="layernorm")
 TARGETS = {  # operator -> (shape args, options)
@@ -96,5 +98,5 @@ def test_hf_model_imported_grown_and_exported_keeps_its_logits(tmp_path):
     assert big.config.hidden_size == 64 and big.config.num_key_value_heads == 4
     tokens = torch.randint(0, 47, (2, 15))
     with torch.no_grad():
-        before, after = hf(tokens).logits, big(tokens).logits
+        before, after = hf_logits(hf, tokens), hf_logits(big, tokens)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())

@@ -12,8 +12,9 @@ transformers = pytest.importorskip("transformers")
 from growth_ops import ModelSpec  # noqa: E402
 from orchestrator.checkpoint.canonical import load_checkpoint  # noqa: E402
 from orchestrator.commands.hf import export_command, import_command  # noqa: E402
-from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream  # noqa: E402
 from orchestrator.model import build_model  # noqa: E402
+
+from ..conftest import hf_logits, random_llama, save_ours  # noqa: E402
 
 CASES = [  # (heads, kv_heads, tied, rope_theta)
     (4, 4, True, 10000.0),
@@ -27,23 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_model(heads, kv_heads, tied, theta, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=8 * heads, intermediate_size=40, num_hidden_layers=2,
-                                   num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
-                                   rope_parameters={"rope_type": "default", "rope_theta": theta},
-                                   tie_word_embeddings=tied, max_position_embeddings=64)
-    cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1: make them random so a misplaced gain shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
+    return random_llama(vocab=61, hidden=8 * heads, heads=heads, kv_heads=kv_heads, ffn=40, tied=tied, theta=theta,
+                        seed=seed)
 
 
 @pytest.mark.parametrize("heads,kv_heads,tied,theta", CASES)
@@ -61,14 +47,6 @@ def test_import_gives_transformers_logits(tmp_path, heads, kv_heads, tied, theta
         mine = ours(tokens)
     ref = hf_logits(hf.float(), tokens)
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-
-
-def save_ours(path, spec, state):
-    def files(tmp):
-        write_safetensors_stream(tmp / "model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()],
-                                 state.items())
-        write_safetensors_stream(tmp / "optimizer.safetensors", [], iter(()))
-    write_checkpoint_dir(path, files, {"spec": spec.to_dict(), "masks": None})
 
 
 @pytest.mark.parametrize("heads,kv_heads,tied,theta", CASES)

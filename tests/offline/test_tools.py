@@ -23,7 +23,7 @@ from orchestrator.commands.run_job import precheck as _precheck
 from orchestrator.model import build_model
 from orchestrator.offline.outputs import write_checkpoint_dir, write_safetensors_stream
 
-from ..conftest import REPO, grow_cmd
+from ..conftest import REPO, grow_cmd, hf_logits, random_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,29 +33,11 @@ TOKENS = torch.randint(0, 29, (2, 13), generator=torch.Generator().manual_seed(7
 
 def save_llama(path, *, hidden=32, heads=4, kv_heads=2, head_dim=None, ffn=48, layers=2, vocab=29, tied=True,
                seed=0):
-    """A random LlamaForCausalLM saved with save_pretrained; norms random so a misplaced gain shows."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   head_dim=head_dim, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                   max_position_embeddings=64)
-    cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+    """A random LlamaForCausalLM (conftest's random_llama) saved with save_pretrained."""
+    model = random_llama(vocab=vocab, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn, layers=layers,
+                         head_dim=head_dim, tied=tied, seed=seed)
     model.save_pretrained(path)
     return model
-
-
-def hf_logits(path_or_model, tokens=TOKENS):
-    model = path_or_model
-    if not isinstance(model, torch.nn.Module):
-        model = transformers.LlamaForCausalLM.from_pretrained(path_or_model, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def our_logits(ckpt, tokens=TOKENS):
@@ -98,7 +80,7 @@ def test_msg_expand_keeps_the_function_at_its_defaults(imported, tmp_path, capsy
     assert record["preserves_function"] is True and record["layer_insert"] == "interleave"
     assert record["check"]["within_tolerance"] and record["check"]["max_abs_logit_diff"] <= 1e-6
     assert "check: max |logit diff|" in out and "function preserved" in out
-    torch.testing.assert_close(our_logits(tmp_path / "g"), hf_logits(hf), rtol=0, atol=1e-5)
+    torch.testing.assert_close(our_logits(tmp_path / "g"), hf_logits(hf, TOKENS), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("ramp,why", [("0", "ramp_steps: 0 is not allowed for msg"),
@@ -266,7 +248,7 @@ def test_a_mid_ramp_msg_checkpoint_exports_only_as_chosen(imported, tmp_path, ca
     assert grow(capsys, "export-hf", f"ckpt={tmp_path / 'g'}", f"out={tmp_path / 'o'}", "masks=bogus")[0] == 2
     code, out, _ = grow(capsys, "export-hf", f"ckpt={tmp_path / 'g'}", f"out={tmp_path / 'o'}", "masks=drop")
     assert code == 0 and "layers=2 hidden=32 heads=4/2" in out  # the model before growth
-    torch.testing.assert_close(hf_logits(tmp_path / "o"), hf_logits(hf), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hf_logits(tmp_path / "o", TOKENS), hf_logits(hf, TOKENS), rtol=0, atol=1e-5)
     # masks=drop where there is nothing masked is refused: the new structure is the function
     code, _, err = grow(capsys, "export-hf", f"ckpt={ckpt}", f"out={tmp_path / 'o2'}", "masks=drop")
     assert code == 2 and "nothing to drop" in err
@@ -289,13 +271,14 @@ def test_an_msg_checkpoint_later_in_its_ramp(imported, tmp_path, capsys, steps_d
     write_checkpoint_dir(tmp_path / "later", files, {k: v for k, v in meta.items() if k != "format"})
     if steps_done == 5:
         assert grow(capsys, "export-hf", f"ckpt={tmp_path / 'later'}", f"out={tmp_path / 'o'}")[0] == 0
-        torch.testing.assert_close(hf_logits(tmp_path / "o"), our_logits(tmp_path / "later"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf_logits(tmp_path / "o", TOKENS), our_logits(tmp_path / "later"),
+                                   rtol=0, atol=1e-5)
         return
     code, _, err = grow(capsys, "export-hf", f"ckpt={tmp_path / 'later'}", f"out={tmp_path / 'o'}")
     assert code == 2 and "masks are at 0.4 (2/5 steps)" in err and "3 more steps" in err, err
     code, _, err = grow(capsys, "export-hf", f"ckpt={tmp_path / 'later'}", f"out={tmp_path / 'o'}", "masks=drop")
     assert code == 0 and "not this checkpoint's current function" in err
-    torch.testing.assert_close(hf_logits(tmp_path / "o"), hf_logits(hf), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hf_logits(tmp_path / "o", TOKENS), hf_logits(hf, TOKENS), rtol=0, atol=1e-5)
 
 
 # -- the property: import -> expand (each preserving operator, defaults) -> export -----------
@@ -331,7 +314,7 @@ def test_import_expand_export_keeps_transformers_logits(tmp_path_factory, shape)
     hf = save_llama(tmp / "hf", hidden=shape["hidden"], heads=shape["heads"], kv_heads=shape["kv_heads"],
                     head_dim=shape["head_dim"], ffn=shape["ffn"], layers=shape["layers"], tied=shape["tied"],
                     seed=shape["seed"])
-    want = hf_logits(hf)
+    want = hf_logits(hf, TOKENS)
     assert main(["import-hf", f"src={tmp / 'hf'}", f"out={tmp / 'ckpt'}"]) == 0
     worst = 0.0
     for op, args in targets(shape).items():
@@ -340,7 +323,7 @@ def test_import_expand_export_keeps_transformers_logits(tmp_path_factory, shape)
         torch.testing.assert_close(our_logits(tmp / op), want, rtol=0, atol=1e-5, msg=lambda m: f"{op} {shape}: {m}")
         export = ["masks=drop"] if op == "msg" else []  # msg's masks are at 0: the export is the model before growth
         assert main(["export-hf", f"ckpt={tmp / op}", f"out={tmp / (op + '_hf')}", *export]) == 0, op
-        got = hf_logits(tmp / (op + "_hf"))
+        got = hf_logits(tmp / (op + "_hf"), TOKENS)
         worst = max(worst, (got - want).abs().max().item())
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"{op} {shape}: {m}")
     print(f"max |logit diff| over msg, zero, clone for {shape}: {worst:.3g}")

@@ -20,7 +20,7 @@ from orchestrator.budget.planner import make_plan
 from orchestrator.checkpoint.canonical import load_checkpoint
 from orchestrator.commands.compose import CommandLine, load
 from orchestrator.commands.hf import export_command
-from orchestrator.config.validate import ConfigError, load_config
+from orchestrator.config.errors import ConfigError
 from orchestrator.data import prepare_data, validation_batches
 from orchestrator.engines.local import LocalEngine
 from orchestrator.exits import exit_status
@@ -28,9 +28,8 @@ from orchestrator.model import PositionTables, build_model, flops_per_token, rop
 from orchestrator.run.runner import run_schedule
 from orchestrator.schedule import resolve
 
-from ..conftest import read_summary
+from ..conftest import hf_logits, read_summary, save_ours
 from ..forked_grow import run_grow_forked
-from ..config.test_bad_input import _base, refused
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,41 +77,6 @@ def test_interpolation_maps_a_longer_context_onto_the_trained_angles():
 
 
 # -- config: bad input, one line, exit 2 --------------------------------------------------
-
-BAD = [
-    ("schedule.stages.1.position.rope_theta", 0.0, "must be > 0"),
-    ("schedule.stages.1.position.rope_theta", -10000.0, "must be > 0"),
-    ("schedule.stages.1.position.interpolation", 0.0, "must be > 0"),
-    ("schedule.stages.1.position.interpolation", -2.0, "must be > 0"),
-    ("schedule.stages.1.long_fraction", 1.5, "must be in [0, 1]"),
-    ("schedule.stages.1.long_fraction", -0.25, "must be in [0, 1]"),
-    ("schedule.stages.1.long_seq_len", 64, "is not above seq_len=64"),
-]
-
-
-@pytest.mark.parametrize("key,value,words", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
-def test_bad_context_settings_are_refused_naming_the_key(key, value, words, tmp_path, capsys):
-    import copy
-    raw = copy.deepcopy(_base())  # schedule=tiny
-    stage = raw["schedule"]["stages"][1]
-    stage["long_seq_len"] = 256
-    node, leaf = raw, key.split(".")
-    for part in leaf[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    node[leaf[-1]] = value
-    with pytest.raises(ConfigError) as e:
-        load_config(raw)
-    assert e.value.key == key and words in str(e.value), str(e.value)
-    overrides = [f"{key}={value}"] + ([] if key.endswith("long_seq_len") else ["schedule.stages.1.long_seq_len=256"])
-    err = refused(capsys, tmp_path, *overrides)  # grow run's precheck: exit 2, one line, nothing written
-    assert key in err and words in err, err
-
-
-def test_a_long_fraction_needs_a_long_context_and_rope_scaling_needs_rope(tmp_path, capsys):
-    err = refused(capsys, tmp_path, "schedule.stages.0.long_fraction=0.25")
-    assert "schedule.stages.0.long_seq_len: long_fraction=0.25 needs the long context" in err
-    err = refused(capsys, tmp_path, "model=gpt_tiny", "schedule.stages.2.position.interpolation=2")
-    assert "schedule.stages.2.position.interpolation: RoPE scaling, but model.position=alibi" in err
 
 
 def test_a_context_longer_than_a_split_is_refused_before_anything_is_written(tmp_path):
@@ -297,7 +261,6 @@ def test_resume_after_kills_around_a_context_switch_is_bitwise(tmp_path, data_ca
 
 def test_export_carries_theta_and_interpolation_to_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from ..offline.test_hf_interop import hf_logits, save_ours
 
     spec = ModelSpec(layers=2, hidden=32, ffn=36, heads=4, kv_heads=2, head_dim=8, vocab=53,
                      rope_theta=40000.0, rope_interpolation=4.0)
@@ -320,7 +283,6 @@ def test_export_carries_theta_and_interpolation_to_transformers(tmp_path):
 
 
 def test_export_refuses_an_interpolation_below_one(tmp_path, capsys):
-    from ..offline.test_hf_interop import save_ours
 
     spec = ModelSpec(layers=1, hidden=16, ffn=32, heads=2, kv_heads=2, head_dim=8, vocab=20, rope_interpolation=0.5)
     save_ours(tmp_path / "ckpt", spec, build_model(spec, seed=0).canonical_state())

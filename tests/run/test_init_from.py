@@ -13,7 +13,7 @@ from orchestrator.config.schema import DataConfig, SourceConfig  # noqa: E402
 from orchestrator.data import prepare_data, validation_batches  # noqa: E402
 from orchestrator.commands.hf import import_command  # noqa: E402
 
-from ..conftest import fork_grow, read_summary  # noqa: E402
+from ..conftest import fork_grow, hf_logits, read_summary  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_schedule_starts_from_an_imported_llama(tmp_path, data_cache):
     # the loss before growing is transformers' own loss of the imported model on the same batches
     data = prepare_data(DataConfig(sources={"stdlib": SourceConfig(kind="embedded")}, cache_dir=str(data_cache)))
     with torch.no_grad():
-        losses = [torch.nn.functional.cross_entropy(hf(b[:, :-1]).logits.flatten(0, 1), b[:, 1:].flatten()).item()
+        losses = [torch.nn.functional.cross_entropy(hf_logits(hf, b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).item()
                   for b in validation_batches(data.val, 8, 64, 4)]
     expected = sum(losses) / len(losses)
     assert abs(first["growth"]["val_loss_before"] - expected) <= 1e-5 * expected
