@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from orchestrator.data import new_cursor, next_global_batch
     from orchestrator.engines.local import LocalEngine
     from orchestrator.model import build_model
-    from orchestrator.run.runner import Run
+    from orchestrator.run.runner import open_run
     from orchestrator.run.stage_loop import StageLoop
     from orchestrator.run.state import RunState
     from orchestrator.schedule import ResolvedStage
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         run_dir.mkdir()
         c = dataclasses.replace(cfg, run_dir=str(run_dir), tracking=tracking)
         t = time.perf_counter()
-        run = Run(c, quiet, leader=True)
+        run = open_run(c, quiet, leader=True)
         resolved = run.schedule[0]
         state = RunState(stage_index=0, stage_name=stage.name, steps_total=resolved.steps, spec=resolved.spec,
                          lr_peak=stage.lr.peak, data_cursor=new_cursor(sorted(run.data.train)),
@@ -107,13 +107,13 @@ def main(argv=None) -> int:
         loss, gn = engine.train_step(batch, st.lr)
         st.step += 1
         dt = time.perf_counter() - t
-        loop._log(loss, gn, 1.0, dt, loop.run.budget.count_step(loop.stage, st.step, dt))
+        loop._log(loss, gn, 1.0, dt, loop.ctx.budget.count_step(loop.stage, st.step, dt))
         return time.perf_counter() - t
 
     for _ in range(3):  # warm-up, untimed
         step(loops["off"])
     flush_calls = {"n": 0, "s": 0.0, "sent": 0}
-    tracker = loops["on"].run.tracker
+    tracker = loops["on"].ctx.tracker
     real_flush = tracker.flush
 
     def counted_flush(force: bool = False):
@@ -138,10 +138,10 @@ def main(argv=None) -> int:
                          a.min_pairs, a.max_pairs, a.max_load)
     blocks = timing["blocks_s"]
     t = time.perf_counter()
-    loops["on"].run.tracker.finish("FINISHED")
+    loops["on"].ctx.tracker.finish("FINISHED")
     one_time["finish_on_s"] = time.perf_counter() - t
     for loop in loops.values():
-        loop.run.metrics.close()
+        loop.ctx.metrics.close()
     per_step = {m: sum(v) / (len(v) * a.block_steps) for m, v in blocks.items()}
     med = {m: median(v) / a.block_steps for m, v in blocks.items()}
     result = {"overhead_pct": 100 * timing["effect"], "spread_pct": 100 * timing["spread"],
