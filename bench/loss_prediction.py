@@ -25,8 +25,8 @@ from pathlib import Path
 from bench.common import RESULTS, console, machine, table, write_json
 from orchestrator.commands.compose import CommandLine, load
 from orchestrator.commands.predict import points_of, proxy_shapes, shape_sweep
-from orchestrator.proxy.scaling import LAW, PowerLaw, fit_with_held_out, plot_fit, relative_error
-from orchestrator.proxy.sweeps import finished_members, run_sweep
+from orchestrator.budget.loss_law import LAW, PowerLaw, fit_with_held_out, plot_fit, relative_error
+from orchestrator.commands.sweeps import finished_members, run_sweep
 
 
 def sweep_points(cfg, overrides: list[str], shapes: list[dict], directory: Path) -> list[dict]:

@@ -181,3 +181,15 @@ def is_output_projection(name: str) -> bool:
 
 def is_norm(name: str) -> bool:
     return "norm." in name
+
+
+def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs of QK^T and AV per token (PaLM's 12 * L * H * d_head * T)."""
+    return 12.0 * spec.layers * spec.q_dim * seq_len
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """6 x the parameters that do matrix work per token (all but the embedding lookup;
+    the output head counts, tied or not) plus the attention term."""
+    matmul_params = count_parameters(spec) - (0 if spec.tie_embeddings else spec.vocab * spec.hidden)
+    return 6.0 * matmul_params + attention_flops_per_token(spec, seq_len)

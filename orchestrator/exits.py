@@ -34,6 +34,12 @@ STOP_REQUESTED = "orchestrator.run.stage_loop.StopRequested"  # carries .signum
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+class UsageError(ValueError):
+    """A command's own `key=value` options are wrong (grow search, predict, expand, ...):
+    the command reports it in one line with status 2. Defined here, at the bottom, so the
+    packages that read those options need not import the command layer."""
+
+
 def fail(status: int, message: str) -> int:
     """Print `grow: <message>` on stderr and return `status`."""
     print(f"grow: {message}", file=sys.stderr, flush=True)

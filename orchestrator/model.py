@@ -14,7 +14,8 @@ from torch import nn
 
 from growth_ops.init import init_tensor
 from growth_ops.masks import MaskState
-from growth_ops.spec import INPUT_SCALE, ModelSpec, buffer_axes, count_parameters, parameter_axes
+from growth_ops.spec import (INPUT_SCALE, ModelSpec, attention_flops_per_token, buffer_axes,  # noqa: F401
+                             count_parameters, flops_per_token, parameter_axes)
 
 
 class Norm(nn.Module):
@@ -287,15 +288,3 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> DecoderLM:
     if seed is not None:
         model.init_weights(torch.Generator().manual_seed(seed))
     return model
-
-
-def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
-    """Training FLOPs of QK^T and AV per token (PaLM's 12 * L * H * d_head * T)."""
-    return 12.0 * spec.layers * spec.q_dim * seq_len
-
-
-def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
-    """6 x the parameters that do matrix work per token (all but the embedding lookup;
-    the output head counts, tied or not) plus the attention term."""
-    matmul_params = count_parameters(spec) - (0 if spec.tie_embeddings else spec.vocab * spec.hidden)
-    return 6.0 * matmul_params + attention_flops_per_token(spec, seq_len)

@@ -28,7 +28,7 @@ from orchestrator.cli import main as grow_main
 # torch._dynamo on the first normal_() of a meta tensor (the local engine builds its model on
 # the meta device): seconds per process.
 PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "hydra", "omegaconf", "rich",
-           "matplotlib", "matplotlib.pyplot", "orchestrator.cli", "orchestrator.config.validate",
+           "matplotlib", "matplotlib.pyplot", "orchestrator.cli", "orchestrator.commands.configure",
            "orchestrator.run.runner", "orchestrator.run.stage_loop", "orchestrator.engines.local",
            "orchestrator.data", "orchestrator.model", "orchestrator.tracking.report", "growth_ops",
            "orchestrator.commands.run", "orchestrator.commands.run_job"]

@@ -19,19 +19,21 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
-from growth_ops.spec import ModelSpec, count_parameters
+from growth_ops.spec import ModelSpec, attention_flops_per_token, count_parameters, flops_per_token
 
 from orchestrator.budget.caps import CAPS, Cap
+from orchestrator.budget.loss_law import predict, read_fit
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
 from orchestrator.budget.transition import transition_cost
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, StageConfig
-from orchestrator.config.validate import ConfigError, validate
-from orchestrator.engines.registry import check_parallel_layout
-from orchestrator.model import attention_flops_per_token, flops_per_token
-from orchestrator.proxy.scaling import predict, read_fit
 from orchestrator.schedule import (ResolvedStage, Schedule, long_steps, max_seq_len, resolve,
                                    tokens_of_steps)
+from orchestrator.schedule.layout import check_parallel_layout
+
+Recheck = Callable[[RunConfig], Schedule]  # a changed config -> its checked schedule
 
 
 def executed_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> float:
@@ -325,25 +327,29 @@ def fit_steps(schedule: Schedule, rates: list[StageRates]) -> tuple[list[int], d
     return fitted, info
 
 
-def with_steps(schedule: Schedule, steps: list[int]) -> Schedule:
-    """The schedule whose stages train exactly `steps` steps, re-validated."""
+def with_steps(schedule: Schedule, steps: list[int], recheck: Recheck | None = None) -> Schedule:
+    """The schedule whose stages train exactly `steps` steps, re-checked by `recheck` (the
+    command's parse -> resolve -> check, passed in from above) or only resolved."""
     new = copy.deepcopy(schedule.cfg)
     for stage, n in zip(new.schedule.stages, steps):
         stage.tokens = tokens_of_steps(stage, n)
-    return resolve(validate(new, planning=True))
+    return (recheck or resolve)(new)
 
 
 # -- the plan ----------------------------------------------------------------------------
 
-def make_plan(cfg: RunConfig) -> Plan:
-    """The plan of a validated config (fitted to the budget when plan.fit is set)."""
-    schedule = resolve(cfg)
+def make_plan(schedule: Schedule | RunConfig, recheck: Recheck | None = None) -> Plan:
+    """The plan of a checked schedule (fitted to the budget when plan.fit is set; `recheck`
+    checks the fitted one). A checked config is resolved here (benchmarks, tests)."""
+    if isinstance(schedule, RunConfig):
+        schedule = resolve(schedule)
+    cfg = schedule.cfg
     warnings = check_layouts(schedule)
     rates = [stage_rates(cfg, s) for s in schedule]
     fit = None
     if cfg.plan.fit:
         steps, fit = fit_steps(schedule, rates)
-        schedule = with_steps(schedule, steps)
+        schedule = with_steps(schedule, steps, recheck)
         cfg = schedule.cfg
         fit["overrides"] = [f"schedule.stages.{i}.tokens={s.tokens}" for i, s in enumerate(cfg.schedule.stages)]
     stages = [_stage_plan(cfg, s) for s in schedule]

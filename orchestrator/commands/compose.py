@@ -23,8 +23,11 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config.schema import RunConfig, register_schema
-from orchestrator.config.validate import COMPOSITION_ERRORS, ConfigError, composition_error, load_config
+from orchestrator.commands.configure import configure
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.parse import COMPOSITION_ERRORS, composition_error
 from orchestrator.package_data import CONF_DIR
+from orchestrator.schedule import Schedule
 
 SEARCHPATH = "hydra.searchpath"
 UNUSED_RUN_DIR = "/unused"  # run_dir defaults to Hydra's output dir, which compose() has not got
@@ -151,11 +154,18 @@ def compose(cmd: CommandLine, run_dir: str = UNUSED_RUN_DIR):
         raise composition_error(e) from None
 
 
+def load_schedule(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR,
+                  runs_here: bool = False) -> Schedule:
+    """Compose, parse, resolve and check: the one resolved schedule a command works from
+    (`planning`: layouts against the cluster; `runs_here`: also what this machine must
+    provide to run it: paths, device, memory)."""
+    return configure(compose(cmd, run_dir), planning=planning, runs_here=runs_here)
+
+
 def load(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR,
          runs_here: bool = False) -> RunConfig:
-    """Compose and validate: the one validated config a command works from (`runs_here`:
-    also what this machine must provide to run it: paths, device, memory)."""
-    return load_config(compose(cmd, run_dir), planning=planning, runs_here=runs_here)
+    """`load_schedule(...)`'s checked config alone."""
+    return load_schedule(cmd, planning, run_dir, runs_here).cfg
 
 
 def explicit_run_dir(cmd: CommandLine) -> str | None:

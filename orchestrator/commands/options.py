@@ -6,13 +6,9 @@ from __future__ import annotations
 import errno
 from typing import Callable
 
-from orchestrator.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_GROWTH_CHECK, fail as report
+from orchestrator.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_GROWTH_CHECK, UsageError, fail as report
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
-
-
-class UsageError(ValueError):
-    pass
 
 
 def parse_options(args: list[str], required: tuple[str, ...], allowed: tuple[str, ...]) -> dict[str, str]:

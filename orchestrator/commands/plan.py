@@ -17,9 +17,10 @@ from rich.table import Table
 from orchestrator.atomic import write_json_atomic
 from orchestrator.budget.memory import GIB
 from orchestrator.budget.planner import make_plan
-from orchestrator.commands.compose import CommandLine, load, parse_args
+from orchestrator.commands.compose import CommandLine, load, load_schedule, parse_args
+from orchestrator.commands.configure import check_config
 from orchestrator.config.schema import RunConfig
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_OVER_BUDGET, exit_status
 
 
@@ -116,8 +117,9 @@ def plan_command(args: list[str]) -> int:
         return 0
     try:
         cmd = parse_args(args)
-        cfg = load(cmd, planning=True)
-        plan = make_plan(cfg)
+        schedule = load_schedule(cmd, planning=True)
+        cfg = schedule.cfg
+        plan = make_plan(schedule, recheck=lambda c: check_config(c, planning=True))
     except ConfigError as e:
         return exit_status(e)
     run_dir = _run_dir(cmd.overrides, cfg.schedule.name)

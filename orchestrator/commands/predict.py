@@ -26,10 +26,10 @@ from orchestrator.commands.options import UsageError
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, ShapeConfig
 from orchestrator.exits import EXIT_CONFIG, exit_status, fail
-from orchestrator.proxy.scaling import (LAW, MIN_POINTS, FitError, PowerLaw, fit_with_held_out,
+from orchestrator.budget.loss_law import (LAW, MIN_POINTS, FitError, PowerLaw, fit_with_held_out,
                                         non_embedding_parameters, plot_fit, predict)
 from orchestrator.proxy.search import swept_on_command_line
-from orchestrator.proxy.sweeps import split_options, statuses, sweep_dir, sweep_members
+from orchestrator.commands.sweeps import split_options, statuses, sweep_dir, sweep_members
 from orchestrator.schedule import resolve, stage_spec
 
 SHAPE_KEY = "schedule.stages.0.shape"

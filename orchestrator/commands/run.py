@@ -41,12 +41,12 @@ def _run(args: list[str]) -> int:
     import hydra
 
     from orchestrator.commands.compose import explicit_run_dir, parse_args
-    from orchestrator.commands.run_job import precheck, run_job
+    from orchestrator.commands.run_job import check_run, run_job
     from orchestrator.config.schema import register_schema
     from orchestrator.package_data import CONF_DIR
     from orchestrator.run.directory import check_same_run
 
-    validated = precheck(args)
+    validated = check_run(args)
     if isinstance(validated, int):
         return validated
 
@@ -62,6 +62,6 @@ def _run(args: list[str]) -> int:
     run_dir = explicit_run_dir(parse_args(args)) if validated is not None and first_rank() else None
     with RunLock(Path(run_dir)) if run_dir else nullcontext():
         if run_dir:  # a resume that would change the run is refused before .hydra/ is rewritten
-            check_same_run(Path(run_dir), validated)
+            check_same_run(Path(run_dir), validated.cfg)
         main()
     return 0

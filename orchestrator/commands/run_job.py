@@ -13,9 +13,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from orchestrator.commands.compose import compose, load, parse_args, run_dir_override, without_sweeps
+from orchestrator.commands.compose import compose, load_schedule, parse_args, run_dir_override, without_sweeps
+from orchestrator.commands.configure import configure
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
-from orchestrator.config.validate import ConfigError, load_config
 from orchestrator.engines.registry import engine_kind
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.exits import exit_status
@@ -23,13 +24,14 @@ from orchestrator.run.launch import drive, in_launch, leave_process_group, prepa
 from orchestrator.run.lock import first_rank
 from orchestrator.run.runner import run_schedule
 from orchestrator.run.sweep import sweep_member_params
+from orchestrator.schedule import Schedule
 from orchestrator.secrets import redact_config
 
 
-def precheck(args: list[str]) -> RunConfig | int | None:
-    """What `grow run args` will run, validated before Hydra starts: the config; None for
-    help, or for a sweep (its shared part composes here; each member validates its own);
-    or an exit status, after one line."""
+def check_run(args: list[str]) -> Schedule | int | None:
+    """What `grow run args` will run, checked before Hydra starts: its resolved schedule;
+    None for help, or for a sweep (its shared part composes here; each member checks its
+    own); or an exit status, after one line."""
     try:
         cmd = parse_args(args)
         if cmd.help:
@@ -37,9 +39,15 @@ def precheck(args: list[str]) -> RunConfig | int | None:
         if cmd.multirun:
             compose(without_sweeps(cmd))
             return None
-        return load(cmd, run_dir=run_dir_override(cmd), runs_here=True)
+        return load_schedule(cmd, run_dir=run_dir_override(cmd), runs_here=True)
     except ConfigError as e:
         return exit_status(e)
+
+
+def precheck(args: list[str]) -> RunConfig | int | None:
+    """`check_run`, with the checked config in place of its schedule."""
+    checked = check_run(args)
+    return checked.cfg if isinstance(checked, Schedule) else checked
 
 
 def record_hydra_config(raw_cfg, run_dir: str) -> None:
@@ -55,13 +63,15 @@ def record_hydra_config(raw_cfg, run_dir: str) -> None:
         write_bytes_atomic(Path(run_dir) / ".hydra" / name, text.encode())
 
 
-def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
+def run_job(raw_cfg, validated: Schedule | None = None) -> None:
     """The Hydra task: run the schedule, map known failures to an exit status and one line."""
     try:
         if validated is None:  # a sweep member: its own overrides, its own check
-            cfg = load_config(raw_cfg, runs_here=True)
+            schedule = configure(raw_cfg, runs_here=True)
         else:
-            cfg = dataclasses.replace(validated, run_dir=str(raw_cfg.run_dir))
+            schedule = dataclasses.replace(validated, cfg=dataclasses.replace(validated.cfg,
+                                                                             run_dir=str(raw_cfg.run_dir)))
+        cfg = schedule.cfg
         if first_rank():
             record_hydra_config(raw_cfg, cfg.run_dir)
         print(f"grow run: {cfg.run_dir}: preparing data, then stage {cfg.schedule.stages[0].name} ...", flush=True)
@@ -69,7 +79,7 @@ def run_job(raw_cfg, validated: RunConfig | None = None) -> None:
             if not in_launch():
                 sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
             prepare_rank(cfg)  # a rank srun/torchrun started: its environment, before DeepSpeed loads
-        run_schedule(cfg, extra_params=sweep_member_params())
+        run_schedule(cfg, extra_params=sweep_member_params(), schedule=schedule)
         leave_process_group()
     except Exception as e:
         status = exit_status(e)

@@ -22,7 +22,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_CONFIG, exit_status, fail
 from orchestrator.proxy.search import (apply_to, choose, first_member, load_space, log_to_mlflow, parametrization,
                                        space_overrides, swept_on_command_line)
-from orchestrator.proxy.sweeps import split_options, statuses, sweep_dir, sweep_members
+from orchestrator.commands.sweeps import split_options, statuses, sweep_dir, sweep_members
 from orchestrator.run.sweep import print_sweep
 from orchestrator.tracking.mlflow_tracker import default_tracking_uri
 

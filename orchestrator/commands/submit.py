@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from orchestrator.commands.compose import CommandLine, load, parse_args, search_path
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_FAILED, exit_status, fail
 from orchestrator.run.state import is_finished, latest_meta
 from orchestrator.slurm.paths import slurm_dir

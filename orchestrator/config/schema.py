@@ -1,15 +1,24 @@
-"""Typed schema of a run's configuration.
+"""Typed schema of a run's configuration: the ground floor every other package reads.
 
-Hydra composes plain YAML; `orchestrator.config.validate.load_config` checks it against these
-dataclasses (unknown keys, types, ranges, shapes, growth reachability) and returns a
-`RunConfig` before any compute is spent. Field comments document the allowed values.
+Hydra composes plain YAML; `orchestrator.config.parse` builds these dataclasses from it
+(unknown keys, types, and each field's own constraints, declared beside it with
+`Annotated`), before any compute is spent. What relates several fields, or needs the
+resolved schedule, is checked by the package that owns it (orchestrator.config.checks).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Annotated, Dict, List, Optional
 
 from growth_ops.spec import ModelSpec
+
+from orchestrator.config.constraints import (ONE_LINE, Matches, NonNegative, NotEmpty, OneOf, Positive,
+                                             Within)
+
+_POS = Positive()
+SEED_MAX = 2**32 - 1  # numpy's limit; torch seeds derived from it (seed x 1_000_003 + i) fit 64 bits
+BYTE_VOCAB = 257  # data.tokenizer.kind=byte: 256 byte values and the end-of-document id
+_FRACTION = Within(0, 1, lo_open=True, message="must be in {interval}, got {value}")  # (0, 1]
 
 
 @dataclass
@@ -17,10 +26,10 @@ class MupConfig:
     """muP's base shape and multipliers (used when model.parametrization=mup; see
     growth_ops.spec.ModelSpec). model.init_std is the base shape's init std."""
 
-    base_hidden: Optional[int] = None  # the base shape's hidden size; null: the first stage's
-    output_mult: float = 1.0  # logits x output_mult / m, m = hidden / base_hidden
-    embed_mult: float = 1.0  # embedding output x embed_mult
-    attn_scale: str = "inv"  # inv: scores / head_dim (muP) | sqrt: / sqrt(head_dim)
+    base_hidden: Annotated[Optional[int], _POS] = None  # the base shape's hidden size; null: the first stage's
+    output_mult: Annotated[float, _POS] = 1.0  # logits x output_mult / m, m = hidden / base_hidden
+    embed_mult: Annotated[float, _POS] = 1.0  # embedding output x embed_mult
+    attn_scale: Annotated[str, OneOf("inv", "sqrt")] = "inv"  # inv: scores / head_dim (muP) | sqrt: / sqrt(head_dim)
 
 
 @dataclass
@@ -28,17 +37,18 @@ class ModelConfig:
     """Architecture options fixed for the whole schedule (shapes live in the stages); the
     defaults are the canonical model's (growth_ops.spec.ModelSpec)."""
 
-    norm: str = ModelSpec.norm  # rmsnorm | layernorm
-    mlp: str = ModelSpec.mlp  # swiglu | gelu
-    position: str = ModelSpec.position  # rope | alibi
-    rope_theta: float = ModelSpec.rope_theta
+    norm: Annotated[str, OneOf("rmsnorm", "layernorm")] = ModelSpec.norm
+    mlp: Annotated[str, OneOf("swiglu", "gelu")] = ModelSpec.mlp
+    position: Annotated[str, OneOf("rope", "alibi")] = ModelSpec.position
+    rope_theta: Annotated[float, _POS] = ModelSpec.rope_theta
     tie_embeddings: bool = ModelSpec.tie_embeddings
-    norm_eps: float = ModelSpec.norm_eps
-    init_std: float = ModelSpec.init_std
-    parametrization: str = ModelSpec.parametrization  # standard | mup (model.mup.* then applies)
+    norm_eps: Annotated[float, _POS] = ModelSpec.norm_eps
+    init_std: Annotated[float, _POS] = ModelSpec.init_std
+    # standard | mup (model.mup.* then applies)
+    parametrization: Annotated[str, OneOf("standard", "mup")] = ModelSpec.parametrization
     mup: MupConfig = field(default_factory=MupConfig)
-    vocab_size: Optional[int] = None  # null: the tokenizer's, padded to vocab_multiple
-    vocab_multiple: int = 64
+    vocab_size: Annotated[Optional[int], _POS] = None  # null: the tokenizer's, padded to vocab_multiple
+    vocab_multiple: Annotated[int, _POS] = 64
 
 
 @dataclass
@@ -46,23 +56,23 @@ class ShapeConfig:
     """head_dim = hidden / heads, and it must stay fixed across growth (RoPE's
     frequencies depend on it), so width growth adds heads."""
 
-    layers: int = 2
-    hidden: int = 64
-    ffn: int = 172
-    heads: int = 2
-    kv_heads: Optional[int] = None  # null: same as heads (multi-head attention)
+    layers: Annotated[int, _POS] = 2
+    hidden: Annotated[int, _POS] = 64
+    ffn: Annotated[int, _POS] = 172
+    heads: Annotated[int, _POS] = 2
+    kv_heads: Annotated[Optional[int], _POS] = None  # null: same as heads (multi-head attention)
 
 
 @dataclass
 class LRConfig:
-    peak: Optional[float] = None  # null: inherit the learning rate the last stage ended at
-    warmup_steps: int = 0  # linear 0 -> peak; after a growth this is the re-warm
-    min: float = 0.0  # floor of the decay
-    decay: str = "cosine"  # cosine | linear | constant | wsd
+    peak: Annotated[Optional[float], _POS] = None  # null: inherit the learning rate the last stage ended at
+    warmup_steps: Annotated[int, NonNegative] = 0  # linear 0 -> peak; after a growth this is the re-warm
+    min: Annotated[float, NonNegative] = 0.0  # floor of the decay
+    decay: Annotated[str, OneOf("cosine", "linear", "constant", "wsd")] = "cosine"
     # wsd (warmup-stable-decay, across stages): every stage holds its peak after the warmup;
     # the last stage alone decays, linearly to `min`, over its final decay_fraction of the
     # whole schedule's tokens (read from the last stage; it must fit after its warmup).
-    decay_fraction: float = 0.2
+    decay_fraction: Annotated[float, Within(0, 1, lo_open=True, message="{value} is not in {interval}")] = 0.2
 
 
 @dataclass
@@ -73,8 +83,9 @@ class GrowthConfig:
     operator: Optional[str] = None  # msg | zero | clone | stack (stack does not preserve the function)
     ramp_steps: Optional[int] = None  # steps for the masks to go 0 -> 1 (msg only)
     layer_insert: Optional[str] = None  # append | interleave | "i,j": positions of the new blocks
-    tolerance: Optional[float] = None  # max |val_after - val_before| for preserving operators
-    tolerance_bf16: Optional[float] = None  # the same where the check itself runs in bf16 (deepspeed bf16)
+    tolerance: Annotated[Optional[float], _POS] = None  # max |val_after - val_before| for preserving operators
+    # the same where the check itself runs in bf16 (deepspeed bf16)
+    tolerance_bf16: Annotated[Optional[float], _POS] = None
     init: Optional[str] = None  # new weights: random | copy (msg); null: the operator's own
     moments: Optional[str] = None  # Adam moments: keep | staged; null: the operator's default
 
@@ -85,29 +96,31 @@ class PositionConfig:
     the function, so the runner reports the validation loss change at the switch. Null:
     as the stage before (the first stage: model.rope_theta, no interpolation)."""
 
-    rope_theta: Optional[float] = None  # base frequency (base-frequency adjustment), > 0
-    interpolation: Optional[float] = None  # linear position interpolation: positions / this; 1: none
+    rope_theta: Annotated[Optional[float], _POS] = None  # base frequency (base-frequency adjustment)
+    # linear position interpolation: positions / this; 1: none
+    interpolation: Annotated[Optional[float], _POS] = None
 
 
 @dataclass
 class LayoutConfig:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    micro_batch_size: Optional[int] = None  # null: the whole per-rank batch at once
+    tp: Annotated[int, _POS] = 1
+    pp: Annotated[int, _POS] = 1
+    dp: Annotated[int, _POS] = 1
+    micro_batch_size: Annotated[Optional[int], _POS] = None  # null: the whole per-rank batch at once
 
 
 @dataclass
 class StageConfig:
-    name: str = "???"
+    name: Annotated[str, Matches(r"^[^/]+$", "must be a non-empty name without '/'")] = "???"
     shape: ShapeConfig = field(default_factory=ShapeConfig)
-    tokens: int = 0  # training tokens; rounded down to whole steps (batch_size x the step's context)
-    batch_size: int = 16  # sequences per global batch
-    seq_len: int = 128
+    # training tokens; rounded down to whole steps (batch_size x the step's context)
+    tokens: Annotated[int, _POS] = 0
+    batch_size: Annotated[int, _POS] = 16  # sequences per global batch
+    seq_len: Annotated[int, _POS] = 128
     # BTLM-style mixture of contexts within the stage: this fraction of the steps (spread
     # evenly, fixed by the step number) trains batch_size sequences of long_seq_len tokens.
-    long_seq_len: Optional[int] = None
-    long_fraction: float = 0.0  # in [0, 1]
+    long_seq_len: Annotated[Optional[int], _POS] = None
+    long_fraction: Annotated[float, Within(0, 1)] = 0.0
     position: PositionConfig = field(default_factory=PositionConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     growth: Optional[GrowthConfig] = None  # null on the first stage
@@ -118,14 +131,14 @@ class StageConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "default"
-    stages: List[StageConfig] = field(default_factory=list)
+    stages: Annotated[List[StageConfig], NotEmpty("needs at least one stage")] = field(default_factory=list)
 
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "byte"  # byte | bpe
-    vocab_size: int = 4096  # bpe only
-    train_chars: int = 20_000_000  # bpe only: characters of training text to learn from
+    kind: Annotated[str, OneOf("byte", "bpe")] = "byte"
+    vocab_size: Annotated[int, _POS] = 4096  # bpe only
+    train_chars: Annotated[int, _POS] = 20_000_000  # bpe only: characters of training text to learn from
     # bpe only: each source's share of those characters, ratios summing to 1 (e.g. English
     # 0.535, Chinese 0.465); {}: the first train_chars of the sources in config order.
     train_mix: Dict[str, float] = field(default_factory=dict)
@@ -135,7 +148,7 @@ class TokenizerConfig:
 class SourceConfig:
     kind: str = "embedded"  # embedded | stdlib_code | stdlib_prose | people_daily | files
     paths: List[str] = field(default_factory=list)  # files: files or directories
-    format: str = "auto"  # auto | text | jsonl
+    format: Annotated[str, OneOf("auto", "text", "jsonl")] = "auto"
     jsonl_key: str = "text"
     glob: str = "*"  # files in directories that are read
 
@@ -143,27 +156,28 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    sources: Dict[str, SourceConfig] = field(default_factory=dict)
-    val_fraction: float = 0.02  # of documents, chosen by a hash of their name
+    sources: Annotated[Dict[str, SourceConfig], NotEmpty("needs at least one source")] = field(default_factory=dict)
+    # of documents, chosen by a hash of their name
+    val_fraction: Annotated[float, Within(0, 1, lo_open=True, hi_open=True)] = 0.02
     cache_dir: str = "~/.cache/growth-orchestrator"
 
 
 @dataclass
 class TrainConfig:
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0: off
-    eval_every_steps: int = 100
-    eval_batches: int = 4
-    log_every_steps: int = 10
+    weight_decay: Annotated[float, NonNegative] = 0.1
+    beta1: Annotated[float, Within(0, 1, hi_open=True)] = 0.9
+    beta2: Annotated[float, Within(0, 1, hi_open=True)] = 0.95
+    eps: Annotated[float, _POS] = 1e-8
+    grad_clip: Annotated[float, NonNegative] = 1.0  # 0: off
+    eval_every_steps: Annotated[int, _POS] = 100
+    eval_batches: Annotated[int, _POS] = 4
+    log_every_steps: Annotated[int, _POS] = 10
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 100
-    keep: int = 2  # newest mid-stage checkpoints kept per stage; stage-final ones are kept
+    every_steps: Annotated[int, _POS] = 100
+    keep: Annotated[int, _POS] = 2  # newest mid-stage checkpoints kept per stage; stage-final ones are kept
     # With checkpoints present but none intact, a run refuses to start over unless this is true.
     allow_fresh_start: bool = False
 
@@ -173,9 +187,9 @@ class EngineConfig:
     name: str = "local"  # local | deepspeed (tp/pp/dp per stage in schedule.stages.N.layout)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16
-    threads: Optional[int] = None  # torch intra-op threads; null: torch's default
+    threads: Annotated[Optional[int], _POS] = None  # torch intra-op threads; null: torch's default
     zero_stage: int = 1  # deepspeed: ZeRO stage (1 or 2; 2 only with pp=1; 3 refused)
-    timeout_s: float = 120.0  # deepspeed: process-group timeout, how long a stalled rank is awaited
+    timeout_s: Annotated[float, _POS] = 120.0  # deepspeed: process-group timeout, how long a stalled rank is awaited
 
 
 @dataclass
@@ -185,16 +199,19 @@ class ClusterConfig:
     `achieved_tflops_per_gpu` if there is one, else peak x expected_mfu."""
 
     name: str = "local"
-    usd_per_gpu_hour: float = 0.0
-    peak_tflops_per_gpu: float = 1.0  # for MFU
-    gpus: int = 1  # GPUs a stage's layout may use (tp x pp x dp <= gpus)
-    gpus_per_node: Optional[int] = None  # null: one node; tensor parallelism should stay within a node
-    gpu_memory_gb: Optional[float] = None  # null: not checked; else model states must fit per GPU
-    expected_mfu: float = 0.4  # fraction of peak a stage reaches when not measured
-    achieved_tflops_per_gpu: Dict[str, float] = field(default_factory=dict)  # stage name -> measured
+    usd_per_gpu_hour: Annotated[float, NonNegative] = 0.0
+    peak_tflops_per_gpu: Annotated[float, _POS] = 1.0  # for MFU
+    gpus: Annotated[int, _POS] = 1  # GPUs a stage's layout may use (tp x pp x dp <= gpus)
+    # null: one node; tensor parallelism should stay within a node
+    gpus_per_node: Annotated[Optional[int], _POS] = None
+    # null: not checked; else model states must fit per GPU
+    gpu_memory_gb: Annotated[Optional[float], _POS] = None
+    expected_mfu: Annotated[float, _FRACTION] = 0.4  # fraction of peak a stage reaches when not measured
+    # stage name -> measured
+    achieved_tflops_per_gpu: Dict[str, Annotated[float, _POS]] = field(default_factory=dict)
     # checkpoint storage bandwidth in GB/s, for the time of a growth transition in `grow plan`;
     # 0.078 was measured on the development machine's disk (dd, 2 GiB, fdatasync)
-    storage_gbps: float = 0.078
+    storage_gbps: Annotated[float, _POS] = 0.078
 
 
 @dataclass
@@ -202,16 +219,18 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # null: MLflow's default, sqlite:///<cwd>/mlflow.db
     experiment: str = "growth"
-    flush_every_s: float = 15.0  # metrics.jsonl has every point at once; MLflow gets them in batches
+    flush_every_s: Annotated[float, _POS] = 15.0  # metrics.jsonl has every point at once; MLflow gets them in batches
 
 
 @dataclass
 class BudgetConfig:
-    max_usd: Optional[float] = None
-    max_flops: Optional[float] = None
-    max_tokens: Optional[int] = None
-    warn_at: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # fractions of each cap
-    project_after_steps: int = 5  # measured steps of a stage before the cost projection speaks
+    max_usd: Annotated[Optional[float], _POS] = None
+    max_flops: Annotated[Optional[float], _POS] = None
+    max_tokens: Annotated[Optional[int], _POS] = None
+    # fractions of each cap
+    warn_at: List[Annotated[float, Within(0, 1, lo_open=True, message="must be a fraction in {interval}, got {value}")]] = \
+        field(default_factory=lambda: [0.5, 0.8, 0.9])
+    project_after_steps: Annotated[int, _POS] = 5  # measured steps of a stage before the cost projection speaks
 
 
 @dataclass
@@ -219,8 +238,10 @@ class PlanConfig:
     """`grow plan`: the cost of a schedule before anything runs (orchestrator/planner.py)."""
 
     fit: bool = False  # scale the stages' tokens so the plan fits budget.max_* (and uses it)
-    fit_rule: str = "proportional"  # proportional: every stage's tokens x the same factor
-    recompute: str = "none"  # none | selective | full: activation recomputation (time, not model FLOPs)
+    # proportional: every stage's tokens x the same factor
+    fit_rule: Annotated[str, OneOf("proportional")] = "proportional"
+    # activation recomputation (time, not model FLOPs)
+    recompute: Annotated[str, OneOf("none", "selective", "full")] = "none"
     # A loss fit from `grow predict` (loss_fit.json): grow plan shows each stage's predicted
     # loss; a finished grow run records predicted vs actual final val loss
     loss_fit: Optional[str] = None
@@ -232,23 +253,29 @@ class SubmitConfig:
     Templates live in slurm/; `grow run` inside the job runs just that stage."""
 
     template: str = "stage.sbatch"  # file in slurm/ (or a path): string.Template placeholders
-    nodes: int = 1  # at least this many; more when a stage's layout needs more ranks than fit
-    tasks_per_node: int = 1  # max ranks (torchrun --nproc_per_node) per node; a stage runs tp*pp*dp ranks
-    gpus_per_node: int = 0  # 0: no --gpus-per-node line
-    cpus_per_task: int = 1
-    mem: Optional[str] = None  # e.g. 64G; null: the partition's default
-    time: str = "01:00:00"  # per job (per requeue); [D-]HH:MM:SS or minutes
+    nodes: Annotated[int, _POS] = 1  # at least this many; more when a stage's layout needs more ranks than fit
+    # max ranks (torchrun --nproc_per_node) per node; a stage runs tp*pp*dp ranks
+    tasks_per_node: Annotated[int, _POS] = 1
+    gpus_per_node: Annotated[int, NonNegative] = 0  # 0: no --gpus-per-node line
+    cpus_per_task: Annotated[int, _POS] = 1
+    # e.g. 64G; null: the partition's default
+    mem: Annotated[Optional[str], Matches(r"^\d+[KMGT]?$", "{value!r}; allowed: a number with K, M, G or T (e.g. 64G)")] = None
+    # per job (per requeue); [D-]HH:MM:SS or minutes
+    time: Annotated[str, Matches(r"^(\d+-)?\d+(:\d{1,2}){0,2}$",
+                                 "{value!r} is not a Slurm time; allowed: MM, HH:MM:SS, D-HH:MM:SS")] = "01:00:00"
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
-    extra_sbatch: List[str] = field(default_factory=list)  # extra lines, e.g. "--constraint=h100"
-    setup: List[str] = field(default_factory=list)  # shell lines before srun: module load, source venv
-    container: List[str] = field(default_factory=list)  # srun flags, e.g. --container-image=...
-    launcher: str = "auto"  # auto | torchrun | python (auto: torchrun when a stage has > 1 rank)
-    rdzv_port: int = 29500
+    extra_sbatch: List[Annotated[str, ONE_LINE]] = field(default_factory=list)  # extra lines, e.g. "--constraint=h100"
+    setup: List[Annotated[str, ONE_LINE]] = field(default_factory=list)  # shell lines before srun: module load, source venv
+    container: List[Annotated[str, ONE_LINE]] = field(default_factory=list)  # srun flags, e.g. --container-image=...
+    # auto: torchrun when a stage has > 1 rank
+    launcher: Annotated[str, OneOf("auto", "torchrun", "python")] = "auto"
+    rdzv_port: Annotated[int, _POS, Within(1, 65535, message="{value} is not a TCP port; allowed: 1..65535")] = 29500
     python: Optional[str] = None  # interpreter inside the job; null: the one running grow submit
-    signal_delay_s: int = 120  # --signal=B:USR1@this: save and requeue this long before the limit
-    max_failures: int = 3  # consecutive failed attempts of a stage before it stops requeueing
+    # --signal=B:USR1@this: save and requeue this long before the limit
+    signal_delay_s: Annotated[int, NonNegative] = 120
+    max_failures: Annotated[int, _POS] = 3  # consecutive failed attempts of a stage before it stops requeueing
     dry_run: bool = False  # write and print the scripts, submit nothing
 
 
@@ -259,7 +286,7 @@ class RunSelectConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: Annotated[int, Within(0, SEED_MAX)] = 0
     run_dir: str = "???"
     # A canonical checkpoint (e.g. from `grow import-hf`) that stage 1 starts from instead
     # of a fresh init; grown into stage 1's shape with stage 1's growth settings if smaller.

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from orchestrator.config.schema import TokenizerConfig
+from orchestrator.config.schema import BYTE_VOCAB, TokenizerConfig
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.data.cache import stable_hash
 from orchestrator.data.errors import DataError
@@ -44,7 +44,7 @@ class ByteTokenizer:
     Needs no training and no files; the numpy path (`encode_array`) views the encoded
     bytes in place, which is what makes tokenizing tens of MB take well under a second."""
 
-    vocab_size = 257
+    vocab_size = BYTE_VOCAB
     eos_id = 256
     fingerprint = "byte-v1"
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines.host_memory import return_freed_tensors_to_the_os
+from orchestrator.schedule.layout import check_parallel_layout
 
 if TYPE_CHECKING:
     from orchestrator.engines.base import Engine
@@ -24,30 +25,6 @@ def _single_device_layout(cfg: RunConfig, i: int) -> None:
     if (lay.tp, lay.pp, lay.dp) != (1, 1, 1):
         raise ConfigError(f"schedule.stages.{i}.layout", f"engine.name={cfg.engine.name} runs tp=pp=dp=1, "
                                                           f"got tp={lay.tp} pp={lay.pp} dp={lay.dp}")
-
-
-def check_parallel_layout(cfg: RunConfig, i: int) -> None:
-    """What a TP/PP layout must divide: heads, kv heads, FFN and vocab by tp, layers by pp;
-    also the previous stage's shape, which the growth check evaluates on this layout."""
-    key = f"schedule.stages.{i}"
-    stages = cfg.schedule.stages
-    stage, lay = stages[i], stages[i].layout
-    shapes = [("", stage.shape)] + ([(" (the previous stage's shape, which the growth check runs on "
-                                      "this layout)", stages[i - 1].shape)] if i else [])
-    for note, s in shapes:
-        for f, v in (("heads", s.heads), ("kv_heads", s.kv_heads or s.heads), ("ffn", s.ffn)):
-            if v % lay.tp:
-                raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide {f}={v}{note}")
-        if s.layers % lay.pp:
-            raise ConfigError(f"{key}.layout.pp", f"{lay.pp} does not divide layers={s.layers}{note}")
-    m = cfg.model
-    if (m.vocab_size or m.vocab_multiple) % lay.tp:
-        raise ConfigError(f"{key}.layout.tp", f"{lay.tp} does not divide the vocabulary "
-                                              "(model.vocab_size, or model.vocab_multiple when null)")
-    if lay.pp > 1 and cfg.engine.zero_stage > 1:
-        raise ConfigError("engine.zero_stage", f"{cfg.engine.zero_stage} cannot run with a pipeline "
-                                               f"({key}.layout.pp={lay.pp}): DeepSpeed's pipeline runs "
-                                               "ZeRO-1 only; use engine.zero_stage=1, or pp=1 in every stage")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from orchestrator.commands.options import UsageError
-from orchestrator.config.validate import composition_error
+from orchestrator.config.parse import composition_error
+from orchestrator.exits import UsageError
 from orchestrator.package_data import CONF_DIR
 
 SPACE_DIR = "search_space"

@@ -137,13 +137,13 @@ def _rank_main(config_path: str) -> int:
     """One rank: read the resolved config the driver wrote, join the group, run; a known
     failure is one line and its exit status (orchestrator/exits.py), as for `grow run`.
     Imported here: deepspeed_engine loads DeepSpeed and Megatron, which only ranks need."""
-    from orchestrator.config.validate import load_config
+    from orchestrator.config.parse import parse
     from orchestrator.engines.deepspeed_engine import init_distributed
     from orchestrator.exits import exit_status
     from orchestrator.run.runner import run_schedule
 
     try:
-        cfg = load_config(json.loads(Path(config_path).read_text()))
+        cfg = parse(json.loads(Path(config_path).read_text()))  # checked by the driver
         prepare_rank(cfg)
         init_distributed(cfg.engine.timeout_s, cfg.engine.device)
         run_schedule(cfg)

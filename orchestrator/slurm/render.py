@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from orchestrator.config.schema import RunConfig, StageConfig
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.errors import ConfigError
 from orchestrator.package_data import SLURM_TEMPLATE_DIR
 from orchestrator.secrets import URL_USERINFO, secret_values
 

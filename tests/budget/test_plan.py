@@ -10,7 +10,7 @@ import pytest
 from orchestrator.commands.plan import compose_config
 from orchestrator.budget.planner import make_plan
 from orchestrator.schedule import resolve
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.errors import ConfigError
 
 from ..conftest import grow_cmd, grow_in_process
 

@@ -17,7 +17,7 @@ import pytest
 from orchestrator import exits
 from orchestrator.checkpoint.canonical import CheckpointError
 from orchestrator.cli import main
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.errors import ConfigError
 from orchestrator.data import DataError
 from orchestrator.package_data import CONF_DIR
 from orchestrator.run.transition import GrowthCheckError
@@ -211,12 +211,12 @@ def test_the_grow_binary_reports_broken_yaml_in_one_line(config_dir, tmp_path):
 
 COUNT_VALIDATIONS = """
 import sys
-import orchestrator.config.validate as v
-real, calls = v.validate, []
+import orchestrator.commands.configure as v
+real, calls = v.check_config, []
 def counting(*a, **k):
     calls.append(1)
     return real(*a, **k)
-v.validate = counting
+v.check_config = counting
 from orchestrator.cli import main
 try:
     code = main(sys.argv[1:])

@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.commands.run_job import precheck
 from orchestrator.config.schema import RunConfig
-from orchestrator.config.validate import load_config
+from orchestrator.commands.configure import load_config
 from orchestrator.config.errors import ConfigError
 
 from .conftest import _base, refused

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.commands.run_job import precheck
 from orchestrator.config.schema import RunConfig
-from orchestrator.config.validate import load_config
+from orchestrator.commands.configure import load_config
 from orchestrator.config.errors import ConfigError
 
 from ..conftest import grow_cmd, grow_in_process, run_grow

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.commands.compose import CommandLine, compose
-from orchestrator.proxy.scaling import FitError, PowerLaw, fit_power_law, fit_with_held_out, read_fit
+from orchestrator.budget.loss_law import FitError, PowerLaw, fit_power_law, fit_with_held_out, read_fit
 from orchestrator.proxy.search import apply_to, choose
 
 from ..conftest import grow_in_process

@@ -8,7 +8,7 @@ import pytest
 from orchestrator.budget.ledger import Ledger
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import LRConfig, StageConfig
-from orchestrator.config.validate import _check_wsd_window
+from orchestrator.schedule.checks import check_wsd_window as _check_wsd_window
 from orchestrator.run.lr import lr_at
 from orchestrator.schedule import wsd_decay_steps
 

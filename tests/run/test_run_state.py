@@ -13,7 +13,7 @@ import pytest
 from growth_ops import MaskState
 from orchestrator.budget.ledger import Ledger
 from orchestrator.commands.plan import compose_config
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.errors import ConfigError
 from orchestrator.engines.base import Engine
 from orchestrator.engines.registry import ENGINES, engine_kind
 from orchestrator.model import flops_per_token

@@ -163,7 +163,7 @@ def test_only_stage_runs_one_stage_and_refuses_to_skip(tmp_path, data_cache):
 def test_each_stage_gets_the_ranks_its_layout_needs(tmp_path):
     from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
     from orchestrator.slurm.render import render_stage, stage_ranks
-    from orchestrator.config.validate import ConfigError
+    from orchestrator.config.errors import ConfigError
     cfg = RunConfig()
     cfg.submit.tasks_per_node = 4
     stages = [StageConfig(name="a"), StageConfig(name="b", layout=LayoutConfig(tp=2, dp=4)),

@@ -1,9 +1,11 @@
-"""The resolved schedule: every derived value of a validated config, computed once.
+"""The resolved schedule: every derived value of a parsed config, computed once.
 
-`resolve(cfg, tokenizer_vocab)` turns a `RunConfig` into a `Schedule` whose stages carry
-their model spec (with the run's padded vocabulary), steps, tokens, effective growth
-settings, parallel layout and world size, and FLOPs per token and per step. The runner,
-stage loop, budget, planner, launcher and Slurm read these; none recomputes them.
+`resolve(cfg)` turns a `RunConfig` into a `Schedule` whose stages carry their model spec
+(with the run's padded vocabulary), steps, tokens, effective growth settings, parallel
+layout and world size, and FLOPs per token and per step. A command resolves once, the
+registered checks read the result, and the runner, stage loop, budget, planner, launcher
+and Slurm read it too; none recomputes them. Only the vocabulary can change afterwards,
+when a trained tokenizer comes out smaller than configured (`Schedule.for_tokenizer`).
 """
 from __future__ import annotations
 
@@ -13,12 +15,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from growth_ops import ModelSpec
-from growth_ops.spec import ARCHITECTURE, ROPE_SCALING
+from growth_ops.spec import ARCHITECTURE, ROPE_SCALING, flops_per_token
 
-from orchestrator.data.tokenizer import ByteTokenizer
-from orchestrator.config.schema import GrowthConfig, LayoutConfig, RunConfig, StageConfig
-from orchestrator.model import flops_per_token
-
+from orchestrator.config.schema import BYTE_VOCAB, GrowthConfig, LayoutConfig, RunConfig, StageConfig
 
 
 def stage_rope_scaling(cfg: RunConfig, stage: StageConfig) -> dict:
@@ -126,7 +125,7 @@ def tokenizer_vocab(cfg: RunConfig) -> int:
     """The tokenizer's vocabulary as configured, before any data is read (a trained BPE may
     come out a little smaller on a small corpus; the runner then passes the real size)."""
     t = cfg.data.tokenizer
-    return ByteTokenizer.vocab_size if t.kind == "byte" else t.vocab_size
+    return BYTE_VOCAB if t.kind == "byte" else t.vocab_size
 
 
 def padded_vocab(cfg: RunConfig, tokenizer_size: int) -> int:
@@ -231,6 +230,18 @@ class Schedule:
 
     def __iter__(self):
         return iter(self.stages)
+
+    def for_tokenizer(self, tokenizer_size: int) -> "Schedule":
+        """This schedule for the prepared tokenizer's real vocabulary (a trained BPE may come
+        out smaller than configured): the same schedule when the padded size is unchanged."""
+        vocab = padded_vocab(self.cfg, tokenizer_size)
+        if vocab == self.vocab:
+            return self
+        return Schedule(cfg=self.cfg, vocab=vocab, stages=tuple(
+            dataclasses.replace(s, spec=dataclasses.replace(s.spec, vocab=vocab),
+                                flops_per_token=flops_per_token(dataclasses.replace(s.spec, vocab=vocab),
+                                                                s.config.seq_len))
+            for s in self.stages))
 
 
 def resolve(cfg: RunConfig, tokenizer_size: int | None = None) -> Schedule:

@@ -1,0 +1,33 @@
+"""The checkpoint a run starts from (`init_from`), checked before anything runs
+(registered with orchestrator.config.checks)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from growth_ops import MaskState
+
+from orchestrator.config.checks import check
+from orchestrator.config.errors import ConfigError
+from orchestrator.schedule import Schedule
+
+
+@check("schedule")
+def init_from(schedule: Schedule) -> None:
+    given = schedule.cfg.init_from
+    if given is None:
+        return
+    path = Path(given).expanduser()
+    if not (path / "manifest.json").exists():
+        raise ConfigError("init_from", f"{given} is not a canonical checkpoint directory "
+                                       "(no manifest.json); make one with `grow import-hf`")
+    try:  # a run starts from the weights alone: masks below 1 would be lost
+        masks = MaskState.from_dict(json.loads((path / "meta.json").read_text()).get("masks"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # a damaged checkpoint is reported, by name, when the run reads it
+    if masks is not None and not masks.done:
+        raise ConfigError("init_from", f"{given} was grown with msg and its masks are still ramping "
+                                       f"({masks.steps_done}/{masks.ramp_steps} steps); a run would start "
+                                       "from its weights without the masks and so change its function: "
+                                       "grow with msg inside the run (a stage shape larger than the "
+                                       "checkpoint's), or offline with zero or clone")
