@@ -43,13 +43,13 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import REPO, RESULTS, console, machine, stage_literal, table
+from bench.common import REPO, RESULTS, console, machine, run_vocab, stage_literal, table
 from bench.transition import plain_io
 from growth_ops.spec import ModelSpec, count_parameters
 
 TP, PP = 2, 2
 HEAD_DIM = 64
-VOCAB = 4096  # the embedded data's byte tokenizer
+VOCAB = run_vocab()  # the runs' own: the default data's byte tokenizer, padded (320)
 SAMPLE_S = 0.2
 
 
