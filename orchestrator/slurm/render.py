@@ -18,6 +18,9 @@ from orchestrator.package_data import SLURM_TEMPLATE_DIR
 from orchestrator.secrets import URL_USERINFO, secret_values
 
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+# a job's rendezvous port is submit.rdzv_port + its job id modulo this: two jobs that run at
+# the same time get different ports unless their ids are a multiple of it apart
+RDZV_PORT_SPAN = 1000
 
 
 def _dq(text: str) -> str:
@@ -96,9 +99,14 @@ def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, 
     use_torchrun = s.launcher == "torchrun" or (s.launcher == "auto" and nodes * per_node > 1)
     py = shlex.quote(python)
     if use_torchrun:
-        launch = (f"{py} -m torch.distributed.run --nnodes={nodes} --nproc_per_node={per_node} "
-                  f"--rdzv_backend=c10d --rdzv_endpoint=\"$HEAD_NODE:{s.rdzv_port}\" "
-                  f"--rdzv_id=\"$SLURM_JOB_ID\" -m orchestrator.cli")
+        # One agent per node (srun --ntasks-per-node=1). bash -c so that each node reads its own
+        # SLURM_NODEID: the first node's agent hosts the rendezvous store (else whichever binds
+        # first does, and losing that node loses the rendezvous); the endpoint is the head
+        # node's address as Slurm knows it and a port of this job's own (see the template).
+        launch = ("bash -c 'exec \"$PYTHON\" -m torch.distributed.run "
+                  f"--nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d "
+                  '--rdzv_endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" '
+                  '--rdzv_conf="is_host=$(( SLURM_NODEID == 0 ))" -m orchestrator.cli "$@"\' grow')
     else:
         launch = f"{py} -m orchestrator.cli"
     sbatch = []
@@ -121,7 +129,8 @@ def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, 
         "sbatch_lines": sbatch_lines,
         "setup_lines": "\n".join(scrub_line(x, secrets) for x in s.setup),
         "container": " ".join(shell_word(x, secrets) for x in s.container),
-        "python": py, "launch": launch,
+        "python": py, "launch": launch, "rdzv_port": str(s.rdzv_port),
+        "rdzv_port_span": str(min(RDZV_PORT_SPAN, 65536 - s.rdzv_port)),
         # srun passes USR1 on to its tasks; a torchrun task would die of it (and srun treats a
         # TERM to itself as a cancel), so TERM goes to every process of the job's steps:
         # the workers checkpoint, torchrun waits for them.

@@ -171,7 +171,10 @@ def test_each_stage_gets_the_ranks_its_layout_needs(tmp_path):
     assert [stage_ranks(cfg, i, st) for i, st in enumerate(stages)] == [(1, 1), (2, 4), (1, 2)]
     text = render_stage(cfg, 1, stages[1], tmp_path / "run", tmp_path, ["engine=deepspeed"])
     assert "#SBATCH --nodes=2" in text and "--nnodes=2 --nproc_per_node=4" in text
-    assert 'rdzv_endpoint="$HEAD_NODE:29500"' in text and 'scancel --signal=TERM "$SLURM_JOB_ID"' in text
+    # the rendezvous at the head node's NodeAddr, on a port of the job's own, hosted by node 0
+    assert 'rdzv_endpoint="$HEAD_ADDR:$RDZV_PORT"' in text and "RDZV_PORT=$(( 29500 + SLURM_JOB_ID % 1000 ))" in text
+    assert "scontrol show node \"$HEAD_NODE\" -o" in text and 'is_host=$(( SLURM_NODEID == 0 ))' in text
+    assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in text
     one = render_stage(cfg, 0, stages[0], tmp_path / "run", tmp_path, [])
     assert "torch.distributed.run" not in one and "kill -USR1" in one
     cfg.submit.nodes = 3
