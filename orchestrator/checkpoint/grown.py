@@ -7,7 +7,7 @@ transition splits the work over the new stage's ranks: each writer grows exactly
 tensors it writes when it checkpoints (`Engine.written_names`) into its own shard, so the
 grown checkpoint has the stage's own sharding; `grow expand` writes every tensor into one
 file. With the same seed the bits equal `growth_ops`' in-memory growth: every tensor has
-its own random stream (growth_ops.common.tensor_generator), whoever grows it.
+its own random stream (growth_ops.grown_tensors.tensor_generator), whoever grows it.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.budget.memory import GIB
+from orchestrator.budget.caps import CAPS
 from orchestrator.budget.planner import make_plan
 from orchestrator.commands.compose import CommandLine, load, load_schedule, parse_args
 from orchestrator.commands.configure import check_config
@@ -103,7 +104,7 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
     for w in p.warnings:
         console.print(f"[yellow]warning[/]: {w}")
     b = p.budget
-    caps = [f"budget.{k}={b[k]:g}" for k in ("max_usd", "max_flops", "max_tokens") if b.get(k) is not None]
+    caps = [f"budget.{c.key}={b[c.key]:g}" for c in CAPS if b.get(c.key) is not None]
     if caps and b["fits"]:
         console.print(f"[green]fits the budget[/] ({', '.join(caps)})")
     for v in b["violations"]:
