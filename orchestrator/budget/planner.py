@@ -114,6 +114,7 @@ class StagePlan:
     long_steps: int  # steps at long_seq_len
     layout: dict
     gpus: int
+    nodes: int  # gpus over cluster.gpus_per_node (1 when that is not set)
     flops: float
     hw_flops: float
     tflops_per_gpu: float
@@ -146,6 +147,12 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def nodes_for(cfg: RunConfig, gpus: int) -> int:
+    """Nodes a layout of `gpus` GPUs spans on the cluster."""
+    per_node = cfg.cluster.gpus_per_node
+    return -(-gpus // per_node) if per_node else 1
+
+
 def _stage_plan(cfg: RunConfig, stage: ResolvedStage) -> StagePlan:
     r, spec, lay, steps = stage_rates(cfg, stage), stage.spec, stage.layout, stage.steps
     mp = lay.tp * lay.pp
@@ -156,7 +163,7 @@ def _stage_plan(cfg: RunConfig, stage: ResolvedStage) -> StagePlan:
         tokens=stage.tokens, steps=steps, batch_size=stage.config.batch_size, seq_len=stage.config.seq_len,
         long_seq_len=stage.config.long_seq_len if r.long else None,
         long_steps=long_steps(stage.config, steps),
-        layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}, gpus=r.gpus,
+        layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}, gpus=r.gpus, nodes=nodes_for(cfg, r.gpus),
         flops=stage.flops, hw_flops=r.over("step_hw_flops", 0, steps), tflops_per_gpu=r.tflops_per_gpu,
         throughput=r.throughput, gpu_hours=r.over("step_gpu_hours", 0, steps),
         days=r.over("step_seconds", 0, steps) / 86400, usd=r.over("step_usd", 0, steps),
@@ -176,7 +183,8 @@ def _scratch(cfg: RunConfig, final: ResolvedStage, tokens: int) -> dict:
     per_token = tokens / r.over("step_tokens", 0, n)  # the stage's steps, scaled to `tokens`
     return {"params": count_parameters(final.spec), "tokens": tokens, "seq_len": final.config.seq_len,
             "layout": {"tp": final.layout.tp, "pp": final.layout.pp, "dp": final.layout.dp},
-            "gpus": r.gpus, **{key: per_token * r.over(field, 0, n) for key, field in (
+            "gpus": r.gpus, "nodes": nodes_for(cfg, r.gpus),
+            **{key: per_token * r.over(field, 0, n) for key, field in (
                 ("flops", "step_flops"), ("hw_flops", "step_hw_flops"), ("gpu_hours", "step_gpu_hours"),
                 ("usd", "step_usd"))},
             "days": per_token * r.over("step_seconds", 0, n) / 86400}

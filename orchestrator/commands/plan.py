@@ -62,23 +62,23 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
              + (f", recompute={p.recompute}" if p.recompute != "none" else ""))
     table = Table(title=title)
     predicted = any(s.predicted_loss is not None for s in p.stages)  # plan.loss_fit given
-    for col in ("stage", "params", "layers x hidden (heads)", "tokens", "steps", "tp/pp/dp", "GPUs",
+    for col in ("stage", "params", "layers x hidden (heads)", "tokens", "steps", "tp/pp/dp", "GPUs", "nodes",
                 "FLOPs", "TFLOP/s/GPU", "GPU-hours", "days", "USD", "states GiB/GPU") + (("pred. loss",) * predicted):
         table.add_column(col, justify="left" if col in ("stage", "layers x hidden (heads)") else "right")
     for s in p.stages:
         lay = s.layout
         table.add_row(s.name, _params(s.params), f"{s.shape['layers']} x {s.shape['hidden']} ({s.shape['heads']})",
                       _params(s.tokens), f"{s.steps:,}", f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(s.gpus),
-                      f"{s.flops:.3e}", f"{s.tflops_per_gpu:.4g}" + ("" if s.throughput == "measured" else "*"),
+                      str(s.nodes), f"{s.flops:.3e}", f"{s.tflops_per_gpu:.4g}" + ("" if s.throughput == "measured" else "*"),
                       _num(s.gpu_hours), f"{s.days:.3g}", _usd(s.usd), f"{s.state_gib_per_gpu:.3g}",
                       *([f"{s.predicted_loss:.4f}"] if predicted else []))
     t, sc = p.totals, p.scratch
     table.add_section()
-    table.add_row("[bold]total[/]", "", "", _params(t["tokens"]), "", "", "", f"{t['flops']:.3e}", "",
+    table.add_row("[bold]total[/]", "", "", _params(t["tokens"]), "", "", "", "", f"{t['flops']:.3e}", "",
                   _num(t["gpu_hours"]), f"{t['days']:.3g}", _usd(t["usd"]), "", *([""] * predicted))
     lay = sc["layout"]
     table.add_row("from scratch", _params(sc["params"]), "final shape", _params(sc["tokens"]), "",
-                  f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(sc["gpus"]), f"{sc['flops']:.3e}", "",
+                  f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(sc["gpus"]), str(sc["nodes"]), f"{sc['flops']:.3e}", "",
                   _num(sc["gpu_hours"]), f"{sc['days']:.3g}", _usd(sc["usd"]), "", *([""] * predicted))
     if predicted:
         console.print(f"pred. loss: final validation loss predicted by {p.loss_fit} (grow predict) for the "

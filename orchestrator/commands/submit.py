@@ -9,6 +9,7 @@ the jobs as an absolute `hydra.searchpath`. Job ids go to <run dir>/slurm/jobs.j
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_FAILED, exit_status, fail
 from orchestrator.run.state import is_finished, latest_meta
 from orchestrator.slurm.paths import slurm_dir
-from orchestrator.slurm.render import render_stage
+from orchestrator.slurm.render import render_stage, split_tensor_parallel
 from orchestrator.slurm.submit import SubmitError, check_can_submit, submit_chain
 
 
@@ -55,8 +56,11 @@ def submit_command(args: list[str]) -> int:
             print(f"grow: every stage of {run_dir} is finished; nothing to submit")
             return 0
         texts = [(i, st.name, render_stage(cfg, i, st, run_dir, workdir, job_overrides)) for i, st in todo]
+        warnings = [w for i, st in todo if (w := split_tensor_parallel(cfg, i, st))]
     except ConfigError as e:
         return exit_status(e)
+    for w in warnings:
+        print(f"grow: warning: {w}", file=sys.stderr)
 
     (slurm_dir(run_dir) / "logs").mkdir(parents=True, exist_ok=True)
     scripts = []

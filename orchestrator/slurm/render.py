@@ -89,6 +89,18 @@ def stage_ranks(cfg: RunConfig, index: int, stage: StageConfig) -> tuple[int, in
     return nodes, ranks // nodes
 
 
+def split_tensor_parallel(cfg: RunConfig, index: int, stage: StageConfig) -> str | None:
+    """A warning when the stage's tensor-parallel groups would span nodes (Megatron puts a
+    TP group on consecutive ranks, so it stays inside a node when tp divides the ranks per
+    node); TP exchanges activations every layer and is slow across nodes."""
+    nodes, per_node = stage_ranks(cfg, index, stage)
+    tp = stage.layout.tp
+    if nodes > 1 and per_node % tp:
+        return (f"stage {stage.name}: tp={tp} does not divide the {per_node} ranks per node: its tensor-parallel "
+                "groups span nodes, which is slow (raise submit.tasks_per_node or lower tp)")
+    return None
+
+
 def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, workdir: Path,
                  overrides: list[str], environ=None) -> str:
     s = cfg.submit

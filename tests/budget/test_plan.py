@@ -41,6 +41,7 @@ def test_flm_shapes_match_the_published_sizes_and_tokens(flm):
                                              {"tp": 4, "pp": 4, "dp": 12}]
     assert [s.tflops_per_gpu for s in flm.stages] == [162, 160, 165]
     assert [s.throughput for s in flm.stages] == ["measured"] * 3
+    assert [s.nodes for s in flm.stages] == [24, 24, 24] and flm.scratch["nodes"] == 24  # 8 GPUs a node, as FLM-101B
 
 
 def test_flm_totals_and_the_from_scratch_comparison(flm):

@@ -193,3 +193,16 @@ def test_ledger_keeps_restarts_and_lost_time_apart_from_spend():
     assert back.total.tokens == 512 and back.total.wall_s == 2.0  # lost time is not spend
     assert set(back.stages) == {"s1"}
     assert Ledger.from_dict({"s1": back.to_dict()["s1"]}).lost == {}  # checkpoints from before
+
+
+def test_tensor_parallelism_that_would_span_nodes_is_said():
+    from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
+    from orchestrator.slurm.render import split_tensor_parallel
+    cfg = RunConfig()
+    cfg.submit.tasks_per_node = 4
+    inside = StageConfig(name="in", layout=LayoutConfig(tp=4, dp=2))  # 2 nodes x 4: a TP group per node
+    across = StageConfig(name="across", layout=LayoutConfig(tp=8, dp=1))  # 2 nodes x 4: one group on both
+    assert split_tensor_parallel(cfg, 0, inside) is None
+    assert "tp=8 does not divide the 4 ranks per node" in split_tensor_parallel(cfg, 1, across)
+    cfg.submit.tasks_per_node = 8
+    assert split_tensor_parallel(cfg, 1, across) is None  # one node
