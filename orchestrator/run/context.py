@@ -26,8 +26,8 @@ class ValidationSets:
 
     data: PreparedData
     n_batches: int
-    _built: dict = field(default_factory=dict)
-    _token_bytes: object = None  # the tokenizer's bytes per id, for bits-per-byte
+    _built: dict = field(default_factory=dict, init=False)
+    _token_bytes: object = field(default=None, init=False)  # the tokenizer's bytes per id, for bits-per-byte
 
     def of(self, stage: ResolvedStage) -> dict[str, ValSet]:
         """The sources the stage's mixture reads (with a positive ratio), all of them without one."""
