@@ -25,12 +25,13 @@ def status_command(args: list[str]) -> int:
         print(json.dumps(info, indent=1))
         return 0
     table = Table(title=f"{run_dir}")
-    for col in ("#", "stage", "jobs", "state", "requeues", "tokens", "GPU-h", "USD", "lost s"):
+    for col in ("#", "stage", "jobs", "nodes", "state", "requeues", "tokens", "GPU-h", "USD", "lost s"):
         table.add_column(col)
     for r in info["stages"]:
         tokens = f"{r['tokens']}" + (f"/{r['tokens_target']}" if r["tokens_target"] else "")
-        table.add_row(str(r["index"]), r["stage"], ",".join(r["job_ids"]) or "-", r["state"],
-                      str(r["requeues"]), tokens, f"{r['gpu_hours']:.4f}", f"{r['cost_usd']:.4f}",
+        requeues = str(r["requeues"]) + (f" ({'; '.join(r['requeue_reasons'])})" if r["requeue_reasons"] else "")
+        table.add_row(str(r["index"]), r["stage"], ",".join(r["job_ids"]) or "-", str(r["nodes"] or "-"),
+                      r["state"], requeues, tokens, f"{r['gpu_hours']:.4f}", f"{r['cost_usd']:.4f}",
                       f"{r['lost_s']:.0f}")
     console = Console(width=160)
     console.print(table)

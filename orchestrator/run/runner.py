@@ -26,7 +26,7 @@ from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state
 from orchestrator.run.stage_start import begin, grow_into, source_after
 from orchestrator.run.state import NextStage, RunState, next_stage
-from orchestrator.schedule import ResolvedStage, Schedule, max_seq_len, resolve
+from orchestrator.schedule import Schedule, max_seq_len, resolve
 from orchestrator.tracking.mlflow_tracker import make_tracker
 from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
 

@@ -29,6 +29,19 @@ def _stage_list(run_dir: Path, record: dict) -> list[tuple[int, str, int | None]
     return [(i, n, None) for i, n in sorted(seen.items())]
 
 
+def _reason(attempt: dict) -> str | None:
+    """Why an attempt ended without finishing its stage: node failure (Slurm requeued the
+    job itself), time limit or preemption (a signal, then our requeue), or a crash."""
+    outcome = attempt.get("outcome", "")
+    if outcome.startswith("interrupted"):
+        return "node failure or preemption"
+    if outcome == "requeue":
+        return "time limit or preemption signal"
+    if outcome.startswith(("failure", "gave up")):
+        return f"crash (exit {attempt.get('rc')})"
+    return None
+
+
 def describe(run_dir: Path) -> dict:
     record = read_json(jobs_file(run_dir), {"submissions": []})
     stages = _stage_list(run_dir, record)
@@ -69,6 +82,8 @@ def describe(run_dir: Path) -> dict:
         spend = ledger.get(name, {})
         rows.append({"index": index, "stage": name, "job_ids": ids, "state": state,
                      "slurm_state": q.get("state"), "reason": q.get("reason"), "requeues": requeues,
+                     "nodes": attempts[-1].get("nodes", 1) if attempts else None,
+                     "requeue_reasons": [_reason(a) for a in attempts[:-1] if _reason(a)],
                      "consecutive_failures": state_file["failures"],
                      "tokens": int(spend.get("tokens", 0)), "tokens_target": target,
                      "gpu_hours": spend.get("gpu_hours", 0.0), "cost_usd": spend.get("cost_usd", 0.0),
