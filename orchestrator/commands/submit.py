@@ -18,7 +18,8 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_FAILED, exit_status, fail
 from orchestrator.run.state import is_finished, latest_meta
 from orchestrator.slurm.paths import slurm_dir
-from orchestrator.slurm.render import render_stage, split_tensor_parallel
+from orchestrator.slurm.queue import partition_nodes
+from orchestrator.slurm.render import render_stage, split_tensor_parallel, stage_ranks
 from orchestrator.slurm.submit import SubmitError, check_can_submit, submit_chain
 
 
@@ -39,6 +40,21 @@ def _split(cmd: CommandLine) -> tuple[str | None, CommandLine, list[str]]:
     return run_dir, compose_cmd, job + ([sp] if sp else [])
 
 
+def check_partition_fits(cfg, todo: list) -> None:
+    """A stage that needs more nodes than its partition has would wait in the queue forever."""
+    found = partition_nodes(cfg.submit.partition)
+    if found is None:
+        return
+    partition, available = found
+    for i, st in todo:
+        nodes, per_node = stage_ranks(cfg, i, st)
+        if nodes > available:
+            raise ConfigError(f"schedule.stages.{i}.layout",
+                              f"stage {st.name} needs {nodes} nodes ({nodes * per_node} ranks, at most "
+                              f"submit.tasks_per_node={cfg.submit.tasks_per_node} per node), but partition "
+                              f"{partition} has {available}")
+
+
 def submit_command(args: list[str]) -> int:
     workdir = Path.cwd()
     try:
@@ -57,6 +73,8 @@ def submit_command(args: list[str]) -> int:
             return 0
         texts = [(i, st.name, render_stage(cfg, i, st, run_dir, workdir, job_overrides)) for i, st in todo]
         warnings = [w for i, st in todo if (w := split_tensor_parallel(cfg, i, st))]
+        if not cfg.submit.dry_run:
+            check_partition_fits(cfg, todo)
     except ConfigError as e:
         return exit_status(e)
     for w in warnings:

@@ -32,3 +32,21 @@ def query_jobs(job_ids: list[str]) -> dict[str, dict]:
                            "time_limit": f.get("TimeLimit", ""), "exit_code": f.get("ExitCode", ""),
                            "dependency": f.get("Dependency", "")}
     return found
+
+
+def partition_nodes(partition: str | None) -> tuple[str, int] | None:
+    """(partition name, its node count) from `sinfo`: the named partition, or the default
+    one; None where sinfo is missing or does not know it."""
+    if not shutil.which("sinfo"):
+        return None
+    proc = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True)
+    counts: dict[str, int] = {}
+    default = None
+    for line in proc.stdout.splitlines():
+        name, _, count = line.partition(" ")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        if count.strip().isdigit():
+            counts[name] = counts.get(name, 0) + int(count)  # one line per node state
+    name = partition or default
+    return (name, counts[name]) if name in counts else None

@@ -20,7 +20,7 @@ import pytest
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.slurm.paths import stage_state_file
 
-from ..conftest import read_summary
+from ..conftest import grow_in_process, read_summary
 from .cluster import SlurmCluster, install_if_needed
 from .test_cluster import grow, logs, status, wait_for
 
@@ -129,3 +129,13 @@ def test_a_node_that_dies_mid_stage_costs_a_requeue_not_the_run(two_nodes, two_n
     assert st["requeue_reasons"] == ["node failure or preemption"] and st["nodes"] == 2
     with capsys.disabled():
         print(f"\nnode death: down after {detected:.1f} s, stage s2 running again after {restarted:.1f} s")
+
+
+def test_a_stage_needing_more_nodes_than_the_partition_has_is_refused_before_submitting(two_nodes, tmp_path,
+                                                                                        capsys):
+    code = grow_in_process("submit", "schedule=tiny", f"hydra.run.dir={tmp_path / 'run'}", "tracking=off",
+                           "engine=deepspeed", "schedule.stages.0.layout.dp=4")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "schedule.stages.0.layout: stage s1 needs 4 nodes" in err and "partition debug has 2" in err
+    assert not (tmp_path / "run" / "slurm" / "jobs.json").exists()
