@@ -1,11 +1,14 @@
-"""One rank of a parallel-vs-local comparison (run under torchrun by tests/engines/test_deepspeed.py).
+"""Ranks of parallel-vs-local comparisons (run under torchrun by tests/engines/test_deepspeed.py).
 
-Usage: parallel_worker.py OUT_DIR TP PP DP TIED [MICRO [ZERO_STAGE [DTYPE]]]
+Usage: parallel_worker.py CASE [CASE ...], CASE = OUT_DIR,TP,PP,DP,TIED,MICRO,ZERO_STAGE,DTYPE
+(MICRO `-`: the whole per-rank batch). Every case needs TP*PP*DP = the world size; one launch
+runs its cases one after another (each builds its own engine; the engine sets up the
+model-parallel groups again), so the start of torchrun and its imports is paid once.
 
-Trains `CASE_STEPS` steps from `case_start()` (weights, Adam moments at step 3, growth masks
-mid-ramp) with clipping active, and writes per-step losses, grad norms, the validation
-loss and this rank's exported share of the canonical state to OUT_DIR (in bf16 also the
-share exported right after loading, before any step).
+Each case trains `CASE_STEPS` steps from `case_start()` (weights, Adam moments at step 3,
+growth masks mid-ramp) with clipping active, and writes per-step losses, grad norms, the
+validation loss and this rank's exported share of the canonical state to OUT_DIR (in bf16
+also the share exported right after loading, before any step).
 """
 from __future__ import annotations
 
@@ -71,11 +74,13 @@ def run_case(engine, spec: ModelSpec, start=None, after_load=None) -> dict:
     return {"losses": losses, "grad_norms": norms, "val_loss": val}
 
 
-def main() -> None:
-    out, tp, pp, dp, tied = Path(sys.argv[1]), *map(int, sys.argv[2:6])
-    micro = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "-" else None
-    zero = int(sys.argv[7]) if len(sys.argv) > 7 else 1
-    dtype = sys.argv[8] if len(sys.argv) > 8 else "fp32"
+def case_arg(out: Path, tp: int, pp: int, dp: int, tied: int, micro: int | None = None, zero: int = 1,
+             dtype: str = "fp32") -> str:
+    """One CASE argument of this script."""
+    return ",".join(map(str, (out, tp, pp, dp, tied, "-" if micro is None else micro, zero, dtype)))
+
+
+def run_one(out: Path, tp: int, pp: int, dp: int, tied: int, micro: int | None, zero: int, dtype: str) -> None:
     from orchestrator.engines.deepspeed_engine import DeepSpeedEngine
 
     spec = case_spec(bool(tied))
@@ -110,7 +115,14 @@ def main() -> None:
     result["full_reads"] = sorted(set(full_reads))
     step = save("")
     (out / f"result-{rank}.json").write_text(json.dumps({**result, "step": step}))
-    torch.distributed.barrier()  # leave together, as `grow run`'s ranks do
+
+
+def main() -> None:
+    for arg in sys.argv[1:]:
+        out, tp, pp, dp, tied, micro, zero, dtype = arg.split(",")
+        run_one(Path(out), int(tp), int(pp), int(dp), int(tied), None if micro == "-" else int(micro), int(zero),
+                dtype)
+        torch.distributed.barrier()  # the next case, or leaving, together (as `grow run`'s ranks leave)
     leave_process_group()
 
 

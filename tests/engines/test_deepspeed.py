@@ -31,7 +31,7 @@ from ..conftest import REPO, fork_grow, grow_cmd, read_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from orchestrator.schedule import ResolvedStage
-from parallel_worker import case_config, case_spec, case_start, run_case  # noqa: E402
+from parallel_worker import case_arg, case_config, case_spec, case_start, run_case  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": str(REPO)}
@@ -43,18 +43,44 @@ def torchrun(world: int, *args: str, timeout: int = 400) -> subprocess.Completed
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+# every parallel_worker case the tests below compare: (tp, pp, dp, tied, micro, zero, dtype)
+TRAINING = [
+    (1, 1, 2, 1, 2, 1, "fp32"), (2, 1, 1, 0, 2, 1, "fp32"),  # world 2
+    (2, 2, 1, 0, 2, 1, "fp32"), (2, 1, 2, 1, 2, 2, "fp32"),  # world 4 (ZeRO-2: no pipeline)
+    (2, 2, 2, 1, 2, 1, "fp32"), (2, 2, 2, 0, 2, 1, "fp32"),  # world 8
+]
+BF16 = (1, 2, 2, 0, 2, 1, "bf16")  # world 4
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    """`worker_runs(case)`: the output directory of a parallel_worker case. The first test that
+    asks for a world size launches every case of that size in one torchrun (a launch costs
+    ~25 s of imports on 2 cores; the cases themselves a few seconds each)."""
+    done: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def out_dir(case: tuple) -> Path:
+        if case not in done:
+            world = case[0] * case[1] * case[2]
+            group = [c for c in (*TRAINING, BF16) if c[0] * c[1] * c[2] == world]
+            dirs = {c: tmp_path_factory.mktemp("-".join(map(str, c))) for c in group}
+            proc = torchrun(world, *(case_arg(dirs[c], *c) for c in group), timeout=300 + 150 * len(group))
+            done.update({c: (dirs[c], proc) for c in group})
+        out, proc = done[case]
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return out
+    return out_dir
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp,tied,zero", [
-    (1, 1, 2, 1, 1), (2, 1, 1, 0, 1),                     # world 2
-    (2, 2, 1, 0, 1), (2, 1, 2, 1, 2),                     # world 4 (ZeRO-2: no pipeline)
-    (2, 2, 2, 1, 1), (2, 2, 2, 0, 1),                     # world 8
-], ids=["dp2-tied", "tp2-untied", "tp2pp2-untied", "tp2dp2-tied-zero2", "tp2pp2dp2-tied", "tp2pp2dp2-untied"])
-def test_training_matches_local_engine(tmp_path, tp, pp, dp, tied, zero):
+@pytest.mark.parametrize("case", TRAINING, ids=["dp2-tied", "tp2-untied", "tp2pp2-untied", "tp2dp2-tied-zero2",
+                                                "tp2pp2dp2-tied", "tp2pp2dp2-untied"])
+def test_training_matches_local_engine(worker_runs, case):
     from orchestrator.engines.local import LocalEngine
     from orchestrator.engines.parallel_model import split_dim
 
-    proc = torchrun(tp * pp * dp, str(tmp_path), str(tp), str(pp), str(dp), str(tied), "2", str(zero))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    tp, pp, dp, tied, _, _, _ = case
+    out = worker_runs(case)
     spec = case_spec(bool(tied))
     cfg, stage = case_config()
     local = LocalEngine(cfg, ResolvedStage.alone(stage, spec))
@@ -62,7 +88,7 @@ def test_training_matches_local_engine(tmp_path, tp, pp, dp, tied, zero):
     assert min(want["grad_norms"]) > cfg.train.grad_clip  # clipping is active on every step
     worst = 0.0
     for rank in range(tp * pp * dp):
-        got = json.loads((tmp_path / f"result-{rank}.json").read_text())
+        got = json.loads((out / f"result-{rank}.json").read_text())
         worst = max([worst, *(abs(a - b) / abs(b) for a, b in zip(got["losses"], want["losses"]))])
         for a, b in zip(got["losses"], want["losses"], strict=True):
             assert abs(a - b) <= 1e-5 * abs(b), (rank, got["losses"], want["losses"])
@@ -74,8 +100,8 @@ def test_training_matches_local_engine(tmp_path, tp, pp, dp, tied, zero):
     print(f"world {tp * pp * dp}: worst relative loss difference {worst:.1e} over {len(want['losses'])} steps")
     # the shares the ranks export together are the local engine's canonical state
     state, moments, _ = local.export()
-    shared, shared_m = shares(tmp_path, "")
-    written = sum(len(load_file(f)) for f in glob.glob(str(tmp_path / "state-*.safetensors")))
+    shared, shared_m = shares(out, "")
+    written = sum(len(load_file(f)) for f in glob.glob(str(out / "state-*.safetensors")))
     assert written == len(shared)  # every tensor written by exactly one rank
     assert set(shared) == set(state)
     for k, v in state.items():
@@ -95,18 +121,17 @@ def shares(out: Path, prefix: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
+def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(worker_runs):
     """bf16 (the GPU path's dtype; DeepSpeed's BF16 optimizer, here on gloo) with a pipeline
     and ZeRO-1 over DP: the optimizer's fp32 masters and moments take the canonical state
     bit for bit, per-step losses stay within bf16 rounding of the fp32 local engine, and
     the exported state is the fp32 masters, not the bf16 copies."""
     from orchestrator.engines.local import LocalEngine
 
-    proc = torchrun(4, str(tmp_path), "1", "2", "2", "0", "2", "1", "bf16")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = worker_runs(BF16)
     spec = case_spec(False)
     start_state, start_moments, _, _ = case_start(spec)
-    loaded, loaded_m = shares(tmp_path, "loaded-")
+    loaded, loaded_m = shares(out, "loaded-")
     assert set(loaded) == set(start_state)
     for k, v in start_state.items():
         assert torch.equal(loaded[k], v), k
@@ -114,12 +139,12 @@ def test_bf16_keeps_fp32_masters_and_tracks_the_fp32_run(tmp_path):
             assert torch.equal(loaded_m[f"{kind}.{k}"], start_moments[kind][k]), (kind, k)
     cfg, stage = case_config()
     want = run_case(LocalEngine(cfg, ResolvedStage.alone(stage, spec)), spec)
-    got = json.loads((tmp_path / "result-0.json").read_text())
+    got = json.loads((out / "result-0.json").read_text())
     worst = max(abs(a - b) / b for a, b in zip(got["losses"], want["losses"], strict=True))
     print(f"bf16 vs fp32: worst relative loss difference {worst:.1e}")
     assert worst < 1e-3 and abs(got["val_loss"] - want["val_loss"]) < 1e-2 * want["val_loss"]
     assert got["losses"] != want["losses"]  # it really ran in bf16
-    final, _ = shares(tmp_path, "")
+    final, _ = shares(out, "")
     matrices = [k for k, v in final.items() if v.ndim == 2]
     assert all(final[k].dtype == torch.float32 for k in final)
     assert all((final[k].bfloat16().float() != final[k]).any() for k in matrices)  # fp32 precision kept
