@@ -7,6 +7,7 @@ from Hydra); in a sweep (`-m`) each member composes its own config and validates
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -14,13 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from orchestrator.commands.compose import compose, load_schedule, parse_args, run_dir_override, without_sweeps
-from orchestrator.commands.configure import configure
+from orchestrator.commands.configure import check_config, configure
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines.registry import engine_kind
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.exits import exit_status
-from orchestrator.run.launch import drive, in_launch, leave_process_group, prepare_rank
+from orchestrator.run.launch import fit_to_world, drive, in_launch, leave_process_group, prepare_rank
 from orchestrator.run.lock import first_rank
 from orchestrator.run.runner import run_schedule
 from orchestrator.run.sweep import sweep_member_params
@@ -79,6 +80,11 @@ def run_job(raw_cfg, validated: Schedule | None = None) -> None:
             if not in_launch():
                 sys.exit(drive(cfg))  # start the ranks ourselves, one torchrun per stage
             prepare_rank(cfg)  # a rank srun/torchrun started: its environment, before DeepSpeed loads
+            fitted, note = fit_to_world(cfg, int(os.environ.get("WORLD_SIZE", "0") or 0))
+            if note:  # an elastic stage on fewer nodes: its layout is checked like any other
+                schedule, cfg = check_config(fitted), fitted
+                if first_rank():
+                    print(f"grow run: {note}", flush=True)
         run_schedule(cfg, extra_params=sweep_member_params(), schedule=schedule)
         leave_process_group()
     except Exception as e:

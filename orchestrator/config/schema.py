@@ -254,6 +254,9 @@ class SubmitConfig:
 
     template: str = "stage.sbatch"  # file in slurm/ (or a path): string.Template placeholders
     nodes: Annotated[int, _POS] = 1  # at least this many; more when a stage's layout needs more ranks than fit
+    # elastic: a stage whose (non-head) node dies goes on with this many nodes or more (torchrun
+    # re-forms the group; data parallelism shrinks, micro-batches keep the global batch); null: never
+    min_nodes: Annotated[Optional[int], _POS] = None
     # max ranks (torchrun --nproc_per_node) per node; a stage runs tp*pp*dp ranks
     tasks_per_node: Annotated[int, _POS] = 1
     gpus_per_node: Annotated[int, NonNegative] = 0  # 0: no --gpus-per-node line

@@ -60,6 +60,29 @@ def prepare_rank(cfg: RunConfig) -> None:
     os.environ.update(rank_environment(os.environ, cfg.engine.device))
 
 
+def fit_to_world(cfg: RunConfig, world: int) -> tuple[RunConfig, str | None]:
+    """`cfg` for the ranks this launch really has. An elastic stage (submit.min_nodes) that
+    torchrun re-formed on fewer nodes after one died trains data parallel over the ranks left:
+    dp shrinks and each rank accumulates micro-batches of the planned per-rank size, so the
+    global batch, the data order and the tokens stay the same. (The new layout, and a note
+    saying so; the config as it was, and None, when nothing changed or it is not elastic.)"""
+    name = cfg.run.only_stage
+    if cfg.submit.min_nodes is None or name is None:
+        return cfg, None
+    stages = cfg.schedule.stages
+    i = [s.name for s in stages].index(name)
+    lay, batch = stages[i].layout, stages[i].batch_size
+    if world == layout_world(lay) or world % (lay.tp * lay.pp):
+        return cfg, None  # the planned layout, or one no data-parallel size fits: the checks say so
+    dp = world // (lay.tp * lay.pp)
+    micro = lay.micro_batch_size or batch // lay.dp
+    stage = dataclasses.replace(stages[i], layout=dataclasses.replace(lay, dp=dp, micro_batch_size=micro))
+    schedule = dataclasses.replace(cfg.schedule, stages=[*stages[:i], stage, *stages[i + 1:]])
+    note = (f"stage {name} runs on {world} of its {layout_world(lay)} ranks: data parallel {lay.dp} -> {dp}, "
+            f"{batch // dp // micro} micro-batches of {micro} per rank and step (the global batch is kept)")
+    return dataclasses.replace(cfg, schedule=schedule), note
+
+
 def leave_process_group() -> None:
     """A rank leaves its process group before the interpreter exits: otherwise gloo's threads
     can still be running at exit and abort it (`terminate called without an active exception`)."""

@@ -89,6 +89,27 @@ def stage_ranks(cfg: RunConfig, index: int, stage: StageConfig) -> tuple[int, in
     return nodes, ranks // nodes
 
 
+def elastic_nodes(cfg: RunConfig, index: int, stage: StageConfig) -> int | None:
+    """The fewest nodes the stage may go on with (submit.min_nodes, elastic), or None when it
+    needs all of them. Every node count from there up must give a whole data-parallel size
+    that divides the batch: dp' = nodes' x ranks per node / (tp x pp)."""
+    least = cfg.submit.min_nodes
+    nodes, per_node = stage_ranks(cfg, index, stage)
+    if least is None or least >= nodes:
+        return None
+    lay, mp = stage.layout, stage.layout.tp * stage.layout.pp
+    micro = lay.micro_batch_size or stage.batch_size // lay.dp  # kept: micro-batches make up the rest
+    for n in range(least, nodes):
+        ranks = n * per_node
+        dp = ranks // mp
+        if ranks % mp or stage.batch_size % dp or (stage.batch_size // dp) % micro:
+            raise ConfigError("submit.min_nodes", f"stage {stage.name} on {n} of its {nodes} nodes would have "
+                                                  f"{ranks} ranks, which tp x pp = {mp} and batch_size="
+                                                  f"{stage.batch_size} do not split into whole data-parallel "
+                                                  f"ranks; allowed: a node count that does, or null")
+    return least
+
+
 def split_tensor_parallel(cfg: RunConfig, index: int, stage: StageConfig) -> str | None:
     """A warning when the stage's tensor-parallel groups would span nodes (Megatron puts a
     TP group on consecutive ranks, so it stays inside a node when tp divides the ranks per
@@ -109,14 +130,18 @@ def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, 
     python = s.python or __import__("sys").executable
     nodes, per_node = stage_ranks(cfg, index, stage)
     use_torchrun = s.launcher == "torchrun" or (s.launcher == "auto" and nodes * per_node > 1)
+    least = elastic_nodes(cfg, index, stage) if use_torchrun else None
     py = shlex.quote(python)
     if use_torchrun:
         # One agent per node (srun --ntasks-per-node=1). bash -c so that each node reads its own
         # SLURM_NODEID: the first node's agent hosts the rendezvous store (else whichever binds
         # first does, and losing that node loses the rendezvous); the endpoint is the head
         # node's address as Slurm knows it and a port of this job's own (see the template).
+        # elastic (submit.min_nodes): torchrun re-forms the group on the nodes left after one dies
+        # and restarts the ranks, which resume from the last checkpoint on the smaller layout
+        nnodes = f"{least}:{nodes} --max-restarts=3" if least else str(nodes)
         launch = ("bash -c 'exec \"$PYTHON\" -m torch.distributed.run "
-                  f"--nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d "
+                  f"--nnodes={nnodes} --nproc_per_node={per_node} --rdzv_backend=c10d "
                   '--rdzv_endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" '
                   '--rdzv_conf="is_host=$(( SLURM_NODEID == 0 ))" -m orchestrator.cli "$@"\' grow')
     else:
@@ -127,6 +152,8 @@ def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, 
     for key in ("mem", "partition", "account", "qos"):
         if getattr(s, key) is not None:
             sbatch.append(f"--{key}={getattr(s, key)}")
+    if least:
+        sbatch.append("--no-kill")  # a node's death leaves the job running on the others
     sbatch += s.extra_sbatch
     sbatch_lines = "\n".join("#SBATCH " + scrub_line(x if x.startswith("-") else "--" + x, secrets)
                              for x in sbatch)
@@ -142,13 +169,16 @@ def render_stage(cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path, 
         "setup_lines": "\n".join(scrub_line(x, secrets) for x in s.setup),
         "container": " ".join(shell_word(x, secrets) for x in s.container),
         "python": py, "launch": launch, "rdzv_port": str(s.rdzv_port),
+        "srun_kill": "--no-kill --kill-on-bad-exit=0" if least else "--kill-on-bad-exit=1",
         "rdzv_port_span": str(min(RDZV_PORT_SPAN, 65536 - s.rdzv_port)),
         # srun passes USR1 on to its tasks; a torchrun task would die of it (and srun treats a
         # TERM to itself as a cancel), so TERM goes to every process of the job's steps:
         # the workers checkpoint, torchrun waits for them.
         "forward": ('scancel --signal=TERM "$SLURM_JOB_ID"' if use_torchrun
                     else 'kill -USR1 "$child" 2>/dev/null'),
-        "overrides": " ".join(shell_word(o, secrets) for o in overrides),
+        # the job's own grow run keeps the other submit.* settings out, but must know it is elastic
+        "overrides": " ".join(shell_word(o, secrets) for o in
+                              [*overrides, *([f"submit.min_nodes={least}"] if least else [])]),
     }
     path = template_path(s.template)
     return fill(path.read_text(), values, str(path))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
+from orchestrator.run.state import is_finished
 from orchestrator.slurm.paths import stage_state_file
 
 from ..conftest import grow_in_process, read_summary
@@ -52,9 +53,9 @@ def queue_empty(cluster: SlurmCluster) -> bool:
     return not subprocess.run(["squeue", "-h"], env=cluster.env, capture_output=True, text=True).stdout.strip()
 
 
-def submit(cwd: Path, run_dir: Path, cache: Path) -> list[str]:
+def submit(cwd: Path, run_dir: Path, cache: Path, *overrides: str) -> list[str]:
     grow(cwd, "submit", "schedule=tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}",
-         "engine.threads=1", "tracking=off", *TWO_NODES)
+         "engine.threads=1", "tracking=off", *TWO_NODES, *overrides)
     record = json.loads((run_dir / "slurm" / "jobs.json").read_text())
     return [s["job_id"] for s in record["submissions"][-1]["stages"]]
 
@@ -62,6 +63,22 @@ def submit(cwd: Path, run_dir: Path, cache: Path) -> list[str]:
 def complete(run_dir: Path, cluster: SlurmCluster) -> bool:
     return ((run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
             and queue_empty(cluster))
+
+
+def in_queue(cluster: SlurmCluster, job: str) -> bool:
+    return job in subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster.env, capture_output=True,
+                                 text=True).stdout.split()
+
+
+def stage_finished(run_dir: Path, index: int) -> bool:
+    ckpt = latest_checkpoint(run_dir)
+    return ckpt is not None and is_finished(read_meta(ckpt), index)
+
+
+def s2_checkpointed_mid_stage(run_dir: Path) -> bool:
+    ckpt = latest_checkpoint(run_dir)
+    meta = read_meta(ckpt) if ckpt else {}
+    return meta.get("stage_index") == 1 and meta.get("step", 0) > 0 and not meta.get("stage_complete")
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +109,7 @@ def test_a_node_that_dies_mid_stage_costs_a_requeue_not_the_run(two_nodes, two_n
     run_dir = tmp_path / "run"
     ids = submit(tmp_path, run_dir, data_cache)
 
-    def s2_checkpointed_mid_stage():
-        ckpt = latest_checkpoint(run_dir)
-        meta = read_meta(ckpt) if ckpt else {}
-        return meta.get("stage_index") == 1 and meta.get("step", 0) > 0 and not meta.get("stage_complete")
-    wait_for(s2_checkpointed_mid_stage, 900, "a checkpoint inside stage s2", interval=0.5,
+    wait_for(lambda: s2_checkpointed_mid_stage(run_dir), 900, "a checkpoint inside stage s2", interval=0.5,
              on_timeout=lambda: logs(run_dir))
     killed_at = time.monotonic()
     assert two_nodes.kill_node("n2")
@@ -139,3 +152,32 @@ def test_a_stage_needing_more_nodes_than_the_partition_has_is_refused_before_sub
     assert code == 2 and err.count("\n") == 1, err
     assert "schedule.stages.0.layout: stage s1 needs 4 nodes" in err and "partition debug has 2" in err
     assert not (tmp_path / "run" / "slurm" / "jobs.json").exists()
+
+
+def test_an_elastic_stage_goes_on_with_the_node_left(two_nodes, two_node_chain, tmp_path, data_cache, capsys):
+    """submit.min_nodes=1: when n2 dies in stage s2, the job is not requeued: torchrun re-forms
+    the group on n1, whose rank resumes from the last checkpoint at data parallel 1 with two
+    micro-batches a step: the same tokens in the same order, the same loss within 1e-5."""
+    run_dir = tmp_path / "run"
+    ids = submit(tmp_path, run_dir, data_cache, "submit.min_nodes=1")
+    wait_for(lambda: s2_checkpointed_mid_stage(run_dir), 900, "a checkpoint inside stage s2", interval=0.5,
+             on_timeout=lambda: logs(run_dir))
+    killed_at = time.monotonic()
+    assert two_nodes.kill_node("n2")
+    # the job goes on on n1 alone; Slurm drops the dead node from it once it marks it down, and
+    # only then may n2's slurmd come back (earlier, the job's step would wait for n2's task)
+    wait_for(lambda: stage_finished(run_dir, 1) and not in_queue(two_nodes, ids[1]), 900,
+             "stage s2 to finish on the node left", interval=1, on_timeout=lambda: logs(run_dir))
+    two_nodes.start_node("n2")  # back for stage s3, which starts on two nodes again
+    wait_for(lambda: complete(run_dir, two_nodes), 1200, "the elastic chain", on_timeout=lambda: logs(run_dir))
+    elapsed = time.monotonic() - killed_at
+    got, want = read_summary(run_dir), read_summary(two_node_chain[0])
+    assert [s["tokens"] for s in got["stages"]] == [s["tokens"] for s in want["stages"]]
+    for g, w in zip(got["stages"], want["stages"], strict=True):
+        assert abs(g["val_loss"] - w["val_loss"]) <= 1e-5 * w["val_loss"], (g, w)
+    text = "".join(p.read_text() for p in sorted((run_dir / "slurm" / "logs").glob("*.out")))
+    assert "stage s2 runs on 1 of its 2 ranks: data parallel 2 -> 1, 2 micro-batches of 4" in text
+    attempts = json.loads(stage_state_file(run_dir, "s2").read_text())["attempts"]
+    assert [a["job_id"] for a in attempts] == [ids[1]] and attempts[0]["outcome"] == "finished"
+    with capsys.disabled():
+        print(f"\nelastic: n2 killed mid-stage s2, chain complete {elapsed:.1f} s later")

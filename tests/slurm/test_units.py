@@ -206,3 +206,33 @@ def test_tensor_parallelism_that_would_span_nodes_is_said():
     assert "tp=8 does not divide the 4 ranks per node" in split_tensor_parallel(cfg, 1, across)
     cfg.submit.tasks_per_node = 8
     assert split_tensor_parallel(cfg, 1, across) is None  # one node
+
+
+def test_an_elastic_stage_is_launched_to_survive_a_node_and_checked_for_every_node_count(tmp_path):
+    from orchestrator.config.errors import ConfigError
+    from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
+    from orchestrator.run.launch import fit_to_world
+    from orchestrator.slurm.render import render_stage
+    cfg = RunConfig()
+    cfg.submit.min_nodes = 1
+    stage = StageConfig(name="s", batch_size=8, layout=LayoutConfig(dp=2))
+    cfg.schedule.stages = [stage]
+    text = render_stage(cfg, 0, stage, tmp_path / "run", tmp_path, ["engine=deepspeed"])
+    assert "#SBATCH --no-kill" in text and "--no-kill --kill-on-bad-exit=0" in text
+    assert "--nnodes=1:2 --max-restarts=3" in text and "submit.min_nodes=1" in text
+    cfg.submit.min_nodes = None
+    plain = render_stage(cfg, 0, stage, tmp_path / "run", tmp_path, ["engine=deepspeed"])
+    assert "--no-kill" not in plain and "--nnodes=2 " in plain and "--kill-on-bad-exit=1" in plain
+    cfg.submit.min_nodes = 1
+    stage.layout.dp, stage.batch_size = 3, 9  # on 2 of 3 nodes: 9 sequences over dp 2
+    with pytest.raises(ConfigError, match="submit.min_nodes: stage s on 2 of its 3 nodes"):
+        render_stage(cfg, 0, stage, tmp_path / "run", tmp_path, [])
+    # the rank's side: the stage on 1 rank of 2 keeps its global batch with micro-batches
+    stage.layout.dp, stage.batch_size = 2, 8
+    cfg.run.only_stage = "s"
+    fitted, note = fit_to_world(cfg, 1)
+    assert fitted.schedule.stages[0].layout == LayoutConfig(dp=1, micro_batch_size=4)
+    assert "data parallel 2 -> 1, 2 micro-batches of 4" in note
+    assert fit_to_world(cfg, 2) == (cfg, None)
+    cfg.submit.min_nodes = None
+    assert fit_to_world(cfg, 1) == (cfg, None)  # not elastic: the planned layout stands
