@@ -136,8 +136,11 @@ class ScheduleConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Annotated[str, OneOf("byte", "bpe")] = "byte"
+    kind: Annotated[str, OneOf("byte", "bpe", "hf")] = "byte"
     vocab_size: Annotated[int, _POS] = 4096  # bpe only
+    # hf only: a Hugging Face tokenizer.json, or a directory holding one (a model directory;
+    # its tokenizer_config.json / special_tokens_map.json name eos and bos)
+    path: Annotated[Optional[str], ONE_LINE] = None
     train_chars: Annotated[int, _POS] = 20_000_000  # bpe only: characters of training text to learn from
     # bpe only: each source's share of those characters, ratios summing to 1 (e.g. English
     # 0.535, Chinese 0.465); {}: the first train_chars of the sources in config order.

@@ -13,8 +13,8 @@ from orchestrator.data.batches import new_cursor, next_global_batch, rank_slice,
 from orchestrator.data.corpus import is_validation, iter_documents
 from orchestrator.data.dataset import PreparedData, TokenStream, prepare_data
 from orchestrator.data.errors import DataError
-from orchestrator.data.tokenizer import BpeTokenizer, ByteTokenizer, build_tokenizer
+from orchestrator.data.tokenizer import BpeTokenizer, ByteTokenizer, HfTokenizer, build_tokenizer
 
 __all__ = ["DataError", "prepare_data", "PreparedData", "TokenStream", "new_cursor",
            "next_global_batch", "validation_batches", "tokens_read", "rank_slice", "ByteTokenizer",
-           "BpeTokenizer", "build_tokenizer", "iter_documents", "is_validation"]
+           "BpeTokenizer", "HfTokenizer", "build_tokenizer", "iter_documents", "is_validation"]

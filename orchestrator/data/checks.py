@@ -23,9 +23,11 @@ from pathlib import Path
 from orchestrator.config.checks import check, check_creatable_dir
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import DataConfig, SourceConfig
+from orchestrator.config.tokenizer_file import TOKENIZER_FILE, hf_tokenizer_file
 from orchestrator.data.corpus import SOURCE_KINDS, file_format, iter_jsonl, people_daily_path, source_files
 from orchestrator.data.errors import DataError
 from orchestrator.data.mixture import check_ratios
+from orchestrator.data.tokenizer import HfTokenizer
 from orchestrator.schedule import Schedule, tokenizer_vocab
 
 HEAD_BYTES = 1 << 16
@@ -33,9 +35,35 @@ SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @check("settings")
+def hf_tokenizer(schedule: Schedule) -> None:
+    """data.tokenizer.kind=hf: `path` names a tokenizer.json (or a directory holding one) that
+    loads and has an eos; `path` is for kind=hf only."""
+    t = schedule.cfg.data.tokenizer
+    key = "data.tokenizer.path"
+    if t.kind != "hf":
+        if t.path is not None:
+            raise ConfigError(key, f"is for data.tokenizer.kind=hf only (kind={t.kind}); drop it or set kind=hf")
+        return
+    if not t.path:
+        raise ConfigError(key, "data.tokenizer.kind=hf needs a path: a tokenizer.json, or a directory "
+                               "holding one (a Hugging Face model directory)")
+    given = Path(t.path).expanduser()
+    if not given.exists():
+        raise ConfigError(key, f"{t.path} does not exist")
+    file = hf_tokenizer_file(t.path)
+    if not file.is_file():
+        raise ConfigError(key, f"{t.path} holds no {TOKENIZER_FILE}; point at a tokenizer.json or a "
+                               "directory holding one")
+    try:
+        HfTokenizer(given)
+    except DataError as e:
+        raise ConfigError(e.key or key, str(e)) from None
+
+
+@check("settings")
 def vocabulary(schedule: Schedule) -> None:
     """model.vocab_size must hold every id of the tokenizer (byte: 257; bpe: the configured
-    size, which training never exceeds)."""
+    size, which training never exceeds; hf: the ids its tokenizer.json defines)."""
     cfg = schedule.cfg
     m, tokenizer = cfg.model, tokenizer_vocab(cfg)
     if m.vocab_size is not None and m.vocab_size < tokenizer:

@@ -94,6 +94,8 @@ def _build(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, ou
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(meta["dtype"])
     eos = np.array([tok.eos_id], dtype=dtype)
+    bos_id = getattr(tok, "bos_id", None)  # an hf tokenizer's, written before each document
+    head = [np.array([bos_id], dtype=dtype)] if bos_id is not None else []
     docs = {"train": 0, "val": 0}
     last = None  # the last document's tokens, for the never-empty-val rule
     with TokenFileWriter(out / "train.bin", dtype) as tw, TokenFileWriter(out / "val.bin", dtype) as vw:
@@ -101,7 +103,7 @@ def _build(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, ou
             parts = {"train": [], "val": []}
             for (doc_id, _), ids in zip(chunk, tok.encode_batch([t for _, t in chunk])):
                 split = "val" if is_validation(doc_id, val_fraction) else "train"
-                parts[split] += [ids, eos]
+                parts[split] += [*head, ids, eos]
                 docs[split] += 1
                 last = ids
             for split, w in (("train", tw), ("val", vw)):
@@ -112,8 +114,8 @@ def _build(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, ou
         if docs["val"] == 0:
             # Tiny inputs can hash every document into train; a stage's evaluation needs
             # something, so the last document moves to val (it was the last written).
-            tw.truncate(tw.tokens - len(last) - 1)
-            vw.write(np.concatenate([last, eos]).astype(dtype, copy=False))
+            tw.truncate(tw.tokens - len(head) - len(last) - 1)
+            vw.write(np.concatenate([*head, last, eos]).astype(dtype, copy=False))
             docs["train"] -= 1
             docs["val"] += 1
         if docs["train"] == 0:
@@ -200,6 +202,8 @@ def prepare_data(cfg: DataConfig, source_names: list[str] | None = None) -> Prep
                     "dtype": token_dtype(tok.vocab_size).name, "val_fraction": cfg.val_fraction}
         out = root / stable_hash({k: expected[k] for k in ("format", "source_config", "content",
                                                            "tokenizer", "val_fraction")})
+        if getattr(tok, "bos_id", None) is not None:  # only then, so other caches keep their key
+            expected["bos_id"] = tok.bos_id
         meta = _load(out, expected)
         data.built[name] = meta is None
         if meta is None:

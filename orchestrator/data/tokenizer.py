@@ -1,20 +1,25 @@
-"""Tokenizers: raw UTF-8 bytes, or a byte-level BPE learned from the training text.
+"""Tokenizers: raw UTF-8 bytes, a byte-level BPE learned from the training text, or a
+Hugging Face tokenizer.json given by path.
 
-Both map any string to ids and back without loss and append nothing themselves: the
-dataset writes `eos_id` after every document, so the model learns where documents end
+byte and bpe map any string to ids and back without loss (hf: as far as its normalizer
+keeps the text), and none appends anything itself: the dataset writes `eos_id` after every
+document (and an hf tokenizer's `bos_id`, when it has one, before it), so the model learns where documents end
 and never attends across a boundary without seeing it. `fingerprint` identifies the exact
 id mapping; token caches are keyed by it, because ids from another mapping are garbage.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from orchestrator.config.schema import BYTE_VOCAB, TokenizerConfig
+from orchestrator.config.tokenizer_file import hf_tokenizer_file
 from orchestrator.atomic import write_bytes_atomic
 from orchestrator.data.cache import stable_hash
 from orchestrator.data.errors import DataError
@@ -146,6 +151,138 @@ class BpeTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
+EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class HfTokenizer:
+    """A Hugging Face tokenizer (`tokenizer.json`, as a model directory ships it), loaded
+    offline with `tokenizers`. eos and bos are the tokens the directory's
+    tokenizer_config.json or special_tokens_map.json name, else the first of EOS_NAMES /
+    BOS_NAMES the vocabulary has; there is no bos when none is named or found, and a
+    tokenizer without an eos is refused. Documents are encoded without the tokenizer's own
+    post-processing (the dataset writes bos, when there is one, before each document and eos
+    after it). The fingerprint hashes the file's content and the eos/bos chosen."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Hf
+        file = hf_tokenizer_file(str(path))
+        try:
+            raw = file.read_bytes()
+            self._tok = _Hf.from_str(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{file}: {getattr(e, 'strerror', None) or e}", "data.tokenizer.path") from None
+        except Exception as e:  # the library's own parse error
+            raise DataError(f"{file}: not a tokenizer.json the tokenizers library reads ({e})",
+                            "data.tokenizer.path") from None
+        self.path = file
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        named = _named_special_tokens(file.parent)
+        self.eos_id = self._special_id(named.get("eos_token"), EOS_NAMES)
+        if self.eos_id is None:
+            what = f"{named['eos_token']!r} (named as eos_token) is not in it" if named.get("eos_token") else \
+                f"no eos_token in {' or '.join(SPECIAL_FILES)} beside it and none of {', '.join(EOS_NAMES)}"
+            raise DataError(f"{file}: no end-of-text token: {what}; documents need one to end with",
+                            "data.tokenizer.path")
+        self.bos_id = self._special_id(named.get("bos_token"), BOS_NAMES)
+        if self.bos_id == self.eos_id:
+            self.bos_id = None  # one token for both (GPT-2): eos already separates the documents
+        digest = hashlib.blake2b(raw, digest_size=16)
+        digest.update(f"eos={self.eos_id} bos={self.bos_id}".encode())
+        self.fingerprint = "hf-" + digest.hexdigest()
+
+    def _special_id(self, name: str | None, fallbacks: tuple[str, ...]) -> int | None:
+        if name:
+            return self._tok.token_to_id(name)
+        return next((i for i in map(self._tok.token_to_id, fallbacks) if i is not None), None)
+
+    # -- use ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encs = encode(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of the text each id decodes to (see `Tokenizer.token_bytes`). A
+        byte-level vocabulary (GPT-2, Llama 3, Qwen) spells each byte with one symbol of a
+        256-symbol alphabet, so such a token's bytes are its symbols, as for BpeTokenizer
+        (a token may hold part of a character, which decoding it alone would not show). Other
+        vocabularies (SentencePiece-style) are decoded token by token after an anchor token,
+        so a word-start marker counts its space; byte-fallback tokens (<0xE3>) count one.
+        eos counts one (the separator it stands for), bos none, other special tokens one.
+        Ids the vocabulary skips count one."""
+        out = np.ones(self.vocab_size, dtype=np.int64)
+        added = self._tok.get_added_tokens_decoder()
+        special = {i for i, t in added.items() if t.special}
+        alphabet = set(_byte_level_alphabet()) if _uses_byte_level(self._tok) else None
+        decoder = self._tok.decoder
+        anchor = "a" if decoder is not None else None
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                continue
+            if i in added:  # a plain added token: its text as written
+                out[i] = len(token.encode("utf-8"))
+            elif alphabet is not None:
+                out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
+            elif BYTE_FALLBACK.fullmatch(token):
+                out[i] = 1
+            elif decoder is None:
+                out[i] = len(token.encode("utf-8"))
+            else:
+                out[i] = len(decoder.decode([anchor, token]).encode("utf-8")) - len(decoder.decode([anchor]).encode("utf-8"))
+        if self.bos_id is not None:
+            out[self.bos_id] = 0
+        return out
+
+
+def _named_special_tokens(directory: Path) -> dict:
+    """eos_token and bos_token as tokenizer_config.json, else special_tokens_map.json, in
+    `directory` name them (a string, or a dict with "content"); {} without either file."""
+    named: dict = {}
+    for name in reversed(SPECIAL_FILES):  # tokenizer_config.json wins
+        try:
+            doc = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in ("eos_token", "bos_token"):
+            value = doc.get(key) if isinstance(doc, dict) else None
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                named[key] = value
+    return named
+
+
+def _byte_level_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+    return pre_tokenizers.ByteLevel.alphabet()
+
+
+def _uses_byte_level(tok) -> bool:
+    """Whether the tokenizer's decoder maps a byte-level alphabet back to bytes."""
+    doc = json.loads(tok.to_str()).get("decoder") or {}
+    stack = [doc]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            if d.get("type") == "ByteLevel":
+                return True
+            stack.extend(d.get("decoders") or ())
+    return False
+
+
 def first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
     """The texts, cut so their total length is `limit` characters."""
     left = limit
@@ -168,18 +305,23 @@ def tokenizer_path(cfg: TokenizerConfig, cache_dir: Path, content_key: str) -> P
 
 
 def build_tokenizer(cfg: TokenizerConfig, train_texts: Callable[[], Iterable[str]], cache_dir: Path,
-                    content_key: str = "") -> ByteTokenizer | BpeTokenizer:
+                    content_key: str = "") -> ByteTokenizer | BpeTokenizer | HfTokenizer:
     """The tokenizer `cfg` describes.
 
-    byte needs nothing. bpe learns from the first `cfg.train_chars` characters of
+    byte needs nothing; hf loads `cfg.path` (read every time: it is the cache's key). bpe learns from the first `cfg.train_chars` characters of
     `train_texts()` (which honours `cfg.train_mix`, see dataset._tokenizer) and caches the result in `cache_dir` under a key of the config and
     `content_key`, which the caller derives from what the texts are (their sources'
     content fingerprints); a later call with the same key loads it and never calls
     `train_texts`, so training (minutes on a real corpus) happens once."""
     if cfg.kind == "byte":
         return ByteTokenizer()
+    if cfg.kind == "hf":
+        if not cfg.path:
+            raise DataError("data.tokenizer.kind=hf needs a path (a tokenizer.json or a directory "
+                            "holding one)", "data.tokenizer.path")
+        return HfTokenizer(cfg.path)
     if cfg.kind != "bpe":
-        raise DataError(f"unknown tokenizer kind {cfg.kind!r}; allowed: byte, bpe")
+        raise DataError(f"unknown tokenizer kind {cfg.kind!r}; allowed: byte, bpe, hf")
     if cfg.vocab_size < 257 + 1:
         raise DataError(f"a BPE vocab_size must exceed the 256 bytes + eos, got {cfg.vocab_size}")
     if cfg.train_chars <= 0:

@@ -18,6 +18,7 @@ from growth_ops import ModelSpec
 from growth_ops.spec import ARCHITECTURE, ROPE_SCALING, flops_per_token
 
 from orchestrator.config.schema import BYTE_VOCAB, GrowthConfig, LayoutConfig, RunConfig, StageConfig
+from orchestrator.config.tokenizer_file import hf_vocab_size
 
 
 def stage_rope_scaling(cfg: RunConfig, stage: StageConfig) -> dict:
@@ -123,8 +124,15 @@ def layout_world(layout: LayoutConfig) -> int:
 
 def tokenizer_vocab(cfg: RunConfig) -> int:
     """The tokenizer's vocabulary as configured, before any data is read (a trained BPE may
-    come out a little smaller on a small corpus; the runner then passes the real size)."""
+    come out a little smaller on a small corpus; the runner then passes the real size). hf:
+    the ids its tokenizer.json defines, read with json (data.tokenizer.vocab_size when the
+    file cannot be read: the data checks refuse it, by name)."""
     t = cfg.data.tokenizer
+    if t.kind == "hf" and t.path:
+        try:
+            return hf_vocab_size(t.path)
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
     return BYTE_VOCAB if t.kind == "byte" else t.vocab_size
 
 
