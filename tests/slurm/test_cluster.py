@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = old
 
 
-def grow(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def grow(cwd: Path, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(grow_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"grow {args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -69,14 +70,15 @@ def logs(run_dir: Path) -> str:
     return "\n".join(f"== {p}\n{p.read_text()[-4000:]}" for p in sorted((run_dir / "slurm" / "logs").glob("*")))
 
 
-def queue_empty() -> bool:
-    out = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+def gone(ids: list[str]) -> bool:
+    """None of these jobs is in the queue any more (pending, running or completing)."""
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout
     return not out.strip()
 
 
-def submit(cwd: Path, run_dir: Path, cache: Path, *overrides: str) -> list[str]:
+def submit(cwd: Path, run_dir: Path, cache: Path, *overrides: str, env: dict | None = None) -> list[str]:
     proc = grow(cwd, "submit", "schedule=tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}",
-                "engine.threads=1", f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", *overrides)
+                "engine.threads=1", f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", *overrides, env=env)
     record = json.loads((run_dir / "slurm" / "jobs.json").read_text())
     ids = [s["job_id"] for s in record["submissions"][-1]["stages"]]
     assert len(set(ids)) == 3, proc.stdout
@@ -90,7 +92,7 @@ def test_submit_runs_three_chained_jobs_like_grow_run(slurm, tmp_path, data_cach
         text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
         assert f"afterok:{ids[i - 1]}" in text or "Dependency=(null)" in text  # (null) once satisfied
     wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
-             and queue_empty(), 600, "the three jobs", on_timeout=lambda: logs(run_dir))
+             and gone(ids), 600, "the three jobs", on_timeout=lambda: logs(run_dir))
     # the same config in one `grow run` (conftest's tiny_run)
     chained, single = read_summary(run_dir), read_summary(tiny_run[1])
     assert [s["name"] for s in chained["stages"]] == [s["name"] for s in single["stages"]] == ["s1", "s2", "s3"]
@@ -130,18 +132,56 @@ def start_requeued_now(job: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, capture_output=True)
 
 
-def test_time_limit_signal_reaches_the_stage_which_checkpoints_and_requeues(slurm, tmp_path, data_cache,
-                                                                           monkeypatch):
+TIME_LIMIT_TEST = "test_time_limit_signal_reaches_the_stage_which_checkpoints_and_requeues"
+TIME_LIMIT_STEPS = 240  # >= 180 s of sleeping alone
+
+
+def _hold_once_requeued(run_dir: Path, job: str, stop: threading.Event) -> None:
+    """Hold `job` once s1 has requeued itself, before Slurm would start it again (its restart
+    is the USR1 test's subject, and would write checkpoints of its own)."""
+    while not stop.wait(0.5):
+        try:
+            requeued = any(a.get("outcome") == "requeue" for a in stage_attempts(run_dir, "s1"))
+        except ValueError:  # a state file being replaced: the next look
+            continue
+        text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        if requeued and "JobState=PENDING" in text and "Restarts=0" not in text:
+            subprocess.run(["scontrol", "hold", job], capture_output=True)
+            return
+
+
+@pytest.fixture(scope="module", autouse=True)
+def time_limit_chain(request, tmp_path_factory, data_cache):
+    """The time-limit test's chain, submitted when this module starts (if that test is to run):
+    Slurm signals s1 about a minute after it starts, a minute the tests before it use instead
+    of waiting. (cwd, run dir, job ids); cancelled at the end."""
+    if not any(item.name == TIME_LIMIT_TEST for item in request.session.items):
+        yield None
+        return
+    request.getfixturevalue("slurm")
+    cwd = tmp_path_factory.mktemp("time-limit")
+    run_dir = cwd / "run"
+    ids = submit(cwd, run_dir, data_cache, f"schedule.stages.0.tokens={TIME_LIMIT_STEPS * 512}", "submit.time=2",
+                 "submit.signal_delay_s=60", "train.eval_every_steps=100", "checkpoint.every_steps=100",
+                 env={"GROW_FAILPOINTS": "step.done=sleep:0.75"})  # sbatch --export=ALL carries it
+    stop = threading.Event()
+    holder = threading.Thread(target=_hold_once_requeued, args=(run_dir, ids[0], stop), daemon=True)
+    holder.start()
+    yield cwd, run_dir, ids
+    stop.set()
+    holder.join()
+    subprocess.run(["scancel", *ids], capture_output=True)
+
+
+def test_time_limit_signal_reaches_the_stage_which_checkpoints_and_requeues(time_limit_chain):
     """The generated script's `--signal=B:USR1@60` under a 2-minute limit: Slurm sends USR1
     (up to a minute early), the stage checkpoints and the job requeues itself before the
     limit. Each step sleeps 0.75 s (a failpoint, as a slow node would), so s1 outlasts its
     limit on a machine of any speed. What follows a requeue (resume, completion, every token
-    counted once) is the next test's, which sends USR1 itself instead of waiting for it."""
-    run_dir = tmp_path / "run"
-    steps = 240  # >= 180 s of sleeping alone
-    monkeypatch.setenv("GROW_FAILPOINTS", "step.done=sleep:0.75")  # sbatch --export=ALL carries it
-    ids = submit(tmp_path, run_dir, data_cache, f"schedule.stages.0.tokens={steps * 512}", "submit.time=2",
-                 "submit.signal_delay_s=60", "train.eval_every_steps=100", "checkpoint.every_steps=100")
+    counted once) is the next test's, which sends USR1 itself instead of waiting for it.
+    (The chain is submitted when the module starts: see time_limit_chain.)"""
+    cwd, run_dir, ids = time_limit_chain
+    steps = TIME_LIMIT_STEPS
     try:
         assert "#SBATCH --signal=B:USR1@60" in (run_dir / "slurm" / "0-s1.sbatch").read_text()
         assert "#SBATCH --time=2" in (run_dir / "slurm" / "0-s1.sbatch").read_text()
@@ -153,12 +193,12 @@ def test_time_limit_signal_reaches_the_stage_which_checkpoints_and_requeues(slur
         assert "USR1" in log and "stopped by SIGUSR1" in log and "requeueing job" in log
         meta = read_meta(latest_checkpoint(run_dir))  # the checkpoint the signal asked for
         assert meta["stage_name"] == "s1" and not meta["stage_complete"] and 0 < meta["step"] < steps
-        row, = wait_for(lambda: [r for r in status(tmp_path, run_dir)["stages"] if r["requeues"] >= 1], 60,
+        row, = wait_for(lambda: [r for r in status(cwd, run_dir)["stages"] if r["requeues"] >= 1], 60,
                         "Slurm to count the requeue")
         assert row["stage"] == "s1" and row["tokens"] == meta["step"] * 512  # up to the checkpoint, once
     finally:
         subprocess.run(["scancel", *ids], check=True)
-    wait_for(queue_empty, 60, "the cancelled jobs to leave the queue")
+    wait_for(lambda: gone(ids), 60, "the cancelled jobs to leave the queue")
 
 
 def test_usr1_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache, monkeypatch):
@@ -181,7 +221,7 @@ def test_usr1_checkpoints_requeues_and_completes(slurm, tmp_path, data_cache, mo
     subprocess.run(["scancel", "--signal=USR1", "--batch", ids[0]], check=True)
     start_requeued_now(ids[0])
     wait_for(lambda: (run_dir / "summary.json").exists() and read_summary(run_dir)["status"] == "complete"
-             and queue_empty(), 900, "the requeued chain", interval=2, on_timeout=lambda: logs(run_dir))
+             and gone(ids), 900, "the requeued chain", interval=2, on_timeout=lambda: logs(run_dir))
     s1 = json.loads(stage_state_file(run_dir, "s1").read_text())
     outcomes = [a.get("outcome") for a in s1["attempts"]]
     assert "requeue" in outcomes and outcomes[-1] == "finished", outcomes
