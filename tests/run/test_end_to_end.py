@@ -183,9 +183,7 @@ def test_changed_schedule_on_resume_is_refused(full_run, data_cache):
 def test_grow_run_says_what_it_does_before_the_slow_parts(tmp_path, data_cache):
     """The first line comes before data preparation and model building (a long first step
     used to leave the terminal silent for minutes)."""
-    from ..conftest import run_grow
-
-    proc = run_grow(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "tracking=off", "budget.max_tokens=512",
-                    cache=data_cache)
+    proc = fork_grow(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "tracking=off", "budget.max_tokens=512",
+                     cache=data_cache)
     first = proc.stdout.splitlines()[0]
     assert first.startswith(f"grow run: {tmp_path / 'run'}: preparing data, then stage s1"), proc.stdout[:500]
