@@ -1,8 +1,8 @@
 """`grow run [overrides]`: run a growth schedule under Hydra.
 
-The config is composed and validated before Hydra starts the job, so a bad key, value or
-config file exits with status 2 and one line, before anything is read, built or written;
-the Hydra task then runs that validated config (orchestrator/commands/run_job.py).
+The config is composed, resolved and checked before Hydra starts the job, so a bad key, value
+or config file exits with status 2 and one line, before anything is read, built or written;
+the Hydra task then runs that checked schedule (orchestrator/commands/run_job.py).
 """
 from __future__ import annotations
 
@@ -46,22 +46,22 @@ def _run(args: list[str]) -> int:
     from orchestrator.package_data import CONF_DIR
     from orchestrator.run.directory import check_same_run
 
-    validated = check_run(args)
-    if isinstance(validated, int):
-        return validated
+    checked = check_run(args)
+    if isinstance(checked, int):
+        return checked
 
-    def run_validated(raw_cfg) -> None:
-        run_job(raw_cfg, validated)
+    def run_checked(raw_cfg) -> None:
+        run_job(raw_cfg, checked)
 
-    task = run_job if validated is None else run_validated  # a sweep's members check their own
+    task = run_job if checked is None else run_checked  # a sweep's members check their own
     register_schema()
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)
     sys.argv = ["grow run", *args]
     # the run directory's lock before anything is written into it (.hydra/ by the task): a
     # second run on the same directory is refused before it overwrites anything of the first
-    run_dir = explicit_run_dir(parse_args(args)) if validated is not None and first_rank() else None
+    run_dir = explicit_run_dir(parse_args(args)) if checked is not None and first_rank() else None
     with RunLock(Path(run_dir)) if run_dir else nullcontext():
         if run_dir:  # a resume that would change the run is refused before .hydra/ is rewritten
-            check_same_run(Path(run_dir), validated.cfg)
+            check_same_run(Path(run_dir), checked.cfg)
         main()
     return 0

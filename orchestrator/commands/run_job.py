@@ -1,8 +1,8 @@
 """The work of `grow run` once its signal handlers are in place: check the config before
 Hydra starts, then run it as Hydra's task.
 
-Outside a sweep the task reuses the config the precheck validated (only its run_dir comes
-from Hydra); in a sweep (`-m`) each member composes its own config and validates it, once.
+Outside a sweep the task reuses the schedule `check_run` resolved and checked (only its run_dir
+comes from Hydra); in a sweep (`-m`) each member composes, resolves and checks its own, once.
 """
 from __future__ import annotations
 
@@ -64,14 +64,14 @@ def record_hydra_config(raw_cfg, run_dir: str) -> None:
         write_bytes_atomic(Path(run_dir) / ".hydra" / name, text.encode())
 
 
-def run_job(raw_cfg, validated: Schedule | None = None) -> None:
+def run_job(raw_cfg, checked: Schedule | None = None) -> None:
     """The Hydra task: run the schedule, map known failures to an exit status and one line."""
     try:
-        if validated is None:  # a sweep member: its own overrides, its own check
+        if checked is None:  # a sweep member: its own overrides, its own check
             schedule = configure(raw_cfg, runs_here=True)
         else:
-            schedule = dataclasses.replace(validated, cfg=dataclasses.replace(validated.cfg,
-                                                                             run_dir=str(raw_cfg.run_dir)))
+            schedule = dataclasses.replace(checked, cfg=dataclasses.replace(checked.cfg,
+                                                                           run_dir=str(raw_cfg.run_dir)))
         cfg = schedule.cfg
         if first_rank():
             record_hydra_config(raw_cfg, cfg.run_dir)
