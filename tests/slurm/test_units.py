@@ -236,3 +236,21 @@ def test_an_elastic_stage_is_launched_to_survive_a_node_and_checked_for_every_no
     assert fit_to_world(cfg, 2) == (cfg, None)
     cfg.submit.min_nodes = None
     assert fit_to_world(cfg, 1) == (cfg, None)  # not elastic: the planned layout stands
+
+
+def test_the_rendezvous_port_skips_one_in_use_on_the_head_node(tmp_path):
+    import socket
+    from orchestrator.config.schema import LayoutConfig, RunConfig, StageConfig
+    from orchestrator.slurm.render import render_stage
+    stage = StageConfig(name="s", layout=LayoutConfig(dp=2))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port, job = busy.getsockname()[1], 7
+        cfg = RunConfig()
+        cfg.submit.rdzv_port = port - job  # job 7's derived port is the busy one
+        text = render_stage(cfg, 0, stage, tmp_path / "run", tmp_path, ["engine=deepspeed"])
+        block = text[text.index("RDZV_PORT=$(("):text.index("\ndone\n") + 6]  # the script's own lines
+        out = subprocess.run(["bash", "-c", f"HEAD_ADDR=127.0.0.1 HEAD_NODE=n1 SLURM_JOB_ID={job}\n{block}\n"
+                              "echo PORT=$RDZV_PORT"], capture_output=True, text=True).stdout
+    assert f"rendezvous port {port} is in use on n1" in out and f"PORT={port + 1}" in out
