@@ -93,7 +93,7 @@ def end(run_dir, name: str, index: int, rc: int, signalled: bool, max_failures: 
     attempt = state["attempts"][-1] if state["attempts"] else {"tokens_before": 0}
     tokens = stage_tokens(run_dir, name)
     done = is_finished(latest_meta(run_dir), index)
-    if not done and rc != 0 and requeued_by_slurm():
+    if not done and rc != 0 and not signalled and requeued_by_slurm():
         attempt["rc"] = rc
         _interrupted(run_dir, name, state, attempt)
         _save(run_dir, name, state)

@@ -248,7 +248,9 @@ def test_token_files_are_the_documents_in_order(tmp_path):
 
 
 def test_cache_invalidates_on_change_and_recovers_from_a_killed_build(tmp_path):
-    d = write_corpus(tmp_path, n_txt=5, n_jsonl=0)
+    # 12 documents: with 5, the val_fraction=0.5 split below put all of them in val once in 32
+    # (document ids hash the path), leaving no training documents
+    d = write_corpus(tmp_path, n_txt=12, n_jsonl=0)
     cfg = files_cfg(tmp_path, [d], glob="*.txt")
     first = prepare_data(cfg)
     out = first.dirs["mine"]

@@ -111,6 +111,8 @@ def _checkpoint(run_dir: Path, stage: str, tokens: int, index: int = 0, complete
 def test_requeue_counts_progress_and_stops_a_crash_loop(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     monkeypatch.setenv("SLURM_JOB_ID", "7")
+    # no scontrol: job 7 of a test cluster still running must not look like this job
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))
     assert jobstate.begin(run_dir, "s1", 0, 2) == 0
     _checkpoint(run_dir, "s1", 100)
     # signalled with progress: requeue, and the failure count stays 0
