@@ -123,13 +123,14 @@ def s1_log(run_dir: Path) -> str:
 
 
 def start_requeued_now(job: str) -> None:
-    """Slurm holds a requeued batch job for cred_expire + 1 s (11 s here) before it may start
-    again; once it is pending after its requeue, let it start at once."""
+    """Wait until the job is pending again after its requeue. Slurm then holds it for
+    cred_expire + 1 s (11 s here) before it starts again; that hold is kept: a slurmd refuses to
+    launch a job it killed less than cred_expire ago ("Job credential revoked"), so starting it
+    sooner (scontrol update StartTime=now) fails the job now and then."""
     def pending_again():
         text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
         return "JobState=PENDING" in text and "Restarts=0" not in text
     wait_for(pending_again, 300, f"job {job} to be requeued", interval=0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, capture_output=True)
 
 
 TIME_LIMIT_TEST = "test_time_limit_signal_reaches_the_stage_which_checkpoints_and_requeues"
