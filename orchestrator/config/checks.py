@@ -44,8 +44,12 @@ def check(phase: str):
         raise ValueError(f"unknown check phase {phase!r}; allowed: {', '.join(PHASES)}")
 
     def register(fn: Callable[[Any], None]) -> Callable[[Any], None]:
-        if not any(c.run is fn for c in _REGISTRY):  # a module re-imported registers once
-            _REGISTRY.append(Check(phase, fn))
+        new = Check(phase, fn)
+        for i, c in enumerate(_REGISTRY):
+            if c.name == new.name:  # a module imported again replaces its checks in place
+                _REGISTRY[i] = new
+                return fn
+        _REGISTRY.append(new)
         return fn
     return register
 
