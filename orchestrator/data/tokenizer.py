@@ -79,7 +79,25 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
 
-class BpeTokenizer:
+class _TokenizersLibrary:
+    """Encoding and decoding through a `tokenizers.Tokenizer` (`self._tok`): shared by the
+    BPE this project trains and a Hugging Face tokenizer.json."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Encodes in parallel (Rust threads); offsets are not computed."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: >= 0.21
+        encs = encode(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+class BpeTokenizer(_TokenizersLibrary):
     """A byte-level BPE (GPT-2 style) from the `tokenizers` library, with one special
     token, `<|endoftext|>`, as eos. Byte-level means every string is encodable: there
     is no unknown token, the 256 byte symbols are always in the vocabulary."""
@@ -127,11 +145,6 @@ class BpeTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Encodes in parallel (Rust threads); offsets are not computed."""
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: >= 0.21
-        encs = encode(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def token_bytes(self) -> np.ndarray:
         """Byte-level tokens are spelled in a 256-symbol alphabet, one symbol per byte, so
@@ -143,12 +156,6 @@ class BpeTokenizer:
                 out[i] = len(token)
         return out
 
-    def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self._tok.decode(ids, skip_special_tokens=True)
 
 
 EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
@@ -157,7 +164,7 @@ SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-class HfTokenizer:
+class HfTokenizer(_TokenizersLibrary):
     """A Hugging Face tokenizer (`tokenizer.json`, as a model directory ships it), loaded
     offline with `tokenizers`. eos and bos are the tokens the directory's
     tokenizer_config.json or special_tokens_map.json name, else the first of EOS_NAMES /
@@ -202,17 +209,7 @@ class HfTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        encs = encode(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self._tok.decode(ids, skip_special_tokens=True)
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes of the text each id decodes to (see `Tokenizer.token_bytes`). A
