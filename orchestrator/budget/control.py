@@ -44,7 +44,7 @@ class RunBudget:
         """The cap the next step of `stage` (its step `step`, from 0) would cross, or None."""
         b, total = self.budget, self.ledger.total
         seconds = last_step_s if last_step_s > 0 else self.expected_step_seconds
-        if last_step_s > 0 and step > 0:  # a long-context step after a short one costs more
+        if step > 0:  # a long-context step after a short one costs more
             seconds *= stage.flops_at(step) / stage.flops_at(step - 1)
         if b.max_tokens is not None and total.tokens + stage.tokens_at(step) > b.max_tokens:
             return f"budget.max_tokens={b.max_tokens}"
@@ -58,13 +58,14 @@ class RunBudget:
     # -- estimates -------------------------------------------------------------------
     def _step_estimate(self, index: int) -> float:
         """Seconds for one step of stage `index`: measured in this process, else the
-        ledger's average for the stage (a resume), else the plan scaled by what earlier
-        stages measured (in this process, else in the ledger)."""
+        stage's last step in the ledger (a resume: the price a stop at the cap refused),
+        else the plan scaled by what earlier stages measured (in this process, else in the
+        ledger)."""
         if self.times:
             return sum(self.times) / len(self.times)
         spend = self.ledger.stages.get(self.names[index])
         if spend is not None and spend.steps:
-            return spend.wall_s / spend.steps
+            return spend.last_step_s or spend.wall_s / spend.steps
         return self.planned_step_s[index] * (self.ratio or self._ledger_ratio(index) or 1.0)
 
     def _ledger_ratio(self, index: int) -> float | None:

@@ -17,12 +17,17 @@ class Spend:
     gpu_hours: float = 0.0
     cost_usd: float = 0.0
     sources: dict[str, int] = field(default_factory=dict)  # training tokens read from each data source
+    # The stage's last timed step: a run stopped at its dollar cap priced the refused step by
+    # it, so a resume prices its first step the same way and stops again instead of creeping.
+    last_step_s: float = 0.0
 
     def add(self, tokens: int, flops: float, seconds: float, devices: int, usd_per_gpu_hour: float) -> None:
         self.tokens += tokens
         self.steps += 1
         self.flops += flops
         self.wall_s += seconds
+        if seconds > 0:
+            self.last_step_s = seconds
         gpu_hours = seconds * devices / 3600.0
         self.gpu_hours += gpu_hours
         self.cost_usd += gpu_hours * usd_per_gpu_hour
@@ -54,6 +59,8 @@ class Ledger:
         t = Spend()
         for s in self.stages.values():
             for k, v in asdict(s).items():
+                if k == "last_step_s":
+                    continue  # a stage's, not a sum
                 if k == "sources":
                     for source, n in v.items():
                         t.sources[source] = t.sources.get(source, 0) + n

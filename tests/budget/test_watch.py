@@ -98,14 +98,19 @@ def test_blocks_before_crossing_each_cap():
 
 
 def test_resumed_run_at_its_cap_takes_no_more_steps():
-    """No step is timed before a process's first step; the budget then uses the ledger's
-    average, so a resume at the cap stops instead of creeping one step per restart."""
+    """No step is timed before a process's first step; the budget then prices it by the
+    stage's last step in the ledger (what the stop priced the refused step by), so a resume
+    at the cap stops instead of creeping one step per restart, even when that last step was
+    slower than the stage's average."""
     budget = make_budget("budget.max_usd=1.0", "cluster.usd_per_gpu_hour=3600")  # $1 per device-second
-    budget.ledger.stage("s1").add(512, 1e9, 0.5, 1, 3600)
-    budget.ledger.stage("s1").add(512, 1e9, 0.45, 1, 3600)  # $0.95 spent, steps cost ~$0.475
-    budget.stage_start(0, 2)
-    assert budget.expected_step_seconds == pytest.approx(0.475)
-    assert budget.blocks(budget.schedule[0], 2, 0.0) == "budget.max_usd=1.0"
+    budget.ledger.stage("s1").add(512, 1e9, 0.05, 1, 3600)
+    budget.ledger.stage("s1").add(512, 1e9, 0.05, 1, 3600)
+    budget.ledger.stage("s1").add(512, 1e9, 0.85, 1, 3600)  # $0.95 spent; the average step $0.32
+    stopped = budget.blocks(budget.schedule[0], 3, 0.85)
+    assert stopped == "budget.max_usd=1.0"
+    budget.stage_start(0, 3)
+    assert budget.expected_step_seconds == pytest.approx(0.85)
+    assert budget.blocks(budget.schedule[0], 3, 0.0) == stopped
     assert "95% of budget.max_usd" in budget.console.export_text()  # thresholds already passed: one line
 
 
