@@ -138,10 +138,43 @@ def composition_error(e: Exception) -> ConfigError:
     key = getattr(cause, "full_key", None)
     key = key.replace("[", ".").replace("]", "") if key else None
     first = " ".join(str(cause).split()) or type(cause).__name__
-    if key and ("not in struct" in first or re.search(r"Key '\w+' not in '\w+'", first)):
+    typed = re.search(r"dict is not a subclass of (\w+)", first)
+    if typed and key:  # OmegaConf names only the new entry: find the mapping it went into
+        key = ".".join(p for p in (_mapping_of(typed.group(1)), key) if p)
+    if key and (typed or "not in struct" in first or re.search(r"Key '\w+' not in '\w+'", first)):
+        if _in_mapping(key):
+            return ConfigError(key, NEW_ENTRY)
         allowed = allowed_keys(key)
         first = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     return ConfigError(key or "overrides", first.split(" full_key:")[0].split(" Config search path:")[0])
+
+
+# Hydra cannot add an entry to a mapping of typed entries (data.sources) from the command
+# line (OmegaConf refuses a plain dict there); a config file can.
+NEW_ENTRY = ("no such entry, and the command line cannot add one; set the keys of an existing entry "
+             "(e.g. data=files data.sources.mine.paths=[...]), or add it in your own config file: "
+             "--config-dir DIR with DIR/data/<name>.yaml, then data=<name>")
+
+
+def _mappings(tp: Any = RunConfig, path: str = "") -> dict[str, Any]:
+    """Dotted path -> entry type of every mapping of dataclasses in the schema."""
+    found = {}
+    tp = _bare(tp)
+    if typing.get_origin(tp) is dict and dataclasses.is_dataclass(_bare(typing.get_args(tp)[1])):
+        found[path] = _bare(typing.get_args(tp)[1])
+    elif dataclasses.is_dataclass(tp):
+        for name, hint in _hints(tp).items():
+            found.update(_mappings(hint, f"{path}.{name}".lstrip(".")))
+    return found
+
+
+def _mapping_of(entry_type: str) -> str | None:
+    return next((p for p, t in _mappings().items() if t.__name__ == entry_type), None)
+
+
+def _in_mapping(key: str) -> bool:
+    """Whether `key` names an entry (not a field of one) of a mapping of dataclasses."""
+    return key.rpartition(".")[0] in _mappings()
 
 
 # OmegaConf raises bare AssertionError/AttributeError for some bad overrides (a key added

@@ -52,6 +52,11 @@ def stages(schedule: Schedule) -> None:
             raise ConfigError(f"{key}.lr.peak", "the first stage has no learning rate to inherit; set a number")
         if lr.peak is not None and lr.min > lr.peak:
             raise ConfigError(f"{key}.lr.min", f"{lr.min} is above lr.peak={lr.peak}")
+        steps = stage_steps(stage)
+        if lr.warmup_steps >= steps:
+            raise ConfigError(f"{key}.lr.warmup_steps", f"{lr.warmup_steps} is not below the stage's {steps} "
+                                                        f"steps: the rate would never reach its peak; "
+                                                        f"allowed: 0..{steps - 1}")
         _batch_split(key, stage)
         if i == 0 and stage.growth is not None and cfg.init_from is None:
             raise ConfigError(f"{key}.growth", "the first stage has nothing to grow from (no init_from); "

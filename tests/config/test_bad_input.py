@@ -203,7 +203,8 @@ def test_cuda_without_a_gpu(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("overrides, key", [
     # a context far beyond what the machine holds (the probe's case): activations
-    (["schedule.stages.0.seq_len=1000000", "schedule.stages.0.tokens=8000000"], "schedule.stages.0.seq_len"),
+    (["schedule.stages.0.seq_len=1000000", "schedule.stages.0.tokens=8000000",
+      "schedule.stages.0.lr.warmup_steps=0"], "schedule.stages.0.seq_len"),
     # a model whose weights and Adam moments alone do not fit
     (["schedule.stages.2.shape.hidden=65536", "schedule.stages.2.shape.ffn=262144",
       "schedule.stages.2.shape.heads=4096", "schedule.stages.2.shape.kv_heads=2048"], "schedule.stages.2.layout"),
