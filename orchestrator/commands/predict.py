@@ -8,20 +8,21 @@ the largest is also held out (fitted without it) and its relative error reported
 the sweep directory (hydra.sweep.dir, default predictions/<schedule>/<time>) go
 `loss_fit.json` (for `grow plan plan.loss_fit=...` and `grow run plan.loss_fit=...`) and
 `loss_fit.png`. Exit status: 0 a fit; 2 bad input (fewer than 3 widths, a width the head
-size does not divide, a schedule with more than one stage) or fewer than 3 finished
-proxies (one line).
+size does not divide, a schedule with more than one stage, a proxy whose config a run
+would refuse: every width is checked before the first trains) or fewer than 3 finished
+proxies (one line). Each point's width is the one its proxy's run pinned (config.json).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.commands.compose import CommandLine, load
+from orchestrator.commands.members import check_members, check_reruns, expand, holding, launched_here
 from orchestrator.commands.options import UsageError
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, ShapeConfig
@@ -30,7 +31,9 @@ from orchestrator.budget.loss_law import (LAW, MIN_POINTS, FitError, PowerLaw, f
                                         non_embedding_parameters, plot_fit, predict)
 from orchestrator.proxy.search import swept_on_command_line
 from orchestrator.commands.sweeps import split_options, statuses, sweep_dir, sweep_members
+from orchestrator.run.member_values import ran_config
 from orchestrator.schedule import resolve, stage_spec
+from orchestrator.secrets import overrides_without_secrets
 
 SHAPE_KEY = "schedule.stages.0.shape"
 
@@ -72,9 +75,8 @@ def shape_sweep(shapes: list[dict]) -> str:
 
 
 def _member_shape(member: dict) -> dict:
-    """The shape a member ran (from its overrides: swept or, in a one-member sweep, not)."""
-    override = next(o for o in reversed(member["overrides"]) if o.startswith(SHAPE_KEY + "="))
-    return OverridesParser.create().parse_overrides([override])[0].value()
+    """The shape a member trained: the one its run pinned (config.json), not its launch arguments."""
+    return ran_config(member["run_dir"])["schedule"]["stages"][0]["shape"]
 
 
 def points_of(cfg: RunConfig, finished: list[dict]) -> list[dict]:
@@ -97,40 +99,53 @@ def predict_schedule(law: PowerLaw, cfg: RunConfig) -> dict:
 
 
 def _prepare(args: list[str]):
+    """The command line, the proxy's config, its directory, every proxy (checked: a width
+    that makes a bad model is refused before any proxy trains) and the target's config."""
     opts, cmd = split_options(args, "predict.", ("widths", "target"))
     widths = parse_widths(opts.get("widths"))
     if swept_on_command_line(cmd.overrides):
         raise UsageError("swept overrides (key=a,b) are not allowed: the widths are the sweep")
     cfg = load(cmd, planning=True)
     shapes = proxy_shapes(cfg, widths)
+    directory = sweep_dir(cmd, "predictions", cfg.schedule.name)
+    members = expand(cmd.overrides + [shape_sweep(shapes)])  # one proxy per width
+    configs = check_members(cmd, members, [SHAPE_KEY], directory)
     target = None
     if "target" in opts:
         try:
             target = load(CommandLine([f"schedule={opts['target']}"], cmd.config_dir), planning=True)
         except ConfigError as e:
             raise UsageError(f"predict.target: {e}") from None
-    return cmd, cfg, shapes, target
+    return cmd, cfg, shapes, directory, members, configs, target
 
 
 def predict_command(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         return 0
+    args = overrides_without_secrets(args)  # its sweep's files and logs see references, never the values
     try:
-        cmd, cfg, shapes, target = _prepare(args)
+        cmd, cfg, shapes, directory, members, configs, target = _prepare(args)
+        with holding(directory, len(members), launched_here(cmd.overrides)):
+            check_reruns(configs, members, [SHAPE_KEY])
+            return _predict(cmd, cfg, shapes, directory, target)
     except UsageError as e:
         return fail(EXIT_CONFIG, f"predict: {e}")
     except ConfigError as e:
         return exit_status(e)
-    directory = sweep_dir(cmd, "predictions", cfg.schedule.name)
-    status, members, finished = sweep_members(cmd, cmd.overrides, [shape_sweep(shapes)], directory)
+
+
+def _predict(cmd: CommandLine, cfg: RunConfig, shapes: list[dict], directory: Path, target) -> int:
+    """The proxies' sweep, run while its directories are held, and the fit."""
+    status, members, finished = sweep_members(cmd, cmd.overrides, [shape_sweep(shapes)], directory, len(shapes))
     try:
         fit = fit_with_held_out(points_of(cfg, finished))
     except FitError as e:
         return fail(EXIT_CONFIG, f"predict: {len(finished)} of {len(shapes)} proxies finished in {directory} "
                                  f"(sweep exit status {status}; {statuses(members)}): {e}")
     fit.update({"tokens": finished[0]["tokens"], "proxy_schedule": cfg.schedule.name,
-                "sweep_dir": str(directory.resolve()), "sweep_exit_status": status})
+                "sweep_dir": str(directory.resolve()), "sweep_exit_status": status,
+                "planned": len(shapes), "partial": len(finished) < len(shapes)})
     law = PowerLaw(fit["a"], fit["b"], fit["c"])
     if target is not None:
         fit["predictions"] = predict_schedule(law, target)
@@ -153,6 +168,9 @@ def print_fit(console: Console, fit: dict, path: Path, plot: Path) -> None:
         table.add_row(f"{fit['predictions']['schedule']}: {s['name']}", f"{s['n']:,}", "-",
                       f"{s['predicted_loss']:.4f}")
     console.print(table)
+    if fit["partial"]:
+        console.print(f"[yellow]warning:[/] a partial sweep: the fit uses the {len(fit['points'])} of "
+                      f"{fit['planned']} proxies that finished (sweep exit status {fit['sweep_exit_status']})")
     h = fit["held_out"]
     if h:
         console.print(f"held out: the largest proxy (width {h['width']}), fitted without it: predicted "

@@ -16,6 +16,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.exits import exit_status, fail
 from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.signals import install_early_handlers
+from orchestrator.secrets import overrides_without_secrets
 
 
 def _no_world_writable_files() -> None:
@@ -26,6 +27,8 @@ def _no_world_writable_files() -> None:
 def run_command(args: list[str]) -> int:
     _no_world_writable_files()
     install_early_handlers()  # a Slurm signal during startup becomes a checkpoint, not a kill
+    if "-m" in args or "--multirun" in args:  # Hydra copies a sweep's overrides into files and logs
+        args = overrides_without_secrets(args)
     try:
         return _run(args)
     except ConfigError as e:  # the run directory is locked by another run
@@ -33,6 +36,19 @@ def run_command(args: list[str]) -> int:
     except KeyboardInterrupt:  # before the training loop's own handler is in place
         return fail(128 + signal.SIGINT, "interrupted (SIGINT) while starting; checkpoints already written are "
                                          "intact - run the same command again to continue")
+
+
+def held_sweep(args: list[str]):
+    """`grow run -m` into a given hydra.sweep.dir: it and its members' directories locked
+    before Hydra writes into them (orchestrator/commands/members.py)."""
+    from orchestrator.commands.compose import parse_args
+    from orchestrator.commands.members import expand, holding, launched_here
+    from orchestrator.commands.sweeps import explicit_sweep_dir
+    cmd = parse_args(args)
+    directory = explicit_sweep_dir(cmd) if cmd.multirun and not cmd.help else None
+    if directory is None:
+        return nullcontext()
+    return holding(directory, len(expand(cmd.overrides)), launched_here(cmd.overrides))
 
 
 def _run(args: list[str]) -> int:
@@ -60,7 +76,7 @@ def _run(args: list[str]) -> int:
     # the run directory's lock before anything is written into it (.hydra/ by the task): a
     # second run on the same directory is refused before it overwrites anything of the first
     run_dir = explicit_run_dir(parse_args(args)) if checked is not None and first_rank() else None
-    with RunLock(Path(run_dir)) if run_dir else nullcontext():
+    with RunLock(Path(run_dir)) if run_dir else held_sweep(args):
         if run_dir:  # a resume that would change the run is refused before .hydra/ is rewritten
             check_same_run(Path(run_dir), checked.cfg)
         main()

@@ -21,12 +21,19 @@ def split_options(args: list[str], prefix: str, allowed: tuple[str, ...]) -> tup
     return opts, parse_args([a for a in args if not a.startswith(prefix)])
 
 
-def sweep_dir(cmd: CommandLine, default_root: str, schedule: str) -> Path:
+def explicit_sweep_dir(cmd: CommandLine) -> Path | None:
+    """hydra.sweep.dir as given, if it is a plain path (else Hydra picks a new, timestamped one)."""
     for o in reversed(cmd.overrides):
         key, _, value = o.partition("=")
-        if key == SWEEP_DIR and "${" not in value:  # one with interpolations is replaced: we must know it
-            return Path(value)
-    return Path(default_root) / schedule / time.strftime("%Y-%m-%d_%H-%M-%S")
+        if key == SWEEP_DIR:
+            return Path(value) if "${" not in value else None
+    return None
+
+
+def sweep_dir(cmd: CommandLine, default_root: str, schedule: str) -> Path:
+    """The sweep directory given, or a new one under `default_root` (one given with
+    interpolations is replaced: we must know where the members are)."""
+    return explicit_sweep_dir(cmd) or Path(default_root) / schedule / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def argv(cmd: CommandLine, overrides: list[str]) -> list[str]:
@@ -43,9 +50,11 @@ def run_sweep(args: list[str]) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
-def finished_members(directory: Path) -> tuple[list[dict], list[dict]]:
-    """(all members found in the sweep directory, those that completed with a finite loss)."""
+def finished_members(directory: Path, planned: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(all members found in the sweep directory - the first `planned`, when an earlier, larger
+    sweep may have left more - and those that completed with a finite loss)."""
     members = collect(directory)["members"] if Path(directory).is_dir() else []
+    members = [m for m in members if planned is None or m["member"] < planned]
     done = [m for m in members if m["status"] == "complete" and m.get("final_val_loss") is not None
             and math.isfinite(m["final_val_loss"])]
     return members, done
@@ -55,10 +64,10 @@ def statuses(members: list[dict]) -> str:
     return "; ".join(f"#{m['member']}: {m['status']}" for m in members) or "none ran"
 
 
-def sweep_members(cmd: CommandLine, overrides: list[str], extra: list[str],
-                  directory: Path) -> tuple[int, list[dict], list[dict]]:
+def sweep_members(cmd: CommandLine, overrides: list[str], extra: list[str], directory: Path,
+                  planned: int) -> tuple[int, list[dict], list[dict]]:
     """Run `grow run -m` with `overrides` (their own hydra.sweep.dir dropped) and `extra` into
-    `directory`: the sweep's exit status, its members and the finished ones."""
+    `directory`: the sweep's exit status, its `planned` members and the finished ones."""
     kept = [o for o in overrides if not o.startswith(SWEEP_DIR + "=")]
     status = run_sweep(argv(cmd, kept + extra + [f"{SWEEP_DIR}={directory}"]))
-    return (status, *finished_members(directory))
+    return (status, *finished_members(directory, planned))

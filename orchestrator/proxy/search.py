@@ -58,12 +58,6 @@ def space_overrides(space: dict[str, list[str]]) -> list[str]:
     return [f"{k}={','.join(v)}" for k, v in space.items()]
 
 
-def first_member(space: dict[str, list[str]]) -> list[str]:
-    """The overrides of the sweep's first member: composed and validated before the sweep,
-    so a key the config does not have is one line, not a failed sweep."""
-    return [f"{k}={v[0]}" for k, v in space.items()]
-
-
 def choose(finished: list[dict]) -> dict:
     """The member with the lowest final validation loss (the earlier member on a tie)."""
     return min(finished, key=lambda m: (m["final_val_loss"], m["member"]))
@@ -87,23 +81,19 @@ def apply_to(values: dict[str, str], target_raw) -> list[str]:
     return out
 
 
-def parametrization(raw_cfg) -> str:
-    """model.parametrization where the config has it (muP), else standard."""
-    return str(OmegaConf.select(raw_cfg, "model.parametrization", default="standard"))
-
-
 def log_to_mlflow(uri: str, experiment: str, report: dict, search_json: Path) -> str:
     """One parent run for the search; each member's own run (a schedule's parent run, with
     its stages under it) becomes its child. Returns the search run's id."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from orchestrator.tracking.mlflow_tracker import open_client
+    from orchestrator.secrets import redact_config, redact_text
+    from orchestrator.tracking.mlflow_tracker import experiment_id, open_client
     client = open_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment)
     sweep = Path(report["sweep_dir"])
-    run = client.create_run(exp_id, run_name=f"search:{sweep.parent.name}/{sweep.name}",
-                            tags={"grow.kind": "search", "sweep_dir": str(sweep)})
+    report = redact_config(report)  # names, tags and params as every file holds them: secrets masked
+    run = client.create_run(exp_id, run_name=redact_text(f"search:{sweep.parent.name}/{sweep.name}"),
+                            tags={"grow.kind": "search", "sweep_dir": report["sweep_dir"]})
     run_id = run.info.run_id
     winner = report["winner"]
     params = [Param(f"space/{k}", ",".join(v)[:6000]) for k, v in report["space"].items()]
@@ -114,7 +104,8 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, search_json: Path) ->
                Metric("search/members", len(report["members"]), 0, 0)]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100], metrics=metrics if i == 0 else [],
-                         tags=[RunTag("winner_member", str(winner["member"]))] if i == 0 else [])
+                         tags=[RunTag("winner_member", str(winner["member"])),
+                               RunTag("partial", str(report["partial"]).lower())] if i == 0 else [])
     for m in report["members"]:
         if m.get("mlflow_parent_run_id"):
             client.set_tag(m["mlflow_parent_run_id"], "mlflow.parentRunId", run_id)

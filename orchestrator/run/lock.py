@@ -26,14 +26,19 @@ def first_rank() -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, setting: str = "hydra.run.dir"):
         self.path = (Path(run_dir) / ".lock").resolve()
+        self.setting = setting  # where the user chose the directory (a sweep's: hydra.sweep.dir)
 
     def __enter__(self):
+        # the directory entered last is the one the ranks launched now work in (a sweep holds
+        # its own directory and each member's); the one before is put back on exit
+        self._env_before = os.environ.get(HELD_BY_PARENT)
         if self.path in _held:
             _held[self.path][1] += 1
+            os.environ[HELD_BY_PARENT] = str(self.path)
             return self
-        if os.environ.get(HELD_BY_PARENT) == str(self.path):
+        if self._env_before == str(self.path):
             _held[self.path] = [None, 1]
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,8 +48,9 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode().strip() or "?"
             os.close(fd)
-            raise ConfigError("run_dir", f"{self.path.parent} is in use by another grow run "
-                                         f"(pid {holder}); wait for it or pick another hydra.run.dir") from None
+            key = "run_dir" if self.setting == "hydra.run.dir" else self.setting
+            raise ConfigError(key, f"{self.path.parent} is in use by another grow run "
+                                   f"(pid {holder}); wait for it or pick another {self.setting}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         _held[self.path] = [fd, 1]
@@ -54,9 +60,12 @@ class RunLock:
     def __exit__(self, *exc):
         entry = _held[self.path]
         entry[1] -= 1
+        if self._env_before is None:
+            os.environ.pop(HELD_BY_PARENT, None)
+        else:
+            os.environ[HELD_BY_PARENT] = self._env_before
         if entry[1] == 0:
             del _held[self.path]
             if entry[0] is not None:  # ours, not the parent's
-                os.environ.pop(HELD_BY_PARENT, None)
                 fcntl.flock(entry[0], fcntl.LOCK_UN)
                 os.close(entry[0])

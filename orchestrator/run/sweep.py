@@ -13,6 +13,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from orchestrator.run.member_values import CONFIG_FILE, ran_values
+
 
 def sweep_member_params() -> dict:
     """`sweep/<key>: value` for the overrides of this sweep member; {} outside a sweep."""
@@ -46,7 +48,7 @@ def swept_keys(overrides: list[str]) -> list[str]:
 def collect(sweep_dir: Path) -> dict:
     members = []
     swept_file = Path(sweep_dir) / SWEPT_FILE
-    swept = set(json.loads(swept_file.read_text())) if swept_file.exists() else None
+    swept = json.loads(swept_file.read_text()) if swept_file.exists() else None
     for d in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
                     key=lambda p: int(p.name)):
         overrides_file = d / ".hydra" / "overrides.yaml"
@@ -57,8 +59,11 @@ def collect(sweep_dir: Path) -> dict:
         summary_file = d / "summary.json"
         s = json.loads(summary_file.read_text()) if summary_file.exists() else None
         pairs = [o.lstrip("+~").partition("=") for o in overrides]
+        launched = {k: v for k, _, v in pairs if swept is None or k in swept}
+        ran = ran_values(d, swept or list(launched))  # what it trained, not what it was launched with
         entry = {"member": int(d.name), "run_dir": str(d), "overrides": overrides,
-                 "swept": {k: v for k, _, v in pairs if swept is None or k in swept},
+                 "swept": launched if ran is None else {**launched, **ran},
+                 "swept_from": "launch arguments (never ran)" if ran is None else CONFIG_FILE,
                  "status": s["status"] if s else "no summary (failed or not run)"}
         if s:
             stages = s["stages"]

@@ -18,7 +18,7 @@ from ..conftest import grow_in_process
 # A proxy of a few steps: members differ, each takes seconds.
 PROXY = ["schedule=proxy", "schedule.stages.0.tokens=2048", "schedule.stages.0.shape.hidden=32",
          "schedule.stages.0.shape.ffn=128", "schedule.stages.0.shape.heads=2", "engine.threads=1",
-         "schedule.stages.0.lr.min=1e-5", "train.eval_every_steps=4"]
+         "schedule.stages.0.lr.min=1e-5", "schedule.stages.0.lr.warmup_steps=1", "train.eval_every_steps=4"]
 
 
 def proxy_args(tmp_path, data_cache, *more: str) -> list[str]:
