@@ -109,7 +109,7 @@ def one_torch_thread():
 
 def random_llama(*, vocab: int, hidden: int, heads: int, kv_heads: int, ffn: int, layers: int = 2,
                  head_dim: int | None = None, tied: bool = True, theta: float = 10000.0, max_positions: int = 64,
-                 seed: int = 0):
+                 seed: int = 0, eps: float = 1e-5):
     """A seeded LlamaForCausalLM built from a LlamaConfig, its norm gains random in [0.5, 1.5)
     (transformers sets them to 1, where a misplaced gain would not show)."""
     import torch
@@ -118,7 +118,7 @@ def random_llama(*, vocab: int, hidden: int, heads: int, kv_heads: int, ffn: int
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   head_dim=head_dim, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                                   head_dim=head_dim, rms_norm_eps=eps, tie_word_embeddings=tied,
                                    rope_parameters={"rope_type": "default", "rope_theta": theta},
                                    max_position_embeddings=max_positions)
     cfg._attn_implementation = "eager"

@@ -1,6 +1,8 @@
 """`grow import-hf` and `grow export-hf`: Hugging Face Llama <-> canonical checkpoint.
 
     grow import-hf src=HF_DIR out=CKPT [overwrite=false]
+        (prints the `grow run` overrides that state the imported model; a tokenizer.json in
+        HF_DIR is recorded, and a run from the import must use it)
     grow export-hf ckpt=CKPT out=HF_DIR [max_positions=2048] [masks=drop] [overwrite=false]
 
 An existing non-empty out= is replaced only with overwrite=true, never the input; the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from orchestrator.checkpoint.init_model import model_overrides
 from orchestrator.commands.options import bool_option, int_option, parse_options, run_reporting_errors
 
 
@@ -19,10 +22,20 @@ def import_hf_args(args: list[str]) -> int:
     from orchestrator.offline.hf import import_hf
 
     opts = parse_options(args, ("src", "out"), ("src", "out", "overwrite"))
-    spec = import_hf(Path(opts["src"]), Path(opts["out"]), overwrite=bool_option(opts, "overwrite", False))
+    out = Path(opts["out"])
+    spec, tokenizer = import_hf(Path(opts["src"]), out, overwrite=bool_option(opts, "overwrite", False))
     print(f"imported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
           f"vocab={spec.vocab} -> {opts['out']}")
+    print(f"train it further (stage 1 of your schedule at this shape, or larger to grow it):\n  "
+          f"{' '.join(continue_command(out, spec, tokenizer))}")
     return 0
+
+
+def continue_command(out: Path, spec, tokenizer: dict | None) -> list[str]:
+    """`grow run` from the import: its model stated as overrides, on its own tokenizer when
+    the directory had one."""
+    own = ["data.tokenizer.kind=hf", f"data.tokenizer.path={Path(tokenizer['file']).parent}"] if tokenizer else []
+    return ["grow", "run", f"init_from={out.resolve()}", *own, *model_overrides(spec)]
 
 
 def export_hf_args(args: list[str]) -> int:

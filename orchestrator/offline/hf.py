@@ -29,6 +29,7 @@ from growth_ops.mup_reparam import mup_reparam
 from growth_ops.msg import unmasked_plan
 from growth_ops.spec import INPUT_SCALE, axis_size, parameter_axes
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
+from orchestrator.config.tokenizer_file import TOKENIZER_FILE, hf_vocab_size
 from orchestrator.offline.expand import check_state
 from orchestrator.offline.outputs import (OfflineError, check_output, publish_dir, staged_dir,
                                           write_checkpoint_dir, write_safetensors_stream)
@@ -122,7 +123,25 @@ def hf_tensors(src: Path) -> LazyTensors:
         raise OfflineError("src", f"a weight file in {src} is damaged or truncated ({e})") from None
 
 
-def import_hf(src: Path, out: Path, overwrite: bool = False) -> ModelSpec:
+def own_tokenizer(src: Path, spec: ModelSpec) -> dict | None:
+    """The model directory's tokenizer.json (file, ids), which a run from the import must use
+    (orchestrator.checkpoint.checks); None without one. Its ids must fit the embedding."""
+    file = src.resolve() / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    try:
+        ids = hf_vocab_size(str(file))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise OfflineError(TOKENIZER_FILE, f"{file} is not a tokenizer.json ({e})") from None
+    if ids > spec.vocab:
+        raise OfflineError(TOKENIZER_FILE, f"{file} has {ids} ids, more than the model's {spec.vocab} "
+                                           "vocabulary rows (config.json vocab_size): not this model's tokenizer")
+    return {"file": str(file), "ids": ids}
+
+
+def import_hf(src: Path, out: Path, overwrite: bool = False) -> tuple[ModelSpec, dict | None]:
+    """Write `src` as a canonical checkpoint at `out`; returns its shape and the directory's
+    own tokenizer (`own_tokenizer`)."""
     src = Path(src)
     if not src.is_dir():
         raise OfflineError("src", f"{src} is not a directory; expected a Hugging Face model directory")
@@ -147,12 +166,14 @@ def import_hf(src: Path, out: Path, overwrite: bool = False) -> ModelSpec:
         write_safetensors_stream(tmp / "model.safetensors", layout, stream())
         write_safetensors_stream(tmp / "optimizer.safetensors", [], iter(()))
 
+    tokenizer = own_tokenizer(src, spec)
     meta = {"spec": spec.to_dict(), "masks": None, "step": 0, "global_step": 0, "optimizer_step": 0,
             "stage_index": -1, "stage_name": "import-hf", "stage_complete": True,
             "imported_from": {"hf_dir": str(src), "model_type": cfg.get("model_type", "llama"),
-                              "torch_dtype": cfg.get("torch_dtype") or cfg.get("dtype")}}
+                              "torch_dtype": cfg.get("torch_dtype") or cfg.get("dtype"),
+                              "tokenizer": tokenizer}}
     write_checkpoint_dir(out, write_files, meta)
-    return spec
+    return spec, tokenizer
 
 
 # -- export ----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ initialisation or `init_from`, resumed from its own checkpoint, or grown from th
 stage before it."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from growth_ops import ModelSpec
 
 from orchestrator.checkpoint.canonical import CheckpointError
 from orchestrator.checkpoint.checkpointer import OpenedCheckpoint
+from orchestrator.checkpoint.init_model import model_at_start
 from orchestrator.data import new_cursor
 from orchestrator.engines.base import Engine
 from orchestrator.model import build_model
@@ -88,9 +88,7 @@ def fresh_start(ctx: RunContext) -> ActiveStage:
         return ActiveStage(engine, state)
     init = ctx.checkpointer.open(Path(cfg.init_from).expanduser(), check=True)
     spec = ModelSpec.from_dict(init.meta["spec"])
-    # the run starts at model.rope_theta without interpolation; stage 1's `position` may switch from there
-    at_start = dataclasses.replace(stage.spec, rope_theta=cfg.model.rope_theta, rope_interpolation=1.0)
-    check_same_model(spec, at_start, "init_from")
+    check_same_model(spec, model_at_start(ctx.schedule), "init_from")  # checked before; the file may have changed
     start = start_stage(ctx, stage, StageSource(init.weights, None, spec, 0, Path(cfg.init_from).name))
     engine, state.growth = start.engine, start.growth
     if start.staged is not None:  # loaded; the stage's first checkpoint is written by training
