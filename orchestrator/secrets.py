@@ -11,6 +11,10 @@ Values are redacted three ways: by the name of their key, by being (or containin
 value of a secret-named environment variable (a config may interpolate one with
 `${oc.env:...}`), and by the credentials of a URL (`scheme://user:***@host`, and
 secret-named query parameters such as `?password=...`).
+
+A sweep's command line loses its secrets before Hydra sees it: each becomes an
+`${oc.env:NAME}` reference to a variable holding it (overrides_without_secrets), since
+Hydra copies the overrides into files and log lines that grow cannot mask.
 """
 from __future__ import annotations
 
@@ -91,3 +95,65 @@ def redact_config(obj: Any, secrets: Mapping[str, str] | None = None, _key: str 
     if isinstance(obj, str):
         return redact_text(obj, secrets)
     return obj
+
+
+# A sweep's own secrets move into the environment under these names (see overrides_without_secrets)
+SECRET_VARIABLE = "GROW_SECRET_{}"
+_REFERENCE = re.compile(r"\$\{oc\.env:[^}]*\}")
+
+
+def _variable_for(value: str, environ: dict) -> str:
+    """The environment variable that holds `value`: one already secret-named that does, else
+    the first GROW_SECRET_<n> free (or holding it), set now. Numbered in order of
+    appearance, never by a hash of the value (a short hash of a weak password reveals it)."""
+    for name, held in environ.items():
+        if held == value and is_secret_name(name):
+            return name
+    n = 1
+    while environ.get(SECRET_VARIABLE.format(n), value) != value:
+        n += 1
+    name = SECRET_VARIABLE.format(n)
+    environ[name] = value
+    return name
+
+
+def _hide(value: str, secrets: Mapping[str, str], environ: dict) -> str:
+    """`value` with its secrets as `${oc.env:NAME}` references: values of secret environment
+    variables, then passwords in URLs and values of secret-named URL query parameters (by
+    position: a short password is not replaced elsewhere in the value)."""
+    def ref(secret: str) -> str:
+        return "${oc.env:" + _variable_for(secret, environ) + "}"
+
+    for secret in sorted((v for v in secrets if v in value), key=len, reverse=True):
+        value = value.replace(secret, ref(secret))
+
+    def userinfo(m) -> str:
+        hidden = m["password"] if _REFERENCE.fullmatch(m["password"]) else ref(m["password"])
+        return f"{m['scheme']}{m['user']}:{hidden}@"
+
+    def query(m) -> str:
+        if not is_secret_name(m["name"]) or not m["value"] or _REFERENCE.fullmatch(m["value"]):
+            return m[0]
+        return f"{m['sep']}{m['name']}={ref(m['value'])}"
+
+    value = URL_USERINFO.sub(userinfo, value)
+    return _QUERY_PARAM.sub(query, value) if "://" in value else value
+
+
+def overrides_without_secrets(args: list[str], environ: dict | None = None) -> list[str]:
+    """A command line whose overrides hold no secret: each one becomes a reference to an
+    environment variable holding it (`tracking.uri=http://u:${oc.env:GROW_SECRET_1}@host`).
+
+    Hydra copies a sweep's overrides, as typed, into files and lines grow does not write
+    (multirun.yaml, each member's .hydra/, its launch lines, a Slurm launcher's pickles);
+    a reference is safe in all of them, and every member resolves it to the real value from
+    the environment it inherits (sbatch exports it to Slurm jobs too)."""
+    environ = os.environ if environ is None else environ
+    secrets = secret_values(environ)
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and not arg.startswith("-"):
+            value = _hide(value, secrets, environ)
+        out.append(key + eq + value)
+    return out

@@ -32,6 +32,12 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def tracking_uri(configured: str | None) -> str:
+    """The store a run uses, as MLflow chooses it: tracking.uri, else $MLFLOW_TRACKING_URI,
+    else the default sqlite file."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI (None for other stores or in-memory)."""
     if not uri.startswith("sqlite:///"):
@@ -47,6 +53,12 @@ def open_client(uri: str):
     whatever the store raises (unreachable, corrupt): callers treat that as an outage."""
     from mlflow.tracking import MlflowClient
 
+    # Fail fast instead of MLflow's minutes of retries with backoff (an unreachable server
+    # held a sweep 4 minutes before it trained): every caller retries later or goes without.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if redact_url(uri) != uri:  # MLflow prints "View run ... at: <URI>", password and all, as runs end
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     db = sqlite_path(uri)
     if db is None:
         return MlflowClient(uri)
@@ -56,6 +68,23 @@ def open_client(uri: str):
         return MlflowClient(uri)
     finally:
         os.close(fd)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of the experiment `name`, created if missing. MLflow stores names in plain text
+    for anyone who can read the store, so a secret in the name (`${oc.env:...}`) is masked
+    first: every caller (runs, sweeps, searches) gets the same masked experiment."""
+    name = redact_text(name)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another run created it a moment ago
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class NullTracker:
@@ -86,10 +115,6 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict,
                  console: Console | None = None):
-        # Fail fast instead of MLflow's minutes of retries: the next flush retries anyway.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
         self.cfg, self.console = cfg, console or Console(stderr=True)
         self.path, self.metrics_path = Path(run_dir) / "tracking.json", Path(run_dir) / "metrics.jsonl"
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -100,7 +125,7 @@ class MlflowTracker(NullTracker):
         if saved_uri and REDACTED not in saved_uri:
             self.uri = saved_uri
         else:
-            self.uri = cfg.uri or default_tracking_uri()
+            self.uri = tracking_uri(cfg.uri)
         # pending_params: run key ("" = parent, else stage) -> params not logged yet; kept on
         # disk so runs whose creation the store missed are created by a later process
         self.info = {"experiment_id": None, "parent_run_id": None, "stage_run_ids": {}, "sent_offset": 0,
@@ -146,14 +171,14 @@ class MlflowTracker(NullTracker):
                 self.client = open_client(self.uri)
             info = self.info
             if info["experiment_id"] is None:
-                info["experiment_id"] = self._experiment_id(info["experiment"])
+                info["experiment_id"] = experiment_id(self.client, info["experiment"])
             if info["parent_run_id"] is None:
-                run = self.client.create_run(info["experiment_id"], run_name=self._run_name,
-                                             tags={"run_dir": str(self.path.parent)})
+                run = self.client.create_run(info["experiment_id"], run_name=redact_text(self._run_name),
+                                             tags={"run_dir": redact_text(str(self.path.parent))})
                 info["parent_run_id"] = run.info.run_id
                 self._save()
             for name in [n for n in self._params if n and n not in info["stage_run_ids"]]:
-                run = self.client.create_run(info["experiment_id"], run_name=name,
+                run = self.client.create_run(info["experiment_id"], run_name=redact_text(name),
                                              tags={"mlflow.parentRunId": info["parent_run_id"]})
                 info["stage_run_ids"][name] = run.info.run_id
                 self._save()
@@ -176,18 +201,6 @@ class MlflowTracker(NullTracker):
             self._warned = False
         self._online = True
         return True
-
-    def _experiment_id(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except Exception:  # another run created it a moment ago
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
 
     def _last_steps(self, run) -> dict[str, int]:
         """The highest logged step of each metric. MLflow's latest-metric entities carry it
