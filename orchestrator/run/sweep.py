@@ -103,12 +103,12 @@ class SweepSummary(Callback):
         t = config.get("tracking")
         if not t or not t.get("enabled"):
             return
-        from mlflow.tracking import MlflowClient
-
-        from orchestrator.tracking.mlflow_tracker import default_tracking_uri
-        client = MlflowClient(t.get("uri") or default_tracking_uri())
-        if client.get_experiment_by_name(t.experiment) is None:
-            client.create_experiment(t.experiment)
+        from orchestrator.secrets import redact_text
+        from orchestrator.tracking.mlflow_tracker import experiment_id, open_client, tracking_uri
+        try:
+            experiment_id(open_client(tracking_uri(t.get("uri"))), t.experiment)
+        except Exception as e:  # an outage: each member's tracker says so and keeps its metrics
+            print(f"warning: MLflow: the sweep's experiment was not created ({redact_text(str(e).splitlines()[0])})")
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
