@@ -194,3 +194,29 @@ def test_a_first_stage_smaller_than_the_import_is_refused(capsys, tmp_path, impo
     err = _refusal(capsys, tmp_path, imported, "schedule.stages.0.shape.layers=1")
     assert "schedule.stages.0.shape.layers: cannot shrink (2 -> 1)" in err
     assert "'schedule.stages.0.shape={layers: 2, hidden: 64, ffn: 128, heads: 4, kv_heads: 2}'" in err
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_model(capsys, tmp_path, imported):
+    _, model_dir, _, _, _ = imported
+    src = tmp_path / "mismatched"
+    _tokenizer_dir(src, _documents(), 600)
+    for f in ("config.json", "model.safetensors"):
+        (src / f).write_bytes((model_dir / f).read_bytes())
+    assert import_command([f"src={src}", f"out={tmp_path / 'ckpt'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "600 ids, more than the model's 500 vocabulary rows" in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_head_dim_other_than_hidden_over_heads_is_refused(capsys, tmp_path, imported):
+    """import-hf takes any head_dim, but a run's model has head_dim = hidden / heads."""
+    _, model_dir, _, _, _ = imported
+    src = tmp_path / "wide-heads"
+    src.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((model_dir / f).read_bytes())
+    random_llama(vocab=500, **SHAPE, head_dim=32).save_pretrained(src)
+    assert import_command([f"src={src}", f"out={tmp_path / 'ckpt'}"]) == 0
+    capsys.readouterr()
+    err = _refusal(capsys, tmp_path, imported, f"init_from={tmp_path / 'ckpt'}", f"data.tokenizer.path={src}")
+    assert "has head_dim=32, not hidden / heads = 16" in err
