@@ -29,6 +29,7 @@ from orchestrator.run.lock import RunLock
 from orchestrator.schedule import Schedule
 
 LAUNCHER = "hydra/launcher"
+SUBDIR = "hydra.sweep.subdir"  # a member's directory in the sweep's: its number unless set
 # Members checked up front, by (run directory, job overrides): a member that then starts in
 # this process (Hydra's basic launcher) takes its schedule from here instead of checking again.
 _checked: dict[tuple[str, tuple[str, ...]], Schedule] = {}
@@ -117,13 +118,15 @@ def check_reruns(configs: list[RunConfig], members: list[list[str]], swept: list
 
 
 @contextlib.contextmanager
-def holding(sweep_dir: Path, members: int, here: bool):
+def holding(sweep_dir: Path, members: int, overrides: list[str]):
     """The sweep directory locked, and when the members run in this process each member's
     too, before Hydra writes anything into them (multirun.yaml, .hydra/, the member's log): a
     second sweep into the same directory is refused with nothing of the first overwritten.
-    A member launched elsewhere (Slurm) locks its own directory when it starts."""
+    A member launched elsewhere (Slurm), or in a directory of its own naming
+    (hydra.sweep.subdir), locks its directory when it starts."""
+    numbered = not any(o.lstrip("+~").startswith(SUBDIR + "=") for o in overrides)
     with contextlib.ExitStack() as held:
         held.enter_context(RunLock(sweep_dir, setting="hydra.sweep.dir"))
-        for i in range(members if here else 0):
+        for i in range(members if numbered and launched_here(overrides) else 0):
             held.enter_context(RunLock(Path(sweep_dir) / str(i), setting="hydra.sweep.dir"))
         yield

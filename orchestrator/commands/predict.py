@@ -22,7 +22,7 @@ from rich.table import Table
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.commands.compose import CommandLine, load
-from orchestrator.commands.members import check_members, check_reruns, expand, holding, launched_here
+from orchestrator.commands.members import check_members, check_reruns, expand, holding
 from orchestrator.commands.options import UsageError
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, ShapeConfig
@@ -126,7 +126,7 @@ def predict_command(args: list[str]) -> int:
     args = overrides_without_secrets(args)  # its sweep's files and logs see references, never the values
     try:
         cmd, cfg, shapes, directory, members, configs, target = _prepare(args)
-        with holding(directory, len(members), launched_here(cmd.overrides)):
+        with holding(directory, len(members), cmd.overrides):
             check_reruns(configs, members, [SHAPE_KEY])
             return _predict(cmd, cfg, shapes, directory, target)
     except UsageError as e:

@@ -42,13 +42,13 @@ def held_sweep(args: list[str]):
     """`grow run -m` into a given hydra.sweep.dir: it and its members' directories locked
     before Hydra writes into them (orchestrator/commands/members.py)."""
     from orchestrator.commands.compose import parse_args
-    from orchestrator.commands.members import expand, holding, launched_here
+    from orchestrator.commands.members import expand, holding
     from orchestrator.commands.sweeps import explicit_sweep_dir
     cmd = parse_args(args)
     directory = explicit_sweep_dir(cmd) if cmd.multirun and not cmd.help else None
     if directory is None:
         return nullcontext()
-    return holding(directory, len(expand(cmd.overrides)), launched_here(cmd.overrides))
+    return holding(directory, len(expand(cmd.overrides)), cmd.overrides)
 
 
 def _run(args: list[str]) -> int:

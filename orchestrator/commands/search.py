@@ -21,7 +21,7 @@ from rich.console import Console
 
 from orchestrator.atomic import write_json_atomic
 from orchestrator.commands.compose import CommandLine, compose, without_sweeps
-from orchestrator.commands.members import check_members, check_reruns, expand, holding, launched_here
+from orchestrator.commands.members import check_members, check_reruns, expand, holding
 from orchestrator.commands.options import UsageError
 from orchestrator.config.errors import ConfigError
 from orchestrator.exits import EXIT_CONFIG, exit_status, fail
@@ -64,7 +64,7 @@ def search_command(args: list[str]) -> int:
     args = overrides_without_secrets(args)  # its sweep's files and logs see references, never the values
     try:
         opts, base, space, directory, members, configs, target = _prepare(args)
-        with holding(directory, len(members), launched_here(base.overrides)):
+        with holding(directory, len(members), base.overrides):
             check_reruns(configs, members, list(space))
             return _search(opts, base, space, directory, configs, target)
     except UsageError as e:

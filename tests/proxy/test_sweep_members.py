@@ -13,11 +13,17 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
+from orchestrator.commands.compose import CommandLine, load
+from orchestrator.commands.members import holding
+from orchestrator.commands.predict import SHAPE_KEY, points_of
+from orchestrator.config.errors import ConfigError
+from orchestrator.run import lock as run_lock
+from orchestrator.run.lock import HELD_BY_PARENT, RunLock
 from orchestrator.run.sweep import collect
 
 from ..conftest import grow_in_process
 from ..forked_grow import start_grow
-from .test_search import proxy_args
+from .test_search import PROXY, proxy_args
 
 LR = "schedule.stages.0.lr.peak"
 
@@ -29,6 +35,29 @@ def trained_lr(member_dir) -> float:
 def launched_lr(member_dir) -> str:
     overrides = OmegaConf.load(member_dir / ".hydra" / "overrides.yaml")
     return next(o.partition("=")[2] for o in overrides if o.startswith(LR + "="))
+
+
+def other_process_locks(directory) -> None:
+    """RunLock(directory) taken and released by another process (a forked child that, like a
+    fresh one, holds nothing): ConfigError if the directory is held."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.environ.pop(HELD_BY_PARENT, None)
+        run_lock._held.clear()
+        try:
+            with RunLock(directory):
+                message = b""
+        except ConfigError as e:
+            message = str(e).encode()
+        os.write(write, message)
+        os._exit(0)
+    os.close(write)
+    message = os.read(read, 4096).decode()
+    os.waitpid(pid, 0)
+    if message:
+        raise ConfigError("run_dir", message)
 
 
 def checkpoints_under(directory) -> list:
@@ -108,6 +137,26 @@ def test_a_member_is_labelled_by_its_config_json_not_its_launch_arguments(finish
     assert launched_lr(copy / "0") == "0.002"
     members = collect(copy)["members"]
     assert members[0]["swept"] == {LR: "0.001"} and members[1]["swept"] == {LR: "0.01"}
+    # grow predict's points: the width a proxy trained (hidden=32 here), whatever its .hydra/ says
+    overrides.write_text(overrides.read_text() + f"- {SHAPE_KEY}={{layers:2,hidden:64,ffn:256,heads:4,kv_heads:4}}\n")
+    cfg = load(CommandLine(PROXY))
+    assert [p["width"] for p in points_of(cfg, members)] == [32, 32]
+
+
+def test_a_sweep_holds_its_directory_and_each_members_and_ranks_see_the_innermost(tmp_path, monkeypatch):
+    """The ranks a member launches (torchrun children) find their run directory in
+    GROW_RUN_LOCK_HELD: the member's while it runs, the sweep's again after it."""
+    monkeypatch.delenv(HELD_BY_PARENT, raising=False)
+    sweep = tmp_path / "sweep"
+    with holding(sweep, 2, [LR + "=1e-3,1e-2"]):
+        assert sorted(p.name for p in sweep.iterdir()) == [".lock", "0", "1"]
+        with RunLock(sweep / "0"):  # the member, in this process: already held, named for its ranks
+            assert os.environ[HELD_BY_PARENT] == str((sweep / "0" / ".lock").resolve())
+        assert os.environ[HELD_BY_PARENT] == str((sweep / "1" / ".lock").resolve())
+        with pytest.raises(ConfigError, match="in use by another grow run"):  # another process is refused
+            other_process_locks(sweep / "0")
+    assert HELD_BY_PARENT not in os.environ
+    other_process_locks(sweep)  # released
 
 
 def files_of(sweep) -> dict:
