@@ -157,7 +157,8 @@ def test_run_grows_exactly_and_rates_follow_the_new_width(tmp_path, data_cache, 
 def test_checkpoint_records_the_parametrization(tmp_path, data_cache, capsys):
     """A muP checkpoint is not read as standard: init_from refuses it by name, before the run,
     and the checkpoint's meta.json spec says mup."""
-    cfg = mup_run_config(tmp_path, data_cache, "schedule.stages.0.tokens=256", "run.only_stage=w32")
+    cfg = mup_run_config(tmp_path, data_cache, "schedule.stages.0.tokens=256", "schedule.stages.0.lr.warmup_steps=0",
+                         "run.only_stage=w32")
     run_schedule(cfg, console=Console(file=io.StringIO()))
     ckpt = read_summary(tmp_path / "run")["stages"][0]["checkpoint"]
     assert json.loads((Path(ckpt) / "meta.json").read_text())["spec"]["parametrization"] == "mup"

@@ -295,7 +295,7 @@ def test_search_through_submitit_slurm(slurm, tmp_path, data_cache):
     """`grow search` on Slurm: the members are submitit jobs, the choice and MLflow as locally."""
     sweep_dir, db = tmp_path / "search", tmp_path / "search.db"
     proc = grow(tmp_path, "search", "hydra/launcher=submitit_slurm", "schedule=proxy",
-                "schedule.stages.0.tokens=2048", "schedule.stages.0.lr.min=1e-5",
+                "schedule.stages.0.tokens=2048", "schedule.stages.0.lr.min=1e-5", "schedule.stages.0.lr.warmup_steps=1",
                 "schedule.stages.0.lr.peak=1e-4,1e-2", "search.target=tiny", f"data.cache_dir={data_cache}",
                 "engine.threads=1", f"tracking.uri=sqlite:///{db}", f"hydra.sweep.dir={sweep_dir}", timeout=600)
     report = json.loads((sweep_dir / "search.json").read_text())
