@@ -13,7 +13,7 @@ from orchestrator.checkpoint.init_model import MODEL_KEYS, SHAPE_FIELDS, model_a
 from orchestrator.config.checks import check
 from orchestrator.config.errors import ConfigError
 from orchestrator.schedule import ResolvedStage, Schedule, tokenizer_vocab
-from orchestrator.schedule.checks import _growth as growth_rules  # the rules between two stages, reused
+from orchestrator.schedule.checks import check_growth
 
 
 @check("schedule")
@@ -102,7 +102,7 @@ def _first_shape(schedule: Schedule, given: str, spec: ModelSpec) -> None:
     if all(getattr(spec, f) == getattr(first.spec, f) for f in SHAPE_FIELDS):
         return
     try:
-        growth_rules(ResolvedStage.alone(first.config, spec), first)
+        check_growth(ResolvedStage.alone(first.config, spec), first)
     except ConfigError as e:
         shape = " ".join(f"{f}={getattr(spec, f)}" for f in SHAPE_FIELDS)
         raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]}; init_from {given} is {shape}: stage 1 starts at "

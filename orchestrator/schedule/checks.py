@@ -113,10 +113,11 @@ def _message(e: GrowthError) -> str:
 def growth(schedule: Schedule) -> None:
     """Each stage's shape is reachable from the one before with its operator and options."""
     for prev, stage in zip(schedule, schedule.stages[1:]):
-        _growth(prev, stage)
+        check_growth(prev, stage)
 
 
-def _growth(prev: ResolvedStage, stage: ResolvedStage) -> None:
+def check_growth(prev: ResolvedStage, stage: ResolvedStage) -> None:
+    """`stage` is reachable from `prev` with its operator and options (also used for init_from)."""
     key, growth = f"schedule.stages.{stage.index}", stage.growth
     try:
         op = get_operator(growth.operator or "")
