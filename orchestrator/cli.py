@@ -10,6 +10,7 @@ import signal
 import sys
 
 from orchestrator.exits import EXIT_CONFIG, fail
+from orchestrator.secrets import masked_output
 
 # name -> ("module:function", help). A command function takes the remaining argv and
 # returns an exit status; modules are imported only when their command runs (so `grow run`
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         return fail(EXIT_CONFIG, f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
     module, func = COMMANDS[command][0].split(":")
-    return getattr(importlib.import_module(module), func)(rest)
+    with masked_output():  # whatever a command prints (Hydra's and MLflow's lines too): secrets masked
+        return getattr(importlib.import_module(module), func)(rest)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 REDACTED = "***"
@@ -157,3 +159,33 @@ def overrides_without_secrets(args: list[str], environ: dict | None = None) -> l
             value = _hide(value, secrets, environ)
         out.append(key + eq + value)
     return out
+
+
+class MaskedStream:
+    """A text stream (stdout, stderr) that masks secrets in everything written to it: the
+    last line of defence for what grow prints itself, what Hydra logs and what MLflow prints."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def masked_output():
+    """sys.stdout and sys.stderr masked for the duration (a `grow` command)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskedStream(sys.stdout), MaskedStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

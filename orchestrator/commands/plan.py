@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.atomic import write_json_atomic
+from orchestrator.secrets import redact_config
 from orchestrator.budget.memory import GIB
 from orchestrator.budget.caps import CAPS
 from orchestrator.budget.planner import make_plan
@@ -126,7 +127,7 @@ def plan_command(args: list[str]) -> int:
     run_dir = _run_dir(cmd.overrides, cfg.schedule.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "plan.json"
-    write_json_atomic(path, plan.to_dict())
+    write_json_atomic(path, redact_config(plan.to_dict()))  # like a run's config.json: secrets masked
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)

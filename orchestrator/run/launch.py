@@ -181,4 +181,7 @@ def _rank_main(config_path: str) -> int:
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    sys.exit(record(_rank_main)(sys.argv[1]))
+    from orchestrator.secrets import masked_output
+    with masked_output():  # a rank prints like `grow` itself: secrets masked
+        status = record(_rank_main)(sys.argv[1])
+    sys.exit(status)

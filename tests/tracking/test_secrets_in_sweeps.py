@@ -1,5 +1,6 @@
 """Secrets stay out of everything a command writes and prints (issue 26): a password in
-tracking.uri and a secret environment value in tracking.experiment, through `grow run`,
+tracking.uri and a secret environment value in tracking.experiment (or cluster.name, or a
+bad value), through `grow run`,
 `grow run -m`, `grow search`, `grow predict`, `grow plan`, `grow submit`, `grow status` and
 a refusal. One helper greps every file the command wrote, the MLflow server's store and
 artifacts, and the console for them. The server is real MLflow behind a proxy that refuses
@@ -191,17 +192,24 @@ def test_grow_predict_keeps_secrets(tmp_path, data_cache, server, env, capfd):
 
 
 def test_plan_submit_and_refusals_echo_no_secret(tmp_path, data_cache, server, env, capfd):
-    code, plan = grow(capfd, "plan", *tracked(server, data_cache))
-    assert code == 0, plan[-2000:]
-    code, submit = grow(capfd, "submit", *tracked(server, data_cache), "submit.dry_run=true",
-                        f"hydra.run.dir={tmp_path / 'submitted'}")
-    assert code == 2 and "MLFLOW_TRACKING_USERNAME" in submit, submit[-2000:]  # sbatch scripts never hold it
-    code, bad = grow(capfd, "run", *PROXY, f"tracking.uri=htp://{USER}:{PASSWORD}@host:5000")
-    assert code == 2 and f"htp://{USER}:***@host:5000" in bad, bad
+    env.chdir(tmp_path)  # grow plan writes ./plans/<schedule>/<time>/plan.json
+    named = "cluster.name=${oc.env:" + TOKEN_VAR + "}"  # a secret where grow prints and writes it
+    code, plan = grow(capfd, "plan", *tracked(server, data_cache), named)
+    assert code == 0 and "on cluster ***" in plan, plan[-2000:]
+    code, refused = grow(capfd, "submit", *tracked(server, data_cache), "submit.dry_run=true",
+                         f"hydra.run.dir={tmp_path / 'refused'}")
+    assert code == 2 and "MLFLOW_TRACKING_USERNAME" in refused, refused[-2000:]  # no password in an sbatch script
+    code, submit = grow(capfd, "submit", *tracked(server, data_cache, credentials=False), named,
+                        "submit.dry_run=true", f"hydra.run.dir={tmp_path / 'submitted'}")
+    assert code == 0 and "#SBATCH --job-name=grow-submitted-0-proxy" in submit, submit[-2000:]
+    code, bad_scheme = grow(capfd, "run", *PROXY, f"tracking.uri=htp://{USER}:{PASSWORD}@host:5000")
+    assert code == 2 and f"htp://{USER}:***@host:5000" in bad_scheme, bad_scheme
+    code, bad_value = grow(capfd, "run", *PROXY, "schedule.stages.0.tokens=${oc.env:" + TOKEN_VAR + "}")
+    assert code == 2 and "Value '***'" in bad_value, bad_value
     code, bad_sweep = grow(capfd, "run", "-m", "seed=1,2", *PROXY, f"tracking.uri=htp://{USER}:{PASSWORD}@host",
-                           f"hydra.sweep.dir={tmp_path / 'refused'}")
+                           f"hydra.sweep.dir={tmp_path / 'bad-sweep'}")
     assert code == 2, bad_sweep
-    assert_secrets_kept(plan + submit + bad + bad_sweep, tmp_path)
+    assert_secrets_kept(plan + refused + submit + bad_scheme + bad_value + bad_sweep, tmp_path)
 
 
 def test_an_unreachable_store_costs_a_sweep_seconds(tmp_path, data_cache, env, capfd):
