@@ -112,16 +112,7 @@ def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = Tru
     with open(tmp / "meta.json", "w") as f:
         json.dump({"format": FORMAT_VERSION, **meta}, f, indent=1)
     write_indexes(tmp)
-    names = sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json")
-    for name in names:
-        fsync_file(tmp / name)
-    with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
-        digests = dict(zip(names, pool.map(lambda n: _sha256(tmp / n), names)))
-    manifest = {n: {"sha256": digests[n], "bytes": (tmp / n).stat().st_size} for n in names}
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1)
-    fsync_file(tmp / "manifest.json")
-    fsync_dir(tmp)
+    write_manifest(tmp)
     failpoint("checkpoint.tmp_written")
     replace_dir(tmp, path)
     failpoint("checkpoint.renamed")
@@ -131,7 +122,23 @@ def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = Tru
     return path
 
 
+def write_manifest(path: Path) -> None:
+    """The manifest of every other file in directory `path` (sha256 and size), all durable."""
+    names = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    for name in names:
+        fsync_file(path / name)
+    with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+        digests = dict(zip(names, pool.map(lambda n: _sha256(path / n), names)))
+    manifest = {n: {"sha256": digests[n], "bytes": (path / n).stat().st_size} for n in names}
+    with open(path / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+    fsync_file(path / "manifest.json")
+    fsync_dir(path)
+
+
 def verify(path: Path) -> None:
+    """Checkpoint `path` is whole (every file matches the manifest) and readable (see
+    `check_readable`); else CheckpointError naming the file and what is wrong."""
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.exists():
         raise CheckpointError(f"{manifest_path} is missing")
@@ -148,6 +155,59 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{f} is missing")
         if f.stat().st_size != size or _sha256(f) != sha:
             raise CheckpointError(f"{f} does not match its checksum")
+    check_readable(Path(path))
+
+
+def check_readable(path: Path) -> None:
+    """What a loader reads agrees with itself: meta.json is a JSON object, every tensor file's
+    header parses, and each index maps every tensor to the shard that holds it. A manifest
+    sealed over a bad index (or a damaged meta.json) passes the checksums, and would otherwise
+    fail every resume with a rank's traceback; headers are a few KB, so this costs little."""
+    try:
+        meta = read_meta(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'meta.json'} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / 'meta.json'} does not hold a JSON object")
+    for kind in KINDS:
+        held = _held_tensors(path, kind)
+        if (path / index_name(kind)).exists():
+            _check_index(path / index_name(kind), held)
+
+
+def _held_tensors(path: Path, kind: str) -> dict[str, str]:
+    """tensor -> name of the file of `kind` that holds it, from the files' headers."""
+    held: dict[str, str] = {}
+    for f in _data_files(path, kind):
+        try:
+            with safe_open(f, framework="pt") as h:
+                keys = list(h.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+        for key in keys:
+            if key in held:
+                raise CheckpointError(f"{key!r} is in both {held[key]} and {f.name} of {path}")
+            held[key] = f.name
+    return held
+
+
+def _check_index(index: Path, held: dict[str, str]) -> None:
+    """`index` maps exactly the tensors in `held` to the files that hold them."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        pairs = [(str(k), str(v)) for k, v in weight_map.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid index ({type(e).__name__}: {e})") from None
+    files = set(held.values())
+    for key, file in pairs:
+        if file not in files:
+            raise CheckpointError(f"{index} maps {key!r} to {file}, which is not a tensor file of the checkpoint")
+        if held.get(key) != file:
+            where = f"it is in {held[key]}" if key in held else "no file holds it"
+            raise CheckpointError(f"{index} maps {key!r} to {file}, but {where}")
+    if len(pairs) != len(held):
+        missing = sorted(held.keys() - weight_map.keys())
+        raise CheckpointError(f"{index} leaves out {len(missing)} tensors its files hold (first: {missing[0]!r})")
 
 
 def index_name(kind: str) -> str:
@@ -297,9 +357,13 @@ def open_checkpoint(path: Path, check: bool = True) -> tuple[LazyTensors, dict[s
     return model, moments, read_meta(path)
 
 
-def latest_checkpoint(run_dir: Path, damaged: list[str] | None = None) -> Path | None:
+def latest_checkpoint(run_dir: Path, damaged: list[str] | None = None,
+                      check_meta: Callable[[dict], object] | None = None) -> Path | None:
     """The checkpoint to resume from: `latest` if it verifies, else the newest one that
-    does, with a warning naming what was skipped (also appended to `damaged`)."""
+    does, with a warning naming what was skipped (also appended to `damaged`). A checkpoint
+    verifies when its files are whole and readable (`verify`), its meta.json names the step
+    and stage of its directory, and `check_meta(meta)` (the run's reading of it) raises no
+    KeyError, TypeError or ValueError: whatever would fail the resume falls back here instead."""
     root = checkpoints_root(run_dir)
     candidates = list(reversed(all_checkpoints(run_dir)))
     try:
@@ -311,13 +375,38 @@ def latest_checkpoint(run_dir: Path, damaged: list[str] | None = None) -> Path |
         log.warning("ignoring damaged pointer %s", root / "latest")
     for ckpt in candidates:
         try:
+            if not ckpt.is_dir():
+                raise CheckpointError(f"{root / 'latest'} names {ckpt}, which does not exist")
             verify(ckpt)
+            _check_meta(ckpt, check_meta)
             return ckpt
         except CheckpointError as e:
             log.warning("skipping damaged checkpoint: %s", e)
             if damaged is not None:
                 damaged.append(str(e))
     return None
+
+
+def _check_meta(ckpt: Path, check_meta: Callable[[dict], object] | None) -> None:
+    """meta.json of run checkpoint `ckpt` agrees with its place (`<index>-<stage>/step_<N>`)
+    and, with `check_meta`, reads as the run's state."""
+    meta, where = read_meta(ckpt), ckpt / "meta.json"
+    index, _, stage = ckpt.parent.name.partition("-")
+    step = ckpt.name[len("step_"):]
+    if not (ckpt.name.startswith("step_") and step.isdigit() and index.isdigit() and stage):
+        raise CheckpointError(f"{ckpt} is not where a run keeps checkpoints (<index>-<stage>/step_<N>)")
+    placed = {"step": int(step), "stage_index": int(index), "stage_name": stage}
+    for key, want in placed.items():
+        if key in meta and meta[key] != want:
+            raise CheckpointError(f"{where} says {key} {meta[key]!r}, but the checkpoint is {key} {want!r}")
+    if check_meta is None:
+        return
+    try:
+        check_meta(meta)
+    except KeyError as e:
+        raise CheckpointError(f"{where} has no {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where} holds a value the run cannot read ({type(e).__name__}: {e})") from None
 
 
 def prune(stage_dir: Path, keep: int) -> None:

@@ -44,10 +44,11 @@ class OpenedCheckpoint:
 
 class Checkpointer:
     """The checkpoints of `run_dir`, keeping the newest `keep` mid-stage ones per stage
-    (stage-final ones always stay)."""
+    (stage-final ones always stay). `check_meta`: how the run reads a meta.json (raising
+    KeyError, TypeError or ValueError on one it cannot resume from), so `latest` skips it."""
 
-    def __init__(self, run_dir: Path, keep: int):
-        self.run_dir, self.keep = Path(run_dir), keep
+    def __init__(self, run_dir: Path, keep: int, check_meta: Callable[[dict], object] | None = None):
+        self.run_dir, self.keep, self.check_meta = Path(run_dir), keep, check_meta
 
     def path(self, stage_index: int, stage_name: str, step: int) -> Path:
         return checkpoint_dir(self.run_dir, stage_index, stage_name, step)
@@ -57,9 +58,9 @@ class Checkpointer:
         return all_checkpoints(self.run_dir)
 
     def latest(self, damaged: list[str] | None = None) -> Path | None:
-        """The newest checkpoint that verifies against its manifest (`latest` first); what
-        was skipped is logged and appended to `damaged`."""
-        return latest_checkpoint(self.run_dir, damaged)
+        """The newest checkpoint that verifies and loads (`latest` first; see
+        `canonical.latest_checkpoint`); what was skipped is logged and appended to `damaged`."""
+        return latest_checkpoint(self.run_dir, damaged, self.check_meta)
 
     @staticmethod
     def read_meta(path: Path) -> dict:

@@ -58,7 +58,7 @@ def open_run(cfg: RunConfig, console: Console, leader: bool, extra_params: dict 
         console.print(f"[yellow]warning:[/] {warning}")
     return RunContext(cfg=cfg, schedule=schedule, run_dir=run_dir, data=data, engines=engines, budget=budget,
                       metrics=metrics, tracker=tracker, console=console,
-                      checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep), leader=leader,
+                      checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep, RunState.from_meta), leader=leader,
                       validation=ValidationSets(data, cfg.train.eval_batches))
 
 
@@ -152,10 +152,11 @@ def _newest_checkpoint(ctx: RunContext) -> Path | None:
         ctx.console.print(f"[yellow]warning:[/] damaged checkpoint skipped: {problem}")
     if ckpt is None and (damaged or checkpointed_before(ctx.run_dir, ctx.cfg)) \
             and not ctx.cfg.checkpoint.allow_fresh_start:
-        why = f"{len(damaged)} damaged" if damaged else "none left, but the run wrote some before (metrics.jsonl, summary.json)"
+        why = "damaged: " + "; ".join(damaged) if damaged \
+            else "none left, but the run wrote some before (metrics.jsonl, summary.json)"
         raise CheckpointError(f"no intact checkpoint in {ctx.run_dir / 'checkpoints'} ({why}); refusing to "
-                              "start from scratch and lose what was spent - pass "
-                              "checkpoint.allow_fresh_start=true to do that")
+                              "start from scratch and lose what was spent - restore a checkpoint from a copy, "
+                              "or pass checkpoint.allow_fresh_start=true to do that")
     return ckpt
 
 
