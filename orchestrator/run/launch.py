@@ -11,7 +11,8 @@ by the launch, and nowhere else.
 Fail fast: torchrun is told never to restart and polls its workers every 0.2 s; when one
 rank dies it stops the others and reports the failed rank (its traceback is recorded by
 `@record`), and the process-group timeout (`engine.timeout_s`) bounds any collective
-still waiting on a dead peer.
+still waiting on a dead peer. torchrun runs through `rank_exits`, so the driver's last line
+says which rank ended how (signal, status, exception) and whether a rerun can help.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Mapping
 
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.config.schema import RunConfig
-from orchestrator.run.state import next_stage
+from orchestrator.run.rank_exits import explain, read_report
+from orchestrator.run.state import RunState, next_stage
 from orchestrator.schedule import layout_world
 
 ONLY_STAGE_DONE = "stopped: run.only_stage="
@@ -94,8 +96,8 @@ def leave_process_group() -> None:
 
 def next_stage_index(cfg: RunConfig) -> int | None:
     """The stage the next launch runs (None: the schedule is finished)."""
-    return next_stage(read_meta(ckpt) if (ckpt := latest_checkpoint(Path(cfg.run_dir))) else None,
-                      len(cfg.schedule.stages)).index
+    ckpt = latest_checkpoint(Path(cfg.run_dir), check_meta=RunState.from_meta)  # as the ranks will choose
+    return next_stage(read_meta(ckpt) if ckpt else None, len(cfg.schedule.stages)).index
 
 
 def drive(cfg: RunConfig) -> int:
@@ -138,18 +140,29 @@ def drive(cfg: RunConfig) -> int:
                   file=sys.stderr, flush=True)
             return 2
         print(f"launching stage {only} on {world} ranks ({device.type})", flush=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "orchestrator.run.launch", str(path)]
+        report = run_dir / f".launch-{index}-exits.json"  # how each failed rank ended (rank_exits)
+        report.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "orchestrator.run.rank_exits", str(report), "--standalone",
+               "--nproc_per_node", str(world), "--max-restarts", "0", "--monitor-interval", "0.2",
+               "-m", "orchestrator.run.launch", str(path)]
         # DeepSpeed picks its accelerator when first imported: the ranks find it set (see rank_environment)
         env = {"DS_ACCELERATOR": device.type, "PYTHONUNBUFFERED": "1", **os.environ}
         try:
-            code = subprocess.run(cmd, env=env).returncode
+            agent = subprocess.Popen(cmd, env=env)
+            try:
+                code = agent.wait()
+            except BaseException:  # as subprocess.run: never leave the agent behind
+                agent.kill()
+                agent.wait()
+                raise
+            failures = read_report(report)
         finally:
             path.unlink(missing_ok=True)
+            report.unlink(missing_ok=True)
         if code != 0:
-            print(f"grow: stage {only} failed: a rank exited with status {code} (see its error above); "
-                  f"run the same command again to resume from the last checkpoint", file=sys.stderr, flush=True)
-            return code if 0 < code < 128 else 1
+            line, status = explain(only, code, agent.pid, failures)
+            print(f"grow: {line}", file=sys.stderr, flush=True)
+            return status
         summary = run_dir / "summary.json"
         status = json.loads(summary.read_text()).get("status", "") if summary.exists() else ""
         if cfg.run.only_stage is not None or not status.startswith(ONLY_STAGE_DONE):
