@@ -9,7 +9,8 @@ from orchestrator.config.schema import RunConfig
 
 
 def inert_settings(cfg: RunConfig) -> dict[str, str]:
-    """Dotted key (a setting or a section) -> why it has no effect in `cfg`."""
+    """Dotted key (a setting or a section) -> what makes it have no effect in `cfg` (read
+    after "has no effect with ...")."""
     inert = {}
     if cfg.model.parametrization != "mup":
         inert["model.mup"] = (f"model.parametrization={cfg.model.parametrization} (muP's settings apply only "
@@ -20,7 +21,8 @@ def inert_settings(cfg: RunConfig) -> dict[str, str]:
     for i, stage in enumerate(stages):
         if i != len(stages) - 1 or stage.lr.decay != "wsd":
             why = (f"schedule.stages.{i}.lr.decay={stage.lr.decay}" if stage.lr.decay != "wsd"
-                   else f"stage {stage.name} is not the last (only the last stage decays under wsd)")
+                   else f"lr.decay=wsd on stage {stage.name}, which is not the last (only the last stage "
+                        "decays under wsd)")
             inert[f"schedule.stages.{i}.lr.decay_fraction"] = why
     return inert
 

@@ -75,6 +75,9 @@ def checkpoints_under(directory) -> list:
     (["search"], ["schedule.stages.0.lr.decay_fraction=0.1,0.3"],
      "grow: config error: schedule.stages.0.lr.decay_fraction: swept, but it has no effect with "
      "schedule.stages.0.lr.decay=cosine"),
+    (["run", "-m"], ["model.position=alibi", "model.rope_theta=1e4,5e5"],
+     "grow: config error: model.rope_theta: swept, but it has no effect with model.position=alibi "
+     "(RoPE's base applies only with model.position=rope) (sweep member 0 of 2: model.rope_theta=10000.0)"),
     (["search"], [f"{LR}=1e-3,0.001"],  # Hydra reads both as 0.001
      f"grow: config error: sweep: members 0 and 1 are the same run ({LR}=0.001 and {LR}=0.001); give each value once"),
     (["run", "-m"], [f"{LR}=1e-3,nan"],
