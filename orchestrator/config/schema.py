@@ -149,8 +149,9 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "embedded"  # embedded | stdlib_code | stdlib_prose | people_daily | files
-    paths: List[str] = field(default_factory=list)  # files: files or directories
+    kind: str = "embedded"  # embedded | stdlib_code | stdlib_prose | people_daily | files | indexed
+    # files: files or directories; indexed: Megatron dataset prefixes (.../name_text_document)
+    paths: List[str] = field(default_factory=list)
     format: Annotated[str, OneOf("auto", "text", "jsonl")] = "auto"
     jsonl_key: str = "text"
     glob: str = "*"  # files in directories that are read

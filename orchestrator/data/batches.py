@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from orchestrator.data.dataset import TokenStream
+from orchestrator.data.indexed import TokenStream
 from orchestrator.data.errors import DataError
 from orchestrator.data.mixture import Schedule, resolve_weights
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.atomic import fsync_file
+
 
 def stable_hash(obj: Any, digest_size: int = 16) -> str:
     """Hex digest of a JSON-serialisable value; key order does not matter."""
@@ -29,41 +31,39 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-class TokenFileWriter:
-    """Appends token arrays to a temp file; `commit` makes it the final file atomically.
+class IndexedWriter:
+    """Documents appended to a temp indexed dataset beside `final` (a prefix), written by
+    megatron-core's IndexedDatasetBuilder, one sequence per document; `commit` fsyncs it and
+    renames the .bin, then the .idx: a reader needs both, and the .idx comes last.
 
     Used as a context manager: leaving the block without commit (an exception, a kill
-    handled as KeyboardInterrupt) removes the temp file, so no half file is ever visible
-    under the final name."""
+    handled as KeyboardInterrupt) removes the temp files, so no half dataset is ever
+    visible under the final name."""
 
     def __init__(self, final: Path, dtype: np.dtype):
-        self.final, self.dtype = final, np.dtype(dtype)
-        self.tmp = temp_path(final)
-        self.tokens = 0
-        self._f = open(self.tmp, "wb", buffering=1 << 20)
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # slow import: on use
+        self.dtype = np.dtype(dtype)
+        self.final = {ext: Path(f"{final}{ext}") for ext in (".bin", ".idx")}
+        self.tmp = {ext: temp_path(path) for ext, path in self.final.items()}  # named *.tmp, not *.bin
+        self.tokens = self.documents = 0
+        self._builder = IndexedDatasetBuilder(str(self.tmp[".bin"]), dtype=self.dtype.type)
 
-    def write(self, tokens: np.ndarray) -> None:
-        arr = np.ascontiguousarray(tokens, dtype=self.dtype)
-        self._f.write(arr.tobytes())
-        self.tokens += arr.size
-
-    def truncate(self, tokens: int) -> None:
-        """Drop everything after the first `tokens` tokens."""
-        self._f.flush()
-        self._f.truncate(tokens * self.dtype.itemsize)
-        self._f.seek(0, os.SEEK_END)
-        self.tokens = tokens
+    def add(self, tokens: np.ndarray) -> None:
+        """One document, one sequence."""
+        self._builder.add_document(np.asarray(tokens, dtype=self.dtype), [len(tokens)])
+        self.tokens += len(tokens)
+        self.documents += 1
 
     def commit(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.final)
+        self._builder.finalize(str(self.tmp[".idx"]))
+        for ext in (".bin", ".idx"):
+            fsync_file(self.tmp[ext])
+            os.replace(self.tmp[ext], self.final[ext])
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if not self._f.closed:
-            self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        self._builder.data_file.close()  # a no-op after commit
+        for tmp in self.tmp.values():
+            tmp.unlink(missing_ok=True)

