@@ -156,6 +156,7 @@ def test_grow_search_keeps_secrets_and_its_runs_reach_mlflow(tmp_path, data_cach
                      f"hydra.sweep.dir={sweep}")
     assert code == 0, out[-3000:]
     assert "unreachable" not in out and "not logged" not in out, out[-3000:]
+    assert "MLFLOW_TRACKING_PASSWORD" in out  # the way to keep it off the command line
     assert_secrets_kept(out, tmp_path, server.root)
     assert server.gate.refused == 0 and server.gate.passed > passed  # the real password reached MLflow
     runs = runs_in(server, "e-***")  # the experiment's name, masked
