@@ -12,6 +12,7 @@ from growth_ops import MaskState, ModelSpec
 from orchestrator.checkpoint.init_model import MODEL_KEYS, SHAPE_FIELDS, model_at_start, override, shape_override
 from orchestrator.config.checks import check
 from orchestrator.config.errors import ConfigError
+from orchestrator.config.tokenizer_file import hf_vocab_digest
 from orchestrator.schedule import ResolvedStage, Schedule, tokenizer_vocab
 from orchestrator.schedule.checks import check_growth
 
@@ -46,8 +47,8 @@ def init_from(schedule: Schedule) -> None:
 def _tokenizer(schedule: Schedule, given: str, imported: dict | None) -> None:
     """A model imported with its tokenizer (`grow import-hf` of a directory holding a
     tokenizer.json) reads only that tokenizer's ids: another tokenizer's, or bytes, would
-    train it on ids that mean something else. Compared by size, the one thing that tells
-    two vocabularies apart without reading them."""
+    train it on ids that mean something else. Compared by size, then by which token has
+    which id (an import that recorded it)."""
     if not imported:
         return
     t, own, ids = schedule.cfg.data.tokenizer, imported["file"], imported["ids"]
@@ -59,6 +60,15 @@ def _tokenizer(schedule: Schedule, given: str, imported: dict | None) -> None:
     if need != ids:
         raise ConfigError("data.tokenizer.path", f"{t.path} has {need} ids, but init_from {given} was imported "
                                                  f"with {own} ({ids} ids): another vocabulary; set "
+                                                 f"data.tokenizer.path={Path(own).parent}")
+    try:
+        digest = hf_vocab_digest(t.path)
+    except (OSError, ValueError):
+        return  # an unreadable tokenizer.json is the data check's to report
+    if imported.get("digest") not in (None, digest):
+        raise ConfigError("data.tokenizer.path", f"{t.path} has {need} ids like {own}, the tokenizer init_from "
+                                                 f"{given} was imported with, but not the same tokens at "
+                                                 f"those ids: another vocabulary; set "
                                                  f"data.tokenizer.path={Path(own).parent}")
 
 

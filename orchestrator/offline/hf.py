@@ -29,7 +29,7 @@ from growth_ops.mup_reparam import mup_reparam
 from growth_ops.msg import unmasked_plan
 from growth_ops.spec import INPUT_SCALE, axis_size, parameter_axes
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
-from orchestrator.config.tokenizer_file import TOKENIZER_FILE, hf_vocab_size
+from orchestrator.config.tokenizer_file import TOKENIZER_FILE, hf_vocab_digest, hf_vocab_size
 from orchestrator.offline.expand import check_state
 from orchestrator.offline.outputs import (OfflineError, check_output, publish_dir, staged_dir,
                                           write_checkpoint_dir, write_safetensors_stream)
@@ -124,19 +124,19 @@ def hf_tensors(src: Path) -> LazyTensors:
 
 
 def own_tokenizer(src: Path, spec: ModelSpec) -> dict | None:
-    """The model directory's tokenizer.json (file, ids), which a run from the import must use
+    """The model directory's tokenizer.json (file, ids, digest), which a run from the import must use
     (orchestrator.checkpoint.checks); None without one. Its ids must fit the embedding."""
     file = src.resolve() / TOKENIZER_FILE
     if not file.is_file():
         return None
     try:
-        ids = hf_vocab_size(str(file))
+        ids, digest = hf_vocab_size(str(file)), hf_vocab_digest(str(file))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise OfflineError(TOKENIZER_FILE, f"{file} is not a tokenizer.json ({e})") from None
     if ids > spec.vocab:
         raise OfflineError(TOKENIZER_FILE, f"{file} has {ids} ids, more than the model's {spec.vocab} "
                                            "vocabulary rows (config.json vocab_size): not this model's tokenizer")
-    return {"file": str(file), "ids": ids}
+    return {"file": str(file), "ids": ids, "digest": digest}
 
 
 def import_hf(src: Path, out: Path, overwrite: bool = False) -> tuple[ModelSpec, dict | None]:

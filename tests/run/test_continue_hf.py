@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 
 from orchestrator.commands.hf import import_command  # noqa: E402
 from orchestrator.config.parse import parse  # noqa: E402
+from orchestrator.config.tokenizer_file import hf_vocab_digest  # noqa: E402
 from orchestrator.data import new_cursor, next_global_batch, prepare_data  # noqa: E402
 
 from ..conftest import fork_grow, grow_in_process, random_llama, read_summary  # noqa: E402
@@ -116,7 +117,8 @@ def test_import_prints_the_model_and_its_tokenizer(imported):
             "model.vocab_size=500"} <= set(printed)
     assert "schedule.stages.0.shape={layers: 2, hidden: 64, ffn: 128, heads: 4, kv_heads: 2}" in printed
     recorded = json.loads((ckpt / "meta.json").read_text())["imported_from"]["tokenizer"]
-    assert recorded == {"file": str(model_dir.resolve() / "tokenizer.json"), "ids": 500}
+    assert recorded == {"file": str(model_dir.resolve() / "tokenizer.json"), "ids": 500,
+                        "digest": hf_vocab_digest(str(model_dir))}
 
 
 def test_first_step_loss_is_transformers_loss(run, imported):
@@ -164,6 +166,15 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(capsys, tmp_path, imported
     err = _refusal(capsys, tmp_path, imported, f"data.tokenizer.path={other}")
     assert err.startswith("grow: config error: data.tokenizer.path:")
     assert f"{other} has 400 ids" in err and "(500 ids)" in err and f"data.tokenizer.path={model_dir}" in err
+
+
+def test_a_tokenizer_of_the_same_size_with_other_ids_is_refused(capsys, tmp_path, imported):
+    """Trained on other text to the same 500 ids: the size agrees, the tokens do not."""
+    root, model_dir, _, _, _ = imported
+    other = tmp_path / "same-size"
+    assert _tokenizer_dir(other, [d[::-1] for d in _documents()], 500) == 500
+    err = _refusal(capsys, tmp_path, imported, f"data.tokenizer.path={other}")
+    assert "not the same tokens at those ids" in err and f"data.tokenizer.path={model_dir}" in err
 
 
 def test_the_byte_tokenizer_is_refused_for_an_import_with_its_own(capsys, tmp_path, imported):
