@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "one chained Slurm job per stage (grow submit hydra.run.dir=runs/x [submit.dry_run=true])"),
     "status": ("orchestrator.commands.status:status_command",
                "a submitted run's stages: job ids, state, requeues, tokens, spend (grow status run_dir=DIR)"),
+    "prepare": ("orchestrator.commands.prepare:prepare_command",
+                "text or JSONL -> a Megatron indexed dataset (.bin/.idx/.json), parallel and resumable\n"
+                "          (grow prepare input=corpus.jsonl output=DIR/name_text_document [workers=2\n"
+                "          jsonl_key=text data.tokenizer.kind=hf data.tokenizer.path=DIR overwrite=false])"),
     "grow": ("orchestrator.commands.expand:expand_command",
              "grow a checkpoint on disk, tensor by tensor, checked (grow grow ckpt=SRC out=DST growth=clone\n"
              "          hidden=256 ffn=1024 [layers= heads= kv_heads= layer_insert= init= moments= ramp_steps=\n"
