@@ -190,7 +190,7 @@ def prepare_data(cfg: DataConfig, source_names: list[str] | None = None) -> Prep
     for name in names:
         src = cfg.sources[name]
         if src.kind == "indexed":
-            for prefix in src.paths:
+            for prefix in map(os.path.expanduser, src.paths):
                 check_prefix_tokenizer(prefix, read_prefix_meta(prefix), cfg.tokenizer.kind, tok.fingerprint)
             data.train[name], data.val[name], data.meta[name] = indexed_splits(
                 name, src.paths, cfg.val_fraction, tok.eos_id)

@@ -136,7 +136,7 @@ def test_grow_run_with_an_hf_tokenizer_reports_true_bits_per_byte(hf_setup, hf_r
                         "sources": {n: SourceConfig(**s) for n, s in d["sources"].items()}})
     data = prepare_data(cfg)
     assert not data.built["mine"]  # the run's own token files, reused
-    val = np.asarray(data.val["mine"].tokens)
+    val = data.val["mine"].window(0, len(data.val["mine"]))
     eos, bos = tok.token_to_id(EOS), tok.token_to_id(BOS)
     assert val[0] == bos and val[-1] == eos
     symbols = _gpt2_byte_decoder()

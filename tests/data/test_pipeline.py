@@ -468,7 +468,7 @@ def test_shuffled_order_is_a_permutation_per_epoch():
 
 
 def test_a_stream_shorter_than_one_window_is_tiled(streams):
-    short = TokenStream(streams["c"].path, np.uint16)
+    short = streams["c"]
     assert short.window(499, 1002).tolist() == [20000 + (499 + j) % 500 for j in range(1002)]
 
 
