@@ -251,7 +251,11 @@ def write_indexed(chunks: Iterable[Chunk], outputs: dict[str, Path], tok: Tokeni
     dtype = index_dtype(tok)
     work = WorkDir(work_dir, {"format": FORMAT, "tokenizer": tok.fingerprint, "dtype": dtype.name,
                               "outputs": sorted(outputs), **key})
-    done = _tokenized(iter(chunks), work, tok, dtype, workers, progress)
+    try:
+        done = _tokenized(iter(chunks), work, tok, dtype, workers, progress)
+    except DataError:  # bad input: once it is fixed its key changes and no part can be reused
+        shutil.rmtree(work_dir)
+        raise
     metas = {}
     for label, prefix in outputs.items():
         mine = [(i, c[label]) for i, c in enumerate(done) if label in c]
