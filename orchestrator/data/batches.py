@@ -38,6 +38,15 @@ def _check_int(what: str, v, minimum: int) -> int:
     return int(v)
 
 
+def check_cursor(cursor) -> tuple[int, dict[str, int]]:
+    """The sequences read and the offsets of a cursor (a copy); DataError if it is not one (a
+    checkpoint's meta.json is checked with this before a run resumes from it)."""
+    if not isinstance(cursor, dict) or not isinstance(cursor.get("offsets"), dict):
+        raise DataError(f"cursor must be {{'sequences': int, 'offsets': {{name: int}}}}, got {cursor!r}")
+    return (_check_int("cursor sequences", cursor.get("sequences"), 0),
+            {n: _check_int(f"cursor offset of {n!r}", o, 0) for n, o in cursor["offsets"].items()})
+
+
 @lru_cache(maxsize=64)
 def _schedule(names: tuple[str, ...], weights: tuple[float, ...]) -> Schedule:
     return Schedule(names, weights)
@@ -77,11 +86,8 @@ def next_global_batch(streams: dict[str, TokenStream], cursor: dict, mixture: di
     unchanged, so a cursor survives a stage whose mixture leaves some sources out."""
     batch_size = _check_int("batch_size", batch_size, 1)
     seq_len = _check_int("seq_len", seq_len, 1)
-    if not isinstance(cursor, dict) or not isinstance(cursor.get("offsets"), dict):
-        raise DataError(f"cursor must be {{'sequences': int, 'offsets': {{name: int}}}}, got {cursor!r}")
-    start = _check_int("cursor sequences", cursor.get("sequences"), 0)
+    start, offsets = check_cursor(cursor)
     names, weights = resolve_weights(list(streams), mixture)
-    offsets = {n: _check_int(f"cursor offset of {n!r}", o, 0) for n, o in cursor["offsets"].items()}
     for n in names:
         offsets.setdefault(n, 0)
     picks = _schedule(names, weights).picks(start, batch_size)

@@ -27,7 +27,7 @@ from typing import Mapping
 from orchestrator.checkpoint.canonical import latest_checkpoint, read_meta
 from orchestrator.config.schema import RunConfig
 from orchestrator.run.rank_exits import explain, read_report
-from orchestrator.run.state import RunState, next_stage
+from orchestrator.run.state import check_resumable, next_stage
 from orchestrator.schedule import layout_world
 
 ONLY_STAGE_DONE = "stopped: run.only_stage="
@@ -96,7 +96,7 @@ def leave_process_group() -> None:
 
 def next_stage_index(cfg: RunConfig) -> int | None:
     """The stage the next launch runs (None: the schedule is finished)."""
-    ckpt = latest_checkpoint(Path(cfg.run_dir), check_meta=RunState.from_meta)  # as the ranks will choose
+    ckpt = latest_checkpoint(Path(cfg.run_dir), check_meta=check_resumable)  # as the ranks will choose
     return next_stage(read_meta(ckpt) if ckpt else None, len(cfg.schedule.stages)).index
 
 

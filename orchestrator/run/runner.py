@@ -25,7 +25,7 @@ from orchestrator.run.growth_record import GrowthRecord
 from orchestrator.run.lock import RunLock, first_rank
 from orchestrator.run.stage_loop import SignalFlag, StageLoop, StopRequested, save_state
 from orchestrator.run.stage_start import begin, grow_into, source_after
-from orchestrator.run.state import NextStage, RunState, next_stage
+from orchestrator.run.state import NextStage, RunState, check_resumable, next_stage
 from orchestrator.schedule import Schedule, max_seq_len, resolve
 from orchestrator.tracking.mlflow_tracker import make_tracker
 from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
@@ -58,7 +58,7 @@ def open_run(cfg: RunConfig, console: Console, leader: bool, extra_params: dict 
         console.print(f"[yellow]warning:[/] {warning}")
     return RunContext(cfg=cfg, schedule=schedule, run_dir=run_dir, data=data, engines=engines, budget=budget,
                       metrics=metrics, tracker=tracker, console=console,
-                      checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep, RunState.from_meta), leader=leader,
+                      checkpointer=Checkpointer(run_dir, cfg.checkpoint.keep, check_resumable), leader=leader,
                       validation=ValidationSets(data, cfg.train.eval_batches))
 
 

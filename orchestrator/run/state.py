@@ -78,6 +78,16 @@ class RunState:
                    rng=meta.get("rng"), tracking=meta.get("tracking") or {}, saved_at=meta.get("saved_at"))
 
 
+def check_resumable(meta: dict) -> None:
+    """Raises KeyError, TypeError or ValueError unless a stage can resume from `meta` (it reads
+    as a RunState, and its data cursor is one): a checkpoint that fails this is skipped
+    (`Checkpointer.latest`) rather than failing every resume from it."""
+    from orchestrator.data.batches import check_cursor  # numpy and torch: not for the job helpers
+
+    RunState.from_meta(meta)
+    check_cursor(meta["data_cursor"])
+
+
 @dataclass(frozen=True)
 class NextStage:
     """What a run does next: "fresh" (stage 0 from an initialisation), "resume" (a stage in

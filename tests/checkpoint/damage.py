@@ -70,4 +70,5 @@ DAMAGE = {  # name -> edit of a sharded checkpoint
     "meta-wrong-step": _meta(lambda m: m.update(step=m["step"] - 1)),
     "meta-missing-key": _meta(lambda m: m.pop("spec")),
     "meta-ledger-garbled": _meta(lambda m: m.update(ledger={"s1": "spent"})),
+    "meta-cursor-garbled": _meta(lambda m: m["data_cursor"].update(sequences=-8)),
 }
