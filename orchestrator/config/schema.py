@@ -164,6 +164,9 @@ class DataConfig:
     # of documents, chosen by a hash of their name
     val_fraction: Annotated[float, Within(0, 1, lo_open=True, hi_open=True)] = 0.02
     cache_dir: str = "~/.cache/growth-orchestrator"
+    # processes that tokenize a source into the cache (grow prepare's workers=): 1 keeps a
+    # laptop run to one core; more for a big corpus on a machine with cores to spare
+    prepare_workers: Annotated[int, _POS] = 1
 
 
 @dataclass

@@ -16,22 +16,23 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from orchestrator.config.schema import DataConfig, SourceConfig
 from orchestrator.atomic import fsync_dir, read_json, write_json_atomic
-from orchestrator.data.cache import IndexedWriter, stable_hash
+from orchestrator.data.cache import stable_hash
 from orchestrator.data.corpus import content_fingerprint, is_validation, iter_documents
 from orchestrator.data.errors import DataError
 from orchestrator.data.indexed import (TokenStream, check_indexed_tokenizer, check_prefix_tokenizer,
                                        indexed_splits, read_prefix_meta, token_dtype)
+from orchestrator.data.prepare import read_chunks, source_bytes, write_indexed
+from orchestrator.data.progress import TokenizeProgress
 from orchestrator.data.tokenizer import Tokenizer, build_tokenizer, first_chars
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # 2: Megatron indexed datasets, not flat token files. Bump when the file layout or the meaning of a key changes
-CHUNK_CHARS = 4 << 20  # documents are tokenized in batches of about this much text
 
 
 @dataclass
@@ -48,52 +49,31 @@ def _plain(src: SourceConfig) -> dict:
     return dataclasses.asdict(src) if dataclasses.is_dataclass(src) else dict(src)
 
 
-def _chunks(docs: Iterable[tuple[str, str]], chars: int) -> Iterator[list[tuple[str, str]]]:
-    chunk, size = [], 0
-    for doc in docs:
-        chunk.append(doc)
-        size += len(doc[1])
-        if size >= chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
 def _build(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, out: Path,
-           meta: dict) -> dict:
+           meta: dict, workers: int = 1) -> dict:
     """Tokenize `src` into the indexed datasets out/train and out/val (each document
-    [bos] ids eos, one sequence); returns the completed meta, written last."""
+    [bos] ids eos, one sequence) with `grow prepare`'s writer (workers, progress, resumable
+    parts in out/work); returns the completed meta, written last."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.dtype(meta["dtype"])
-    eos = np.array([tok.eos_id], dtype=dtype)
-    bos_id = getattr(tok, "bos_id", None)  # an hf tokenizer's, written before each document
-    head = [np.array([bos_id], dtype=dtype)] if bos_id is not None else []
-    held = None  # the last train document, written once another comes: it may have to go to val
-    with IndexedWriter(out / "train", dtype) as train, IndexedWriter(out / "val", dtype) as val:
-        for chunk in _chunks(iter_documents(src), CHUNK_CHARS):
-            for (doc_id, _), ids in zip(chunk, tok.encode_batch([t for _, t in chunk])):
-                doc = np.concatenate([*head, ids.astype(dtype, copy=False), eos])
-                if is_validation(doc_id, val_fraction):
-                    val.add(doc)
-                    continue
-                if held is not None:
-                    train.add(held)
-                held = doc
-        if held is None and val.documents == 0:
-            raise DataError(f"source {name!r} has no documents")
-        if held is not None:
-            # Tiny inputs can hash every document into train; a stage's evaluation needs
-            # something, so then the last document goes to val.
-            (val if val.documents == 0 else train).add(held)
-        if train.documents == 0:
-            raise DataError(f"source {name!r}: no training documents left after the validation "
-                            f"split ({val.documents} document(s) in all); add more text")
-        meta.update(train_tokens=train.tokens, val_tokens=val.tokens, train_docs=train.documents,
-                    val_docs=val.documents)
-        train.commit()
-        val.commit()
+    def split(doc_id: str) -> str:
+        return "val" if is_validation(doc_id, val_fraction) else "train"
+
+    with TokenizeProgress(f"tokenizing {name}", source_bytes(src)) as progress:
+        # Tiny inputs can hash every document into train; a stage's evaluation needs
+        # something, so then the last document goes to val (never_empty).
+        metas = write_indexed(read_chunks(src, label_of=split), {"train": out / "train", "val": out / "val"}, tok,
+                              key={"content": meta["content"], "val_fraction": val_fraction}, work_dir=out / "work",
+                              workers=workers, progress=progress, inputs=[name], never_empty=("val", "train"))
+        progress.complete()
+    train, val = metas["train"], metas["val"]
+    if train["documents"] + val["documents"] == 0:
+        raise DataError(f"source {name!r} has no documents")
+    if train["documents"] == 0:
+        raise DataError(f"source {name!r}: no training documents left after the validation "
+                        f"split ({val['documents']} document(s) in all); add more text")
+    meta.update(train_tokens=train["tokens"], val_tokens=val["tokens"], train_docs=train["documents"],
+                val_docs=val["documents"])
     fsync_dir(out)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / "meta.json", meta)  # last: its presence means the rest is whole

@@ -18,7 +18,6 @@ How it stays fast, small, resumable and safe:
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -32,9 +31,10 @@ import numpy as np
 
 from orchestrator.atomic import fsync_dir, fsync_file, read_json, write_json_atomic
 from orchestrator.config.schema import SourceConfig
-from orchestrator.data.cache import stable_hash
+from orchestrator.data.cache import IndexedWriter
 from orchestrator.data.corpus import iter_documents, source_files
 from orchestrator.data.errors import DataError
+from orchestrator.data.indexed import megatron_indexed, meta_path, token_dtype
 from orchestrator.data.progress import TokenizeProgress
 from orchestrator.data.tokenizer import Tokenizer
 
@@ -50,36 +50,45 @@ class Chunk:
     nbytes: int  # input bytes it stands for, for the progress
 
 
+def _documents_by_file(source: SourceConfig) -> Iterator[tuple[Path | None, Iterator[tuple[str, str]]]]:
+    """(file, its documents) of a files source, file by file (so the progress can count each
+    file's size); any other kind as one stream without a file."""
+    if source.kind != "files":
+        yield None, iter_documents(source)
+        return
+    for prefix, path in source_files(source):
+        one = SourceConfig(kind="files", paths=[str(path)], format=source.format, jsonl_key=source.jsonl_key)
+        yield path, ((prefix + doc_id[len(str(path)):], text) for doc_id, text in iter_documents(one))
+
+
 def read_chunks(source: SourceConfig, chunk_bytes: int = CHUNK_BYTES,
                 label_of: Callable[[str], str] = lambda doc_id: "text") -> Iterator[Chunk]:
-    """The documents of a `files` source in input order, cut into chunks of about
-    `chunk_bytes` of UTF-8 text. A chunk's nbytes also counts what its files held besides
-    the text (JSON keys and quoting), so the progress ends at the files' total size."""
+    """The documents of `source` in corpus order (doc ids as corpus.iter_documents names
+    them), cut into chunks of about `chunk_bytes` of UTF-8 text. A chunk's nbytes also
+    counts what its files held besides the text (JSON keys and quoting), so the progress
+    ends at the files' total size."""
     index, texts, labels, size = 0, [], [], 0
-    for prefix, path in source_files(source):
-        one_file = dataclasses.replace(source, paths=[str(path)])
+    for path, docs in _documents_by_file(source):
         counted = 0
-        for doc_id, text in iter_documents(one_file):
+        for doc_id, text in docs:
             n = len(text.encode("utf-8"))
             texts.append(text)
-            labels.append(label_of(f"{prefix}{doc_id[len(str(path)):]}"))
+            labels.append(label_of(doc_id))
             size, counted = size + n, counted + n
             if size >= chunk_bytes:
                 yield Chunk(index, texts, labels, size)
                 index, texts, labels, size = index + 1, [], [], 0
-        size += max(0, path.stat().st_size - counted)
+        if path is not None:
+            size += max(0, path.stat().st_size - counted)
     if texts:
         yield Chunk(index, texts, labels, size)
 
 
-def source_bytes(source: SourceConfig) -> int:
+def source_bytes(source: SourceConfig) -> int | None:
+    """Bytes of input a source reads: its files' sizes (None for the built-in kinds)."""
+    if source.kind != "files":
+        return None
     return sum(path.stat().st_size for _, path in source_files(source))
-
-
-def index_dtype(tok: Tokenizer) -> np.dtype:
-    """The dtype Megatron's own preprocess_data.py picks for this vocabulary."""
-    from megatron.core.datasets.indexed_dataset import DType
-    return np.dtype(DType.optimal_dtype(tok.vocab_size))
 
 
 # -- tokenizing: in the workers (or in-process with workers=1) -------------------------
@@ -108,19 +117,6 @@ def _tokenize_in_worker(texts: list[str], dtype: str) -> tuple[np.ndarray, np.nd
 
 
 # -- parts ----------------------------------------------------------------------------
-def _write_dataset(prefix: str, dtype: np.dtype, lengths: np.ndarray, tokens: np.ndarray) -> None:
-    """An indexed dataset of the documents given by `lengths` over `tokens`, durable."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype.type)
-    start = 0
-    for n in lengths.tolist():
-        builder.add_document(tokens[start:start + n], [n])
-        start += n
-    builder.finalize(prefix + ".idx")
-    fsync_file(Path(prefix + ".bin"))
-    fsync_file(Path(prefix + ".idx"))
-
-
 class WorkDir:
     """`<output>.work/`: the finished parts of an interrupted preparation, keyed by what
     they were made from, so a rerun keeps them only when they are still right."""
@@ -154,12 +150,10 @@ class WorkDir:
         counts = {}
         for label in dict.fromkeys(chunk.labels):  # first-seen order, deterministic
             mine = np.flatnonzero(labels == label)
-            picked = np.concatenate([tokens[s:e] for s, e in zip(starts[mine], ends[mine])])
-            final = self.part(chunk.index, label)
-            tmp = f"{final}.tmp"
-            _write_dataset(tmp, dtype, lengths[mine], picked)
-            os.replace(tmp + ".bin", final + ".bin")
-            os.replace(tmp + ".idx", final + ".idx")
+            with IndexedWriter(Path(self.part(chunk.index, label)), dtype) as part:
+                for start, end in zip(starts[mine], ends[mine]):
+                    part.add(tokens[start:end])
+                part.commit()
             counts[label] = [int(mine.size), int(lengths[mine].sum())]
         write_json_atomic(self.path / f"part-{chunk.index:07d}.done", counts)
         return counts
@@ -205,13 +199,30 @@ def _tokenized(chunks: Iterator[Chunk], work: WorkDir, tok: Tokenizer, dtype: np
     return done
 
 
+def _move_last_document(work: WorkDir, done: list[dict], dtype: np.dtype, src: str, dst: str) -> None:
+    """The last document labelled `src` becomes the only one labelled `dst` (a source whose
+    documents all hashed into train still needs one for validation)."""
+    chunks = [i for i, counts in enumerate(done) if src in counts]
+    if not chunks:
+        return
+    i = chunks[-1]
+    ds = megatron_indexed().IndexedDataset(work.part(i, src))
+    docs = [np.array(ds[j]) for j in range(len(ds))]
+    del ds
+    for label, kept in ((src, docs[:-1]), (dst, docs[-1:])):
+        with IndexedWriter(Path(work.part(i, label)), dtype) as part:
+            for doc in kept:
+                part.add(doc)
+            part.commit()
+        done[i][label] = [len(kept), int(sum(map(len, kept)))]
+    if not done[i][src][0]:
+        del done[i][src]
+
+
 # -- publishing -----------------------------------------------------------------------
-def meta_path(prefix: Path | str) -> Path:
-    return Path(f"{prefix}.json")
-
-
 def prefix_meta(tok: Tokenizer, documents: int, tokens: int, inputs: list[str]) -> dict:
-    """What `<prefix>.json` holds: the tokenizer the ids mean something in, and counts."""
+    """What `<prefix>.json` holds (indexed.read_prefix_meta reads it): the tokenizer the
+    ids mean something in, and counts."""
     return {"tokenizer": {"kind": type(tok).__name__.removesuffix("Tokenizer").lower(),
                           "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
                           "eos_id": tok.eos_id, "bos_id": getattr(tok, "bos_id", None)},
@@ -224,10 +235,9 @@ def published(prefix: Path) -> list[Path]:
 
 def publish(prefix: Path, parts: list[str], dtype: np.dtype, meta: dict) -> None:
     """Merge `parts` in order into `prefix` with the builder's add_index; the .idx last."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     tmp = f"{prefix}.{os.getpid()}.tmp"
     try:
-        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype.type)
+        builder = megatron_indexed().IndexedDatasetBuilder(tmp + ".bin", dtype=dtype.type)
         for part in parts:
             builder.add_index(part)
         builder.finalize(tmp + ".idx")
@@ -245,10 +255,12 @@ def publish(prefix: Path, parts: list[str], dtype: np.dtype, meta: dict) -> None
 
 
 def write_indexed(chunks: Iterable[Chunk], outputs: dict[str, Path], tok: Tokenizer, *, key: dict,
-                  work_dir: Path, workers: int, progress: TokenizeProgress, inputs: list[str]) -> dict[str, dict]:
+                  work_dir: Path, workers: int, progress: TokenizeProgress, inputs: list[str],
+                  never_empty: tuple[str, str] | None = None) -> dict[str, dict]:
     """Tokenize `chunks` into one indexed dataset per label (`outputs[label]` its prefix);
-    returns each output's metadata. `key` says what the chunks are made of (for resuming)."""
-    dtype = index_dtype(tok)
+    returns each output's metadata. `key` says what the chunks are made of (for resuming).
+    never_empty=(a, b): when no document is labelled a, the last one labelled b moves to a."""
+    dtype = token_dtype(tok.vocab_size)
     work = WorkDir(work_dir, {"format": FORMAT, "tokenizer": tok.fingerprint, "dtype": dtype.name,
                               "outputs": sorted(outputs), **key})
     try:
@@ -256,6 +268,8 @@ def write_indexed(chunks: Iterable[Chunk], outputs: dict[str, Path], tok: Tokeni
     except DataError:  # bad input: once it is fixed its key changes and no part can be reused
         shutil.rmtree(work_dir)
         raise
+    if never_empty and not any(never_empty[0] in counts for counts in done):
+        _move_last_document(work, done, dtype, never_empty[1], never_empty[0])
     metas = {}
     for label, prefix in outputs.items():
         mine = [(i, c[label]) for i, c in enumerate(done) if label in c]
@@ -285,5 +299,5 @@ def prepare_files(source: SourceConfig, output: Path, tok: Tokenizer, *, workers
         metas = write_indexed(read_chunks(source, chunk_bytes), {"text": output}, tok, key=key,
                               work_dir=Path(f"{output}.work"), workers=workers, progress=progress,
                               inputs=inputs)
-        progress.advance(progress.total - progress.bytes, 0)  # what followed the last document
+        progress.complete()
     return metas["text"]

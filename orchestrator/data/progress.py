@@ -18,8 +18,8 @@ MB = 1e6
 class TokenizeProgress:
     """`with TokenizeProgress(label, total_bytes) as p: p.advance(bytes, tokens)`."""
 
-    def __init__(self, label: str, total_bytes: int, console: Console | None = None, every_s: float = 10.0):
-        self.label, self.total = label, max(0, int(total_bytes))
+    def __init__(self, label: str, total_bytes: int | None, console: Console | None = None, every_s: float = 10.0):
+        self.label, self.total = label, total_bytes  # None: not known (no time left shown)
         self.console = console or Console(stderr=True)
         self.every_s = every_s
         self.bytes = self.tokens = 0
@@ -52,6 +52,11 @@ class TokenizeProgress:
             self._last_line = time.perf_counter()
             self.console.print(self.line(), soft_wrap=True, highlight=False)
 
+    def complete(self) -> None:
+        """All input read: what followed the last document (a file's tail) counts as done."""
+        if self.total is not None and self.bytes < self.total:
+            self.advance(self.total - self.bytes, 0)
+
     def _rated(self) -> tuple[float, float, float]:
         """(seconds, bytes, tokens) done by this process, for the rates and the ETA."""
         seconds = max(time.perf_counter() - self._start, 1e-9)
@@ -63,13 +68,17 @@ class TokenizeProgress:
 
     def eta_s(self) -> float | None:
         seconds, nbytes, _ = self._rated()
-        return (self.total - self.bytes) * seconds / nbytes if nbytes > 0 else None
+        if self.total is None or nbytes <= 0:
+            return None
+        return max(0, self.total - self.bytes) * seconds / nbytes
 
     def line(self) -> str:
         eta = self.eta_s()
         left = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
-        pct = 100.0 * self.bytes / self.total if self.total else 100.0
-        return (f"[{self.label}] {self.bytes / MB:,.1f}/{self.total / MB:,.1f} MB ({pct:.0f}%) "
+        done = f"{self.bytes / MB:,.1f} MB"
+        if self.total is not None:
+            done += f"/{self.total / MB:,.1f} MB ({100.0 * self.bytes / max(self.total, 1):.0f}%)"
+        return (f"[{self.label}] {done} "
                 f"{self.tokens:,} tokens {self.rates()} left {left}")
 
     def __exit__(self, *exc) -> None:

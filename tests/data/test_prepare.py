@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config.schema import SourceConfig
+from orchestrator.data.indexed import read_prefix_meta
 from orchestrator.data.prepare import prepare_files
 from orchestrator.data.tokenizer import BpeTokenizer, ByteTokenizer, HfTokenizer
 
@@ -79,7 +79,7 @@ def test_read_back_equals_tokenizing_each_document(corpus, prepared):
     for i, text in enumerate(expected):
         assert ds[i].tolist() == tok.encode(text) + [tok.eos_id], i
     assert meta["tokens"] == int(ds.sequence_lengths.sum())
-    on_disk = json.loads(Path(f"{prefix}.json").read_text())
+    on_disk = read_prefix_meta(prefix)  # the reader `kind: indexed` sources check it with
     assert on_disk == meta
     assert on_disk["tokenizer"] == {"kind": "hf", "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
                                     "eos_id": tok.eos_id, "bos_id": None}
@@ -101,7 +101,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
     writes what a run never interrupted writes."""
     big = tmp_path / "big.jsonl"
     with big.open("w", encoding="utf-8") as f:
-        for t in _documents(6000, 1):
+        for t in _documents(2500, 1):
             f.write(json.dumps({"text": t}) + "\n")
     args = [f"input={big}", "chunk_mb=0.01"]
     killed = tmp_path / "killed_text_document"
@@ -121,7 +121,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
     whole = tmp_path / "whole_text_document"
     prepare_files(_source(big), whole, ByteTokenizer(), chunk_bytes=10_000)
     assert _files([(killed, None)]) == _files([(whole, None)])
-    assert json.loads(Path(f"{killed}.json").read_text())["documents"] == 6000
+    assert json.loads(Path(f"{killed}.json").read_text())["documents"] == 2500
     assert not work.exists()
 
 
