@@ -38,6 +38,8 @@ _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
 
 URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*):(?P<password>[^/@\s]+)@")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+# `${oc.env:NAME}`: a reference to a secret, not one (kept where it stands for a password)
+_REFERENCE = re.compile(r"\$\{oc\.env:[^}]*\}")
 
 
 def name_words(name: str) -> list[str]:
@@ -67,10 +69,11 @@ def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def redact_url(text: str) -> str:
     """Credentials in the URLs of `text`: `user:password@` -> `user:***@`, and the values
     of secret-named query parameters (`?password=x` -> `?password=***`)."""
-    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    text = URL_USERINFO.sub(lambda m: m[0] if _REFERENCE.fullmatch(m["password"])
+                            else f"{m['scheme']}{m['user']}:{REDACTED}@", text)
     if "://" in text:
-        text = _QUERY_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={REDACTED}"
-                                if is_secret_name(m["name"]) and m["value"] else m[0], text)
+        text = _QUERY_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={REDACTED}" if is_secret_name(m["name"])
+                                and m["value"] and not _REFERENCE.fullmatch(m["value"]) else m[0], text)
     return text
 
 
@@ -101,7 +104,6 @@ def redact_config(obj: Any, secrets: Mapping[str, str] | None = None, _key: str 
 
 # A sweep's own secrets move into the environment under these names (see overrides_without_secrets)
 SECRET_VARIABLE = "GROW_SECRET_{}"
-_REFERENCE = re.compile(r"\$\{oc\.env:[^}]*\}")
 
 
 def _variable_for(value: str, environ: dict) -> str:

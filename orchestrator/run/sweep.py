@@ -92,6 +92,26 @@ def print_sweep(report: dict) -> None:
 
 
 class SweepSummary(Callback):
+    def on_job_start(self, config, **kwargs) -> None:
+        """Hydra's sweeper saved <sweep dir>/multirun.yaml, the composed config, unmasked, just
+        before the first member: a secret from a config file (a tracking URI's password) is
+        masked there before the member runs. The command line's own secrets never get there
+        (orchestrator.secrets.overrides_without_secrets)."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        from omegaconf import OmegaConf
+
+        from orchestrator.atomic import write_bytes_atomic
+        from orchestrator.secrets import redact_config
+        path = Path(config.hydra.sweep.dir) / "multirun.yaml"
+        if path.exists():
+            saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            masked = redact_config(saved)
+            if masked != saved:
+                write_bytes_atomic(path, OmegaConf.to_yaml(OmegaConf.create(masked)).encode())
+
     def on_multirun_start(self, config, **kwargs) -> None:
         """Note which keys are swept (members log them as params), and create the MLflow store
         and experiment once, before members start at the same time (two processes creating

@@ -139,9 +139,9 @@ class MlflowTracker(NullTracker):
         self._online, self._next_try, self._last_flush, self._warned = False, 0.0, 0.0, False
         self._save()
         if self.info["tracking_uri"] != self.uri:
-            self.console.print(f"note: the credentials in {self.info['tracking_uri']} is masked in everything grow "
-                               "writes and prints; MLflow also reads it from MLFLOW_TRACKING_USERNAME and "
-                               "MLFLOW_TRACKING_PASSWORD, which keeps it off the command line")
+            self.console.print(f"note: the credentials in {self.info['tracking_uri']} are masked in everything grow "
+                               "writes and prints; MLflow also reads them from MLFLOW_TRACKING_USERNAME and "
+                               "MLFLOW_TRACKING_PASSWORD, which keeps them off the command line")
         self._connect()
 
     # -- connection ------------------------------------------------------------------

@@ -174,6 +174,15 @@ def test_grow_run_single_and_sweep_keep_secrets(tmp_path, data_cache, server, en
                        f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert code == 0, swept[-3000:]
     assert "GROW_SECRET_1" in (tmp_path / "sweep" / "multirun.yaml").read_text()  # a reference in its place
+    conf = tmp_path / "conf"  # a secret in a config file, not on the command line
+    (conf / "tracking").mkdir(parents=True)
+    (conf / "tracking" / "guarded.yaml").write_text(f"enabled: true\nuri: {server.gate.uri()}\n")
+    code, from_file = grow(capfd, "run", "-m", "--config-dir", str(conf), "tracking=guarded", "seed=1,2",
+                           *PROXY, f"data.cache_dir={data_cache}", f"hydra.sweep.dir={tmp_path / 'from-file'}")
+    assert code == 0 and "unreachable" not in from_file, from_file[-3000:]
+    assert f"{USER}:***@" in (tmp_path / "from-file" / "multirun.yaml").read_text()
+    swept += from_file
+    (conf / "tracking" / "guarded.yaml").unlink()  # the user's own copy
     assert_secrets_kept(out + swept, tmp_path, server.root)
     assert server.gate.refused == 0
     names = {r.info.run_name for r in runs_in(server, "e-***")}
