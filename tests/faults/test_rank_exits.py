@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from orchestrator.run.rank_exits import RESUME, RankExit, explain, read_report
 
 from ..conftest import REPO
@@ -24,6 +26,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_a_rank_killed_by_sigkill_is_named_with_its_signal(tmp_path):
     script, report = tmp_path / "ranks.py", tmp_path / "exits.json"
     script.write_text(RANKS)
