@@ -49,7 +49,8 @@ def _remap(kind: str, tensor: str):
 
 
 def _name_missing_shard(ckpt: Path) -> None:
-    _edit_json(ckpt / index_name("model"), lambda i: i["weight_map"].update({"embed.weight": shard_name("model", 2, 3)}))
+    missing = shard_name("model", 2, 3)
+    _edit_json(ckpt / index_name("model"), lambda i: i["weight_map"].update({"embed.weight": missing}))
 
 
 def _truncate(name: str, keep: int):

@@ -22,12 +22,12 @@ SPEC = ModelSpec(layers=1, hidden=16, ffn=32, heads=2, kv_heads=1, head_dim=8, v
 
 # damage kind -> what the error says (after the damaged file's path)
 REASONS = {
-    "model-index-wrong-mapping": "model.safetensors.index.json maps 'embed.weight' to model-00001-of-00002.safetensors, "
-                                 "but it is in model-00000-of-00002.safetensors",
+    "model-index-wrong-mapping": "model.safetensors.index.json maps 'embed.weight' to "
+                                 "model-00001-of-00002.safetensors, but it is in model-00000-of-00002.safetensors",
     "optimizer-index-wrong-mapping": "optimizer.safetensors.index.json maps 'exp_avg.embed.weight' to "
                                      "optimizer-00001-of-00002.safetensors, but it is in optimizer-00000-of-00002",
-    "index-names-missing-shard": "model.safetensors.index.json maps 'embed.weight' to model-00002-of-00003.safetensors, "
-                                 "which is not a tensor file of the checkpoint",
+    "index-names-missing-shard": "model.safetensors.index.json maps 'embed.weight' to "
+                                 "model-00002-of-00003.safetensors, which is not a tensor file of the checkpoint",
     "model-index-truncated": "model.safetensors.index.json is not a valid index (JSONDecodeError",
     "optimizer-index-truncated": "optimizer.safetensors.index.json is not a valid index (JSONDecodeError",
     "shard-header-truncated": "model-00001-of-00002.safetensors is not a readable safetensors file",
