@@ -27,7 +27,7 @@ from orchestrator.data.corpus import content_fingerprint, is_validation, iter_do
 from orchestrator.data.errors import DataError
 from orchestrator.data.indexed import (TokenStream, check_indexed_tokenizer, check_prefix_tokenizer,
                                        indexed_splits, read_prefix_meta, token_dtype)
-from orchestrator.data.prepare import read_chunks, source_bytes, write_indexed
+from orchestrator.data.prepare import locked, read_chunks, source_bytes, write_indexed
 from orchestrator.data.progress import TokenizeProgress
 from orchestrator.data.tokenizer import Tokenizer, build_tokenizer, first_chars
 
@@ -56,6 +56,12 @@ def _build(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, ou
     parts in out/work); returns the completed meta, written last."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    with locked(out):  # a concurrent preparer of the same key: wait for it, then reuse its files
+        return _load(out, meta) or _build_locked(name, src, tok, val_fraction, out, meta, workers, t0)
+
+
+def _build_locked(name: str, src: SourceConfig, tok: Tokenizer, val_fraction: float, out: Path,
+                  meta: dict, workers: int, t0: float) -> dict:
     def split(doc_id: str) -> str:
         return "val" if is_validation(doc_id, val_fraction) else "train"
 

@@ -18,6 +18,8 @@ How it stays fast, small, resumable and safe:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
 import os
 import shutil
@@ -219,6 +221,18 @@ def _move_last_document(work: WorkDir, done: list[dict], dtype: np.dtype, src: s
         del done[i][src]
 
 
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Held while one process prepares into `directory`: a second preparer of the same
+    output waits, then finds it done, instead of wiping the first one's parts."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # -- publishing -----------------------------------------------------------------------
 def prefix_meta(tok: Tokenizer, documents: int, tokens: int, inputs: list[str]) -> dict:
     """What `<prefix>.json` holds (indexed.read_prefix_meta reads it): the tokenizer the
@@ -286,11 +300,17 @@ def prepare_files(source: SourceConfig, output: Path, tok: Tokenizer, *, workers
     """`grow prepare`: every document of a files source into one indexed dataset at
     `output` (a prefix). Refuses an existing output unless `overwrite`."""
     output = Path(output)
+    if not output.parent.is_dir():
+        raise DataError(f"{output.parent}: no such directory", "output")
+    with locked(output.parent):
+        return _prepare_files(source, output, tok, workers, overwrite, chunk_bytes, progress_label)
+
+
+def _prepare_files(source: SourceConfig, output: Path, tok: Tokenizer, workers: int, overwrite: bool,
+                   chunk_bytes: int, progress_label: str) -> dict:
     existing = [p for p in published(output) if p.exists()]
     if existing and not overwrite:
         raise DataError(f"{existing[0]} exists; give overwrite=true to replace it", "output")
-    if not output.parent.is_dir():
-        raise DataError(f"{output.parent}: no such directory", "output")
     files = source_files(source)
     inputs = [str(path.resolve()) for _, path in files]
     key = {"inputs": [[p, path.stat().st_size, path.stat().st_mtime_ns] for p, (_, path) in zip(inputs, files)],

@@ -137,7 +137,7 @@ def test_the_cache_is_megatron_indexed_datasets_one_document_per_sequence(tmp_pa
         assert [ds[k].tolist() for k in range(len(ds))] == docs
         assert ds.index.dtype == np.uint16 and len(ds.document_indices) == len(docs) + 1
     assert not list(out.glob("*.tmp")) and {p.name for p in out.iterdir()} == {
-        "train.bin", "train.idx", "val.bin", "val.idx", "meta.json"}
+        "train.bin", "train.idx", "train.json", "val.bin", "val.idx", "val.json", "meta.json"}
 
 
 # -- a real run ------------------------------------------------------------------------------
