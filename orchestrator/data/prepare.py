@@ -173,6 +173,7 @@ def _tokenized(chunks: Iterator[Chunk], work: WorkDir, tok: Tokenizer, dtype: np
 
     pending: deque = deque()
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok,)) if workers > 1 else None
+    progress.start()
     try:
         for chunk in chunks:
             counts = work.done(chunk.index)

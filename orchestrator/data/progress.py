@@ -37,6 +37,11 @@ class TokenizeProgress:
             self._task = self._bar.add_task(self.label, total=self.total, rates="")
         return self
 
+    def start(self) -> None:
+        """The clock of the rates starts now: what came before (imports, starting the
+        workers) is not the tokenizer's speed, and would skew the time left."""
+        self._start = time.perf_counter()
+
     def skip(self, nbytes: int, tokens: int = 0) -> None:
         """Input done by an earlier run (a resume): counted as done, not in the rates."""
         self._skipped_bytes += nbytes
@@ -50,7 +55,7 @@ class TokenizeProgress:
             self._bar.update(self._task, completed=self.bytes, rates=self.rates())
         elif time.perf_counter() - self._last_line >= self.every_s:
             self._last_line = time.perf_counter()
-            self.console.print(self.line(), soft_wrap=True, highlight=False)
+            self.console.print(self.line(), soft_wrap=True, highlight=False, markup=False)
 
     def complete(self) -> None:
         """All input read: what followed the last document (a file's tail) counts as done."""
@@ -85,4 +90,4 @@ class TokenizeProgress:
         if self._bar is not None:
             self._bar.__exit__(*exc)
         elif exc[0] is None:
-            self.console.print(self.line(), soft_wrap=True, highlight=False)
+            self.console.print(self.line(), soft_wrap=True, highlight=False, markup=False)
