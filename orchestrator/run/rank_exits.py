@@ -88,7 +88,10 @@ def read_report(report: Path) -> list[RankExit]:
 
 
 def _error_of(failure) -> str | None:
-    """The exception a rank's error file recorded ('Type: message'), if it wrote one."""
+    """The exception a rank's error file recorded ('Type: message'), if it wrote one (`@record`
+    writes one for an uncaught exception only; torchrun marks a missing one '<N/A>')."""
+    if failure.error_file == "<N/A>":
+        return None
     data = failure.error_file_data.get("message") if failure.error_file_data else None
     if isinstance(data, dict):
         data = data.get("message")
