@@ -36,7 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # the long_context example, a few steps per stage (a test runs it in seconds)
 SHORT = ["schedule=long_context", "tracking=off", "engine.threads=1", "train.eval_batches=2",
          "schedule.stages.0.tokens=16384", "schedule.stages.0.batch_size=8",  # 32 steps of 8 x 64
-         "schedule.stages.1.tokens=8192", "schedule.stages.1.batch_size=4"]  # 8 steps of 4 x 256
+         "schedule.stages.1.tokens=8192", "schedule.stages.1.batch_size=4",  # 8 steps of 4 x 256
+         "schedule.stages.1.lr.warmup_steps=2"]  # a warmup below the stage's steps
 
 
 def run_in_process(tmp_path: Path, cache: Path, *overrides: str, name: str = "run") -> tuple[Path, dict]:
@@ -110,7 +111,7 @@ def test_a_mixture_of_contexts_trains_the_steps_the_ledger_and_plan_count(tmp_pa
 
     monkeypatch.setattr(LocalEngine, "train_step", recording)
     mix = ["schedule.stages.0.long_seq_len=256", "schedule.stages.0.long_fraction=0.25",
-           "schedule.stages.0.tokens=14336"]  # 16 steps: 12 x (8 x 64) + 4 x (8 x 256)
+           "schedule.stages.0.tokens=14336", "schedule.stages.0.lr.warmup_steps=4"]  # 16 steps: 12 x (8 x 64) + 4 x (8 x 256)
     run_dir, summary = run_in_process(tmp_path, data_cache, *mix, "model=gpt_tiny")
     first = [t for _, t in seen[:16]]
     assert first == [64, 64, 64, 256] * 4  # every 4th step, by its number
@@ -136,7 +137,7 @@ def test_budget_stops_before_a_long_step_would_cross_the_flops_cap():
     """The cap is checked against the next step's own FLOPs: a long step costs more."""
     from orchestrator.budget.control import RunBudget
     cfg = load(CommandLine([*SHORT, "schedule.stages.0.long_seq_len=256", "schedule.stages.0.long_fraction=0.25",
-                            "schedule.stages.0.tokens=14336"]), planning=True)
+                            "schedule.stages.0.tokens=14336", "schedule.stages.0.lr.warmup_steps=4"]), planning=True)
     budget = RunBudget(resolve(cfg), Console(record=True))
     stage = budget.schedule[0]
     short, long = stage.flops_at(0), stage.flops_at(3)
@@ -232,7 +233,7 @@ def test_resume_after_kills_around_a_context_switch_is_bitwise(tmp_path, data_ca
     final weights, every step's loss and the ledger equal an uninterrupted run's."""
     args = ["run", *SHORT, f"data.cache_dir={data_cache}", "checkpoint.every_steps=2", "train.eval_every_steps=5",
             "schedule.stages.0.long_seq_len=256", "schedule.stages.0.long_fraction=0.25",
-            "schedule.stages.0.tokens=14336", "schedule.stages.1.position.interpolation=4",
+            "schedule.stages.0.tokens=14336", "schedule.stages.0.lr.warmup_steps=4", "schedule.stages.1.position.interpolation=4",
             "schedule.stages.1.position.rope_theta=40000"]
     def grow(run_dir: Path, failpoints: str = ""):
         env = {k: v for k, v in os.environ.items() if k != "GROW_FAILPOINTS"}
@@ -301,7 +302,7 @@ def test_deepspeed_pipeline_trains_the_mixture_and_the_switch_as_the_local_engin
     from ..conftest import fork_grow
 
     mix = ["schedule.stages.0.long_seq_len=256", "schedule.stages.0.long_fraction=0.25",
-           "schedule.stages.0.tokens=14336", "schedule.stages.1.position.interpolation=4",
+           "schedule.stages.0.tokens=14336", "schedule.stages.0.lr.warmup_steps=4", "schedule.stages.1.position.interpolation=4",
            "schedule.stages.1.position.rope_theta=40000"]
     _, want = run_in_process(tmp_path, data_cache, *mix, name="local")
     fork_grow(tmp_path, *SHORT[1:], *mix, "engine=deepspeed", "schedule.stages.0.layout.pp=2",
