@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import multiprocessing
 import os
 import shutil
@@ -253,8 +254,14 @@ def publish(prefix: Path, parts: list[str], dtype: np.dtype, meta: dict) -> None
     tmp = f"{prefix}.{os.getpid()}.tmp"
     try:
         builder = megatron_indexed().IndexedDatasetBuilder(tmp + ".bin", dtype=dtype.type)
-        for part in parts:
-            builder.add_index(part)
+        # add_index runs gc.collect() after every part: with torch loaded that scans ~1M
+        # objects (0.4 s each); frozen, it scans only what the merge itself creates
+        gc.freeze()
+        try:
+            for part in parts:
+                builder.add_index(part)
+        finally:
+            gc.unfreeze()
         builder.finalize(tmp + ".idx")
         for ext in (".bin", ".idx"):
             fsync_file(Path(tmp + ext))
