@@ -37,9 +37,11 @@ _VOCAB_TOKENS = {"eos", "bos", "pad", "unk", "sep", "cls", "mask", "special", "s
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
 
 URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*):(?P<password>[^/@\s]+)@")
-_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
-# `${oc.env:NAME}`: a reference to a secret, not one (kept where it stands for a password)
-_REFERENCE = re.compile(r"\$\{oc\.env:[^}]*\}")
+# a value ends at a quote too: a URL quoted inside a command line (an sbatch script's)
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s'\"]*)")
+# `${oc.env:NAME}` or a shell's `${NAME}`: a reference to a secret, not one (kept where it
+# stands for a password)
+_REFERENCE = re.compile(r"\$\{(?:oc\.env:)?[^}]*\}")
 
 
 def name_words(name: str) -> list[str]:
