@@ -182,6 +182,9 @@ class _Part:
         """out[:] = this part's tokens [start, start + len(out)), which must exist."""
         first = int(np.searchsorted(self.ends, start, side="right"))
         last = int(np.searchsorted(self.ends, start + len(out) - 1, side="right"))
+        if int(self.ids[last]) - int(self.ids[first]) == last - first:  # adjacent: one read, the usual case
+            out[:] = self.ds.get(int(self.ids[first]), start - (int(self.ends[first - 1]) if first else 0), len(out))
+            return
         ids = self.ids[first:last + 1]
         run_starts = np.flatnonzero(np.diff(ids) != 1) + 1  # adjacent ids are read in one get
         run_ends = np.append(run_starts, len(ids)) - 1  # index into ids of each run's last sequence
