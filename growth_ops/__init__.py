@@ -12,23 +12,40 @@ satisfy), `layer_placement` and `index_maps` (where old blocks and indices go), 
 `plan` (GrowthPlan), `grown_tensors` (building tensors from a plan), `moments` (Adam's
 moments), `init`, `masks`, and one module per operator.
 """
-from . import clone, msg, stack, zero
+import importlib
+
 from .errors import GrowthError
-from .grown_tensors import iter_grown
-from .masks import MaskState
-from .moments import iter_moments
-from .operator import GrowthOperator
-from .plan import GrowthPlan
 from .spec import ModelSpec, count_parameters, parameter_axes
 
-OPERATORS: dict[str, GrowthOperator] = {m.OPERATOR.name: m.OPERATOR for m in (msg, zero, clone, stack)}
+# The rest needs torch: imported on first use, so a process that needs only the spec (a
+# `grow prepare` worker, through the config schema) does not load torch.
+_LAZY = {"iter_grown": "grown_tensors", "MaskState": "masks", "iter_moments": "moments",
+         "GrowthOperator": "operator", "GrowthPlan": "plan"}
+_OPERATOR_MODULES = ("msg", "zero", "clone", "stack")
 
 
-def get_operator(name: str) -> GrowthOperator:
-    if name not in OPERATORS:
+def operators() -> dict:
+    """name -> GrowthOperator, in the order msg, zero, clone, stack."""
+    mods = [importlib.import_module(f"{__name__}.{m}") for m in _OPERATOR_MODULES]
+    return {m.OPERATOR.name: m.OPERATOR for m in mods}
+
+
+def get_operator(name: str):
+    ops = operators()
+    if name not in ops:
         raise GrowthError("operator", f"unknown growth operator {name!r}; "
-                                      f"allowed: {', '.join(OPERATORS)}")
-    return OPERATORS[name]
+                                      f"allowed: {', '.join(ops)}")
+    return ops[name]
+
+
+def __getattr__(name: str):
+    if name == "OPERATORS":
+        return operators()
+    if name in _OPERATOR_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["GrowthError", "GrowthOperator", "GrowthPlan", "MaskState", "ModelSpec", "OPERATORS",

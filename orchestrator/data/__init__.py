@@ -11,14 +11,24 @@ Modules, in the order data flows through them:
   mixture    which source each sequence comes from (pure function of its number)
   batches    next_global_batch / validation_batches over a JSON cursor
 """
-from orchestrator.data.batches import new_cursor, next_global_batch, rank_slice, tokens_read, validation_batches
-from orchestrator.data.corpus import is_validation, iter_documents
-from orchestrator.data.dataset import PreparedData, prepare_data
-from orchestrator.data.errors import DataError
-from orchestrator.data.indexed import TokenStream, read_prefix_meta
-from orchestrator.data.tokenizer import BpeTokenizer, ByteTokenizer, HfTokenizer, build_tokenizer
+import importlib
 
-__all__ = ["DataError", "prepare_data", "PreparedData", "TokenStream", "new_cursor",
-           "next_global_batch", "validation_batches", "tokens_read", "rank_slice", "ByteTokenizer",
-           "BpeTokenizer", "HfTokenizer", "build_tokenizer", "iter_documents", "is_validation",
-           "read_prefix_meta"]
+# name -> module, imported on first use: a process that needs one piece (a `grow prepare`
+# worker, which only tokenizes) does not load torch through `batches`
+_EXPORTS = {
+    "new_cursor": "batches", "next_global_batch": "batches", "rank_slice": "batches",
+    "tokens_read": "batches", "validation_batches": "batches",
+    "is_validation": "corpus", "iter_documents": "corpus",
+    "PreparedData": "dataset", "prepare_data": "dataset",
+    "DataError": "errors",
+    "TokenStream": "indexed", "read_prefix_meta": "indexed",
+    "BpeTokenizer": "tokenizer", "ByteTokenizer": "tokenizer", "HfTokenizer": "tokenizer",
+    "build_tokenizer": "tokenizer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
