@@ -41,12 +41,12 @@ class IndexedWriter:
     visible under the final name."""
 
     def __init__(self, final: Path, dtype: np.dtype):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # slow import: on use
+        from orchestrator.data.indexed import megatron_indexed  # slow import, on use; indexed imports this module
         self.dtype = np.dtype(dtype)
         self.final = {ext: Path(f"{final}{ext}") for ext in (".bin", ".idx")}
         self.tmp = {ext: temp_path(path) for ext, path in self.final.items()}  # named *.tmp, not *.bin
         self.tokens = self.documents = 0
-        self._builder = IndexedDatasetBuilder(str(self.tmp[".bin"]), dtype=self.dtype.type)
+        self._builder = megatron_indexed().IndexedDatasetBuilder(str(self.tmp[".bin"]), dtype=self.dtype.type)
 
     def add(self, tokens: np.ndarray) -> None:
         """One document, one sequence."""

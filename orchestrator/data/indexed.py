@@ -20,9 +20,12 @@ name, the document's index), the same on every machine and wherever the files ar
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +43,36 @@ META_TOKENIZER_KEYS = ("kind", "fingerprint", "vocab_size", "eos_id", "bos_id")
 
 def megatron_indexed():
     """megatron-core's indexed_dataset module, imported on first use: importing megatron.core
-    costs seconds, which commands that never read a dataset should not pay."""
-    from megatron.core.datasets import indexed_dataset
-    # it logs seven INFO lines per dataset opened: a run opens two per source, every launch
-    logging.getLogger(indexed_dataset.__name__).setLevel(logging.WARNING)
+    costs seconds, which commands that never read a dataset should not pay. Quietly: the
+    package says at import, in four warnings and three INFO lines, that Transformer Engine
+    and Apex are absent (nothing here uses them), and logs seven INFO lines per dataset
+    opened (a run opens two per source, every launch)."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.datasets import indexed_dataset
     return indexed_dataset
+
+
+class _BadHeader(Exception):
+    pass
+
+
+def _open_megatron(prefix: str):
+    """IndexedDataset(prefix); a bad header raises _BadHeader(why). The half-built dataset's
+    __del__ fails on the attribute its __init__ never set (megatron-core prints that as
+    "Exception ignored ... AttributeError"): it is collected here, with that report muted."""
+    module, hook = megatron_indexed(), sys.unraisablehook
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, AttributeError) else hook(u)
+    try:
+        try:
+            return module.IndexedDataset(prefix)
+        except (AssertionError, ValueError, KeyError, OSError) as e:  # megatron asserts on a bad header
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise _BadHeader(why)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -95,10 +123,9 @@ def open_dataset(prefix: str | Path):
             raise DataError(f"{prefix}: no {prefix}{ext} (an indexed source's path is the prefix, "
                             "without .bin/.idx)")
     try:
-        ds = megatron_indexed().IndexedDataset(prefix)
-    except (AssertionError, ValueError, KeyError, OSError) as e:  # megatron asserts on a bad header
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{prefix}.idx: not a Megatron index ({why})") from None
+        ds = _open_megatron(prefix)
+    except _BadHeader as e:
+        raise DataError(f"{prefix}.idx: not a Megatron index ({e})") from None
     lengths, pointers = ds.sequence_lengths, ds.index.sequence_pointers
     itemsize = np.dtype(ds.index.dtype).itemsize
     starts = np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) * itemsize
