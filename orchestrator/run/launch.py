@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,21 @@ def drive(cfg: RunConfig) -> int:
             return 0
 
 
+def die_with_agent() -> None:
+    """A rank dies with its torchrun agent. torch starts each rank in a session of its own, so
+    a SIGKILL of `grow run`'s process group (or of the agent alone) left the ranks running,
+    orphaned, waiting on their peers until the collective timeout. Linux's parent-death
+    signal ends them with the agent; checkpoints are atomic, so a rerun resumes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    agent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if agent == 1 or os.getppid() != agent:  # the agent died before the signal was armed
+        os._exit(128 + signal.SIGKILL)
+
+
 def _rank_main(config_path: str) -> int:
     """One rank: read the resolved config the driver wrote, join the group, run; a known
     failure is one line and its exit status (orchestrator/exits.py), as for `grow run`.
@@ -192,6 +208,7 @@ def _rank_main(config_path: str) -> int:
 
 
 if __name__ == "__main__":
+    die_with_agent()
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from orchestrator.secrets import masked_output

@@ -78,3 +78,28 @@ def test_each_kind_of_end_is_explained_and_advised_only_when_a_rerun_helps():
     # torchrun failing before any rank ran
     line, status = said(1)
     assert line == f"stage s2 failed: torchrun exited with status 1 (see its error above); {RESUME}"
+
+
+# an "agent" that starts a "rank" in a session of its own, as torch does, then waits
+AGENT = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c",
+    "from orchestrator.run.launch import die_with_agent; die_with_agent(); print('armed', flush=True); "
+    "import time; time.sleep(120)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+assert rank.stdout.readline().strip() == "armed"
+print(rank.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_rank_dies_with_its_agent(tmp_path):
+    """A SIGKILLed agent takes its ranks along (they sit in sessions of their own, which a
+    kill of `grow run`'s process group does not reach), instead of leaving them waiting on
+    their peers until the collective timeout."""
+    import psutil
+    agent = subprocess.Popen([sys.executable, "-c", AGENT], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    rank = psutil.Process(int(agent.stdout.readline()))
+    agent.kill()
+    agent.wait()
+    rank.wait(timeout=30)  # psutil.TimeoutExpired if it outlived its agent
+    assert not rank.is_running()
