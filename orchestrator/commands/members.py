@@ -92,10 +92,10 @@ def check_members(cmd: CommandLine, members: list[list[str]], swept: list[str],
         except ConfigError as e:
             raise _naming_member(e, where) from None
         cfg = _checked[key].cfg
-        for key in swept:
-            why = inert_reason(key, cfg)
+        for setting in swept:
+            why = inert_reason(setting, cfg)
             if why is not None:
-                raise ConfigError(key, f"swept, but it has no effect with {why} ({where}); drop it from the sweep")
+                raise ConfigError(setting, f"swept, but it has no effect with {why} ({where}); drop it from the sweep")
         same = json.dumps(dataclasses.asdict(dataclasses.replace(cfg, run_dir="")), sort_keys=True, default=str)
         if same in seen:
             raise ConfigError("sweep", f"members {seen[same]} and {i} are the same run "
