@@ -57,7 +57,7 @@ def explain(stage: str, agent_status: int, agent_pid: int, failures: list[RankEx
     head = f"stage {stage} failed: "
     if agent_status < 0:
         return (head + f"its torchrun agent (pid {agent_pid}) was killed by {signal_words(-agent_status)}; "
-                f"ranks it started may still be running: once they have ended, {RESUME}"), 1
+                f"its ranks end with it; {RESUME}"), 1
     if not failures:
         return head + f"torchrun exited with status {agent_status} (see its error above); {RESUME}", 1
     first = min(failures, key=_cause_first)

@@ -52,7 +52,7 @@ def test_each_kind_of_end_is_explained_and_advised_only_when_a_rerun_helps():
 
     line, status = said(-signal.SIGKILL)  # the agent itself
     assert line.startswith("stage s2 failed: its torchrun agent (pid 77) was killed by SIGKILL (signal 9")
-    assert "may still be running" in line and line.endswith(RESUME) and status == 1
+    assert "its ranks end with it" in line and line.endswith(RESUME) and status == 1
     # a config error the rank explained in its own line: a rerun repeats it
     line, status = said(1, RankExit(rank=0, pid=5, exitcode=2, timestamp=10))
     assert "rank 0 (pid 5) exited with status 2 (a config or data error" in line
