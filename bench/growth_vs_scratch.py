@@ -91,8 +91,9 @@ def common_overrides(a, seed: int) -> list[str]:
 
 
 def overrides(a, name: str, peak: float, warmup: int, seed: int) -> list[str]:
-    """The Hydra overrides of one `grow run`: `name` is "scratch" or an operator."""
-    size = SIZES[a.size]
+    """The Hydra overrides of one `grow run`: `name` is "scratch" or an operator. The shapes
+    are `a.shapes` when given (bench/growth_curve.py), else the size's."""
+    size = getattr(a, "shapes", None) or SIZES[a.size]
     last_decay = "wsd" if a.decay == "wsd" else "cosine"
     held = "wsd" if a.decay == "wsd" else "constant"  # earlier stages: stable after the (re-)warm
     lit = dict(batch=a.batch, seq=a.seq, min_lr=peak * a.min_lr_frac, decay_fraction=a.decay_fraction)

@@ -24,6 +24,7 @@ from typing import Callable
 from growth_ops.spec import ModelSpec, attention_flops_per_token, count_parameters, flops_per_token
 
 from orchestrator.budget.caps import CAPS, Cap
+from orchestrator.budget.growth_curve import measured_saving, read_curve
 from orchestrator.budget.loss_law import predict, read_fit
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
 from orchestrator.budget.transition import transition_cost
@@ -142,6 +143,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     fit: dict | None = None
     loss_fit: str | None = None
+    measured: dict | None = None  # the growth curve's flops_frac at the plan's tokens per parameter
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -377,4 +379,6 @@ def make_plan(schedule: Schedule | RunConfig, recheck: Recheck | None = None) ->
                 saving_pct_flops=_saving(totals["flops"], scratch["flops"]), warnings=warnings, fit=fit,
                 loss_fit=cfg.plan.loss_fit)
     plan.budget = budget_check(cfg, plan, rates)
+    saving = measured_saving(totals["tokens"] / scratch["params"], read_curve())
+    plan.measured = saving.to_dict() if saving else None
     return plan

@@ -97,6 +97,8 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
     console.print(f"growth saves [bold]{p.saving_pct:.1f}%[/] of the cost of training the final model from "
                   f"scratch on the same {_params(t['tokens'])} tokens ({_usd(t['usd'])} vs {_usd(sc['usd'])}, "
                   f"{t['days']:.3g} vs {sc['days']:.3g} days; {p.saving_pct_flops:.1f}% of the FLOPs)")
+    if p.measured:  # what growth saved when measured at these tokens per parameter (issue 27)
+        console.print(p.measured["note"], markup=False)
     if p.fit:
         f = p.fit
         console.print(f"fitted to the budget (rule {f['rule']}): tokens x {f['factor']:.4g}; steps "

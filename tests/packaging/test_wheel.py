@@ -17,7 +17,7 @@ import pytest
 from ..cli.test_entry import MINE  # a two-stage schedule of seconds: small, then wide
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = {"orchestrator.conf": "conf", "orchestrator.slurm_templates": "slurm"}
+SHIPPED = {"orchestrator.conf": "conf", "orchestrator.slurm_templates": "slurm", "orchestrator.results": "bench/results"}
 
 
 def test_pyproject_lists_every_package_and_maps_the_shipped_dirs():
@@ -42,7 +42,7 @@ def _wheel_env(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for name in ("orchestrator", "growth_ops", "conf", "slurm"):
+    for name in ("orchestrator", "growth_ops", "conf", "slurm", "bench/results"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -74,9 +74,11 @@ def test_a_wheel_plans_and_runs_a_users_schedule_from_any_directory(tmp_path, da
         return subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
     where = run(str(venv / "bin" / "python"), "-c", "import orchestrator.package_data as p; "
-                "print(p.__file__); print(p.CONF_DIR); print(p.SLURM_TEMPLATE_DIR)").stdout.split()
+                "print(p.__file__); print(p.CONF_DIR); print(p.SLURM_TEMPLATE_DIR); print(p.GROWTH_CURVE)").stdout.split()
     assert where == [str(site / "orchestrator" / "package_data.py"), str(site / "orchestrator" / "conf"),
-                     str(site / "orchestrator" / "slurm_templates")]
+                     str(site / "orchestrator" / "slurm_templates"),
+                     str(site / "orchestrator" / "results" / "growth_curve.json")]
+    assert Path(where[-1]).is_file() == (REPO / "bench" / "results" / "growth_curve.json").is_file()
     grow = str(venv / "bin" / "grow")
     plan = run(grow, "plan", "--config-dir", "myconf", "schedule=mine", "hydra.run.dir=plan")
     assert plan.returncode == 0, plan.stderr

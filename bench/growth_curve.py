@@ -1,0 +1,368 @@
+"""Where growth pays: growth's saving against tokens per parameter, measured.
+
+At each point (the final model's tokens per parameter of the scratch run, T / N) the
+growth-vs-scratch measurement of bench/growth_vs_scratch.py runs at one small final size:
+tuned scratch (the final shape, T tokens, wsd decay) against one growth schedule per
+operator ending at that shape (1.25 T tokens, wsd in every stage), every configuration's
+peak LR swept at seed 0 over --sweep-lr x --peak-lr and widened (halving or doubling, up to
+--sweep-extend times) while its best rate sits on the edge of those tried. `flops_frac`: the
+FLOPs at which a growth run's validation loss first reaches the same seed's scratch final
+loss, over scratch's FLOPs (null if never). The growth timing (the share of the schedule's
+tokens before each growth) is probed at seed 0 with the best preserving operator at its
+chosen rate over --splits; the best split then runs at every seed too.
+
+What is done to fit a 2-core machine (all recorded in the JSON):
+  * a final model of 61k parameters (4 layers x 32 hidden, ffn 88, 2 heads of 16; byte
+    vocabulary, 10k embedding parameters), so 20 tokens per parameter are 1.2M tokens;
+  * the batch (up to 16 sequences of 128 tokens) halves at the shorter points until scratch
+    takes >= 100 steps; warmup, re-warm, msg's mask ramp and the evaluation interval are
+    fixed shares of scratch's steps (~30 evaluations of 4k-8k tokens a run);
+  * LRs are swept at seed 0 only; seeds 1.. run at the chosen rate; clone runs at msg's chosen
+    rate (a sweep of its own only if it reaches the target); the timing probe uses the
+    operator's rate tuned at the default split;
+  * all points run side by side, --jobs `grow run`s at a time (the shortest point first, then the longest);
+    finished runs are cached in --work-dir by their overrides (bench/run_cache.py), so a
+    second call reuses them. No run is branched from another's checkpoint.
+
+FLOPs and losses do not depend on the machine's load (the load is recorded anyway).
+
+    python -m bench.growth_curve                          # 6 points, 0.5-20 tokens/param: ~160 runs
+    python -m bench.growth_curve --tpp 0.5,2,20 --seeds 1  # a quick look
+
+Writes bench/results/growth_curve.json (rewritten as each point finishes) and
+growth_curve.png (flops_frac against tokens per parameter, the published anchors beside it).
+`grow plan` reads the JSON (orchestrator/budget/growth_curve.py).
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.common import RESULTS, console, machine, table
+from bench.growth_vs_scratch import (choose, curve, fractions, next_lr, overrides, rank, spread, tried_lrs,
+                                     whole_steps)
+from bench.run_cache import cached_run
+
+SHAPES = dict(final=(4, 32, 88, 2), width_path=[(2, 16, 44, 1), (2, 32, 88, 2)],
+              depth_path=[(1, 32, 88, 2), (2, 32, 88, 2)])
+PRESERVING = ("msg", "zero", "clone")  # stack copies layers: the function changes at the growth
+# Published figures, for the plot and the README (FLOPs or compute to reach the baseline's loss, over its)
+ANCHORS = [
+    {"name": "G_stack (7B, 300B tokens)", "tokens_per_param": 43.0, "flops_frac": 0.65},
+    {"name": "bert2BERT", "tokens_per_param": None, "flops_frac": 0.53},
+    {"name": "Deep Progressive Training (muP, WSD)", "tokens_per_param": None, "flops_frac": 0.2},
+]
+
+
+class Gate:
+    """At most `slots` runs at a time; a waiting run with a lower priority number goes first."""
+
+    def __init__(self, slots: int):
+        self.cv, self.free, self.queue, self.count = threading.Condition(), slots, [], itertools.count()
+
+    def __call__(self, prio: float, fn, *args):
+        me = (prio, next(self.count))
+        with self.cv:
+            heapq.heappush(self.queue, me)
+            while not (self.free > 0 and self.queue[0] == me):
+                self.cv.wait()
+            heapq.heappop(self.queue)
+            self.free -= 1
+            self.cv.notify_all()
+        try:
+            return fn(*args)
+        finally:
+            with self.cv:
+                self.free += 1
+                self.cv.notify_all()
+
+
+def final_params(a) -> int:
+    from growth_ops.spec import count_parameters
+    from bench.common import one_stage_config
+    _, spec, _ = one_stage_config(SHAPES["final"], 16, a.seq, extra=["seed=0"])
+    return count_parameters(spec)
+
+
+def point_args(a, tpp: float, params: int) -> argparse.Namespace:
+    """The growth_vs_scratch arguments of one point: its tokens, batch and step-based settings."""
+    tokens = tpp * params
+    batch = a.max_batch
+    while batch > 1 and tokens / (batch * a.seq) < a.min_steps:
+        batch //= 2
+    p = argparse.Namespace(**{**vars(a), "batch": batch, "shapes": SHAPES})
+    p.tokens = whole_steps(tokens, p)
+    steps = p.tokens // (batch * a.seq)
+    p.warmup = max(3, round(a.warmup_frac * steps))
+    p.rewarm = max(2, round(a.rewarm_frac * steps))
+    p.ramp = max(2, round(a.ramp_frac * steps))
+    p.eval_every = max(1, steps // a.evals)
+    p.eval_batches = max(1, a.eval_tokens // (batch * a.seq))
+    p.steps = steps
+    return p
+
+
+def with_split(p, split: str):
+    return argparse.Namespace(**{**vars(p), "split": split})
+
+
+class Point:
+    """One tokens-per-parameter point, measured in phases; its runs go through the gate."""
+
+    def __init__(self, a, tpp: float, params: int, gate: Gate, prio: float):
+        self.a, self.tpp, self.params, self.gate, self.prio = a, tpp, params, gate, prio
+        self.p = point_args(a, tpp, params)
+        self.work = Path(a.work_dir) / f"tpp{tpp:g}"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.loads: list[float] = []
+        self.runs = 0
+
+    def run(self, todo: dict[tuple, list[str]]) -> dict[tuple, dict]:
+        def one(kv):
+            d = self.gate(self.prio, cached_run, kv[0][0], kv[1], self.work, self.a.jobs)
+            return curve(d)
+        with ThreadPoolExecutor(max(1, len(todo))) as pool:
+            out = dict(zip(todo, pool.map(one, todo.items())))
+        self.runs += len(out)
+        self.loads += [c["loadavg_1min_end"] for c in out.values() if c["loadavg_1min_end"] is not None]
+        return out
+
+    def measure(self) -> dict:
+        a, p, started = self.a, self.p, time.time()
+        ops = [o for o in a.operators.split(",") if o != "clone"]
+        names, w, seeds = ["scratch"] + ops, p.warmup, range(a.seeds)
+        base = [a.peak_lr * float(m) for m in a.sweep_lr.split(",")]
+        sweep: dict[tuple, dict] = {}
+        todo = {(n, lr, w, 0): overrides(p, n, lr, w, 0) for n in names for lr in base}
+        while todo:  # every configuration's next edge point side by side
+            sweep.update(self.run(todo))
+            chosen, sweeps = choose(sweep, names)
+            todo = {}
+            for n, (lr, _) in chosen.items():
+                nxt = next_lr(tried_lrs(sweep, n), lr, base, a.sweep_extend)
+                if nxt is not None:
+                    todo[n, nxt, w, 0] = overrides(p, n, nxt, w, 0)
+        scratch0 = sweep["scratch", *chosen["scratch"], 0]
+        rows0 = {op: fractions(sweep[op, *chosen[op], 0], scratch0) for op in ops}
+        best0 = min((op for op in ops if op in PRESERVING), key=lambda op: rank(rows0[op]))
+        # seeds at the chosen rates, clone at msg's, and the timing probe, all side by side
+        todo = {(n, *chosen[n], s): overrides(p, n, *chosen[n], s) for n in names for s in seeds if s > 0}
+        clone_lr = chosen.get("msg", chosen[best0])
+        if "clone" in a.operators.split(","):
+            todo["clone", *clone_lr, 0] = overrides(p, "clone", *clone_lr, 0)
+        others = [s for s in a.splits.split("/") if s != a.split]
+        for s in others:
+            todo[best0, *chosen[best0], 0, s] = overrides(with_split(p, s), best0, *chosen[best0], 0)
+        runs = {**{k: v for k, v in sweep.items() if k[3] == 0 and (k[0], *k[1:3]) in
+                   {(n, *chosen[n]) for n in names}}, **self.run(todo)}
+        scratch = {s: runs["scratch", *chosen["scratch"], s] for s in seeds}
+        timing = [{"split": a.split, **fractions(runs[best0, *chosen[best0], 0], scratch[0])}]
+        timing += [{"split": s, **fractions(runs[best0, *chosen[best0], 0, s], scratch[0])} for s in others]
+        best_split = min(timing, key=rank)["split"]
+        todo = {}
+        if "clone" in a.operators.split(","):
+            clone0 = fractions(runs["clone", *clone_lr, 0], scratch[0])
+            if clone0["flops_frac"] is not None:  # it reaches the target: its seeds too
+                chosen["clone"] = clone_lr
+                todo.update({("clone", *clone_lr, s): overrides(p, "clone", *clone_lr, s) for s in seeds if s > 0})
+        if best_split != a.split:
+            todo.update({(best0, *chosen[best0], s, best_split): overrides(with_split(p, best_split), best0,
+                                                                            *chosen[best0], s)
+                         for s in seeds if s > 0})
+        runs.update(self.run(todo) if todo else {})
+
+        def seeds_of(op, split=None):
+            key = (lambda s: (op, *chosen[op], s)) if split in (None, a.split) else \
+                (lambda s: (op, *chosen[op], s, split))
+            rows = [{"seed": s, **fractions(runs[key(s)], scratch[s])} for s in seeds]
+            return rows, spread([r["flops_frac"] for r in rows])
+
+        operators = {}
+        for op in ops + (["clone"] if "clone" in a.operators.split(",") else []):
+            if op not in chosen:  # clone that never reached the target at msg's rate
+                c = fractions(runs["clone", *clone_lr, 0], scratch[0])
+                operators[op] = {"peak_lr": clone_lr[0], "lr_swept": False, "seeds": [{"seed": 0, **c}],
+                                 "flops_frac": spread([c["flops_frac"]]), "split": a.split}
+                continue
+            rows, sp = seeds_of(op)
+            operators[op] = {"peak_lr": chosen[op][0], "lr_swept": op != "clone",
+                             "lrs_tried": sorted(tried_lrs(sweep, op)) if op != "clone" else [chosen[op][0]],
+                             "lr_bracketed": None if op == "clone" else
+                             min(tried_lrs(sweep, op)) < chosen[op][0] < max(tried_lrs(sweep, op)),
+                             "split": a.split, "seeds": rows, "flops_frac": sp,
+                             "total_flops_frac": runs[op, *chosen[op], 0]["total_flops"]
+                             / scratch[0]["total_flops"]}
+        rows, sp = seeds_of(best0, best_split)
+        tried = tried_lrs(sweep, "scratch")
+        return {
+            "tokens_per_param": self.tpp, "tokens": p.tokens, "params": self.params, "batch": p.batch,
+            "seq": p.seq, "steps": p.steps, "warmup": p.warmup, "rewarm": p.rewarm, "msg_ramp": p.ramp,
+            "eval_every": p.eval_every, "eval_batches": p.eval_batches,
+            "scratch": {"peak_lr": chosen["scratch"][0], "lrs_tried": sorted(tried),
+                        "lr_bracketed": min(tried) < chosen["scratch"][0] < max(tried),
+                        "final_val_loss": [scratch[s]["val_loss"][-1] for s in seeds],
+                        "flops": scratch[0]["flops"][-1]},
+            "operators": operators,
+            "timing": {"operator": best0, "peak_lr": chosen[best0][0], "seed": 0, "rows": timing,
+                       "best_split": best_split},
+            "best": {"operator": best0, "split": best_split, "seeds": rows, "flops_frac": sp},
+            "sweeps": sweeps, "runs": self.runs,
+            "runs_loadavg_1min_end": [min(self.loads), max(self.loads)] if self.loads else None,
+            "elapsed_s": round(time.time() - started, 1)}
+
+
+def summary_rows(points: list[dict]) -> list[list]:
+    rows = []
+    for pt in points:
+        ff = {op: r["flops_frac"]["mean"] for op, r in pt["operators"].items()}
+        b = pt["best"]
+        rows.append([pt["tokens_per_param"], pt["tokens"], pt["batch"], ff.get("msg"), ff.get("zero"),
+                     ff.get("clone"), ff.get("stack"), f"{b['operator']} {b['split']}", b["flops_frac"]["mean"],
+                     b["flops_frac"]["std"], pt["runs_loadavg_1min_end"] and pt["runs_loadavg_1min_end"][1]])
+    return rows
+
+
+COLORS = {"msg": "tab:blue", "zero": "tab:orange", "clone": "tab:green", "stack": "tab:red"}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = result["points"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for op, color in COLORS.items():
+        xs = [(p["tokens_per_param"], p["operators"][op]["flops_frac"]) for p in pts if op in p["operators"]
+              and p["operators"][op]["flops_frac"]["mean"] is not None]
+        if xs:
+            ax.errorbar([x for x, _ in xs], [f["mean"] for _, f in xs], yerr=[f["std"] or 0 for _, f in xs],
+                        color=color, marker="o", ms=4, lw=1.0, capsize=2, label=f"{op} (split {result['split']})")
+    best = [(p["tokens_per_param"], p["best"]["flops_frac"]) for p in pts if p["best"]["flops_frac"]["mean"] is not None]
+    if best:
+        ax.errorbar([x for x, _ in best], [f["mean"] for _, f in best], yerr=[f["std"] or 0 for _, f in best],
+                    color="black", marker="s", ms=6, lw=2.0, capsize=3, label="best preserving, best timing")
+    for an in ANCHORS:
+        if an["tokens_per_param"]:
+            ax.plot([an["tokens_per_param"]], [an["flops_frac"]], marker="*", ms=12, color="purple", ls="none")
+            ax.annotate(an["name"], (an["tokens_per_param"], an["flops_frac"]), textcoords="offset points",
+                        xytext=(-60, 8), fontsize=7)
+        else:
+            ax.axhline(an["flops_frac"], color="purple", ls=":", lw=0.8)
+            ax.text(0.4, an["flops_frac"] + 0.01, an["name"], fontsize=7, color="purple")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.axhline(0.45, color="gray", ls="--", lw=0.8, label="aim 0.45")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"tokens per parameter of the final model ({result['params'] / 1e3:.0f}k params)")
+    ax.set_ylabel("flops_frac (FLOPs to scratch's final loss / scratch's)")
+    ax.set_title(f"Where growth pays (3 seeds, tuned LRs, wsd)")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tpp", default="0.5,1,2,5,10,20", help="tokens per parameter of the scratch run")
+    p.add_argument("--priority", default="0.5,20,1,2,5,10",
+                   help="the order in which points get the CPU (points not listed go last)")
+    p.add_argument("--operators", default="msg,zero,stack,clone")
+    p.add_argument("--peak-lr", type=float, default=4e-3)
+    p.add_argument("--sweep-lr", default="0.5,1,2")
+    p.add_argument("--sweep-extend", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--split", default="0.34,0.33,0.33", help="the growth timing every operator runs at")
+    p.add_argument("--splits", default="0.2,0.2,0.6/0.34,0.33,0.33/0.5,0.25,0.25",
+                   help="the timings probed with the best preserving operator, separated by '/'")
+    p.add_argument("--growth-tokens", type=float, default=1.25, help="growth schedules' tokens as a multiple of T")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--min-steps", type=int, default=100, help="the batch halves until scratch has this many steps")
+    p.add_argument("--warmup-frac", type=float, default=0.1, help="first-stage warmup, share of scratch's steps")
+    p.add_argument("--rewarm-frac", type=float, default=0.03, help="re-warm after a growth, share of scratch's steps")
+    p.add_argument("--ramp-frac", type=float, default=0.06, help="msg mask ramp, share of scratch's steps")
+    p.add_argument("--evals", type=int, default=30, help="evaluations over the scratch run")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens per evaluation (at least one batch)")
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--decay-fraction", type=float, default=0.2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "growth_curve"))
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
+    # what growth_vs_scratch.overrides reads beside the point's own settings
+    a.decay, a.parametrization, a.layer_insert, a.size = "wsd", "standard", "interleave", "curve"
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    started, load_before = time.time(), os.getloadavg()
+    params = final_params(a)
+    order = [float(x) for x in a.priority.split(",")]
+    gate, lock, points, failed = Gate(a.jobs), threading.Lock(), {}, {}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"params": params, "shape": dict(zip(("layers", "hidden", "ffn", "heads"), SHAPES["final"])),
+              "width_path": SHAPES["width_path"], "depth_path": SHAPES["depth_path"], "split": a.split,
+              "definition": "tokens_per_param: scratch's tokens over the final model's parameters (all, embeddings "
+                            "included, as grow plan counts them); flops_frac: FLOPs at which a growth run's val loss "
+                            "first reaches the same seed's tuned-scratch final val loss, over scratch's FLOPs; "
+                            "growth schedules train 1.25x scratch's tokens, wsd decay everywhere",
+              "anchors": ANCHORS}
+
+    def write():
+        result.update({"points": sorted(points.values(), key=lambda p: p["tokens_per_param"]),
+                       "failed": failed, "args": {k: v for k, v in vars(a).items()}, "machine": machine(),
+                       "elapsed_s": round(time.time() - started, 1),
+                       "loadavg_1_5_15_start": [round(x, 2) for x in load_before],
+                       "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()]})
+        loads = [x for p in points.values() if p["runs_loadavg_1min_end"] for x in p["runs_loadavg_1min_end"]]
+        result["runs_loadavg_1min_end"] = [min(loads), max(loads)] if loads else None
+        tmp = out / "growth_curve.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        os.replace(tmp, out / "growth_curve.json")
+        if result["points"]:
+            plot(result, out / "growth_curve.png")
+
+    def measure(tpp):
+        prio = order.index(tpp) if tpp in order else len(order) + tpp
+        try:
+            pt = Point(a, tpp, params, gate, prio).measure()
+        except BaseException as e:  # one point's failure leaves the others running
+            with lock:
+                failed[f"{tpp:g}"] = f"{type(e).__name__}: {e}"
+                console.print(traceback.format_exc())
+            return
+        with lock:
+            points[tpp] = pt
+            write()
+            console.print(f"point {tpp:g} tokens/param done in {pt['elapsed_s']:.0f} s ({pt['runs']} runs)")
+
+    tpps = [float(x) for x in a.tpp.split(",")]
+    with ThreadPoolExecutor(len(tpps)) as pool:
+        list(pool.map(measure, tpps))
+    with lock:
+        write()
+    table(f"where growth pays ({params / 1e3:.0f}k params, {a.seeds} seeds, wsd; flops_frac mean over seeds)",
+          ["tokens/param", "tokens", "batch", "msg", "zero", "clone", "stack", "best (op, split)", "best",
+           "+-", "max load"], summary_rows(result["points"]))
+    if failed:
+        console.print(f"failed points: {failed}")
+    console.print(f"wrote {out / 'growth_curve.json'} and growth_curve.png")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
