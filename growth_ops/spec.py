@@ -3,6 +3,18 @@
 Every engine builds its model from a `ModelSpec` and names its parameters exactly as
 `parameter_axes` does, so a canonical checkpoint is just `{name: tensor}` and growth
 operators can work on it without knowing any engine.
+
+A mixture-of-experts block (`experts` >= 2; 0: dense) replaces a block's `mlp.up/gate/down`
+by a router and the experts' FFNs stacked on a leading expert axis:
+
+    layers.N.mlp.router.weight        [experts, hidden]         (EXPERTS, HIDDEN)
+    layers.N.mlp.experts.up.weight    [experts, ffn, hidden]    (EXPERTS, FFN, HIDDEN)
+    layers.N.mlp.experts.gate.weight  [experts, ffn, hidden]    (swiglu only)
+    layers.N.mlp.experts.down.weight  [experts, hidden, ffn]    (EXPERTS, HIDDEN, FFN)
+
+Expert e's slice is exactly a dense block's `mlp.up/gate/down.weight` (transformers'
+Mixtral: router = `block_sparse_moe.gate`, experts.gate[e] = w1, up[e] = w3, down[e] = w2).
+`ffn` is each expert's intermediate size.
 """
 from __future__ import annotations
 
@@ -50,6 +62,15 @@ class ModelSpec:
     mup_output_mult: float | None = None
     mup_embed_mult: float | None = None
     mup_attn_scale: str | None = None  # sqrt | inv
+    # Mixture of experts (orchestrator.model.MoE): a softmax top-k router with the top-k
+    # weights renormalised to sum 1; 0 experts: a dense FFN. capacity_factor None: dropless;
+    # else each expert takes at most ceil(factor x tokens x top_k / experts) tokens per batch.
+    # aux_loss_coef weighs the load-balancing loss added to the training objective (not to the
+    # validation loss).
+    experts: int = 0
+    top_k: int = 0
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.0
 
     @property
     def q_dim(self) -> int:
@@ -63,6 +84,14 @@ class ModelSpec:
     def group_size(self) -> int:
         """Query heads per kv head (1 for multi-head attention)."""
         return self.heads // self.kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    def dense(self) -> "ModelSpec":
+        """The same model with a dense FFN (the shape an upcycle starts from)."""
+        return replace(self, experts=0, top_k=0, capacity_factor=None, aux_loss_coef=0.0)
 
     @property
     def is_mup(self) -> bool:
@@ -108,6 +137,25 @@ class ModelSpec:
 
 # Axis kinds of a tensor dimension; growth maps each kind with its own index map.
 HIDDEN, FFN, Q, KV, HEADS, VOCAB = "hidden", "ffn", "q", "kv", "heads", "vocab"
+EXPERTS = "experts"
+# The mixture-of-experts block's training settings: they change the objective or which tokens
+# an expert drops, never the weights, so a stage may change them without a growth.
+MOE_SETTINGS = ("capacity_factor", "aux_loss_coef")
+FFN_TENSORS = ("up", "gate", "down")  # mlp.<t>.weight (dense) <-> mlp.experts.<t>.weight (MoE)
+
+
+def dense_name(name: str) -> str:
+    """'...mlp.experts.up.weight' -> '...mlp.up.weight' (an expert's tensor as a dense block
+    names it); other names unchanged."""
+    return name.replace("mlp.experts.", "mlp.", 1)
+
+
+def is_expert_tensor(name: str) -> bool:
+    return "mlp.experts." in name
+
+
+def is_router(name: str) -> bool:
+    return name.endswith("mlp.router.weight")
 
 
 def layer_parameter_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
@@ -119,11 +167,18 @@ def layer_parameter_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         "attn.v.weight": (KV, HIDDEN),
         "attn.o.weight": (HIDDEN, Q),
         "mlp_norm.weight": (HIDDEN,),
-        "mlp.up.weight": (FFN, HIDDEN),
-        "mlp.down.weight": (HIDDEN, FFN),
     }
-    if spec.mlp == "swiglu":
-        axes["mlp.gate.weight"] = (FFN, HIDDEN)
+    if spec.is_moe:
+        axes["mlp.router.weight"] = (EXPERTS, HIDDEN)
+        axes["mlp.experts.up.weight"] = (EXPERTS, FFN, HIDDEN)
+        axes["mlp.experts.down.weight"] = (EXPERTS, HIDDEN, FFN)
+        if spec.mlp == "swiglu":
+            axes["mlp.experts.gate.weight"] = (EXPERTS, FFN, HIDDEN)
+    else:
+        axes["mlp.up.weight"] = (FFN, HIDDEN)
+        axes["mlp.down.weight"] = (HIDDEN, FFN)
+        if spec.mlp == "swiglu":
+            axes["mlp.gate.weight"] = (FFN, HIDDEN)
     if spec.norm == "layernorm":
         axes["attn_norm.bias"] = (HIDDEN,)
         axes["mlp_norm.bias"] = (HIDDEN,)
@@ -162,7 +217,7 @@ def buffer_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
 
 def axis_size(spec: ModelSpec, kind: str) -> int:
     return {HIDDEN: spec.hidden, FFN: spec.ffn, Q: spec.q_dim, KV: spec.kv_dim,
-            HEADS: spec.heads, VOCAB: spec.vocab}[kind]
+            HEADS: spec.heads, VOCAB: spec.vocab, EXPERTS: spec.experts}[kind]
 
 
 def tensor_size(spec: ModelSpec, kinds: tuple[str, ...]) -> int:
@@ -171,12 +226,23 @@ def tensor_size(spec: ModelSpec, kinds: tuple[str, ...]) -> int:
 
 
 def count_parameters(spec: ModelSpec) -> int:
+    """All parameters (every expert: what memory holds)."""
     return sum(tensor_size(spec, kinds) for kinds in parameter_axes(spec).values())
+
+
+def active_parameters(spec: ModelSpec) -> int:
+    """Parameters one token computes with: top_k of the experts' FFNs (the router's every
+    row); equal to `count_parameters` for a dense model."""
+    total = 0
+    for name, kinds in parameter_axes(spec).items():
+        size = tensor_size(spec, kinds)
+        total += size * spec.top_k // spec.experts if is_expert_tensor(name) else size
+    return total
 
 
 def is_output_projection(name: str) -> bool:
     """Projections writing into the residual stream get the depth-scaled init."""
-    return name.endswith("attn.o.weight") or name.endswith("mlp.down.weight")
+    return name.endswith(("attn.o.weight", "mlp.down.weight", "mlp.experts.down.weight"))
 
 
 def is_norm(name: str) -> bool:
@@ -190,6 +256,7 @@ def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
 
 def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     """6 x the parameters that do matrix work per token (all but the embedding lookup;
-    the output head counts, tied or not) plus the attention term."""
-    matmul_params = count_parameters(spec) - (0 if spec.tie_embeddings else spec.vocab * spec.hidden)
+    the output head counts, tied or not; of a mixture of experts the router and top_k
+    experts: `active_parameters`) plus the attention term."""
+    matmul_params = active_parameters(spec) - (0 if spec.tie_embeddings else spec.vocab * spec.hidden)
     return 6.0 * matmul_params + attention_flops_per_token(spec, seq_len)

@@ -3,9 +3,14 @@
 Parameter names equal the canonical checkpoint's (`growth_ops.spec.parameter_axes`), and
 the network is a flat sequence (embedding, blocks, final norm, head) so a pipeline can cut
 it between blocks. Masks are None outside a growth ramp, and then cost nothing.
+
+A block's FFN is dense (`MLP`) or a mixture of experts (`MoE`, spec.experts >= 2): see
+`growth_ops.spec` for its canonical tensors (`mlp.router.weight` [E, hidden],
+`mlp.experts.{up,gate}.weight` [E, ffn, hidden], `mlp.experts.down.weight` [E, hidden, ffn]).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -193,11 +198,163 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+class StackedWeight(nn.Module):
+    """One weight per expert on a leading axis (`mlp.experts.<t>.weight`)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+
+
+class AuxLossToGradient(torch.autograd.Function):
+    """Returns `x` unchanged; its backward gives `aux` the gradient `scale` (Megatron's
+    MoEAuxLossAutoScaler): the load-balancing loss joins the training objective without
+    travelling to the loss (a pipeline stage has no path to it), and without changing the
+    loss the engines report or the validation loss a growth check compares."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale: float):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.scale), None
+
+
+class MoE(nn.Module):
+    """A mixture of experts: a softmax router picks each token's top_k experts and their
+    weights (renormalised to sum 1, so identical experts give exactly the dense FFN's output
+    whatever the routing: what makes `upcycle` function-preserving). Tokens are grouped by
+    expert (one argsort) and each expert runs once on its tokens (a loop over experts, not
+    tokens); outputs are scattered back with index_add. Dropless unless capacity_factor is
+    set (then an expert keeps its first ceil(factor x N x top_k / E) assignments in token
+    order and drops the rest: a dropped assignment adds nothing).
+
+    Load balance (transformers' Mixtral/Switch form): aux = E x sum_e f_e P_e, f_e = share
+    of the N tokens routed to e (over all top_k slots), P_e = mean router probability;
+    top_k at perfect balance. In training it joins the objective with aux_loss_coef x
+    `aux_grad_scale` (the engine's micro-batch scaling) through `AuxLossToGradient`. Routing
+    statistics accumulate while training until `moe_metrics` reads them.
+
+    `tp` > 1 (Megatron tensor parallelism inside each expert): this rank holds ffn/tp of each
+    expert's intermediate dims; `regions` = (copy into, reduce out of) the TP region."""
+
+    def __init__(self, spec: ModelSpec, tp: int = 1, regions=None):
+        super().__init__()
+        e, ffn, hidden = spec.experts, spec.ffn // tp, spec.hidden
+        self.experts_count, self.top_k = e, spec.top_k
+        self.capacity_factor, self.aux_loss_coef = spec.capacity_factor, spec.aux_loss_coef
+        self.swiglu = spec.mlp == "swiglu"
+        self.router = nn.Linear(hidden, e, bias=False)
+        self.experts = nn.Module()
+        self.experts.up = StackedWeight(e, ffn, hidden)
+        if self.swiglu:
+            self.experts.gate = StackedWeight(e, ffn, hidden)
+        self.experts.down = StackedWeight(e, hidden, ffn)
+        self.regions = regions
+        self.aux_grad_scale = 1.0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.stat_tokens = torch.zeros(self.experts_count, dtype=torch.float64)
+        self.stat_aux, self.stat_calls, self.stat_dropped = 0.0, 0, 0
+
+    def capacity(self, tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * tokens * self.top_k / self.experts_count)
+
+    def expert(self, e: int, x: torch.Tensor, ffn_mask) -> torch.Tensor:
+        up = F.linear(x, self.experts.up.weight[e])
+        h = F.silu(F.linear(x, self.experts.gate.weight[e])) * up if self.swiglu else F.gelu(up)
+        if ffn_mask is not None:
+            h = h * ffn_mask
+        return F.linear(h, self.experts.down.weight[e])
+
+    def forward(self, x, ffn_mask):
+        shape, flat = x.shape, x.reshape(-1, x.shape[-1])
+        n, k, e_count = flat.shape[0], self.top_k, self.experts_count
+        probs = self.router(flat).float().softmax(-1)  # [N, E]
+        top_w, top_i = probs.topk(k, dim=-1)  # [N, k]
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        assigned = top_i.flatten()
+        counts = torch.bincount(assigned, minlength=e_count)
+        order = assigned.argsort(stable=True)  # assignments grouped by expert, in token order
+        token_of, weight_of = order // k, top_w.flatten()[order]
+        inner = flat if self.regions is None else self.regions[0](flat)
+        out = torch.zeros_like(flat)
+        cap, dropped, start = self.capacity(n), 0, 0
+        for e, count in enumerate(counts.tolist()):
+            take = count if cap is None else min(count, cap)
+            dropped += count - take
+            if take:
+                tokens = token_of[start:start + take]
+                y = self.expert(e, inner.index_select(0, tokens), ffn_mask)
+                out.index_add_(0, tokens, y * weight_of[start:start + take, None].to(y.dtype))
+            start += count
+        if self.regions is not None:
+            out = self.regions[1](out)
+        aux = e_count * (counts.to(probs.dtype) / n * probs.mean(0)).sum()
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.stat_tokens += counts.cpu().double()
+                self.stat_aux += float(aux)
+                self.stat_calls += 1
+                self.stat_dropped += dropped
+            if self.aux_loss_coef:
+                out = AuxLossToGradient.apply(out, aux, self.aux_loss_coef * self.aux_grad_scale)
+        return out.reshape(shape)
+
+
+def moe_modules(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    """The factor the engine applies to each micro-batch's loss (1 / micro-batches per step),
+    applied to the load-balancing loss's gradient too."""
+    for m in moe_modules(model):
+        m.aux_grad_scale = scale
+
+
+def moe_stats(model: nn.Module) -> tuple[torch.Tensor, float, int, int] | None:
+    """(tokens per expert summed over layers, summed aux losses, forward calls, dropped
+    assignments) accumulated by this module's MoE layers since the last call, which resets
+    them; None for a dense model. A multi-rank engine sums these over ranks."""
+    mods = moe_modules(model)
+    if not mods:
+        return None
+    tokens = sum(m.stat_tokens for m in mods)
+    aux, calls, dropped = sum(m.stat_aux for m in mods), sum(m.stat_calls for m in mods), \
+        sum(m.stat_dropped for m in mods)
+    for m in mods:
+        m.reset_stats()
+    return tokens, aux, calls, dropped
+
+
+def moe_metrics(tokens: torch.Tensor, aux: float, calls: int, dropped: int) -> dict[str, float]:
+    """MLflow-style metrics of `moe_stats`: mean aux loss per layer call, dropped token
+    assignments, each expert's share of the routed assignments (1/E each at perfect balance)
+    and the busiest expert's load relative to perfect balance (1.0 = balanced)."""
+    total = float(tokens.sum())
+    if not calls or not total:
+        return {}
+    share = tokens / total
+    metrics = {"moe/aux_loss": aux / calls, "moe/dropped_tokens": float(dropped),
+               "moe/max_load": float(share.max()) * len(share)}
+    metrics.update({f"moe/tokens/expert_{e}": float(t) for e, t in enumerate(tokens.tolist())})
+    return metrics
+
+
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, tp: int = 1, linear=plain_linear):
+    def __init__(self, spec: ModelSpec, tp: int = 1, linear=plain_linear, regions=None):
         super().__init__()
         self.attn_norm, self.attn = Norm(spec), Attention(spec, tp, linear)
-        self.mlp_norm, self.mlp = Norm(spec), MLP(spec, linear)
+        self.mlp_norm = Norm(spec)
+        self.mlp = MoE(spec, tp, regions) if spec.is_moe else MLP(spec, linear)
         # (head mask, ffn mask, layer mask); set by DecoderLM.set_masks
         self.masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
 
