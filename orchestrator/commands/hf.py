@@ -1,4 +1,4 @@
-"""`grow import-hf` and `grow export-hf`: Hugging Face Llama <-> canonical checkpoint.
+"""`grow import-hf` and `grow export-hf`: Hugging Face Llama or Mixtral <-> canonical checkpoint.
 
     grow import-hf src=HF_DIR out=CKPT [overwrite=false]
         (prints the `grow run` overrides that state the imported model; a tokenizer.json in
@@ -24,8 +24,9 @@ def import_hf_args(args: list[str]) -> int:
     opts = parse_options(args, ("src", "out"), ("src", "out", "overwrite"))
     out = Path(opts["out"])
     spec, tokenizer = import_hf(Path(opts["src"]), out, overwrite=bool_option(opts, "overwrite", False))
+    experts = f" experts={spec.experts} top_k={spec.top_k}" if spec.is_moe else ""
     print(f"imported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
-          f"vocab={spec.vocab} -> {opts['out']}")
+          f"vocab={spec.vocab}{experts} -> {opts['out']}")
     print(f"train it further (stage 1 of your schedule at this shape, or larger to grow it):\n  "
           f"{' '.join(continue_command(out, spec, tokenizer))}")
     return 0
@@ -48,7 +49,7 @@ def export_hf_args(args: list[str]) -> int:
     for w in warnings:
         print(f"grow: export-hf: warning: {w}", file=sys.stderr)
     print(f"exported layers={spec.layers} hidden={spec.hidden} heads={spec.heads}/{spec.kv_heads} "
-          f"-> {opts['out']} (LlamaForCausalLM)")
+          f"-> {opts['out']} ({'MixtralForCausalLM' if spec.is_moe else 'LlamaForCausalLM'})")
     return 0
 
 

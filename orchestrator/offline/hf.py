@@ -1,8 +1,9 @@
-"""Hugging Face Llama <-> canonical checkpoint, so a published model can be a starting point
+"""Hugging Face Llama (and Mixtral) <-> canonical checkpoint, so a published model can be a starting point
 and a grown model can be used with `transformers`.
 
     grow import-hf src=HF_DIR out=CKPT      # config.json + *.safetensors -> canonical checkpoint
     grow export-hf ckpt=CKPT out=HF_DIR     # canonical checkpoint -> LlamaForCausalLM directory
+                                            # (MixtralForCausalLM for a mixture of experts)
 
 Both follow the output rules of offline/outputs.py (no writing over an input, a non-empty
 output only with overwrite=true, atomic publication); export verifies the checkpoint
@@ -15,6 +16,7 @@ embeddings, no biases. Tensors are streamed one at a time in both directions; im
 writes fp32 with zero optimizer moments (step 0). transformers is not needed to import,
 and is only used on export to write a complete config.json. A muP checkpoint exports with
 its multipliers folded into the weights (`folded_mup`), tied embeddings as two matrices.
+A mixture of experts maps to Mixtral (model_type "mixtral"): orchestrator/offline/hf_mixtral.py.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from growth_ops.spec import INPUT_SCALE, axis_size, parameter_axes
 from orchestrator.checkpoint.canonical import LazyTensors, open_checkpoint
 from orchestrator.config.tokenizer_file import TOKENIZER_FILE, hf_vocab_digest, hf_vocab_size
 from orchestrator.offline.expand import check_state
+from orchestrator.offline import hf_mixtral
 from orchestrator.offline.outputs import (OfflineError, check_output, publish_dir, staged_dir,
                                           write_checkpoint_dir, write_safetensors_stream)
 
@@ -59,6 +62,20 @@ def hf_name(name: str) -> str:
     return TOP_NAMES[name]
 
 
+def hf_sources(name: str, spec: ModelSpec, tensors) -> list[str]:
+    """The HF tensors canonical `name` is made of (a mixture's experts: one per expert)."""
+    return hf_mixtral.hf_sources(name, spec, tensors) if hf_mixtral.is_moe_tensor(name) else [hf_name(name)]
+
+
+def hf_named(named):
+    """(canonical name, tensor) -> (HF name, tensor); a stacked expert tensor becomes one per expert."""
+    for name, t in named:
+        if hf_mixtral.is_moe_tensor(name):
+            yield from hf_mixtral.split_experts(name, t)
+        else:
+            yield hf_name(name), t
+
+
 # -- import ----------------------------------------------------------------------------------
 
 def read_hf_config(src: Path) -> dict:
@@ -79,8 +96,10 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
             raise OfflineError(f"config.json: {key}", "missing; a Llama config.json has it")
         return cfg[key]
 
-    if cfg.get("model_type", "llama") != "llama":
-        raise OfflineError("model_type", f"{cfg.get('model_type')!r} is not supported; allowed: llama")
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "mixtral"):
+        raise OfflineError("model_type", f"{model_type!r} is not supported; allowed: llama, mixtral")
+    moe = hf_mixtral.moe_fields(cfg) if model_type == "mixtral" else {}
     if cfg.get("hidden_act", "silu") != "silu":
         raise OfflineError("hidden_act", f"{cfg['hidden_act']!r} is not supported; allowed: silu (SwiGLU)")
     for f in ("attention_bias", "mlp_bias"):
@@ -98,7 +117,7 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
                      norm="rmsnorm", mlp="swiglu", position="rope", rope_theta=float(theta),
                      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                     init_std=float(cfg.get("initializer_range", 0.02)))
+                     init_std=float(cfg.get("initializer_range", 0.02)), **moe)
 
 
 def hf_tensors(src: Path) -> LazyTensors:
@@ -152,14 +171,17 @@ def import_hf(src: Path, out: Path, overwrite: bool = False) -> tuple[ModelSpec,
     layout = [(name, torch.float32, tuple(axis_size(spec, k) for k in kinds))
               for name, kinds in parameter_axes(spec).items()]
     for name, _, _ in layout:  # before writing anything
-        if hf_name(name) not in tensors:
-            raise OfflineError(name, f"{hf_name(name)} is missing from {src}")
+        for key in hf_sources(name, spec, tensors):
+            if key not in tensors:
+                raise OfflineError(name, f"{key} is missing from {src}")
 
     def stream():
         for name, _, shape in layout:
-            t = tensors[hf_name(name)]
+            t = hf_mixtral.read_moe_tensor(name, spec, tensors) if hf_mixtral.is_moe_tensor(name) \
+                else tensors[hf_name(name)]
             if tuple(t.shape) != shape:
-                raise OfflineError(name, f"{hf_name(name)} has shape {tuple(t.shape)}, config says {shape}")
+                raise OfflineError(name, f"{hf_sources(name, spec, tensors)[0]} gives shape {tuple(t.shape)}, "
+                                         f"config says {shape}")
             yield name, t.float()
 
     def write_files(tmp: Path) -> None:
@@ -201,6 +223,8 @@ def hf_rope_parameters(spec: ModelSpec) -> dict:
 
 
 def hf_config(spec: ModelSpec, max_positions: int = 2048):
+    if spec.is_moe:
+        return hf_mixtral.mixtral_config(spec, max_positions, hf_rope_parameters(spec), hf_tied(spec))
     from transformers import LlamaConfig  # only export needs transformers
     return LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn,
                        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
@@ -220,14 +244,21 @@ def hf_tied(spec: ModelSpec) -> bool:
 
 def hf_layout(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) in the order the export writes them."""
-    layout = [(hf_name(n), tuple(axis_size(spec, k) for k in kinds)) for n, kinds in parameter_axes(spec).items()]
+    layout = []
+    for n, kinds in parameter_axes(spec).items():
+        shape = tuple(axis_size(spec, k) for k in kinds)
+        if hf_mixtral.is_moe_tensor(n) and len(shape) == 3:  # one tensor per expert
+            layout += [(hf, shape[1:]) for hf in hf_mixtral.hf_expert_names(n, spec.experts)]
+        else:
+            layout.append((hf_mixtral.hf_expert_names(n, spec.experts)[0] if hf_mixtral.is_moe_tensor(n)
+                           else hf_name(n), shape))
     if spec.tie_embeddings and not hf_tied(spec):
         layout.append(("lm_head.weight", (spec.vocab, spec.hidden)))
     return layout
 
 
 def folded_mup(spec: ModelSpec, tensors, input_scale: float):
-    """(HF name, tensor) with muP's multipliers folded into the weights, so transformers'
+    """(canonical name, tensor) with muP's multipliers folded into the weights, so transformers'
     Llama (which has none) computes the same logits: the embedding times embed_mult (and the
     tied input scale), the readout times output_mult / m (tied: a separate lm_head), and
     with attn_scale=inv the query projection times 1/sqrt(head_dim) (Llama divides q.k by
@@ -242,9 +273,9 @@ def folded_mup(spec: ModelSpec, tensors, input_scale: float):
             t = t * spec.readout_mult
         elif name.endswith("attn.q.weight") and q_factor != 1.0:
             t = t * q_factor
-        yield hf_name(name), t
+        yield name, t
     if spec.tie_embeddings:
-        yield "lm_head.weight", readout
+        yield "head.weight", readout  # lm_head.weight
 
 
 def _no_new_entries(*_):
@@ -280,7 +311,7 @@ def exported_tensors(spec: ModelSpec, masks: MaskState | None, model: LazyTensor
 
 def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | None = None,
               overwrite: bool = False) -> tuple[ModelSpec, list[str]]:
-    """Write `ckpt` as a LlamaForCausalLM directory at `out`; returns the exported shape and
+    """Write `ckpt` as a LlamaForCausalLM (a mixture of experts: MixtralForCausalLM) directory at `out`; returns the exported shape and
     warnings for the user."""
     ckpt = Path(ckpt)
     if not (ckpt / "manifest.json").is_file():
@@ -291,6 +322,8 @@ def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | 
     dtype = check_state(model, stored_spec, ckpt)
     warnings: list[str] = []
     spec, tensors = exported_tensors(stored_spec, MaskState.from_dict(meta.get("masks")), model, masks, warnings)
+    if spec.is_moe:
+        hf_mixtral.check_exportable(spec, warnings)
     check_exportable(spec)
     try:
         cfg = hf_config(spec, max_positions)
@@ -302,9 +335,9 @@ def export_hf(ckpt: Path, out: Path, *, max_positions: int = 2048, masks: str | 
         # the tied input scale of the exported shape (masks=drop narrows it: muP's reparametrization)
         input_scale = (float(model[INPUT_SCALE]) * mup_reparam(stored_spec, spec).get(INPUT_SCALE, 1.0)
                        if spec.has_input_scale else 1.0)
-        named = folded_mup(spec, tensors, input_scale)
+        named = hf_named(folded_mup(spec, tensors, input_scale))
     else:
-        named = ((hf_name(n), t) for n, t in tensors)
+        named = hf_named(tensors)
     with staged_dir(out) as tmp:
         write_safetensors_stream(tmp / "model.safetensors", layout, named)
         cfg.save_pretrained(tmp)
