@@ -21,11 +21,11 @@ from .spec import ModelSpec, count_parameters, parameter_axes
 # `grow prepare` worker, through the config schema) does not load torch.
 _LAZY = {"iter_grown": "grown_tensors", "MaskState": "masks", "iter_moments": "moments",
          "GrowthOperator": "operator", "GrowthPlan": "plan"}
-_OPERATOR_MODULES = ("msg", "zero", "clone", "stack")
+_OPERATOR_MODULES = ("msg", "zero", "clone", "stack", "upcycle", "drop_upcycle")
 
 
 def operators() -> dict:
-    """name -> GrowthOperator, in the order msg, zero, clone, stack."""
+    """name -> GrowthOperator, in the order msg, zero, clone, stack, upcycle, drop_upcycle."""
     mods = [importlib.import_module(f"{__name__}.{m}") for m in _OPERATOR_MODULES]
     return {m.OPERATOR.name: m.OPERATOR for m in mods}
 

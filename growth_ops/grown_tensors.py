@@ -47,11 +47,21 @@ def place(out: torch.Tensor, old: torch.Tensor, kinds: tuple[str, ...],
            for s, i in zip(srcs, sel)):  # old entries keep their place: a plain slice copy
         out[tuple(slice(0, len(i)) for i in sel)] = vals
         return out
-    if len(kinds) == 1:
-        out[sel[0]] = vals[srcs[0][sel[0]]]
-    else:
-        out[sel[0][:, None], sel[1][None, :]] = vals[srcs[0][sel[0]][:, None], srcs[1][sel[1]][None, :]]
+    n = len(kinds)  # index grids broadcast over the tensor's dims (torch's ix_)
+    grid = [i.view([-1 if d == a else 1 for d in range(n)]) for a, i in enumerate(sel)]
+    src_grid = [s[i].view([-1 if d == a else 1 for d in range(n)]) for a, (s, i) in enumerate(zip(srcs, sel))]
+    out[tuple(grid)] = vals[tuple(src_grid)]
     return out
+
+
+def read_old(plan: GrowthPlan, name: str, kinds: tuple[str, ...], get_old: GetOld) -> torch.Tensor | None:
+    """The old tensor `name`'s copied entries come from, or None (a new tensor). A dense FFN
+    tensor read for an expert tensor (`upcycle`) is one expert: it gains the expert axis."""
+    src = plan.source(name)
+    old = get_old(src) if src is not None else None
+    if old is not None and old.dim() == len(kinds) - 1:
+        old = old.unsqueeze(0)
+    return old
 
 
 def fully_copied(plan: GrowthPlan, name: str, kinds: tuple[str, ...]) -> bool:
@@ -80,8 +90,7 @@ def iter_grown(plan: GrowthPlan, fill: Fill, get_old: GetOld, generator: torch.G
         if names is not None and name not in names:
             continue
         shape = tuple(axis_size(plan.new, k) for k in kinds)
-        src = plan.source(name)
-        old = get_old(src) if src is not None else None
+        old = read_old(plan, name, kinds, get_old)
         if old is not None and fully_copied(plan, name, kinds):
             out = place(None, old, kinds, plan.axes, plan.copy_factor(name))
         else:

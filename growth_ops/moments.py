@@ -6,7 +6,7 @@ from typing import Collection, Iterator
 import torch
 
 from .errors import GrowthError
-from .grown_tensors import GetOld, place
+from .grown_tensors import GetOld, place, read_old
 from .plan import GrowthPlan
 from .spec import axis_size, parameter_axes
 
@@ -34,8 +34,7 @@ def iter_moments(plan: GrowthPlan, get_old: GetOld, kind: str,
         if names is not None and name not in names:
             continue
         shape = tuple(axis_size(plan.new, k) for k in kinds)
-        src = plan.source(name)
-        old = get_old(src) if src is not None else None
+        old = read_old(plan, name, kinds, get_old)
         out = torch.zeros(shape, dtype=old.dtype if old is not None else torch.float32)
         if old is not None:
             factor = plan.gradient_scale(name, kinds) ** power if plan.moments_rule == "staged" else 1.0

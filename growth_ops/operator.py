@@ -21,7 +21,7 @@ from .masks import MaskState
 from .moments import MOMENT_RULES, grow_moments_with
 from .plan import GrowthPlan
 from .spec import ModelSpec
-from .target_rules import check_choice, check_common
+from .target_rules import check_choice, check_common, check_experts
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class GrowthOptions:
     layer_insert: LayerInsert
     init: str
     moments: str
+    drop_ratio: float = 0.0  # drop_upcycle: the share of each expert's intermediate dims re-initialised
 
 
 class GrowthOperator(ABC):
@@ -39,6 +40,7 @@ class GrowthOperator(ABC):
     inits: ClassVar[tuple[str, ...]]  # how new weights may be initialised (growth.init); the first is the default
     default_moments: ClassVar[str]  # Adam moment rule (growth.moments) when not set
     uses_masks: ClassVar[bool] = False  # masked growth (msg): `masks` gives the ramp
+    upcycles: ClassVar[bool] = False  # turns a dense FFN into a mixture of experts (upcycle)
     min_ramp_steps: ClassVar[int] = 0
     default_ramp_steps: ClassVar[int] = 0  # grow()'s, when none is given
 
@@ -49,6 +51,16 @@ class GrowthOperator(ABC):
 
     def check_layer_insert(self, layer_insert: LayerInsert, old: ModelSpec, new: ModelSpec) -> None:
         new_layer_positions(layer_insert, old.layers, new.layers)
+
+    def check_base(self, old: ModelSpec, new: ModelSpec, init: str | None) -> None:
+        """Rules that depend on the chosen `init` (upcycle: the dense growth's operator)."""
+
+    def drop_ratio_of(self, drop_ratio: float | None) -> float:
+        """The checked drop ratio (growth.drop_ratio): drop_upcycle's alone."""
+        if drop_ratio is not None:
+            raise GrowthError("drop_ratio", f"{self.name} re-initialises nothing; drop_ratio applies to "
+                                            "drop_upcycle only; allowed: null")
+        return 0.0
 
     @abstractmethod
     def build_plan(self, old: ModelSpec, new: ModelSpec, options: GrowthOptions) -> GrowthPlan:
@@ -70,23 +82,26 @@ class GrowthOperator(ABC):
     # -- the calls, the same for every operator -----------------------------------------
 
     def options(self, layer_insert: LayerInsert = "append", init: str | None = None,
-                moments: str | None = None) -> GrowthOptions:
-        return GrowthOptions(layer_insert, init or self.inits[0], moments or self.default_moments)
+                moments: str | None = None, drop_ratio: float | None = None) -> GrowthOptions:
+        return GrowthOptions(layer_insert, init or self.inits[0], moments or self.default_moments,
+                             self.drop_ratio_of(drop_ratio))
 
     def check(self, old: ModelSpec, new: ModelSpec, layer_insert: LayerInsert = "append", init: str | None = None,
-              moments: str | None = None) -> None:
+              moments: str | None = None, drop_ratio: float | None = None) -> None:
         """Raises GrowthError, naming the field and its allowed values, for a growth this
         operator cannot do."""
         check_common(old, new)
+        check_experts(old, new, self.name, self.upcycles)
         self.check_target(old, new)
+        self.check_base(old, new, init)
         self.check_layer_insert(layer_insert, old, new)
-        options = self.options(layer_insert, init, moments)
+        options = self.options(layer_insert, init, moments, drop_ratio)
         check_choice("init", options.init, self.inits, self.name)
         check_choice("moments", options.moments, MOMENT_RULES, self.name)
 
     def plan(self, old: ModelSpec, new: ModelSpec, layer_insert: LayerInsert = "append", init: str | None = None,
-             moments: str | None = None) -> GrowthPlan:
-        return self.build_plan(old, new, self.options(layer_insert, init, moments))
+             moments: str | None = None, drop_ratio: float | None = None) -> GrowthPlan:
+        return self.build_plan(old, new, self.options(layer_insert, init, moments, drop_ratio))
 
     def check_ramp_steps(self, ramp_steps: int) -> None:
         if ramp_steps < 0:
@@ -99,11 +114,11 @@ class GrowthOperator(ABC):
 
     def prepare(self, old: ModelSpec, new: ModelSpec, *, ramp_steps: int | None = None,
                 layer_insert: LayerInsert = "append", init: str | None = None,
-                moments: str | None = None) -> tuple[GrowthPlan, MaskState | None]:
+                moments: str | None = None, drop_ratio: float | None = None) -> tuple[GrowthPlan, MaskState | None]:
         """The checked plan and masks of a growth, before any tensor is built (tensor by
         tensor growth builds them from the plan with `iter_grown`)."""
-        self.check(old, new, layer_insert, init, moments)
-        plan = self.plan(old, new, layer_insert, init, moments)
+        self.check(old, new, layer_insert, init, moments, drop_ratio)
+        plan = self.plan(old, new, layer_insert, init, moments, drop_ratio)
         masks = None
         if self.uses_masks:
             ramp_steps = self.default_ramp_steps if ramp_steps is None else ramp_steps
@@ -113,11 +128,12 @@ class GrowthOperator(ABC):
 
     def grow(self, state: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec, *, ramp_steps: int | None = None,
              layer_insert: LayerInsert = "append", generator: torch.Generator | None = None, init: str | None = None,
-             moments: str | None = None) -> tuple[dict[str, torch.Tensor], MaskState | None, GrowthPlan]:
+             moments: str | None = None,
+             drop_ratio: float | None = None) -> tuple[dict[str, torch.Tensor], MaskState | None, GrowthPlan]:
         """The grown state, the masks that keep it equal to the old function (None for an
         operator without masks), and the plan (for carrying optimizer moments)."""
         plan, masks = self.prepare(old, new, ramp_steps=ramp_steps, layer_insert=layer_insert, init=init,
-                                   moments=moments)
+                                   moments=moments, drop_ratio=drop_ratio)
         return grow_state(plan, self.fill, state, generator, self.finish), masks, plan
 
     def grow_moments(self, moments: dict[str, torch.Tensor], old: ModelSpec, new: ModelSpec,

@@ -144,6 +144,12 @@ MOE_SETTINGS = ("capacity_factor", "aux_loss_coef")
 FFN_TENSORS = ("up", "gate", "down")  # mlp.<t>.weight (dense) <-> mlp.experts.<t>.weight (MoE)
 
 
+def moe_settings_only(old: ModelSpec, new: ModelSpec) -> bool:
+    """Two mixtures of experts with the same weights, differing at most in MOE_SETTINGS (a
+    stage may change them without a growth)."""
+    return old.is_moe and new.is_moe and replace(old, **{f: getattr(new, f) for f in MOE_SETTINGS}) == new
+
+
 def dense_name(name: str) -> str:
     """'...mlp.experts.up.weight' -> '...mlp.up.weight' (an expert's tensor as a dense block
     names it); other names unchanged."""

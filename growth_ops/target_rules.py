@@ -32,6 +32,31 @@ def check_common(old: ModelSpec, new: ModelSpec) -> None:
                                       f"allowed: {', '.join(map(str, divisors(new.heads)))}")
 
 
+def check_experts(old: ModelSpec, new: ModelSpec, operator: str, upcycles: bool) -> None:
+    """Mixtures of experts: only an upcycling operator turns a dense FFN into experts, and a
+    mixture never goes back to dense, changes its expert count or grows (not yet: grow the
+    dense model, then upcycle)."""
+    if old.is_moe:
+        if not new.is_moe:
+            raise GrowthError("experts", f"cannot go from {old.experts} experts back to a dense FFN; "
+                                         f"allowed: {old.experts}")
+        if new.experts != old.experts:
+            raise GrowthError("experts", f"the model already has {old.experts} experts: growth cannot change "
+                                         f"the expert count ({old.experts} -> {new.experts}); allowed: {old.experts}")
+        if new.top_k != old.top_k:
+            raise GrowthError("top_k", f"cannot change ({old.top_k} -> {new.top_k}) once the model has experts; "
+                                       f"allowed: {old.top_k}")
+        raise GrowthError("operator", f"{operator} cannot grow a mixture of experts (wider or deeper experts "
+                                      "are not supported yet): grow the dense model, then upcycle; allowed: "
+                                      "the stage before's shape")
+    if new.is_moe and not upcycles:
+        raise GrowthError("operator", f"{operator} keeps the FFN dense but the stage has {new.experts} experts; "
+                                      "allowed: upcycle, drop_upcycle")
+    if upcycles and not new.is_moe:
+        raise GrowthError("experts", f"{operator} turns the dense FFN into experts: the stage needs "
+                                     "moe.experts >= 2; allowed: a stage with moe set")
+
+
 def check_group(old: ModelSpec, new: ModelSpec) -> None:
     """Placement operators keep every old query head on its kv head: the group size may grow."""
     if new.group_size < old.group_size:

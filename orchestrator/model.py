@@ -259,7 +259,7 @@ class MoE(nn.Module):
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self.stat_tokens = torch.zeros(self.experts_count, dtype=torch.float64)
+        self.stat_tokens = torch.zeros(self.experts_count, dtype=torch.float64, device="cpu")  # not meta
         self.stat_aux, self.stat_calls, self.stat_dropped = 0.0, 0, 0
 
     def capacity(self, tokens: int) -> int | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from growth_ops.spec import active_parameters, count_parameters
+
 from orchestrator.budget.caps import CAPS, USD, Cap
 from orchestrator.budget.ledger import Ledger, Spend
 from orchestrator.budget.planner import StageRates, stage_rates, stop_point
@@ -134,8 +136,10 @@ class RunBudget:
     def count_step(self, stage: ResolvedStage, step: int, seconds: float) -> dict:
         """Add a finished step (`step` of `stage`, counted from 1, `seconds` long) to the
         ledger; returns the budget metrics: spent, left, projected."""
-        self.ledger.stage(stage.name).add(stage.tokens_at(step - 1), stage.flops_at(step - 1), seconds,
-                                          stage.world, self.cluster.usd_per_gpu_hour)
+        spend = self.ledger.stage(stage.name)
+        spend.add(stage.tokens_at(step - 1), stage.flops_at(step - 1), seconds, stage.world,
+                  self.cluster.usd_per_gpu_hour)
+        spend.params, spend.active_params = count_parameters(stage.spec), active_parameters(stage.spec)
         if seconds > 0:
             if self.skipped_first:
                 self.times.append(seconds)

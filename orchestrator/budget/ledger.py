@@ -20,6 +20,10 @@ class Spend:
     # The stage's last timed step: a run stopped at its dollar cap priced the refused step by
     # it, so a resume prices its first step the same way and stops again instead of creeping.
     last_step_s: float = 0.0
+    # The stage's model: every parameter (what memory holds) and those a token computes with
+    # (a mixture of experts: top_k experts; its FLOPs count these). A stage's, not summed.
+    params: int = 0
+    active_params: int = 0
 
     def add(self, tokens: int, flops: float, seconds: float, devices: int, usd_per_gpu_hour: float) -> None:
         self.tokens += tokens
@@ -59,7 +63,7 @@ class Ledger:
         t = Spend()
         for s in self.stages.values():
             for k, v in asdict(s).items():
-                if k == "last_step_s":
+                if k in PER_STAGE:
                     continue  # a stage's, not a sum
                 if k == "sources":
                     for source, n in v.items():
@@ -82,3 +86,4 @@ class Ledger:
 
 
 LOST_KEY = "_lost"  # in the serialized ledger, beside the stage names
+PER_STAGE = ("last_step_s", "params", "active_params")  # Spend fields that are not sums

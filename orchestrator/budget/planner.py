@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from growth_ops.spec import ModelSpec, attention_flops_per_token, count_parameters, flops_per_token
+from growth_ops.spec import ModelSpec, active_parameters, attention_flops_per_token, count_parameters, flops_per_token
 
 from orchestrator.budget.caps import CAPS, Cap
 from orchestrator.budget.growth_curve import measured_saving, read_curve
@@ -126,6 +126,10 @@ class StagePlan:
     state_gib_per_gpu: float
     predicted_loss: float | None = None  # from plan.loss_fit (grow predict), at the proxies' tokens
     transition: dict | None = None  # the growth into this stage (budget/transition.py)
+    # what a token computes with (a mixture of experts: top_k experts); FLOPs count these,
+    # memory counts `params` (every expert)
+    active_params: int | None = None
+    experts: int = 0  # 0: a dense FFN
 
 
 @dataclass
@@ -169,7 +173,8 @@ def _stage_plan(cfg: RunConfig, stage: ResolvedStage) -> StagePlan:
         flops=stage.flops, hw_flops=r.over("step_hw_flops", 0, steps), tflops_per_gpu=r.tflops_per_gpu,
         throughput=r.throughput, gpu_hours=r.over("step_gpu_hours", 0, steps),
         days=r.over("step_seconds", 0, steps) / 86400, usd=r.over("step_usd", 0, steps),
-        state_gib_per_gpu=count_parameters(spec) / mp * state_bytes_per_param(cfg.engine.dtype, lay.dp) / GIB)
+        state_gib_per_gpu=count_parameters(spec) / mp * state_bytes_per_param(cfg.engine.dtype, lay.dp) / GIB,
+        active_params=active_parameters(spec), experts=spec.experts)
 
 
 def _sum(stages: list[StagePlan]) -> dict:
@@ -183,7 +188,7 @@ def _scratch(cfg: RunConfig, final: ResolvedStage, tokens: int) -> dict:
     context (or its mixture of contexts, per token as over the stage), layout and throughput."""
     r, n = stage_rates(cfg, final), final.steps
     per_token = tokens / r.over("step_tokens", 0, n)  # the stage's steps, scaled to `tokens`
-    return {"params": count_parameters(final.spec), "tokens": tokens, "seq_len": final.config.seq_len,
+    return {"params": count_parameters(final.spec), "active_params": active_parameters(final.spec), "tokens": tokens, "seq_len": final.config.seq_len,
             "layout": {"tp": final.layout.tp, "pp": final.layout.pp, "dp": final.layout.dp},
             "gpus": r.gpus, "nodes": nodes_for(cfg, r.gpus),
             **{key: per_token * r.over(field, 0, n) for key, field in (

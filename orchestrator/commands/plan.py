@@ -57,6 +57,13 @@ def _params(n: float) -> str:
     return str(int(n))
 
 
+def _total_active(total: int, active: int | None) -> str:
+    """Total parameters, and the active ones where they differ (a mixture of experts)."""
+    if active is None or active == total:
+        return _params(total)
+    return f"{_params(total)}\n({_params(active)} active)"
+
+
 def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) -> None:
     p = plan
     title = (f"Plan: schedule {p.schedule} on cluster {p.cluster}"
@@ -68,7 +75,10 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
         table.add_column(col, justify="left" if col in ("stage", "layers x hidden (heads)") else "right")
     for s in p.stages:
         lay = s.layout
-        table.add_row(s.name, _params(s.params), f"{s.shape['layers']} x {s.shape['hidden']} ({s.shape['heads']})",
+        shape = f"{s.shape['layers']} x {s.shape['hidden']} ({s.shape['heads']})"
+        if s.experts:
+            shape += f"\n{s.experts} experts"
+        table.add_row(s.name, _total_active(s.params, s.active_params), shape,
                       _params(s.tokens), f"{s.steps:,}", f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(s.gpus),
                       str(s.nodes), f"{s.flops:.3e}", f"{s.tflops_per_gpu:.4g}" + ("" if s.throughput == "measured" else "*"),
                       _num(s.gpu_hours), f"{s.days:.3g}", _usd(s.usd), f"{s.state_gib_per_gpu:.3g}",
@@ -78,7 +88,7 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
     table.add_row("[bold]total[/]", "", "", _params(t["tokens"]), "", "", "", "", f"{t['flops']:.3e}", "",
                   _num(t["gpu_hours"]), f"{t['days']:.3g}", _usd(t["usd"]), "", *([""] * predicted))
     lay = sc["layout"]
-    table.add_row("from scratch", _params(sc["params"]), "final shape", _params(sc["tokens"]), "",
+    table.add_row("from scratch", _total_active(sc["params"], sc.get("active_params")), "final shape", _params(sc["tokens"]), "",
                   f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(sc["gpus"]), str(sc["nodes"]), f"{sc['flops']:.3e}", "",
                   _num(sc["gpu_hours"]), f"{sc['days']:.3g}", _usd(sc["usd"]), "", *([""] * predicted))
     if predicted:

@@ -80,7 +80,8 @@ class GrowthConfig:
     """How a stage's shape is reached from the previous one. Null fields inherit the
     top-level `growth` group."""
 
-    operator: Optional[str] = None  # msg | zero | clone | stack (stack does not preserve the function)
+    # msg | zero | clone | stack | upcycle | drop_upcycle (stack and drop_upcycle do not preserve the function)
+    operator: Optional[str] = None
     ramp_steps: Optional[int] = None  # steps for the masks to go 0 -> 1 (msg only)
     layer_insert: Optional[str] = None  # append | interleave | "i,j": positions of the new blocks
     tolerance: Annotated[Optional[float], _POS] = None  # max |val_after - val_before| for preserving operators
@@ -88,6 +89,23 @@ class GrowthConfig:
     tolerance_bf16: Annotated[Optional[float], _POS] = None
     init: Optional[str] = None  # new weights: random | copy (msg); null: the operator's own
     moments: Optional[str] = None  # Adam moments: keep | staged; null: the operator's default
+    # drop_upcycle: share of each expert's intermediate dims re-initialised; null: 0.5 (Drop-Upcycling's)
+    drop_ratio: Annotated[Optional[float], Within(0, 1)] = None
+
+
+@dataclass
+class MoEConfig:
+    """A stage's mixture-of-experts FFN (orchestrator.model.MoE); a stage without it is dense.
+    A dense stage followed by one with `moe` grows by `growth.operator: upcycle` (or
+    drop_upcycle); a mixture keeps its experts and top_k from then on."""
+
+    experts: Annotated[int, Within(2, 2**20, message="must be >= 2 (one expert is a dense FFN), got {value}")] = 8
+    top_k: Annotated[int, _POS] = 2  # experts per token, <= experts
+    router: Annotated[str, OneOf("softmax_topk")] = "softmax_topk"  # softmax, top-k, renormalised to sum 1
+    aux_loss_coef: Annotated[float, NonNegative] = 0.01  # load-balancing loss weight in the training objective
+    # null: dropless; else each expert trains on at most ceil(factor x tokens x top_k / experts)
+    # token assignments per micro-batch (the rest are dropped); evaluation is always dropless
+    capacity_factor: Annotated[Optional[float], _POS] = None
 
 
 @dataclass
@@ -124,6 +142,7 @@ class StageConfig:
     position: PositionConfig = field(default_factory=PositionConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     growth: Optional[GrowthConfig] = None  # null on the first stage
+    moe: Optional[MoEConfig] = None  # null: a dense FFN
     mixture: Dict[str, float] = field(default_factory=dict)  # weights over data.sources; {}: all equal
     layout: LayoutConfig = field(default_factory=LayoutConfig)
 

@@ -11,7 +11,7 @@ from growth_ops.spec import ModelSpec
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines.base import Engine, adamw, set_lr
 from orchestrator.engines.device import pick_device
-from orchestrator.model import DecoderLM, PositionTables
+from orchestrator.model import DecoderLM, PositionTables, moe_metrics, moe_stats, set_aux_grad_scale
 from orchestrator.schedule import ResolvedStage
 
 
@@ -66,6 +66,10 @@ class LocalEngine(Engine):
                 step = int(s["step"])
         return state, moments, step
 
+    def moe_metrics(self) -> dict[str, float]:
+        stats = moe_stats(self.model)
+        return {} if stats is None else moe_metrics(*stats)
+
     def set_rope_scaling(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model.positions = PositionTables(spec)
@@ -81,6 +85,7 @@ class LocalEngine(Engine):
         set_lr(self.optimizer, lr)
         batch = batch.to(self.device, non_blocking=True)
         chunks = batch.split(self.micro)
+        set_aux_grad_scale(self.model, 1.0 / len(chunks))  # each chunk's loss is divided by len(chunks)
         total = torch.zeros((), device=self.device)
         for chunk in chunks:
             with self._autocast():

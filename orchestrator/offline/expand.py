@@ -67,7 +67,8 @@ def target_spec(old: ModelSpec, shape: dict[str, int]) -> ModelSpec:
 
 def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], *, ramp_steps: int,
                     layer_insert: str, init: str | None, moments: str | None, seed: int, tolerance: float,
-                    tolerance_bf16: float, check: bool = True, overwrite: bool = False) -> dict:
+                    tolerance_bf16: float, check: bool = True, overwrite: bool = False,
+                    drop_ratio: float | None = None) -> dict:
     """Grow the checkpoint at `src` into `out`; returns the growth record (also in meta.json)
     plus `warnings` for the user. Everything is checked before anything is written."""
     src = Path(src)
@@ -84,10 +85,10 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
     if masks_now is not None and not masks_now.done:
         raise OfflineError("ckpt", f"the checkpoint is mid-ramp ({masks_now.steps_done}/{masks_now.ramp_steps} "
                                    "msg steps); train until the masks reach 1 before growing again")
-    op.check(old, new, layer_insert, init, moments)
+    op.check(old, new, layer_insert, init, moments, drop_ratio)
     if not op.uses_masks and ramp_steps:
         raise OfflineError("ramp_steps", f"{operator} uses no masks; allowed: 0")
-    plan = op.plan(old, new, layer_insert, init, moments)
+    plan = op.plan(old, new, layer_insert, init, moments, drop_ratio)
     masks = None
     if op.uses_masks:
         op.check_ramp_steps(ramp_steps)  # msg: a ramp of 0 steps would not preserve the function
@@ -101,6 +102,7 @@ def grow_checkpoint(src: Path, out: Path, operator: str, shape: dict[str, int], 
 
     record = {"operator": operator, "from_spec": old.to_dict(), "layer_insert": layer_insert,
               "init": plan.init, "moments": plan.moments_rule, "seed": seed,
+              "drop_ratio": getattr(plan, "drop_ratio", None) or None,
               "ramp_steps": ramp_steps if op.uses_masks else None,
               "preserves_function": op.preserves_function, "source": str(src.resolve()), "check": None}
     warnings = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from growth_ops.spec import count_parameters
+from growth_ops.spec import active_parameters, count_parameters
 
 from orchestrator.data import next_global_batch, tokens_read
 from orchestrator.engines.base import Engine
@@ -97,6 +97,8 @@ class StageLoop:
     def _params(self) -> dict:
         s, st = self.stage.config, self.state
         return {"stage_index": st.stage_index, "params": count_parameters(self.stage.spec),
+                "active_params": active_parameters(self.stage.spec), "moe.experts": self.stage.spec.experts,
+                "moe.top_k": self.stage.spec.top_k,
                 **{f"shape.{k}": v for k, v in vars(s.shape).items()}, "tokens": s.tokens,
                 "steps": self.stage.steps, "batch_size": s.batch_size, "seq_len": s.seq_len,
                 "long_seq_len": s.long_seq_len, "long_fraction": s.long_fraction,
@@ -116,6 +118,7 @@ class StageLoop:
         ctx, name, ledger = self.ctx, self.stage.name, self.ctx.budget.ledger
         lay = self.stage.layout
         return {"name": name, "params": count_parameters(self.stage.spec),
+                "active_params": active_parameters(self.stage.spec), "experts": self.stage.spec.experts,
                 "tokens": ledger.stage(name).tokens, "steps": self.state.step, "flops": ledger.stage(name).flops,
                 "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
                 "val_loss": self.state.val_loss, "val_bpb": self.val_metrics.get("val/bpb"),
@@ -181,7 +184,7 @@ class StageLoop:
         done = self.state.step - 1  # the step just taken (its context may be the long one)
         tokens_per_s = stage.tokens_at(done) / seconds if seconds > 0 else 0.0
         peak = ctx.cfg.cluster.peak_tflops_per_gpu * 1e12 * self.engine.devices
-        metrics = {"train/loss": loss, "train/lr": self.state.lr, "train/grad_norm": grad_norm,
+        metrics = {"train/loss": loss, "train/lr": self.state.lr, "train/grad_norm": grad_norm, **self.engine.moe_metrics(),
                    "growth/mask": mask, "perf/tokens_per_s": tokens_per_s,
                    "perf/mfu": stage.flops_at(done) / seconds / peak if seconds > 0 else 0.0,
                    "train/seq_len": stage.seq_len_at(done),

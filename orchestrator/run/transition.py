@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from growth_ops import ModelSpec, get_operator
-from growth_ops.spec import ARCHITECTURE, PARAMETRIZATION
+from growth_ops.spec import ARCHITECTURE, PARAMETRIZATION, moe_settings_only
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.engines.base import Engine
@@ -64,7 +64,7 @@ def start_stage(ctx: RunContext, stage: ResolvedStage, source: StageSource) -> S
     the switch is reported, not checked."""
     old_spec, new_spec = source.spec, stage.spec
     grown_spec = dataclasses.replace(new_spec, **old_spec.rope_scaling())  # the new shape, old positions
-    if old_spec == new_spec:
+    if old_spec == new_spec or moe_settings_only(old_spec, new_spec):  # the same weights
         return StageStart(_load_as_is(ctx, stage, source))
     batches = ctx.val_batches(stage)
     if old_spec == grown_spec:  # only the positions change
@@ -99,7 +99,7 @@ def _grow(ctx: RunContext, stage: ResolvedStage, source: StageSource, batches) -
     growth = stage.growth
     op = get_operator(growth.operator)
     plan, masks = op.prepare(old_spec, new_spec, ramp_steps=growth.ramp_steps, layer_insert=growth.layer_insert,
-                             init=growth.init, moments=growth.moments)
+                             init=growth.init, moments=growth.moments, drop_ratio=growth.drop_ratio)
     old_engine = source.take_engine()
     if old_engine is None:
         old_engine = ctx.engine(dataclasses.replace(stage, spec=old_spec))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from growth_ops import GrowthError, get_operator
+from growth_ops.spec import moe_settings_only
 
 from orchestrator.config.checks import check
 from orchestrator.config.errors import ConfigError
@@ -102,7 +103,8 @@ def _batch_split(key: str, stage: StageConfig) -> None:
 _GROWTH_FIELDS = {"head_dim": "shape.heads", "hidden": "shape.hidden", "layers": "shape.layers",
                   "ffn": "shape.ffn", "heads": "shape.heads", "kv_heads": "shape.kv_heads",
                   "layer_insert": "growth.layer_insert", "init": "growth.init", "moments": "growth.moments",
-                  "operator": "growth.operator"}
+                  "operator": "growth.operator", "drop_ratio": "growth.drop_ratio", "experts": "moe.experts",
+                  "top_k": "moe.top_k"}
 
 
 def _message(e: GrowthError) -> str:
@@ -126,10 +128,10 @@ def check_growth(prev: ResolvedStage, stage: ResolvedStage) -> None:
     old = prev.spec
     # growth runs at the old RoPE scaling; a change of scaling is a separate, reported step
     new = dataclasses.replace(stage.spec, **old.rope_scaling())
-    if old == new:
-        return  # no shape change: the stage only changes tokens, batch, context, positions or data
+    if old == new or moe_settings_only(old, new):
+        return  # no shape change: the stage only changes tokens, batch, context, positions, data or MoE settings
     try:
-        op.check(old, new, growth.layer_insert or "append", growth.init, growth.moments)
+        op.check(old, new, growth.layer_insert or "append", growth.init, growth.moments, growth.drop_ratio)
     except GrowthError as e:
         msg = _message(e)
         if e.field == "head_dim":
@@ -147,6 +149,16 @@ def check_growth(prev: ResolvedStage, stage: ResolvedStage) -> None:
         raise ConfigError(f"{key}.growth.ramp_steps",
                           f"{growth.ramp_steps} must be below the stage's {stage.steps} steps "
                           "so the masks are gone before the next growth")
+
+
+@check("stages")
+def moe_routing(schedule: Schedule) -> None:
+    """A token's top_k experts are among the stage's experts."""
+    for i, stage in enumerate(schedule.cfg.schedule.stages):
+        moe = stage.moe
+        if moe is not None and moe.top_k > moe.experts:
+            raise ConfigError(f"schedule.stages.{i}.moe.top_k", f"{moe.top_k} is more than the stage's "
+                                                               f"{moe.experts} experts; allowed: 1..{moe.experts}")
 
 
 @check("schedule")

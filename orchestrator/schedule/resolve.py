@@ -47,13 +47,22 @@ def parametrization_fields(cfg: RunConfig) -> dict:
             "mup_embed_mult": m.mup.embed_mult, "mup_attn_scale": m.mup.attn_scale}
 
 
+def moe_fields(stage: StageConfig) -> dict:
+    """ModelSpec's mixture-of-experts fields from the stage's `moe` (none: dense)."""
+    moe = stage.moe
+    if moe is None:
+        return {}
+    return {"experts": moe.experts, "top_k": moe.top_k, "capacity_factor": moe.capacity_factor,
+            "aux_loss_coef": moe.aux_loss_coef}
+
+
 def stage_spec(cfg: RunConfig, stage: StageConfig, vocab: int) -> ModelSpec:
     m, s = cfg.model, stage.shape
     fixed = {f: getattr(m, f) for f in ARCHITECTURE if f not in ROPE_SCALING}
     return ModelSpec(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads,
                      kv_heads=s.kv_heads or s.heads, head_dim=s.hidden // s.heads, vocab=vocab,
                      init_std=m.init_std, **fixed, **stage_rope_scaling(cfg, stage),
-                     **parametrization_fields(cfg))
+                     **parametrization_fields(cfg), **moe_fields(stage))
 
 
 def effective_growth(cfg: RunConfig, stage: StageConfig) -> GrowthConfig:
