@@ -1,120 +1,212 @@
-"""Loss prediction from proxies (FLM-101B), through the code of `grow predict`.
+"""Loss prediction far from the proxies (FLM-101B's flow: search, transfer, predict, train),
+through `grow search`, `grow predict` and `grow run`.
 
-Trains one-stage proxies of several widths (same depth, head size, ffn ratio) on the same
-tokens of the embedded text, plus one model --wide-factor x wider than the largest proxy on
-the same tokens, every one a real `grow run` member of a Hydra sweep (tracking off); each
-proxy at --seeds seeds, its mean loss fitted (training noise at these sizes is a few 0.01). Fits
-L(N) = a*N^b + c (N: non-embedding parameters) to the proxies and reports
-  - held_out_rel_error: the largest proxy held out (the law fitted to the smaller ones)
-  - wide_rel_error: the law fitted to all proxies, on the wide model it never saw.
-Writes bench/results/loss_prediction.json and loss_prediction.png (muP: loss_prediction.mup.*).
+1. search: `grow search search.space=lr_init` on the proxy at --search-width and the grid's
+   smallest token count; its winner (peak LR, init std) is carried to every run below.
+2. predict: one `grow predict` sweep over the grid --widths x --tokens x --seeds (a cosine
+   run per point: a WSD branch per token count would need resuming a stable run under a new
+   schedule, which `grow run` does not do); L(N, D) = E + A/N^alpha + B/D^beta fitted with
+   bootstrap intervals (orchestrator/budget/law_fit.py); kept even when it is not a law
+   (predict.keep_unlawful=true), so the bench can report why.
+3. train the held-out targets, none seen by the fit: 4x and 8x the widest proxy's
+   non-embedding parameters at its largest token count, the widest proxy at 4x those
+   tokens, and a 3-stage grown schedule (widest proxy -> 4x -> 8x, msg, --grown-split of 4x
+   the tokens); --far adds the 8x model at 4x the tokens.
+4. the grown-schedule correction: two small 3-stage schedules (the target's widths scaled
+   down to the smallest proxy) at the grid's token counts; their mean relative gap to the
+   law's carry-over prediction corrects the target's (orchestrator/budget/grown.py).
+Reports each target's predicted loss with its 95% interval, the measured loss and the
+relative error, the parameters with intervals, and the grid's cost (FLOPs, all seeds) as a
+fraction of the targets'. Losses and FLOPs do not depend on the machine's load (the load is
+recorded all the same). Writes bench/results/loss_prediction[.mup].json and .png.
 
-    nice python -m bench.loss_prediction                         # CPU, ~10-15 min on 2 loaded cores
-    python -m bench.loss_prediction --parametrization mup         # muP proxies (once muP exists)
-    python -m bench.loss_prediction --widths 64,96,128,192 --tokens 1048576   # a GPU
+    nice -n 5 python -m bench.loss_prediction                        # standard, ~30-40 min on 2 loaded cores
+    nice -n 5 python -m bench.loss_prediction --parametrization mup
+    python -m bench.loss_prediction --runs-only                     # train everything, fit later
 
-A finished sweep in --work-dir is reused (the members resume as finished runs).
+Every run is reused from --work-dir on a second call (the sweeps' members and cached runs).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, console, machine, table, write_json
-from orchestrator.commands.compose import CommandLine, load
-from orchestrator.commands.predict import points_of, proxy_shapes, shape_sweep
-from orchestrator.budget.loss_law import LAW, PowerLaw, fit_with_held_out, plot_fit, relative_error
-from orchestrator.commands.sweeps import finished_members, run_sweep
+from bench.common import REPO, RESULTS, console, machine, stage_literal, table, write_json
+from bench.run_cache import cached_run
+
+GROW = str(Path(sys.executable).parent / "grow")
 
 
-def sweep_points(cfg, overrides: list[str], shapes: list[dict], directory: Path) -> list[dict]:
-    """Run (or reuse) one sweep over `shapes`; each member's width, N and final val loss."""
-    status = run_sweep(overrides + [shape_sweep(shapes), f"hydra.sweep.dir={directory}"])
-    members, finished = finished_members(directory)
-    if status or len(finished) != len(members) or not finished:
-        sys.exit(f"the sweep in {directory} did not finish (status {status}): {[m['status'] for m in members]}")
-    return points_of(cfg, finished)
+def shape(width: int, layers: int, head_dim: int) -> tuple[int, int, int, int]:
+    return (layers, width, 4 * width, width // head_dim)
 
 
-def mean_per_width(points: list[dict]) -> list[dict]:
-    by_width: dict[int, list[dict]] = {}
-    for p in points:
-        by_width.setdefault(p["width"], []).append(p)
-    return [{"width": w, "n": ps[0]["n"], "loss": sum(p["loss"] for p in ps) / len(ps),
-             "seed_losses": [p["loss"] for p in ps]} for w, ps in sorted(by_width.items())]
+def common(a, seed: int | None = None) -> list[str]:
+    out = ["schedule=proxy", "tracking=off", f"engine.threads={a.threads}", f"train.eval_batches={a.eval_batches}",
+           "train.eval_every_steps=1000000", "checkpoint.every_steps=1000000"]
+    if a.parametrization == "mup":  # the proxies' base shape is the smallest width
+        out += ["model.parametrization=mup", f"model.mup.base_hidden={a.widths[0]}"]
+    return out + ([f"seed={seed}"] if seed is not None else [])
+
+
+def one_stage(a, width: int, tokens: int, lr: float) -> list[str]:
+    """The proxy stage at `width` and `tokens`, as overrides of schedule=proxy."""
+    layers, hidden, ffn, heads = shape(width, a.layers, a.head_dim)
+    return [f"schedule.stages.0.shape={{layers:{layers},hidden:{hidden},ffn:{ffn},heads:{heads},kv_heads:null}}",
+            f"schedule.stages.0.tokens={tokens}", f"schedule.stages.0.batch_size={a.batch}",
+            f"schedule.stages.0.seq_len={a.seq}", f"schedule.stages.0.lr.peak={lr}",
+            f"schedule.stages.0.lr.min={lr / 10:.6g}", f"schedule.stages.0.lr.warmup_steps={a.warmup}"]
+
+
+def grown(a, widths: list[int], tokens: list[int], lr: float) -> list[str]:
+    """A 3-stage width-grown schedule (msg): the earlier stages hold the peak after their
+    (re-)warm, the last decays (cosine) to peak/10 as a run from scratch does."""
+    stages = [stage_literal(f"s{i + 1}", shape(w, a.layers, a.head_dim), d, a.batch, a.seq, lr,
+                            a.warmup, lr / 10, growth=None if i == 0 else {"operator": "msg", "ramp_steps": a.ramp},
+                            decay="cosine" if i == len(widths) - 1 else "constant")
+              for i, (w, d) in enumerate(zip(widths, tokens))]
+    return ["growth=msg", "schedule.name=grown", "schedule.stages=[" + ",".join(stages) + "]"]
+
+
+def grow(args: list[str], log: Path) -> int:
+    with open(log, "w") as f:
+        return subprocess.run([GROW, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def search(a, work: Path) -> dict:
+    """`grow search` on the proxy: the winner's values (reused when its search.json exists)."""
+    directory = work / "search"
+    if not (directory / "search.json").exists():
+        args = ["search", "search.space=lr_init", *common(a), *one_stage(a, a.search_width, a.tokens[0], 3e-3),
+                f"hydra.sweep.dir={directory}"]
+        rc = grow(args, work / "search.log")
+        if rc:
+            sys.exit(f"grow search failed (rc {rc}); see {work / 'search.log'}")
+    report = json.loads((directory / "search.json").read_text())
+    swept = report["winner"]["swept"]
+    return {"lr": float(swept["schedule.stages.0.lr.peak"]), "init_std": float(swept["model.init_std"]),
+            "final_val_loss": report["winner"]["final_val_loss"], "members": len(report["members"])}
+
+
+def grid_overrides(a, chosen: dict) -> list[str]:
+    return [*common(a), *one_stage(a, a.widths[0], a.tokens[0], chosen["lr"]), f"model.init_std={chosen['init_std']}"]
+
+
+def grid_sweep(a) -> list[str]:
+    """The sweep `grow predict` runs for this grid (orchestrator/commands/predict.py grid_sweep,
+    written out so that --runs-only trains it as `grow run -m` before the fit's code exists)."""
+    shapes = ",".join(f"{{layers:{a.layers},hidden:{w},ffn:{4 * w},heads:{w // a.head_dim},"
+                      f"kv_heads:{w // a.head_dim}}}" for w in a.widths)
+    return [f"schedule.stages.0.shape={shapes}", "schedule.stages.0.tokens=" + ",".join(map(str, a.tokens)),
+            "seed=" + ",".join(map(str, a.seeds))]
+
+
+def grid(a, work: Path, chosen: dict) -> tuple[int, Path]:
+    """The `grow predict` sweep over the grid (its fit kept even if not a law); (rc, loss_fit.json).
+    --runs-only: the same members trained by `grow run -m` (grow predict reuses them)."""
+    directory = work / "grid"
+    if a.runs_only:
+        rc = grow(["run", "-m", *grid_overrides(a, chosen), *grid_sweep(a), f"hydra.sweep.dir={directory}"],
+                  work / "grid-runs.log")
+        return rc, directory / "loss_fit.json"
+    args = ["predict", f"predict.widths={','.join(map(str, a.widths))}",
+            f"predict.tokens={','.join(map(str, a.tokens))}", f"predict.seeds={','.join(map(str, a.seeds))}",
+            "predict.keep_unlawful=true", f"predict.bootstrap={a.bootstrap}", *grid_overrides(a, chosen),
+            f"hydra.sweep.dir={directory}"]
+    return grow(args, work / "grid.log"), directory / "loss_fit.json"
+
+
+def targets(a, chosen: dict) -> dict[str, list[str]]:
+    """The held-out runs' overrides (without the seed), by name."""
+    widest, d = a.widths[-1], a.tokens[-1]
+    lr, init = chosen["lr"], [f"model.init_std={chosen['init_std']}"]
+    out = {f"size_4x_w{a.wide4}": one_stage(a, a.wide4, d, lr) + init,
+           f"size_8x_w{a.wide8}": one_stage(a, a.wide8, d, lr) + init,
+           f"tokens_4x_w{widest}": one_stage(a, widest, 4 * d, lr) + init}
+    split = [float(x) for x in a.grown_split.split(",")]
+    out[f"grown_w{widest}-{a.wide4}-{a.wide8}"] = grown(
+        a, [widest, a.wide4, a.wide8], [whole(a, 4 * d * f / sum(split)) for f in split], lr) + init
+    if a.far:
+        out[f"far_8x_4x_w{a.wide8}"] = one_stage(a, a.wide8, 4 * d, lr) + init
+    return out
+
+
+def small_grown(a, chosen: dict) -> dict[str, list[str]]:
+    """The correction's schedules: the target's width ratios from the smallest proxy, its
+    token split at the grid's smaller token counts."""
+    w0 = a.widths[0]
+    widths = [w0, round(w0 * a.wide4 / a.widths[-1] / a.head_dim) * a.head_dim,
+              round(w0 * a.wide8 / a.widths[-1] / a.head_dim) * a.head_dim]
+    split = [float(x) for x in a.grown_split.split(",")]
+    return {f"small_grown_w{'-'.join(map(str, widths))}_d{d}":
+            grown(a, widths, [whole(a, 4 * d * f / sum(split)) for f in split], chosen["lr"])
+            + [f"model.init_std={chosen['init_std']}"] for d in a.tokens[:2]}
+
+
+def whole(a, tokens: float) -> int:
+    step = a.batch * a.seq
+    return int(tokens // step) * step
+
+
+def trained(a, runs: dict[str, list[str]], work: Path, seeds: list[int]) -> dict[str, list[Path]]:
+    return {name: [cached_run(f"{name}-s{s}", common(a, s) + ov, work / "runs", jobs=1) for s in seeds]
+            for name, ov in runs.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--widths", default="16,24,32,48", help="proxy widths (>= 4: one is held out)")
-    ap.add_argument("--wide-factor", type=int, default=4, help="the unseen model: this x the largest width")
+    ap.add_argument("--parametrization", default="standard", choices=("standard", "mup"))
+    ap.add_argument("--widths", default="16,24,32,48", help="proxy widths")
+    ap.add_argument("--tokens", default="131072,262144,524288", help="proxy token counts")
+    ap.add_argument("--seeds", default="0,1,2", help="every proxy at these seeds")
+    ap.add_argument("--target-seeds", default="0", help="every held-out target at these seeds")
+    ap.add_argument("--wide4", type=int, default=96, help="width of ~4x the widest proxy's N")
+    ap.add_argument("--wide8", type=int, default=136, help="width of ~8x the widest proxy's N")
+    ap.add_argument("--far", action="store_true", help="also the 8x model at 4x the tokens")
+    ap.add_argument("--grown-split", default="1,1,2", help="the grown schedule's token shares per stage")
+    ap.add_argument("--search-width", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=524288, help="training tokens of every model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=16, help="warmup (and re-warm) steps")
+    ap.add_argument("--ramp", type=int, default=16, help="msg mask ramp steps after a growth")
     ap.add_argument("--eval-batches", type=int, default=64, help="final val loss over this many batches")
-    ap.add_argument("--seeds", default="0,1,2",
-                    help="each proxy at these seeds (mean loss fitted); the wide model at the first")
-    ap.add_argument("--parametrization", default="standard", choices=("standard", "mup"))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per run; on a loaded CPU 2 threads ran 100x slower than 1 (spinning)")
-    ap.add_argument("--work-dir", default="/tmp/grow-bench-loss-prediction")
-    args = ap.parse_args()
-
-    widths = sorted(int(w) for w in args.widths.split(","))
-    wide = widths[-1] * args.wide_factor
-    base = widths[0]
-    overrides = ["schedule=proxy", "tracking=off", f"engine.threads={args.threads}",
-                 f"schedule.stages.0.shape={{layers:{args.layers},hidden:{base},ffn:{4 * base},"
-                 f"heads:{base // args.head_dim},kv_heads:null}}",
-                 f"schedule.stages.0.tokens={args.tokens}", f"schedule.stages.0.batch_size={args.batch}",
-                 f"schedule.stages.0.seq_len={args.seq}", f"schedule.stages.0.lr.peak={args.lr}",
-                 f"schedule.stages.0.lr.min={args.lr / 10}", "schedule.stages.0.lr.warmup_steps=16",
-                 f"train.eval_batches={args.eval_batches}", "train.eval_every_steps=1000000",
-                 "checkpoint.every_steps=1000000"]
-    if args.parametrization == "mup":  # the proxies' base shape is the smallest width
-        overrides += ["model.parametrization=mup", f"model.mup.base_hidden={base}"]
-    cfg = load(CommandLine(overrides), planning=True)
-    seeds = args.seeds.split(",")
-    work = Path(args.work_dir) / f"{args.parametrization}-{args.tokens}"
+    ap.add_argument("--bootstrap", type=int, default=400, help="bootstrap samples of the fit")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs-only", action="store_true", help="train everything; no fit, no results")
+    ap.add_argument("--work-dir", default="/tmp/grow-bench-loss-law")
+    a = ap.parse_args()
+    a.widths = sorted(int(w) for w in a.widths.split(","))
+    a.tokens = sorted(int(t) for t in a.tokens.split(","))
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    work = Path(a.work_dir) / a.parametrization
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    # the proxies at every seed (their mean loss per width is fitted), the wide model at the first
-    proxies = sweep_points(cfg, overrides + [f"seed={','.join(seeds)}"], proxy_shapes(cfg, widths),
-                           work / f"proxies-{'-'.join(map(str, widths))}-seeds-{'-'.join(seeds)}")
-    wide_point = sweep_points(cfg, overrides + [f"seed={seeds[0]}"], proxy_shapes(cfg, [wide]),
-                              work / f"width-{wide}-seed-{seeds[0]}")[0]
-    fit = fit_with_held_out(mean_per_width(proxies))
-    law = PowerLaw(fit["a"], fit["b"], fit["c"])
-    predicted_wide = law(wide_point["n"])
-    held = fit["held_out"]
-    result = {
-        "law": LAW, "n": fit["n"], "a": fit["a"], "b": fit["b"], "c": fit["c"],
-        "parametrization": args.parametrization, "tokens": wide_point["tokens"], "widths": widths,
-        "points": fit["points"], "held_out_width": held["width"], "held_out_loss": held["loss"],
-        "held_out_predicted": held["predicted"], "held_out_rel_error": held["rel_error"],
-        "wide_width": wide, "wide_n": wide_point["n"], "wide_loss": wide_point["loss"],
-        "wide_predicted": predicted_wide, "wide_rel_error": relative_error(predicted_wide, wide_point["loss"]),
-        "settings": vars(args), "work_dir": str(work), "wall_s": round(time.time() - t0, 1),
-        "machine": machine(),
-    }
-    rows = [[f"proxy {p['width']}", p["n"], p["loss"], law(p["n"]), None] for p in fit["points"]]
-    rows[-1][-1] = f"held out: fitted without it {held['predicted']:.4f} ({100 * held['rel_error']:.2f}%)"
-    rows.append([f"wide {wide} (unseen)", wide_point["n"], wide_point["loss"], predicted_wide,
-                 f"{100 * result['wide_rel_error']:.2f}%"])
-    table(f"{LAW}: a={fit['a']:.4g} b={fit['b']:.4f} c={fit['c']:.4f}, {result['tokens']:,} tokens each",
-          ["model", "N (non-embedding)", "val loss", "fit (all proxies)", "note"], rows)
-    name = "loss_prediction" if args.parametrization == "standard" else f"loss_prediction.{args.parametrization}"
+    chosen = search(a, work)
+    console.print(f"search: lr {chosen['lr']}, init_std {chosen['init_std']} ({time.time() - t0:.0f} s)")
+    rc, fit_path = grid(a, work, chosen)
+    console.print(f"grid: grow predict exit status {rc} ({time.time() - t0:.0f} s)")
+    seeds = [int(s) for s in a.target_seeds.split(",")]
+    held = trained(a, targets(a, chosen), work, seeds)
+    console.print(f"targets trained ({time.time() - t0:.0f} s)")
+    small = trained(a, small_grown(a, chosen), work, [a.seeds[0]])
+    console.print(f"small grown schedules trained ({time.time() - t0:.0f} s)")
+    if a.runs_only:
+        return
+    if rc not in (0, 5):
+        sys.exit(f"grow predict failed (rc {rc}); see {work / 'grid.log'}")
+    from bench.loss_report import report  # the analysis: the law, the targets, the figures
+    result = report(a, json.loads(fit_path.read_text()), held, small, chosen)
+    result.update({"settings": {k: v for k, v in vars(a).items()}, "work_dir": str(work),
+                   "wall_s": round(time.time() - t0, 1), "loadavg_end": os.getloadavg(), "machine": machine()})
+    name = "loss_prediction" if a.parametrization == "standard" else f"loss_prediction.{a.parametrization}"
     write_json(f"{name}.json", result)
-    plot = plot_fit(fit, RESULTS / f"{name}.png",
-                    extra=[{"n": wide_point["n"], "loss": wide_point["loss"],
-                            "label": f"{args.wide_factor}x wider, unseen "
-                                     f"(error {100 * result['wide_rel_error']:.2f}%)"}],
-                    title=f"{LAW}, {args.parametrization}, {result['tokens']:,} tokens each")
-    console.print(f"wrote {plot}")
 
 
 if __name__ == "__main__":

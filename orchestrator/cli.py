@@ -26,8 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "sweep hyperparameters on a proxy, choose the best by val loss, print the overrides for a target\n"
                "          (grow search schedule=proxy search.space=lr_init [search.target=SCHEDULE hydra/launcher=slurm_cpu])"),
     "predict": ("orchestrator.commands.predict:predict_command",
-                "fit L(N) = a*N^b + c to proxies of several widths, predict a schedule's losses\n"
-                "          (grow predict schedule=proxy predict.widths=32,48,64,96 [predict.target=SCHEDULE])"),
+                "fit L(N, D) = E + A/N^alpha + B/D^beta, with intervals, to a grid of proxies; predict a\n"
+                "          schedule's losses (grow predict schedule=proxy predict.widths=16,24,32,48\n"
+                "          predict.tokens=131072,262144,524288 predict.seeds=0,1,2 [predict.target=SCHEDULE])"),
     "submit": ("orchestrator.commands.submit:submit_command",
                "one chained Slurm job per stage (grow submit hydra.run.dir=runs/x [submit.dry_run=true])"),
     "status": ("orchestrator.commands.status:status_command",

@@ -4,6 +4,7 @@ every torchrun rank and every Slurm job.
   2   bad input: config error (a key, a value, a data source, a config file)
   3   the growth check failed (a function-preserving growth changed the loss)
   4   `grow plan`: the plan is over a budget cap
+  5   `grow predict`: the fit is not a law (a parameter at its bound, or an interval too wide)
   1   a checkpoint cannot be used, the disk is full (what was written is intact), or the
       training loss became NaN/infinite (nothing is saved past the last good checkpoint)
   128+N  stopped by signal N after a checkpoint (Slurm requeues on it)
@@ -20,6 +21,7 @@ import sys
 EXIT_CONFIG = 2
 EXIT_GROWTH_CHECK = 3
 EXIT_OVER_BUDGET = 4
+EXIT_NOT_A_LAW = 5
 EXIT_FAILED = 1
 
 # "module.Class" -> (exit status, prefix of the one-line message)

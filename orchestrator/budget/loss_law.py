@@ -1,12 +1,13 @@
-"""The loss of a model from its size: L(N) = a * N^b + c, fitted to proxies of several
-widths trained on the same tokens (FLM-101B's loss prediction).
+"""The loss of a model from its size and training tokens, L(N, D) = E + A/N^alpha + B/D^beta,
+fitted to proxies of several widths and token counts (FLM-101B's loss prediction, in the
+Chinchilla form); with one token count, L(N) = E + A/N^alpha at those tokens. The fit
+itself, its intervals and its verdict are in law_fit.py; a grown schedule's loss in grown.py.
 
 N is the number of non-embedding parameters (blocks and final norm; no embedding, no
 untied head): at proxy widths with a 256-entry byte vocabulary the embeddings are a large,
 width-linear share of the count that does not buy loss the way block parameters do
-(Kaplan et al. 2020 fit non-embedding parameters for the same reason). The fit holds at
-the proxies' token count: a prediction is the loss a model of N parameters reaches on
-those tokens.
+(Kaplan et al. 2020 fit non-embedding parameters for the same reason). D is the tokens a
+run trains on.
 
 No torch here: `grow plan` reads a fit without loading it. scipy and matplotlib are
 imported where they are used.
@@ -15,17 +16,18 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from growth_ops.spec import VOCAB, ModelSpec, axis_size, parameter_axes
 
+from orchestrator.budget.grown import grown_losses
 from orchestrator.config.errors import ConfigError
 
-LAW = "L(N) = a * N^b + c"
+LAW = "L(N, D) = E + A/N^alpha + B/D^beta"
+LAW_FIXED_TOKENS = "L(N) = E + A/N^alpha (at the proxies' tokens)"
 N_MEANING = "non-embedding parameters"
-MIN_POINTS = 3  # three coefficients
+MIN_SIZES = 3
 
 
 class FitError(ValueError):
@@ -42,119 +44,158 @@ def non_embedding_parameters(spec: ModelSpec) -> int:
 
 
 @dataclass(frozen=True)
-class PowerLaw:
-    a: float
-    b: float
-    c: float
+class Law:
+    """E + A/N^alpha + B/D^beta; a fixed-token law (B = 0) holds at `tokens` only."""
+    E: float
+    A: float
+    alpha: float
+    B: float = 0.0
+    beta: float = 0.0
+    tokens: int | None = None
 
-    def __call__(self, n: float) -> float:
-        return self.a * n ** self.b + self.c
+    def __call__(self, n: float, d: float | None = None) -> float:
+        loss = self.E + self.A * n ** -self.alpha
+        return loss + self.B * d ** -self.beta if self.B and d is not None else loss
 
+    @property
+    def in_tokens(self) -> bool:
+        return self.tokens is None
 
-def fit_power_law(ns: list[float], losses: list[float]) -> PowerLaw:
-    """Least squares of L(N) = a * N^b + c. Fitted in N / max(N), so a stays of the order of
-    the losses whatever the model sizes (the solver starts from a=1-ish, b=-0.5)."""
-    if len(ns) != len(losses) or len(set(ns)) < MIN_POINTS:
-        raise FitError(f"{len(set(ns))} model sizes given; {LAW} needs at least {MIN_POINTS}")
-    if not all(math.isfinite(x) for x in losses):
-        raise FitError(f"a loss is not finite: {losses}")
-    import numpy as np
-    from scipy.optimize import OptimizeWarning, curve_fit
+    def to_dict(self) -> dict:
+        return asdict(self)
 
-    x, y = np.asarray(ns, dtype=float), np.asarray(losses, dtype=float)
-    scale = x.max()
-    spread = max(y.max() - y.min(), 1e-3)
-    try:
-        with warnings.catch_warnings():  # 3 points fit exactly: no covariance, which we do not use
-            warnings.simplefilter("ignore", OptimizeWarning)
-            (a, b, c), _ = curve_fit(lambda n, a, b, c: a * n ** b + c, x / scale, y,
-                                     p0=(spread, -0.5, max(y.min() - spread, 0.0)),
-                                     bounds=((0.0, -5.0, 0.0), (np.inf, 0.0, np.inf)), maxfev=20000)
-    except (RuntimeError, ValueError) as e:
-        raise FitError(f"{LAW} did not converge on these points: {e}") from None
-    return PowerLaw(a=float(a) * scale ** -float(b), b=float(b), c=float(c))
+    @classmethod
+    def from_dict(cls, d: dict) -> "Law":
+        return cls(**{k: d[k] for k in ("E", "A", "alpha", "B", "beta", "tokens")})
 
 
 def relative_error(predicted: float, actual: float) -> float:
     return abs(predicted - actual) / actual
 
 
-def fit_with_held_out(points: list[dict]) -> dict:
-    """`points`: {"n", "loss", ...} per proxy. The law fitted to all points (the one used
-    to predict), and, with 4 or more, the largest proxy held out: the law fitted to the
-    others and its relative error on the largest."""
-    points = sorted(points, key=lambda p: p["n"])
-    law = fit_power_law([p["n"] for p in points], [p["loss"] for p in points])
-    held_out = None
-    if len({p["n"] for p in points}) > MIN_POINTS:
-        rest, largest = points[:-1], points[-1]
-        partial = fit_power_law([p["n"] for p in rest], [p["loss"] for p in rest])
-        predicted = partial(largest["n"])
-        held_out = {**largest, "predicted": predicted, "rel_error": relative_error(predicted, largest["loss"]),
-                    "fit_without_it": asdict(partial)}
-    return {"law": LAW, "n": N_MEANING, **asdict(law), "points": points, "held_out": held_out}
+def law_of(fit: dict) -> Law:
+    return Law.from_dict(fit)
+
+
+def bootstrap_laws(fit: dict) -> list[Law]:
+    return [Law.from_dict(d) for d in fit["bootstrap"]["laws"]]
+
+
+def _interval(values: list[float], level: float) -> tuple[float, float]:
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        k = (len(values) - 1) * q
+        lo, hi = math.floor(k), math.ceil(k)
+        return values[lo] + (values[hi] - values[lo]) * (k - lo)
+    return at((1 - level) / 2), at((1 + level) / 2)
+
+
+def schedule_prediction(fit: dict, stages: list[tuple[float, float]]) -> list[dict]:
+    """`stages`: (N, tokens) of each stage. The loss predicted at the end of each (a grown
+    schedule through grown.py, its final stage corrected by the fit's growth_correction),
+    with the interval of the same prediction under each bootstrap law. A fixed-token law
+    predicts each stage's size at the proxies' tokens, whatever the stage's."""
+    correction = fit.get("growth_correction") or 0.0
+    law = law_of(fit)
+
+    def losses(lw: Law) -> list[float]:
+        if not lw.in_tokens:
+            return [lw(n) for n, _ in stages]
+        return [s["loss"] for s in grown_losses(lw, stages, correction)]
+    point = losses(law)
+    samples = [losses(lw) for lw in bootstrap_laws(fit)]
+    level = fit.get("level", 0.95)
+    out = []
+    for i, value in enumerate(point):
+        lo, hi = _interval([s[i] for s in samples], level)
+        out.append({"predicted_loss": value, "lo": lo, "hi": hi,
+                    "at_proxy_tokens": not law.in_tokens})
+    return out
 
 
 # -- the fit file (written by `grow predict`, read by `grow plan` and `grow run`) ----------
 
-def read_fit(path: str | Path, key: str = "plan.loss_fit") -> PowerLaw:
-    """The law in a fit file, or ConfigError naming `key` in one line."""
+def read_fit(path: str | Path, key: str = "plan.loss_fit") -> dict:
+    """The fit in a fit file (with its bootstrap laws and verdict), or ConfigError naming `key`
+    in one line."""
     try:
         data = json.loads(Path(path).expanduser().read_text())
-        law = PowerLaw(float(data["a"]), float(data["b"]), float(data["c"]))
+        law = law_of(data)
+        bootstrap_laws(data)
+        lawful = bool(data["lawful"])
     except FileNotFoundError:
         raise ConfigError(key, f"{path}: no such file (write one with grow predict)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(key, f"{path}: not a loss fit written by grow predict ({type(e).__name__}: {e})") from None
-    if data.get("n") != N_MEANING or not all(math.isfinite(v) for v in (law.a, law.b, law.c)):
+        raise ConfigError(key, f"{path}: not a loss fit with intervals written by grow predict "
+                               f"({type(e).__name__}: {e}); run grow predict again") from None
+    if data.get("n") != N_MEANING or not all(math.isfinite(v) for v in (law.E, law.A, law.alpha, law.B, law.beta)):
         raise ConfigError(key, f"{path}: not a loss fit of {N_MEANING} written by grow predict")
-    return law
+    data["lawful"] = lawful
+    return data
 
 
-def predict(law: PowerLaw, spec: ModelSpec) -> float:
-    return law(non_embedding_parameters(spec))
+def stage_sizes(schedule) -> list[tuple[int, int]]:
+    """(N, tokens) of each stage of a resolved schedule."""
+    return [(non_embedding_parameters(s.spec), s.tokens) for s in schedule]
 
 
-def predicted_vs_actual(fit_path: str, spec: ModelSpec, actual: float | None) -> dict:
-    """A finished run's final validation loss against the fit's prediction for its final shape."""
-    predicted = predict(read_fit(fit_path), spec)
-    out = {"fit": str(fit_path), "n": non_embedding_parameters(spec), "predicted_final_val_loss": predicted,
-           "actual_final_val_loss": actual}
+def predicted_vs_actual(fit_path: str, stages: list[tuple[float, float]], actual: float | None) -> dict:
+    """A finished run's final validation loss against the fit's prediction for its schedule
+    ((N, tokens) of each stage), with the prediction's interval; no prediction from a fit
+    that is not a law."""
+    fit = read_fit(fit_path)
+    out = {"fit": str(fit_path), "n": stages[-1][0], "tokens": sum(d for _, d in stages),
+           "actual_final_val_loss": actual, "lawful": fit["lawful"]}
+    if not fit["lawful"]:
+        out["not_a_law"] = fit["verdict"]
+        return out
+    final = schedule_prediction(fit, stages)[-1]
+    out.update({"predicted_final_val_loss": final["predicted_loss"], "predicted_lo": final["lo"],
+                "predicted_hi": final["hi"]})
     if actual is not None:
-        out["rel_error"] = relative_error(predicted, actual)
+        out["rel_error"] = relative_error(final["predicted_loss"], actual)
+        out["within_interval"] = final["lo"] <= actual <= final["hi"]
     return out
 
 
 def plot_fit(fit: dict, out: Path, extra: list[dict] = (), title: str = "") -> Path:
-    """Proxies, the held-out largest (fitted without it), the law, and `extra` points
-    ({"n", "loss", "label"}: models the fit predicts, e.g. a wider model's measured loss)."""
+    """Loss against N: the proxies (one colour per token count), the law at each token count
+    with its 95% band (bootstrap laws), and `extra` points ({"n", "tokens", "loss", "label",
+    "predicted"?, "lo"?, "hi"?}: models the fit never saw, with their predictions)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    law = PowerLaw(fit["a"], fit["b"], fit["c"])
+    law, laws = law_of(fit), bootstrap_laws(fit)
+    level = fit.get("level", 0.95)
     ns = [p["n"] for p in fit["points"]] + [p["n"] for p in extra]
-    grid = np.geomspace(min(ns) / 1.3, max(ns) * 1.3, 200)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(grid, [law(n) for n in grid], "-", color="tab:blue",
-            label=f"fit, all proxies: {law.a:.3g} N^{law.b:.3f} + {law.c:.3f}")
-    held = fit.get("held_out")
-    fitted = [p for p in fit["points"] if not held or p["n"] != held["n"]]
-    ax.plot([p["n"] for p in fitted], [p["loss"] for p in fitted], "o", color="tab:blue", label="proxies")
-    if held:
-        partial = PowerLaw(**held["fit_without_it"])
-        ax.plot(grid, [partial(n) for n in grid], "--", color="tab:orange", lw=1, label="fit without the largest")
-        ax.plot([held["n"]], [held["loss"]], "s", color="tab:orange", ms=8,
-                label=f"held out (error {100 * held['rel_error']:.2f}%)")
+    grid = np.geomspace(min(ns) / 1.3, max(ns) * 1.3, 120)
+    counts = sorted({p["tokens"] for p in fit["points"]} | ({p["tokens"] for p in extra} if law.in_tokens else set()))
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(counts)))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for d, colour in zip(counts, colours):
+        band = [_interval([lw(n, d) for lw in laws], level) for n in grid]
+        ax.fill_between(grid, [b[0] for b in band], [b[1] for b in band], color=colour, alpha=0.2, lw=0)
+        ax.plot(grid, [law(n, d) for n in grid], "-", color=colour, lw=1, label=f"law at {d:,} tokens")
+        pts = [p for p in fit["points"] if p["tokens"] == d]
+        if pts:
+            ax.plot([p["n"] for p in pts], [p["loss"] for p in pts], "o", color=colour, ms=5)
     for p in extra:
-        ax.plot([p["n"]], [p["loss"]], "*", ms=12, label=p.get("label", "measured"))
+        colour = colours[counts.index(p["tokens"])] if p["tokens"] in counts else "black"
+        ax.plot([p["n"]], [p["loss"]], "*", ms=13, color=colour, markeredgecolor="black",
+                label=p.get("label", "measured"))
+        if "predicted" in p:
+            bar = [[p["predicted"] - p["lo"]], [p["hi"] - p["predicted"]]]
+            ax.errorbar([p["n"] * 1.04], [p["predicted"]], yerr=bar, fmt="_", color="red", capsize=3, ms=10)
     ax.set_xscale("log")
     ax.set_xlabel(f"N ({N_MEANING})")
     ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title(title or f"{LAW} at {fit.get('tokens', '?')} tokens")
+    verdict = "a law" if fit.get("lawful") else "NOT a law"
+    ax.set_title(title or f"{fit['law']} ({verdict}); bands: {100 * level:.0f}% bootstrap", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -25,7 +25,7 @@ from growth_ops.spec import ModelSpec, active_parameters, attention_flops_per_to
 
 from orchestrator.budget.caps import CAPS, Cap
 from orchestrator.budget.growth_curve import measured_saving, read_curve
-from orchestrator.budget.loss_law import predict, read_fit
+from orchestrator.budget.loss_law import read_fit, schedule_prediction, stage_sizes
 from orchestrator.budget.memory import GIB, memory_problem, state_bytes_per_param, step_memory
 from orchestrator.budget.transition import transition_cost
 from orchestrator.config.errors import ConfigError
@@ -124,7 +124,9 @@ class StagePlan:
     days: float
     usd: float
     state_gib_per_gpu: float
-    predicted_loss: float | None = None  # from plan.loss_fit (grow predict), at the proxies' tokens
+    # from plan.loss_fit (grow predict): the loss at the end of the stage, its 95% interval
+    predicted_loss: float | None = None
+    predicted_interval: tuple[float, float] | None = None
     transition: dict | None = None  # the growth into this stage (budget/transition.py)
     # what a token computes with (a mixture of experts: top_k experts); FLOPs count these,
     # memory counts `params` (every expert)
@@ -148,9 +150,25 @@ class Plan:
     fit: dict | None = None
     loss_fit: str | None = None
     measured: dict | None = None  # the growth curve's flops_frac at the plan's tokens per parameter
+    loss_fit_note: str | None = None  # why no loss is predicted (a fit that is not a law), or how
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _predict_losses(path: str, schedule: Schedule, stages: list[StagePlan]) -> str:
+    """Each stage's predicted loss and interval from a fit that is a law; the note the plan
+    prints (why there is none, or what the column means)."""
+    fit = read_fit(path)
+    if not fit["lawful"]:
+        return f"no predicted loss: {path} is not a law ({fit['verdict']})"
+    for plan_stage, p in zip(stages, schedule_prediction(fit, stage_sizes(schedule))):
+        plan_stage.predicted_loss, plan_stage.predicted_interval = p["predicted_loss"], (p["lo"], p["hi"])
+    if fit.get("tokens") is not None:
+        return (f"pred. loss [95% interval]: final validation loss predicted by {path} (grow predict) for the "
+                f"stage's shape, at the proxies' {fit['tokens']:,} tokens (a fixed-token law)")
+    return (f"pred. loss [95% interval]: validation loss at the end of each stage predicted by {path} (grow "
+            "predict) from its size and the tokens it carries (a grown stage: those the law says it inherits)")
 
 
 def nodes_for(cfg: RunConfig, gpus: int) -> int:
@@ -368,10 +386,9 @@ def make_plan(schedule: Schedule | RunConfig, recheck: Recheck | None = None) ->
         cfg = schedule.cfg
         fit["overrides"] = [f"schedule.stages.{i}.tokens={s.tokens}" for i, s in enumerate(cfg.schedule.stages)]
     stages = [_stage_plan(cfg, s) for s in schedule]
+    loss_fit_note = None
     if cfg.plan.loss_fit is not None:
-        law = read_fit(cfg.plan.loss_fit)
-        for plan_stage, stage in zip(stages, schedule):
-            plan_stage.predicted_loss = predict(law, stage.spec)
+        loss_fit_note = _predict_losses(cfg.plan.loss_fit, schedule, stages)
     for i in range(1, len(stages)):
         prev = schedule[i - 1].spec
         if dataclasses.replace(schedule[i].spec, **prev.rope_scaling()) != prev:  # a growth, not a RoPE switch
@@ -382,7 +399,7 @@ def make_plan(schedule: Schedule | RunConfig, recheck: Recheck | None = None) ->
                 vocab=schedule.vocab, stages=stages, totals=totals, scratch=scratch,
                 saving_pct=_saving(totals["gpu_hours"], scratch["gpu_hours"]),
                 saving_pct_flops=_saving(totals["flops"], scratch["flops"]), warnings=warnings, fit=fit,
-                loss_fit=cfg.plan.loss_fit)
+                loss_fit=cfg.plan.loss_fit, loss_fit_note=loss_fit_note)
     plan.budget = budget_check(cfg, plan, rates)
     saving = measured_saving(totals["tokens"] / scratch["params"], read_curve())
     plan.measured = saving.to_dict() if saving else None

@@ -57,6 +57,11 @@ def _params(n: float) -> str:
     return str(int(n))
 
 
+def _predicted(stage) -> str:
+    lo, hi = stage.predicted_interval
+    return f"{stage.predicted_loss:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
 def _total_active(total: int, active: int | None) -> str:
     """Total parameters, and the active ones where they differ (a mixture of experts)."""
     if active is None or active == total:
@@ -82,7 +87,7 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
                       _params(s.tokens), f"{s.steps:,}", f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(s.gpus),
                       str(s.nodes), f"{s.flops:.3e}", f"{s.tflops_per_gpu:.4g}" + ("" if s.throughput == "measured" else "*"),
                       _num(s.gpu_hours), f"{s.days:.3g}", _usd(s.usd), f"{s.state_gib_per_gpu:.3g}",
-                      *([f"{s.predicted_loss:.4f}"] if predicted else []))
+                      *([_predicted(s)] if predicted else []))
     t, sc = p.totals, p.scratch
     table.add_section()
     table.add_row("[bold]total[/]", "", "", _params(t["tokens"]), "", "", "", "", f"{t['flops']:.3e}", "",
@@ -91,9 +96,8 @@ def print_plan(console: Console, plan, path: Path, overrides: list[str] = ()) ->
     table.add_row("from scratch", _total_active(sc["params"], sc.get("active_params")), "final shape", _params(sc["tokens"]), "",
                   f"{lay['tp']}/{lay['pp']}/{lay['dp']}", str(sc["gpus"]), str(sc["nodes"]), f"{sc['flops']:.3e}", "",
                   _num(sc["gpu_hours"]), f"{sc['days']:.3g}", _usd(sc["usd"]), "", *([""] * predicted))
-    if predicted:
-        console.print(f"pred. loss: final validation loss predicted by {p.loss_fit} (grow predict) for the "
-                      "stage's shape, at the proxies' token count")
+    if p.loss_fit_note:  # what the column means, or why there is none (a fit that is not a law)
+        console.print(p.loss_fit_note)
     console.print(table)
     for s in p.stages:
         if s.transition:

@@ -18,7 +18,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.data import prepare_data
 from orchestrator.engines.registry import engine_kind
 from orchestrator.faults import failpoint
-from orchestrator.budget.loss_law import predicted_vs_actual
+from orchestrator.budget.loss_law import predicted_vs_actual, stage_sizes
 from orchestrator.run.directory import checkpointed_before, pin_settings
 from orchestrator.run.context import RunContext, ValidationSets
 from orchestrator.run.growth_record import GrowthRecord
@@ -218,7 +218,7 @@ def _finish(ctx: RunContext, entries: list[dict], status: str) -> dict:
             growth_steps.append((step, e["name"]))
         step += e["steps"]
     if ctx.cfg.plan.loss_fit and status == "complete":  # predicted vs actual, into MLflow and the summary
-        summary["loss_prediction"] = predicted_vs_actual(ctx.cfg.plan.loss_fit, ctx.schedule[-1].spec,
+        summary["loss_prediction"] = predicted_vs_actual(ctx.cfg.plan.loss_fit, stage_sizes(ctx.schedule),
                                                          entries[-1]["val_loss"])
         ctx.log(entries[-1]["name"], step, {f"predict/{k}": v for k, v in summary["loss_prediction"].items()
                                             if isinstance(v, float)})

@@ -1,6 +1,7 @@
-"""Proxy search (`grow search`) and loss prediction (`grow predict`, plan.loss_fit): the fit
-of L(N) = a*N^b + c, the search's choice from a real sweep, the fit carried into
-`grow plan` and a finished `grow run`, and bad inputs refused with one line and exit 2."""
+"""Proxy search (`grow search`) and loss prediction (`grow predict`, plan.loss_fit): the search's
+choice from a real sweep, a real grid of proxies fitted (the law itself: tests/budget/
+test_loss_law.py), a fit that is not a law refused (exit 5, one line) unless kept, the fit
+carried into a finished `grow run`, and bad inputs refused with one line and exit 2."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.commands.compose import CommandLine, compose
-from orchestrator.budget.loss_law import FitError, PowerLaw, fit_power_law, fit_with_held_out, read_fit
+from orchestrator.budget.law_fit import fit_report
+from orchestrator.budget.loss_law import law_of
 from orchestrator.proxy.search import apply_to, choose
 
+from ..budget.test_loss_law import TRUTH, grid as synthetic_grid
 from ..conftest import grow_in_process
 
 # A proxy of a few steps: members differ, each takes seconds.
@@ -23,32 +26,6 @@ PROXY = ["schedule=proxy", "schedule.stages.0.tokens=2048", "schedule.stages.0.s
 
 def proxy_args(tmp_path, data_cache, *more: str) -> list[str]:
     return [*PROXY, f"data.cache_dir={data_cache}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", *more]
-
-
-# -- the fit -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("a,b,c", [(300.0, -0.4, 1.7), (12.0, -0.15, 0.9), (5e3, -0.7, 3.2)])
-def test_fit_recovers_known_coefficients(a, b, c):
-    ns = [2e4, 5e4, 1.3e5, 4e5, 1e6, 3e6]
-    law = fit_power_law(ns, [a * n ** b + c for n in ns])
-    assert law.a == pytest.approx(a, rel=1e-4) and law.b == pytest.approx(b, rel=1e-5)
-    assert law.c == pytest.approx(c, rel=1e-5)
-
-
-def test_held_out_largest_is_predicted_by_a_fit_without_it():
-    truth = PowerLaw(80.0, -0.3, 2.0)
-    # the largest point is 1% off the law: the fit without it predicts the law, so the error is 1%
-    points = [{"n": n, "loss": truth(n)} for n in (1e4, 3e4, 1e5)] + [{"n": 1e6, "loss": truth(1e6) * 1.01}]
-    fit = fit_with_held_out(points)
-    held = fit["held_out"]
-    assert held["n"] == 1e6 and held["predicted"] == pytest.approx(truth(1e6), rel=1e-6)
-    assert held["rel_error"] == pytest.approx(1 / 101, rel=1e-4)
-    assert fit_with_held_out(points[:3])["held_out"] is None  # 3 points: all needed for the fit
-
-
-def test_fewer_than_three_sizes_cannot_be_fitted():
-    with pytest.raises(FitError, match="2 model sizes given"):
-        fit_power_law([1e4, 1e5, 1e5], [3.0, 2.5, 2.5])
 
 
 # -- the search: choice and how its values reach a target ------------------------------
@@ -130,10 +107,16 @@ def test_search_refuses_bad_input_before_any_member_runs(tmp_path, capsys, args,
 # -- prediction ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
-    (["predict.widths=32,64"], "grow: predict: predict.widths: 2 width(s) given; a fit of L(N) = a * N^b + c "
-                               "needs at least 3"),
+    (["predict.widths=32,64"], "grow: predict: predict.widths: 2 width(s) given; a fit of "
+                               "L(N, D) = E + A/N^alpha + B/D^beta needs at least 3"),
     (["predict.widths=32,64,64"], "grow: predict: predict.widths: 2 width(s) given"),
     (["predict.widths=32,40,64"], "grow: predict: predict.widths: 40 is not a multiple"),
+    (["predict.widths=32,48,64", "predict.tokens=4096,0"], "grow: predict: predict.tokens: 0 is not allowed"),
+    (["predict.widths=32,48,64", "predict.seeds=0,x"], "grow: predict: predict.seeds: '0,x' is not a comma"),
+    (["predict.widths=32,48,64", "predict.keep_unlawful=maybe"], "grow: predict: keep_unlawful: 'maybe' is not a "
+                                                                 "boolean"),
+    (["predict.widths=32,48,64", "predict.max_interval=-1"], "grow: predict: max_interval: -1 is not allowed"),
+    (["predict.widths=32,48,64", "predict.bootstrap=5"], "grow: predict: bootstrap: 5 is not allowed"),
     (["predict.widths=32,48,64", "schedule=tiny"], "grow: predict: the proxy schedule 'tiny' has 3 stages"),
     (["predict.widths=32,48,64", "schedule.stages.0.lr.peak=1e-3,1e-2"], "grow: predict: swept overrides"),
     (["predict.widths=32,48,64", "predict.target=nope"], "grow: predict: predict.target: overrides: In 'config': "
@@ -156,47 +139,82 @@ def test_plan_refuses_a_missing_or_foreign_loss_fit(tmp_path, capsys):
     assert not (tmp_path / "plan").exists()
 
 
+GRID = ["predict.widths=16,32,48", "predict.tokens=2048,4096", "predict.seeds=0,1", "predict.bootstrap=40"]
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, data_cache):
+    """One real `grow predict` over 3 widths x 2 token counts x 2 seeds (12 proxies of a few
+    steps), its fit kept whatever the verdict; (sweep directory, tmp dir, stdout)."""
+    tmp = tmp_path_factory.mktemp("grid")
+    sweep = tmp / "predict"
+    code = grow_in_process("predict", *GRID, "predict.target=tiny", "predict.keep_unlawful=true",
+                           *proxy_args(tmp, data_cache, "schedule.stages.0.lr.peak=1e-2"), f"hydra.sweep.dir={sweep}")
+    assert code == 0
+    return sweep, tmp
+
+
 @pytest.mark.slow
-def test_predict_fits_proxies_and_the_fit_reaches_plan_and_run(tmp_path, data_cache, capsys):
-    sweep = tmp_path / "predict"
-    code = grow_in_process("predict", "predict.widths=16,32,48,64", "predict.target=tiny",
-                           *proxy_args(tmp_path, data_cache, "schedule.stages.0.lr.peak=1e-2"),
-                           f"hydra.sweep.dir={sweep}")
-    out = capsys.readouterr().out
-    assert code == 0, out
+def test_predict_fits_a_grid_of_widths_tokens_and_seeds(grid_sweep):
+    sweep, _ = grid_sweep
     fit = json.loads((sweep / "loss_fit.json").read_text())
-    assert [p["width"] for p in fit["points"]] == [16, 32, 48, 64] and fit["n"] == "non-embedding parameters"
-    assert fit["tokens"] == 2048 and (sweep / "loss_fit.png").stat().st_size > 0
+    assert fit["law"].startswith("L(N, D)") and fit["n"] == "non-embedding parameters"
+    assert [(p["width"], p["tokens"], len(p["seed_losses"])) for p in fit["points"]] == [
+        (w, d, 2) for w in (16, 32, 48) for d in (2048, 4096)]
+    assert fit["finished"] == 12 and not fit["partial"] and (sweep / "loss_fit.png").stat().st_size > 0
     for p in fit["points"]:  # the measured losses; N of 2 llama blocks (attention 4h^2, SwiGLU 3 x 4h^2, 2 norms)
-        summary = json.loads((sweep / str(p["member"]) / "summary.json").read_text())  # and the final norm
-        assert p["loss"] == summary["stages"][-1]["val_loss"]
+        losses = [json.loads((sweep / str(m) / "summary.json").read_text())["stages"][-1]["val_loss"]
+                  for m in p["members"]]  # and the final norm
+        assert p["seed_losses"] == losses and p["loss"] == pytest.approx(sum(losses) / 2)
         h = p["width"]
         assert p["n"] == 2 * (16 * h * h + 2 * h) + h
-    held = fit["held_out"]
-    assert held["width"] == 64
-    assert held["rel_error"] == pytest.approx(abs(held["predicted"] - held["loss"]) / held["loss"])
-    law = read_fit(sweep / "loss_fit.json")
-    assert [s["name"] for s in fit["predictions"]["stages"]] == ["s1", "s2", "s3"]
-    assert all(s["predicted_loss"] == pytest.approx(law(s["n"])) for s in fit["predictions"]["stages"])
-    assert f"relative error {100 * held['rel_error']:.2f}%" in out
+    seeds = {json.loads((sweep / str(m) / "config.json").read_text())["seed"] for m in fit["points"][0]["members"]}
+    assert seeds == {0, 1}
+    assert set(fit["parameters"]) == {"E", "a", "alpha", "b", "beta"}
+    assert all(p["lo"] <= p["hi"] for p in fit["parameters"].values())
+    assert len(fit["bootstrap"]["laws"]) + fit["bootstrap"]["failed"] == 40
+    assert fit["kept_unlawful"] == (not fit["lawful"])
+    stages = fit["predictions"]["stages"]
+    assert [s["name"] for s in stages] == ["s1", "s2", "s3"] and all(s["lo"] <= s["hi"] for s in stages)
 
-    plan_dir = tmp_path / "plan"
-    assert grow_in_process("plan", "schedule=tiny", f"plan.loss_fit={sweep / 'loss_fit.json'}",
-                           f"hydra.run.dir={plan_dir}") == 0
-    assert "pred. loss" in capsys.readouterr().out
-    plan = json.loads((plan_dir / "plan.json").read_text())
-    assert [s["predicted_loss"] for s in plan["stages"]] == pytest.approx(
-        [s["predicted_loss"] for s in fit["predictions"]["stages"]])
 
+@pytest.mark.slow
+def test_a_fit_that_is_not_a_law_exits_5_in_one_line_unless_kept(grid_sweep, data_cache, capsys):
+    sweep, tmp = grid_sweep
+    args = [*GRID, *proxy_args(tmp, data_cache, "schedule.stages.0.lr.peak=1e-2"), f"hydra.sweep.dir={sweep}"]
+    capsys.readouterr()
+    code = grow_in_process("predict", *args, "predict.max_interval=1e-6")  # the members are reused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 5 and len(err) == 1, err
+    assert err[0].startswith("grow: predict: not a law: ") and "limit 1e-06" in err[0]
+    assert err[0].endswith("keep it with predict.keep_unlawful=true)")
+    fit = json.loads((sweep / "loss_fit.json").read_text())
+    assert not fit["lawful"] and not fit["kept_unlawful"]
+    assert grow_in_process("predict", *args, "predict.max_interval=1e-6", "predict.keep_unlawful=true") == 0
+    assert json.loads((sweep / "loss_fit.json").read_text())["kept_unlawful"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_records_predicted_vs_actual(tmp_path, data_cache, capsys):
+    """A lawful fit (synthetic points around the proxy's losses) into `grow run`: summary.json
+    and MLflow get the predicted loss, its interval and the measured one."""
+    fit = fit_report(synthetic_grid(TRUTH, noise=0.002), samples=50)
+    assert fit["lawful"], fit["verdict"]
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps(fit))
     run_dir = tmp_path / "run"
-    assert grow_in_process("run", *proxy_args(tmp_path, data_cache), f"plan.loss_fit={sweep / 'loss_fit.json'}",
+    assert grow_in_process("run", *proxy_args(tmp_path, data_cache), f"plan.loss_fit={path}",
                            f"hydra.run.dir={run_dir}") == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     pred = summary["loss_prediction"]
     assert pred["actual_final_val_loss"] == summary["stages"][-1]["val_loss"]
-    assert pred["predicted_final_val_loss"] == pytest.approx(law(fit["points"][1]["n"]))  # width 32 = the proxy's
+    n = 2 * (16 * 32 * 32 + 2 * 32) + 32  # the proxy at width 32, 2048 tokens
+    assert (pred["n"], pred["tokens"]) == (n, 2048)
+    assert pred["predicted_final_val_loss"] == pytest.approx(law_of(fit)(n, 2048))
+    assert pred["predicted_lo"] < pred["predicted_final_val_loss"] < pred["predicted_hi"]
+    assert pred["within_interval"] == (pred["predicted_lo"] <= pred["actual_final_val_loss"] <= pred["predicted_hi"])
     assert math.isclose(pred["rel_error"], abs(pred["predicted_final_val_loss"] - pred["actual_final_val_loss"])
                         / pred["actual_final_val_loss"])
     parent = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(summary["mlflow"]["parent_run_id"])
-    assert parent.data.metrics["predict/predicted_final_val_loss"] == pytest.approx(pred["predicted_final_val_loss"])
-    assert parent.data.metrics["predict/actual_final_val_loss"] == pytest.approx(pred["actual_final_val_loss"])
+    for key in ("predicted_final_val_loss", "predicted_lo", "predicted_hi", "actual_final_val_loss"):
+        assert parent.data.metrics[f"predict/{key}"] == pytest.approx(pred[key])

@@ -193,7 +193,8 @@ def test_grow_run_single_and_sweep_keep_secrets(tmp_path, data_cache, server, en
 
 
 def test_grow_predict_keeps_secrets(tmp_path, data_cache, server, env, capfd):
-    code, out = grow(capfd, "predict", "predict.widths=16,32,48", *tracked(server, data_cache),
+    code, out = grow(capfd, "predict", "predict.widths=16,32,48", "predict.keep_unlawful=true",
+                     *tracked(server, data_cache),
                      f"hydra.sweep.dir={tmp_path / 'predict'}")
     assert code == 0, out[-3000:]
     assert (tmp_path / "predict" / "loss_fit.json").exists()
