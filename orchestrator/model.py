@@ -230,8 +230,9 @@ class MoE(nn.Module):
     whatever the routing: what makes `upcycle` function-preserving). Tokens are grouped by
     expert (one argsort) and each expert runs once on its tokens (a loop over experts, not
     tokens); outputs are scattered back with index_add. Dropless unless capacity_factor is
-    set (then an expert keeps its first ceil(factor x N x top_k / E) assignments in token
-    order and drops the rest: a dropped assignment adds nothing).
+    set (then, in training, an expert keeps its first ceil(factor x N x top_k / E)
+    assignments in token order and drops the rest: a dropped assignment adds nothing;
+    evaluation, and so the validation loss and the growth check, is dropless).
 
     Load balance (transformers' Mixtral/Switch form): aux = E x sum_e f_e P_e, f_e = share
     of the N tokens routed to e (over all top_k slots), P_e = mean router probability;
@@ -285,18 +286,20 @@ class MoE(nn.Module):
         order = assigned.argsort(stable=True)  # assignments grouped by expert, in token order
         token_of, weight_of = order // k, top_w.flatten()[order]
         inner = flat if self.regions is None else self.regions[0](flat)
-        out = torch.zeros_like(flat)
-        cap, dropped, start = self.capacity(n), 0, 0
+        cap = self.capacity(n) if self.training else None  # evaluation is dropless
+        kept, outputs, start = [], [], 0
         for e, count in enumerate(counts.tolist()):
             take = count if cap is None else min(count, cap)
-            dropped += count - take
             if take:
-                tokens = token_of[start:start + take]
-                y = self.expert(e, inner.index_select(0, tokens), ffn_mask)
-                out.index_add_(0, tokens, y * weight_of[start:start + take, None].to(y.dtype))
+                kept.append(torch.arange(start, start + take, device=flat.device))
+                outputs.append(self.expert(e, inner.index_select(0, token_of[start:start + take]), ffn_mask))
             start += count
-        if self.regions is not None:
-            out = self.regions[1](out)
+        keep = torch.cat(kept)
+        dropped = n * k - keep.numel()
+        y = torch.cat(outputs)
+        if self.regions is not None:  # sum the TP ranks' partial outputs before the routing weights,
+            y = self.regions[1](y)    # so every rank's router gradient is whole
+        out = torch.zeros_like(flat).index_add_(0, token_of[keep], y * weight_of[keep, None].to(y.dtype))
         aux = e_count * (counts.to(probs.dtype) / n * probs.mean(0)).sum()
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():

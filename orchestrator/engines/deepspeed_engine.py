@@ -37,6 +37,7 @@ from orchestrator.engines import zero_state
 from orchestrator.engines.base import Engine, ShardRole, adamw, set_lr
 from orchestrator.engines.deepspeed_steps import pick_steps
 from orchestrator.model import PositionTables, install_block_masks, mask_tensors
+from orchestrator.model import moe_metrics, moe_stats, set_aux_grad_scale
 from orchestrator.schedule import ResolvedStage
 from orchestrator.data import rank_slice
 from orchestrator.engines.device import backend_for, pick_device
@@ -206,6 +207,18 @@ class DeepSpeedEngine(Engine):
         blocks = [(m.index, m.block) for m in self.module.modules() if isinstance(m, BlockLayer)]
         install_block_masks(blocks, tensors, self.tp, self.tp_rank)
 
+    def moe_metrics(self) -> dict[str, float]:
+        """Routing statistics of every rank's layers and batch slices, summed over the world
+        (TP ranks see the same tokens: counted once). Every rank calls it (a collective)."""
+        if not self.spec.is_moe:
+            return {}
+        tokens, aux, calls, dropped = moe_stats(self.module)
+        t = torch.cat([tokens, torch.tensor([aux, calls, dropped], dtype=torch.float64)])
+        dist.all_reduce(t)
+        t /= self.tp
+        e = self.spec.experts
+        return moe_metrics(t[:e], float(t[e]), round(float(t[e + 1])), round(float(t[e + 2])))
+
     def set_rope_scaling(self, spec: ModelSpec) -> None:
         self.spec = spec
         for m in self.module.modules():
@@ -223,7 +236,8 @@ class DeepSpeedEngine(Engine):
         self._apply_masks()
         self.steps.fit_shape(self.engine, batch.shape[1])
         set_lr(self.engine.optimizer, lr)
-        _, it = self._micro_batches(batch)
+        count, it = self._micro_batches(batch)
+        set_aux_grad_scale(self.module, 1.0 / count)  # DeepSpeed divides each micro-batch's loss by count
         loss = self.steps.train(self.engine, it)
         norm = self.engine.get_global_grad_norm()
         if self.masks is not None:

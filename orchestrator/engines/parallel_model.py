@@ -60,9 +60,22 @@ def split_dim(name: str) -> int | None:
         return 0
     if name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight", "mlp.up.weight", "mlp.gate.weight")):
         return 0
+    if name.endswith(("mlp.experts.up.weight", "mlp.experts.gate.weight")):
+        return 1  # [E, ffn, hidden]: each expert's intermediate dims
+    if name.endswith("mlp.experts.down.weight"):
+        return 2
     if name.endswith(("attn.o.weight", "mlp.down.weight")):
         return 1
     return None
+
+
+def tp_regions():
+    """(into, out of) Megatron's TP region for a mixture of experts' expert FFNs: the input
+    copied (its gradient summed over TP), each assignment's partial output summed."""
+    from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                               reduce_from_tensor_model_parallel_region)
+
+    return copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 
 
 class MaskBox:
@@ -105,7 +118,7 @@ class BlockLayer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int, tp: int, tp_rank: int, config, box: MaskBox):
         super().__init__()
         self.spec, self.index, self.box = spec, index, box
-        self.block = Block(spec, tp, tp_linear_factory(config))
+        self.block = Block(spec, tp, tp_linear_factory(config), tp_regions() if tp > 1 else None)
         if spec.position == "alibi":
             self.register_buffer("alibi_slopes", torch.zeros(spec.heads // tp))
         self.positions = PositionTables(spec)
