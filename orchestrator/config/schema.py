@@ -18,6 +18,7 @@ from orchestrator.config.constraints import (ONE_LINE, Matches, NonNegative, Not
 _POS = Positive()
 SEED_MAX = 2**32 - 1  # numpy's limit; torch seeds derived from it (seed x 1_000_003 + i) fit 64 bits
 BYTE_VOCAB = 257  # data.tokenizer.kind=byte: 256 byte values and the end-of-document id
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _FRACTION = Within(0, 1, lo_open=True, message="must be in {interval}, got {value}")  # (0, 1]
 
 
@@ -198,6 +199,10 @@ class TrainConfig:
     eval_every_steps: Annotated[int, _POS] = 100
     eval_batches: Annotated[int, _POS] = 4
     log_every_steps: Annotated[int, _POS] = 10
+    # torch.compile of the model's forward and loss (each stage compiles once: a growth changes shapes)
+    compile: bool = False
+    # torch.compile's mode; on the CPU only default and max-autotune-no-cudagraphs (the others need CUDA graphs)
+    compile_mode: Annotated[str, OneOf(*COMPILE_MODES)] = "default"
 
 
 @dataclass

@@ -61,6 +61,11 @@ class Engine(ABC):
         """Compute positions with `spec`'s RoPE scaling (theta, interpolation) from now on;
         `spec` differs from the engine's only there (a context-length stage's switch)."""
 
+    def compile_seconds(self) -> float | None:
+        """Under train.compile: the seconds the stage's first step spent compiling, once,
+        when known (after the second step); else None."""
+        return None
+
     def moe_metrics(self) -> dict[str, float]:
         """A mixture of experts' routing since the last call (orchestrator.model.moe_metrics:
         moe/aux_loss, moe/max_load, moe/dropped_tokens, moe/tokens/expert_<e>); {} when dense."""

@@ -4,6 +4,7 @@ device and the memory one step of each stage needs."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import psutil
 import torch
@@ -12,6 +13,7 @@ from orchestrator.budget.memory import memory_problem, step_memory
 from orchestrator.config.checks import check
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig
+from orchestrator.engines.device import device_type
 from orchestrator.engines.registry import engine_kind
 from orchestrator.schedule import ResolvedStage, Schedule, max_seq_len
 
@@ -31,6 +33,31 @@ def engine_options(schedule: Schedule) -> None:
             raise ConfigError(f"engine.{key}", f"{value!r} is not allowed; allowed: {', '.join(allowed)}")
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
+@check("settings")
+def compile_options(schedule: Schedule) -> None:
+    """train.compile_mode: CUDA-graph modes need a GPU and the local engine (DeepSpeed's
+    pipeline reuses its buffers across steps, which CUDA graphs would capture)."""
+    cfg = schedule.cfg
+    mode = cfg.train.compile_mode
+    if not cfg.train.compile:
+        return
+    for i, stage in enumerate(cfg.schedule.stages):
+        if stage.moe is not None:  # not verified: routing gives each expert a data-dependent token count
+            raise ConfigError("train.compile", f"true, but schedule.stages.{i} is a mixture of experts, whose "
+                                               "per-expert shapes change every step; compile=false for MoE stages")
+    if mode not in CUDA_GRAPH_MODES:
+        return
+    if cfg.engine.device == "cpu":
+        raise ConfigError("train.compile_mode", f"{mode!r} captures CUDA graphs: not on engine.device=cpu; "
+                                                "allowed there: default, max-autotune-no-cudagraphs")
+    if cfg.engine.name != "local":
+        raise ConfigError("train.compile_mode", f"{mode!r} captures CUDA graphs: engine.name={cfg.engine.name} "
+                                                "runs default or max-autotune-no-cudagraphs")
+
+
 @check("layouts")
 def engine_runs_layouts(schedule: Schedule) -> None:
     engine_kind(schedule.cfg.engine.name).check_layouts(schedule.cfg)
@@ -44,6 +71,14 @@ def device_and_memory(schedule: Schedule) -> None:
     if cfg.engine.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device", "cuda, but no CUDA device is visible on this machine; "
                                            "allowed here: cpu, auto")
+    if cfg.train.compile and device_type(cfg.engine.device) == "cpu":
+        cxx = os.environ.get("CXX", "g++")  # what torch inductor builds CPU kernels with
+        if shutil.which(cxx) is None:
+            raise ConfigError("train.compile", f"true, but there is no C++ compiler ({cxx}) on this machine to "
+                                               "build the CPU kernels; install g++ (or set CXX), or compile=false")
+        if cfg.train.compile_mode in CUDA_GRAPH_MODES:
+            raise ConfigError("train.compile_mode", f"{cfg.train.compile_mode!r} captures CUDA graphs: no GPU here; "
+                                                    "allowed: default, max-autotune-no-cudagraphs")
     states_dtype = cfg.engine.dtype if engine_kind(cfg.engine.name).bf16_weights else "fp32"
     for stage in schedule:
         if cfg.run.only_stage not in (None, stage.name):

@@ -22,6 +22,7 @@ the environment, which the launcher completes before this module runs
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import timedelta
 
@@ -35,6 +36,7 @@ from orchestrator.checkpoint.canonical import MOMENTS
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines import zero_state
 from orchestrator.engines.base import Engine, ShardRole, adamw, set_lr
+from orchestrator.engines.compiled import CompileClock, TracedPositions, compile_options, fresh_compiler, held_at_one
 from orchestrator.engines.deepspeed_steps import pick_steps
 from orchestrator.model import PositionTables, install_block_masks, mask_tensors
 from orchestrator.model import moe_metrics, moe_stats, set_aux_grad_scale
@@ -105,6 +107,11 @@ class DeepSpeedEngine(Engine):
         }
         self.engine = None
         self.masks: MaskState | None = None
+        self.compiled = cfg.train.compile  # each layer compiled (DeepSpeed's engine.compile) once loaded
+        if self.compiled:
+            fresh_compiler()
+            self.clock = CompileClock()
+            self._set_positions(spec)
 
     # -- which canonical tensor each local parameter slices -------------------------
     def _slices(self) -> list[tuple[str, torch.Tensor]]:
@@ -158,6 +165,8 @@ class DeepSpeedEngine(Engine):
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
                                                mpu=self.steps.mpu())
         self.steps.check(self.engine, self.rank, (self.tp_rank, self.dp_rank, self.pp_rank))
+        if self.compiled:
+            self.engine.compile(backend="inductor", compile_kwargs=compile_options(self.cfg.train.compile_mode))
         if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly
             for name, param in slices:  # the same Parameter objects, now bf16 views (read again:
                 if zero_state.has_master(param):  # holding every slice meanwhile would double the model)
@@ -202,7 +211,8 @@ class DeepSpeedEngine(Engine):
 
     # -- masks -----------------------------------------------------------------------
     def _apply_masks(self) -> None:
-        tensors = mask_tensors(self.masks, self.spec, self.device, self.dtype)  # bf16 x bf16 stays bf16
+        masks = held_at_one(self.masks) if self.compiled else self.masks
+        tensors = mask_tensors(masks, self.spec, self.device, self.dtype)  # bf16 x bf16 stays bf16
         self.box.hidden = tensors.hidden if tensors else None
         blocks = [(m.index, m.block) for m in self.module.modules() if isinstance(m, BlockLayer)]
         install_block_masks(blocks, tensors, self.tp, self.tp_rank)
@@ -221,9 +231,12 @@ class DeepSpeedEngine(Engine):
 
     def set_rope_scaling(self, spec: ModelSpec) -> None:
         self.spec = spec
+        self._set_positions(spec)
+
+    def _set_positions(self, spec: ModelSpec) -> None:
         for m in self.module.modules():
             if isinstance(m, BlockLayer):
-                m.positions = PositionTables(spec)
+                m.positions = (TracedPositions if self.compiled else PositionTables)(spec)
 
     # -- compute ---------------------------------------------------------------------
     def _micro_batches(self, batch: torch.Tensor):
@@ -232,7 +245,15 @@ class DeepSpeedEngine(Engine):
         return len(chunks), iter([(c[:, :-1].contiguous().to(self.device), c[:, 1:].contiguous().to(self.device))
                                   for c in chunks])
 
+    def compile_seconds(self) -> float | None:
+        return self.clock.take() if self.compiled else None
+
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        if self.compiled:
+            return self.clock.step(lambda: self._train_step(batch, lr))
+        return self._train_step(batch, lr)
+
+    def _train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
         self._apply_masks()
         self.steps.fit_shape(self.engine, batch.shape[1])
         set_lr(self.engine.optimizer, lr)
@@ -249,9 +270,11 @@ class DeepSpeedEngine(Engine):
         self._apply_masks()
         losses = []
         self.engine.eval()  # (the pipeline's eval_batch also does so itself)
-        for b in batches:
-            self.steps.fit_shape(self.engine, b.shape[1])
-            n, it = self._micro_batches(b)
-            losses.append(self.steps.evaluate(self.engine, it, n))
+        # compiled layers evaluate eagerly (no_grad and eval mode would be other graphs: compiled.py)
+        with torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext():
+            for b in batches:
+                self.steps.fit_shape(self.engine, b.shape[1])
+                n, it = self._micro_batches(b)
+                losses.append(self.steps.evaluate(self.engine, it, n))
         self.engine.train()
         return sum(losses) / len(losses)

@@ -10,6 +10,7 @@ from growth_ops.spec import ModelSpec
 
 from orchestrator.config.schema import RunConfig
 from orchestrator.engines.base import Engine, adamw, set_lr
+from orchestrator.engines.compiled import CompileClock, TracedPositions, compile_options, fresh_compiler, held_at_one
 from orchestrator.engines.device import pick_device
 from orchestrator.model import DecoderLM, PositionTables, moe_metrics, moe_stats, set_aux_grad_scale
 from orchestrator.schedule import ResolvedStage
@@ -31,6 +32,13 @@ class LocalEngine(Engine):
         self.model.to_empty(device=self.device)
         self.optimizer = adamw(self.model.named_parameters(), cfg.train, self.spec)
         self.masks: MaskState | None = None
+        self.compiled = cfg.train.compile
+        self.loss_fn = self.model.loss  # train.compile: the compiled forward and loss (evaluation stays eager)
+        if self.compiled:
+            fresh_compiler()
+            self.model.positions = TracedPositions(self.spec)
+            self.loss_fn = torch.compile(self.model.loss, **compile_options(cfg.train.compile_mode))
+            self.clock = CompileClock()
 
     # -- canonical state -------------------------------------------------------------
     def load(self, state, moments: dict | None, step: int, masks: MaskState | None) -> None:
@@ -72,7 +80,7 @@ class LocalEngine(Engine):
 
     def set_rope_scaling(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.model.positions = PositionTables(spec)
+        self.model.positions = (TracedPositions if self.compiled else PositionTables)(spec)
 
     # -- compute ---------------------------------------------------------------------
     def _autocast(self, exact: bool = False):
@@ -80,8 +88,19 @@ class LocalEngine(Engine):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _set_masks(self) -> None:
+        self.model.set_masks(held_at_one(self.masks) if self.compiled else self.masks)
+
+    def compile_seconds(self) -> float | None:
+        return self.clock.take() if self.compiled else None
+
     def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
-        self.model.set_masks(self.masks)
+        if self.compiled:
+            return self.clock.step(lambda: self._train_step(batch, lr))
+        return self._train_step(batch, lr)
+
+    def _train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        self._set_masks()
         set_lr(self.optimizer, lr)
         batch = batch.to(self.device, non_blocking=True)
         chunks = batch.split(self.micro)
@@ -89,7 +108,7 @@ class LocalEngine(Engine):
         total = torch.zeros((), device=self.device)
         for chunk in chunks:
             with self._autocast():
-                loss = self.model.loss(chunk) / len(chunks)
+                loss = self.loss_fn(chunk) / len(chunks)
             loss.backward()
             total += loss.detach()
         clip = self.cfg.train.grad_clip
@@ -103,7 +122,7 @@ class LocalEngine(Engine):
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor], exact: bool = False) -> float:
         self.model.eval()
-        self.model.set_masks(self.masks)
+        self._set_masks()
         losses = []
         for b in batches:
             with self._autocast(exact):

@@ -45,6 +45,11 @@ def tp_linear_factory(config):
         def forward(self, x):
             return super().forward(x)[0]
 
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            # megatron passes tp_group=None here and looks the group up, warning on rank 0:
+            # torch.compile cannot trace the warning (a graph break on rank 0 only)
+            return super()._forward_impl(input, weight, *args, **{**kwargs, "tp_group": self.tp_group})
+
     def make(in_features: int, out_features: int, parallel: str) -> nn.Module:
         if parallel == "column":
             return Column(in_features, out_features, config=config, init_method=_zeros, bias=False,
@@ -109,9 +114,13 @@ class EmbedLayer(nn.Module):
 
 def tied_head_forward(module: EmbedLayer, x):
     """Logits of this rank's vocab slice with the embedding weight (tied head)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    return F.linear(copy_to_tensor_model_parallel_region(readout_input(x, module.spec)), module.weight)
+    # the group given, not looked up: megatron warns on rank 0 when it looks it up, which
+    # torch.compile cannot trace (a graph break on rank 0 only)
+    return F.linear(copy_to_tensor_model_parallel_region(readout_input(x, module.spec),
+                                                         group=ps.get_tensor_model_parallel_group()), module.weight)
 
 
 class BlockLayer(nn.Module):

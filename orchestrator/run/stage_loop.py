@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from growth_ops.spec import active_parameters, count_parameters
 
+from orchestrator.budget.machine_peak import mfu_peak
 from orchestrator.data import next_global_batch, tokens_read
 from orchestrator.engines.base import Engine
 from orchestrator.faults import failpoint
@@ -93,6 +94,10 @@ class StageLoop:
         self.streams = {n: ctx.data.train[n] for n in (sorted(mixture) if mixture else sorted(ctx.data.train))}
         self.mixture = mixture or None
         self.val_metrics: dict = {}  # of the last evaluation in this process
+        device = getattr(engine, "device", None)
+        # perf/mfu's peak per device: configured for a GPU, measured on this CPU (< 1 s, once per process)
+        self.peak_flops, self.peak_source = mfu_peak(ctx.cfg.cluster.peak_tflops_per_gpu,
+                                                     device.type if device is not None else "cuda")
 
     def _params(self) -> dict:
         s, st = self.stage.config, self.state
@@ -103,7 +108,8 @@ class StageLoop:
                 "steps": self.stage.steps, "batch_size": s.batch_size, "seq_len": s.seq_len,
                 "long_seq_len": s.long_seq_len, "long_fraction": s.long_fraction,
                 **(self.stage.spec.rope_scaling() if self.stage.spec.position == "rope" else {}),
-                "lr_peak": st.lr_peak, "growth": st.growth.operator if st.growth else None}
+                "lr_peak": st.lr_peak, "growth": st.growth.operator if st.growth else None,
+                "perf.peak_tflops": round(self.peak_flops / 1e12, 4), "perf.peak_source": self.peak_source}
 
     def log(self, metrics: dict) -> None:
         self.ctx.log(self.stage.name, self.state.global_step, metrics)
@@ -168,7 +174,12 @@ class StageLoop:
                 st.step, st.data_cursor = st.step + 1, cursor
                 now = time.perf_counter()
                 last_step_s, mark = now - mark, now
-                self._log(loss, grad_norm, mask, last_step_s, ctx.budget.count_step(stage, st.step, last_step_s))
+                compile_s = self.engine.compile_seconds()
+                if compile_s is not None:
+                    ctx.console.print(f"\\[{stage.name}] compiled in {compile_s:.1f} s "
+                                      "(train.compile: the first step's time less the second's)")
+                self._log(loss, grad_norm, mask, last_step_s, ctx.budget.count_step(stage, st.step, last_step_s),
+                          {} if compile_s is None else {"perf/compile_s": compile_s})
                 if st.step % cfg.train.eval_every_steps == 0 and st.step < stage.steps:
                     self.evaluate()
                 if st.step % cfg.checkpoint.every_steps == 0 and st.step < stage.steps:
@@ -179,16 +190,16 @@ class StageLoop:
         self.evaluate()
         return "complete"
 
-    def _log(self, loss: float, grad_norm: float, mask: float, seconds: float, budget: dict) -> None:
+    def _log(self, loss: float, grad_norm: float, mask: float, seconds: float, budget: dict, extra: dict) -> None:
         ctx, stage, total = self.ctx, self.stage, self.ctx.budget.ledger.total
         done = self.state.step - 1  # the step just taken (its context may be the long one)
         tokens_per_s = stage.tokens_at(done) / seconds if seconds > 0 else 0.0
-        peak = ctx.cfg.cluster.peak_tflops_per_gpu * 1e12 * self.engine.devices
+        peak = self.peak_flops * self.engine.devices
         metrics = {"train/loss": loss, "train/lr": self.state.lr, "train/grad_norm": grad_norm, **self.engine.moe_metrics(),
                    "growth/mask": mask, "perf/tokens_per_s": tokens_per_s,
                    "perf/mfu": stage.flops_at(done) / seconds / peak if seconds > 0 else 0.0,
                    "train/seq_len": stage.seq_len_at(done),
-                   "progress/tokens": total.tokens, "progress/flops": total.flops, **budget}
+                   "progress/tokens": total.tokens, "progress/flops": total.flops, **budget, **extra}
         self.log(metrics)
         if self.state.step % ctx.cfg.train.log_every_steps == 0 and not ctx.console.is_terminal:
             ctx.console.print(f"\\[{stage.name}] step {self.state.step}/{stage.steps} loss {loss:.4f} "
