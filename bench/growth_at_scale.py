@@ -111,6 +111,7 @@ def watch_transition(proc: subprocess.Popen, step0: Path) -> dict:
     ranks: dict[int, int] = {}  # pid -> rank
     peaks: dict[int, int] = {}  # rank -> peak in the window
     first: dict[int, int] = {}  # rank -> at the window's first sample (interpreter, libraries, data)
+    peak_at: dict[int, float] = {}  # rank -> seconds into the window of its peak
     driver = psutil.Process(proc.pid)
     while proc.poll() is None:
         now = time.time()
@@ -132,7 +133,8 @@ def watch_transition(proc: subprocess.Popen, step0: Path) -> dict:
             anon = rss_anon(child.pid)
             if anon is not None and "start" in marks and "end" not in marks:
                 rank = ranks[child.pid]
-                peaks[rank] = max(peaks.get(rank, 0), anon)
+                if anon > peaks.get(rank, 0):
+                    peaks[rank], peak_at[rank] = anon, round(now - marks["start"], 1)
                 first.setdefault(rank, anon)
         time.sleep(SAMPLE_S)
     reader.join(timeout=5)
@@ -140,7 +142,7 @@ def watch_transition(proc: subprocess.Popen, step0: Path) -> dict:
         marks["end"] = time.time()
     if "start" not in marks or "end" not in marks:
         raise SystemExit("the transition did not complete:\n" + "".join(lines[-40:]))
-    return {"peaks": peaks, "first": first, "seconds": marks["end"] - marks["start"], "log_tail": "".join(lines[-15:])}
+    return {"peaks": peaks, "first": first, "peak_at": peak_at, "seconds": marks["end"] - marks["start"], "log_tail": "".join(lines[-15:])}
 
 
 def rank_slices(ckpt: Path, spec: ModelSpec) -> tuple[dict[int, int], int, int]:
@@ -171,6 +173,14 @@ def rank_slices(ckpt: Path, spec: ModelSpec) -> tuple[dict[int, int], int, int]:
     return slices, largest, total
 
 
+def transition_phases(step0: Path, window_s: float) -> dict:
+    """The phases the run recorded in the grown checkpoint's growth record (meta.json), and
+    what the window holds besides: the runner's start up to the transition, and the seal."""
+    phases = json.loads((step0 / "meta.json").read_text())["growth"].get("phases") or {}
+    inside = sum(v for k, v in phases.items() if not k.startswith("writer_"))
+    return {**phases, "seal_and_rest": round(window_s - inside, 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", type=float, default=1e9, help="parameters after growth (at least)")
@@ -196,7 +206,7 @@ def main(argv=None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     layout = f",layout:{{tp:{TP},pp:{PP}}}}}"
     step = 4 * 32
-    stages = [stage_literal("s1", old, step, 4, 32, 1e-3, 1, 1e-4)[:-1] + layout,
+    stages = [stage_literal("s1", old, step, 4, 32, 1e-3, 0, 1e-4)[:-1] + layout,
               stage_literal("s2", new, 2 * step, 4, 32, 1e-3, 1, 1e-4, {"operator": "msg", "ramp_steps": 1})[:-1]
               + layout]
     console.print(f"s1 {old} -> s2 {new}: {count_parameters(spec) / 1e9:.3f}B parameters after growth; "
@@ -223,13 +233,14 @@ def main(argv=None) -> int:
                 pass
     io["read_old_s"] = time.perf_counter() - t
     io["total_s"] += io["read_old_s"]
+    phases = transition_phases(step0, watched["seconds"])
     ranks = {}
     for r in sorted(slices):
         bound = 1.5 * slices[r] + largest
         peak = watched["peaks"].get(r, 0)
         base = watched["first"].get(r, 0)
         ranks[r] = {"peak_anon_bytes": peak, "anon_at_start_bytes": base, "slice_bytes": slices[r],
-                    "bound_bytes": bound, "peak_over_bound": peak / bound,
+                    "bound_bytes": bound, "peak_over_bound": peak / bound, "peak_at_s": watched["peak_at"].get(r),
                     "growth_over_bound": (peak - base) / bound, "peak_over_slice": peak / slices[r]}
     result = {"params_before": count_parameters(ModelSpec(old[0], old[1], old[2], old[3], old[3], HEAD_DIM, VOCAB)),
               "params_after": count_parameters(spec), "shapes": {"old": old, "new": new},
@@ -238,7 +249,7 @@ def main(argv=None) -> int:
               "max_peak_over_bound": max(x["peak_over_bound"] for x in ranks.values()),
               "max_growth_over_bound": max(x["growth_over_bound"] for x in ranks.values()),
               "transition_s": watched["seconds"], "plain_io_s": io["total_s"], "plain_io": io,
-              "transition_over_plain_io": watched["seconds"] / io["total_s"],
+              "transition_over_plain_io": watched["seconds"] / io["total_s"], "phases_s": phases,
               "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
               "code": a.code, "machine": machine()}
     table(f"growth transition, {result['params_after'] / 1e9:.3f}B parameters after growth, tp=2 pp=2",
@@ -246,6 +257,8 @@ def main(argv=None) -> int:
            "(peak - start) / bound"],
           [[r, x["peak_anon_bytes"] / 2**30, x["anon_at_start_bytes"] / 2**30, x["slice_bytes"] / 2**30,
             x["bound_bytes"] / 2**30, x["peak_over_bound"], x["growth_over_bound"]] for r, x in ranks.items()])
+    table("where the transition's time goes (writer_*: the slowest writer's share of grow_write)",
+          ["phase", "seconds"], [[k, round(v, 2)] for k, v in phases.items()])
     console.print(f"full state {total / 2**30:.2f} GiB; transition {watched['seconds']:.1f} s, plain I/O "
                   f"{io['total_s']:.1f} s, ratio {result['transition_over_plain_io']:.2f}; load average "
                   f"{load_before[0]:.1f} -> {load_after[0]:.1f}")

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from orchestrator.atomic import fsync_dir, fsync_file, replace_dir
 from orchestrator.checkpoint.layout import (all_checkpoints, checkpoint_dir,  # noqa: F401 (also imported from here)
                                             checkpoints_root, pointed_at, set_latest)
+from orchestrator.checkpoint.stream import WRITTEN_SUFFIX, digest_written, layout_of, write_safetensors_stream
 from orchestrator.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,17 @@ def _save(path: Path, model, moments, meta) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / "model.safetensors")
-    optim = {f"{kind}.{name}": t.detach().contiguous().cpu()
-             for kind in MOMENTS for name, t in moments.get(kind, {}).items()}
-    save_file(optim, tmp / "optimizer.safetensors")
+    write_tensors(tmp / "model.safetensors", model)
+    write_tensors(tmp / "optimizer.safetensors", {f"{kind}.{name}": t for kind in MOMENTS
+                                                  for name, t in moments.get(kind, {}).items()})
     return seal_and_publish(tmp, path, meta)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's tensor file, hashed while written (see `stream`), one tensor at a time
+    (a GPU tensor is copied to the host alone)."""
+    write_safetensors_stream(path, layout_of(tensors), ((k, v.detach().cpu()) for k, v in tensors.items()),
+                             keep_digest=True)
 
 
 def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = True) -> Path:
@@ -123,12 +130,24 @@ def seal_and_publish(tmp: Path, path: Path, meta: dict, point_latest: bool = Tru
 
 
 def write_manifest(path: Path) -> None:
-    """The manifest of every other file in directory `path` (sha256 and size), all durable."""
-    names = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    """The manifest of every other file in directory `path` (sha256 and size), all durable.
+    A file whose digest was taken while it was written (`stream.write_safetensors_stream`
+    with keep_digest) is not read again; those records are removed, so only the files and
+    the manifest remain."""
+    path = Path(path)
+    records = [p for p in path.iterdir() if p.name.startswith(".") and
+               (p.name.endswith(WRITTEN_SUFFIX) or p.name.endswith(".written.tmp"))]
+    names = sorted(p.name for p in path.iterdir() if p.name != "manifest.json" and p not in records)
+    known = {n: digest_written(path / n) for n in names}
+    for p in records:
+        p.unlink()
     for name in names:
         fsync_file(path / name)
-    with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
-        digests = dict(zip(names, pool.map(lambda n: _sha256(path / n), names)))
+    todo = [n for n in names if known[n] is None]
+    digests = dict(known)
+    if todo:
+        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+            digests.update(zip(todo, pool.map(lambda n: _sha256(path / n), todo)))
     manifest = {n: {"sha256": digests[n], "bytes": (path / n).stat().st_size} for n in names}
     with open(path / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)

@@ -17,7 +17,7 @@ from typing import Protocol
 from orchestrator.checkpoint.canonical import (LazyTensors, all_checkpoints, checkpoint_dir, latest_checkpoint,
                                                open_checkpoint, open_tensors, prune, read_meta, save_checkpoint,
                                                seal_and_publish)
-from orchestrator.checkpoint.grown import write_grown_shares
+from orchestrator.checkpoint.grown import write_grown_shares, writer_seconds
 from orchestrator.checkpoint.sharded import save_sharded_checkpoint
 
 
@@ -101,8 +101,15 @@ class Checkpointer:
         return write_grown_shares(path, writers, names, **grow)
 
     @staticmethod
+    def staged_seconds(staged: Path) -> dict[str, dict]:
+        """Per writer of staged files: seconds spent reading, growing, writing, hashing and
+        syncing them (before `publish`, which removes the records they come from)."""
+        return writer_seconds(staged)
+
+    @staticmethod
     def publish(staged: Path, path: Path, meta: dict) -> Path:
-        """Seal staged files as checkpoint `path` (meta, manifest, rename) and move `latest`."""
+        """Seal staged files as checkpoint `path` (meta, manifest from the digests the writers
+        took while writing, rename) and move `latest`."""
         return seal_and_publish(staged, path, meta)
 
     @staticmethod

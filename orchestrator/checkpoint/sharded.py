@@ -1,9 +1,10 @@
 """Write a canonical checkpoint from many ranks at once, nothing gathered on one rank.
 
-Each writer rank (an engine's `shard_role().index`) writes the full tensors it owns
-to `model-<i>-of-<n>.safetensors` / `optimizer-<i>-of-<n>.safetensors` in a shared
-temporary directory; the leader then writes meta.json, the index of each kind and the
-manifest, renames the directory into place and moves `latest`, exactly as
+Each writer rank (an engine's `shard_role().index`) writes the full tensors it owns to
+`model-<i>-of-<n>.safetensors` / `optimizer-<i>-of-<n>.safetensors` in a shared temporary
+directory, hashing the bytes as it writes them; the leader then writes meta.json, the index
+of each kind and the manifest (from those digests: no file is read again), renames the
+directory into place and moves `latest`, exactly as
 `checkpoint.save_checkpoint` does for one file, so `load_checkpoint` and every reader see
 the same format either way.
 """
@@ -12,10 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from orchestrator.atomic import fsync_file
-from orchestrator.checkpoint.canonical import MOMENTS, seal_and_publish, shard_name
+from orchestrator.checkpoint.canonical import MOMENTS, seal_and_publish, shard_name, write_tensors
 
 
 def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, role) -> Path:
@@ -30,12 +28,9 @@ def save_sharded_checkpoint(path: Path, model: dict, moments: dict, meta: dict, 
         tmp.mkdir()
     barrier()
     if index is not None:
-        files = [tmp / shard_name("model", index, count), tmp / shard_name("optimizer", index, count)]
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, files[0])
-        save_file({f"{kind}.{name}": t.detach().contiguous().cpu()
-                   for kind in MOMENTS for name, t in moments.get(kind, {}).items()}, files[1])
-        for f in files:
-            fsync_file(f)
+        write_tensors(tmp / shard_name("model", index, count), model)  # hashed while written:
+        write_tensors(tmp / shard_name("optimizer", index, count),  # the seal reads no file again
+                      {f"{kind}.{name}": t for kind in MOMENTS for name, t in moments.get(kind, {}).items()})
     barrier()
     if leader:
         seal_and_publish(tmp, path, meta)

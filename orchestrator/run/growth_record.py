@@ -32,7 +32,7 @@ class PositionSwitch:
 
 
 # Keys written only when set (never null in any release), in this order after the others.
-_OPTIONAL = ("check_dtype", "started_at", "seconds", "positions", "val_loss_after_growth")
+_OPTIONAL = ("check_dtype", "started_at", "seconds", "positions", "val_loss_after_growth", "phases")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class GrowthRecord:
     seconds: float | None = None
     positions: PositionSwitch | None = None
     val_loss_after_growth: float | None = None
+    phases: dict | None = None  # seconds of the growth's phases (run/transition.py `_grow`)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -94,4 +95,4 @@ class GrowthRecord:
                    val_loss_after=d.get("val_loss_after"), preserves_function=d.get("preserves_function"),
                    check_dtype=d.get("check_dtype"), started_at=d.get("started_at"), seconds=d.get("seconds"),
                    positions=PositionSwitch.from_dict(d["positions"]) if d.get("positions") else None,
-                   val_loss_after_growth=d.get("val_loss_after_growth"), extra=extra)
+                   val_loss_after_growth=d.get("val_loss_after_growth"), phases=d.get("phases"), extra=extra)

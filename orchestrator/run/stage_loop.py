@@ -143,7 +143,8 @@ class StageLoop:
         ctx.tracker.stage_run(stage.name, self._params())  # the stage's MLflow run opens here
         if st.step == 0 and st.growth:
             self.log({"growth/val_loss_before": st.growth.val_loss_before,
-                      "growth/val_loss_after": st.growth.val_loss_after})
+                      "growth/val_loss_after": st.growth.val_loss_after,
+                      **{f"transition/{k}_s": v for k, v in (st.growth.phases or {}).items()}})
             if st.growth.positions:  # RoPE's scaling switched (not function-preserving)
                 switch = st.growth.positions
                 self.log({"positions/val_loss_before": switch.val_loss_before,

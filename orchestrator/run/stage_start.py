@@ -3,6 +3,7 @@ initialisation or `init_from`, resumed from its own checkpoint, or grown from th
 stage before it."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ def grow_into(ctx: RunContext, index: int, prev: RunState, source: StageSource) 
         save_state(ctx, engine, state)
         return ActiveStage(engine, state)
     state.optimizer_step = prev.optimizer_step
+    sealing = time.perf_counter()
     meta = checkpoint_meta(ctx, engine, state)
     role = engine.shard_role()
     if role is None or role.leader:  # the files the engine loaded are what it would export now
@@ -72,6 +74,9 @@ def grow_into(ctx: RunContext, index: int, prev: RunState, source: StageSource) 
         ctx.tracker.flush(force=True)
     if role is not None:
         role.barrier()
+    if state.growth is not None and state.growth.phases is not None:  # logged at the stage's step 0
+        sealed = round(time.perf_counter() - sealing, 3)
+        state.growth = dataclasses.replace(state.growth, phases={**state.growth.phases, "seal": sealed})
     return ActiveStage(engine, state)
 
 

@@ -21,8 +21,36 @@ from orchestrator.run.growth_record import GrowthRecord, PositionSwitch
 from orchestrator.schedule import ResolvedStage
 
 
+# Validation batches per source the growth check evaluates, before and after. A preserving
+# growth keeps every token's logits up to rounding, so the loss of any batch moves by ~1e-7;
+# a broken one (an index map, a mask, a slice in the wrong place) changes the logits of
+# nearly every position, since each grown tensor is built by one rule for all its rows:
+# one batch (batch_size x seq_len positions, every layer and head) shows it as well as four
+# do, at a quarter of the cost of two forward passes of the grown model.
+CHECK_BATCHES = 1
+
+
 class GrowthCheckError(RuntimeError):
     pass
+
+
+class PhaseClock:
+    """Seconds of a transition's phases, in the order they ran (`lap` closes one)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._mark, 3)
+        self._mark = now
+
+
+def check_batches(ctx: RunContext, stage: ResolvedStage) -> list[torch.Tensor]:
+    """The fixed batches a transition into `stage` is checked on: the first CHECK_BATCHES of
+    each validation source, the same before and after."""
+    return [b for v in ctx.val_sets(stage).values() for b in v.batches[:CHECK_BATCHES]]
 
 
 @dataclass
@@ -66,7 +94,7 @@ def start_stage(ctx: RunContext, stage: ResolvedStage, source: StageSource) -> S
     grown_spec = dataclasses.replace(new_spec, **old_spec.rope_scaling())  # the new shape, old positions
     if old_spec == new_spec or moe_settings_only(old_spec, new_spec):  # the same weights
         return StageStart(_load_as_is(ctx, stage, source))
-    batches = ctx.val_batches(stage)
+    batches = check_batches(ctx, stage)
     if old_spec == grown_spec:  # only the positions change
         start = StageStart(_load_as_is(ctx, stage, source))
     else:
@@ -92,14 +120,17 @@ def _grow(ctx: RunContext, stage: ResolvedStage, source: StageSource, batches) -
     No process holds more than its own slice of the grown state and a few tensors: the
     growth is written once, tensor by tensor from the old files, each writer rank growing
     the tensors it owns (`Engine.written_names`) into its shard; then every rank loads its
-    slices from those files, as a resume does."""
+    slices from those files, as a resume does. The seconds of each phase go into the record
+    (`phases`): the old model's check, building the new engine, growing (the writers' own
+    split: read, grow, write, hash, sync; the slowest writer's), loading, the new check."""
     old_spec, opt_step, checkpointer = source.spec, source.optimizer_step, ctx.checkpointer
     new_spec = dataclasses.replace(stage.spec, **old_spec.rope_scaling())
-    started = time.time()
+    started, clock = time.time(), PhaseClock()
     growth = stage.growth
     op = get_operator(growth.operator)
     plan, masks = op.prepare(old_spec, new_spec, ramp_steps=growth.ramp_steps, layer_insert=growth.layer_insert,
                              init=growth.init, moments=growth.moments, drop_ratio=growth.drop_ratio)
+    clock.lap("plan")
     old_engine = source.take_engine()
     if old_engine is None:
         old_engine = ctx.engine(dataclasses.replace(stage, spec=old_spec))
@@ -107,16 +138,22 @@ def _grow(ctx: RunContext, stage: ResolvedStage, source: StageSource, batches) -
     before = old_engine.evaluate(batches, exact=True)
     del old_engine
     gc.collect()  # DeepSpeed's engine keeps reference cycles: free the old model before the new one
+    clock.lap("old_check")
     engine = ctx.engine(stage)  # this rank's slices of the new model, filled by load below
     role = engine.shard_role()
+    clock.lap("build")
     generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + stage.index)
     staged = checkpointer.stage_grown(checkpointer.path(stage.index, stage.name, 0), role, engine.written_names(),
                                       op=op, plan=plan, weights=source.weights,
                                       moments=source.moments if opt_step else None, generator=generator)
+    clock.lap("grow_write")
+    writers = checkpointer.staged_seconds(staged) if role is None or role.leader else {}
     grown = checkpointer.open_staged(staged)
     engine.load(grown.weights, grown.moments if opt_step else None, opt_step, masks)
+    clock.lap("load")
     engine.set_rope_scaling(new_spec)  # the check runs at the scaling the state was trained with
     after = engine.evaluate(batches, exact=True)
+    clock.lap("new_check")
     failpoint("growth.done")
     ctx.console.print(f"[bold]grow[/] {source.name} -> {stage.name} with {growth.operator}: "
                       f"val loss {before:.6f} -> {after:.6f} (|diff| {abs(after - before):.2e})")
@@ -131,8 +168,16 @@ def _grow(ctx: RunContext, stage: ResolvedStage, source: StageSource, batches) -
             f"{tolerance:g} in {engine.check_dtype}); the operator did not preserve the function")
     record = GrowthRecord(operator=growth.operator, val_loss_before=before, val_loss_after=after,
                           preserves_function=op.preserves_function, check_dtype=engine.check_dtype,
-                          started_at=started, seconds=round(time.time() - started, 3))
+                          started_at=started, seconds=round(time.time() - started, 3),
+                          phases={**clock.seconds, **slowest_writer(writers)})
     return StageStart(engine, record, staged)
+
+
+def slowest_writer(writers: dict[str, dict]) -> dict[str, float]:
+    """Of the writers' seconds (reading, growing, writing, hashing, syncing their shares, in
+    parallel), the largest of each, as `grow_write` lasts as long as the slowest writer."""
+    keys = ("read", "grow", "write", "hash", "sync")
+    return {f"writer_{k}": round(max(w.get(k, 0.0) for w in writers.values()), 3) for k in keys} if writers else {}
 
 
 def _switch_positions(ctx: RunContext, stage: ResolvedStage, engine: Engine, old_spec: ModelSpec, batches,

@@ -26,6 +26,7 @@ from orchestrator.engines.local import LocalEngine
 from orchestrator.exits import exit_status
 from orchestrator.model import PositionTables, build_model, flops_per_token, rope_tables
 from orchestrator.run.runner import run_schedule
+from orchestrator.run.transition import CHECK_BATCHES
 from orchestrator.schedule import resolve
 
 from ..conftest import hf_logits, read_summary, save_ours
@@ -180,7 +181,7 @@ def test_long_context_with_rope_reports_the_switch_it_made(tmp_path, data_cache)
     assert ModelSpec.from_dict(long_meta["spec"]).rope_scaling() == switch["to"]
     cfg = load(CommandLine([*SHORT, f"data.cache_dir={data_cache}"]), planning=True)
     data = prepare_data(cfg.data)
-    batches = validation_batches(data.val, 4, 256, 2)
+    batches = validation_batches(data.val, 4, 256, 2)[:CHECK_BATCHES]  # what the transition checks on
     losses = []
     for scaling in (switch["from"], switch["to"]):
         model = build_model(dataclass_replace(old, **scaling))
