@@ -1,4 +1,5 @@
-"""Training throughput: our LocalEngine against transformers' LlamaForCausalLM.
+"""Training throughput: our LocalEngine against transformers' LlamaForCausalLM, eager and
+compiled, and both sides' model FLOP utilisation against this machine's measured peak.
 
 Both train the identical model (same shape, RMSNorm + SwiGLU + RoPE, tied embeddings, same
 initial weights copied tensor by tensor), on the same batches from the embedded corpus, with
@@ -12,10 +13,23 @@ written (exit status 1) if any size's spread (2 standard errors) is wider than b
 |ratio - 1| and --resolution, or the machine was busy (load average beyond this bench's
 threads > 0.75 per core).
 
+Compiled (unless --no-compile): our engine with train.compile=true (torch.compile of the
+forward and loss, `orchestrator.engines.compiled`) against LlamaForCausalLM under
+torch.compile (the same options: static shapes, default mode), timed as a second
+interleaved pair: `compiled_ratio` = HF compiled block time / ours compiled (compiled vs
+compiled); `compile_s` per side is the first step's time less the second's.
+
+The machine's peak: the FLOP/s of a plain matmul (fp32 on the CPU, the run's dtype on a
+GPU) on the same threads, at a large square shape (`cpu_peak_flops`: 2048^3 on the CPU)
+and at the model's largest GEMMs for this batch (tokens x hidden x ffn, x vocab, ...:
+`gemm_flops`, best of them `gemm_peak_flops`). `mfu` per side (ours, hf, ours_compiled,
+hf_compiled) is model FLOPs per second (6N + attention per token, as the ledger counts)
+over the square peak, `mfu_vs_gemm` over the best GEMM.
+
     python -m bench.throughput                              # 3 CPU sizes, ~5-10 min on 2 busy cores
     python -m bench.throughput --sizes 2x128,4x256 --steps 4 --target-spread 0.01
-    python -m bench.throughput --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # ~1B on a GPU (+ MFU
-                                                    # over the measured matmul peak)
+    python -m bench.throughput --device cuda --bf16 --sizes 16x2048 --batch 8 --seq 2048   # ~1B on a GPU
+    python -m bench.throughput --sizes 2x128 --steps 1 --min-pairs 2 --max-pairs 2 --out /tmp/t   # a smoke run
 
 A size is LAYERSxHIDDEN (ffn = 8/3 hidden rounded up to 16, head_dim 32 below hidden 512,
 else 64), or LAYERSxHIDDENxFFNxHEADS. Writes bench/results/throughput.json.
@@ -30,8 +44,11 @@ import torch.nn.functional as F
 
 from bench.common import (check_quiet, console, interleaved, machine, median, one_stage_config, publish_timing,
                           sync, table)
+from orchestrator.budget.machine_peak import gemm_shapes, matmul_flops
+from orchestrator.engines.compiled import CompileClock, compile_options
 
 DEFAULT_SIZES = "2x128,4x256,6x384"
+SQUARE_CPU = 2048  # the square matmul of the CPU's peak: 17 GFLOP, large enough for the BLAS's best blocking
 
 
 def parse_size(s: str):
@@ -47,7 +64,7 @@ def parse_size(s: str):
 class HFRunner:
     """LlamaForCausalLM trained exactly as LocalEngine trains DecoderLM."""
 
-    def __init__(self, spec, engine, seq: int, attn: str):
+    def __init__(self, spec, engine, seq: int, attn: str, compiled: bool = False):
         from transformers import LlamaForCausalLM
 
         from orchestrator.offline.hf import hf_config, hf_name
@@ -70,15 +87,25 @@ class HFRunner:
             lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
         self.clip = t.grad_clip
         self.model.train()
+        self.forward = self.model
+        if compiled:  # the options our engine compiles with (orchestrator.engines.compiled)
+            self.forward = torch.compile(self.model, **compile_options("default"))
+        self.clock = CompileClock()
 
     def train_step(self, batch: torch.Tensor, lr: float):
+        return self.clock.step(lambda: self._train_step(batch, lr))
+
+    def compile_seconds(self) -> float | None:
+        return self.clock.take()
+
+    def _train_step(self, batch: torch.Tensor, lr: float):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         batch = batch.to(self.device, non_blocking=True)
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else torch.autocast(
             self.device.type, enabled=False)
         with ctx:
-            logits = self.model(input_ids=batch[:, :-1], use_cache=False).logits
+            logits = self.forward(input_ids=batch[:, :-1], use_cache=False).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
@@ -87,18 +114,16 @@ class HFRunner:
         return loss.item(), norm.item()
 
 
-def measured_peak_tflops(device: str, bf16: bool, n: int = 8192, iters: int = 50) -> float:
-    """The device's matmul peak as this bench sees it: TFLOP/s of n x n x n matmuls."""
+def machine_peaks(spec, tokens: int, device: str, bf16: bool) -> dict:
+    """The matmul FLOP/s this machine reaches on the bench's threads: at a large square shape
+    and at the model's largest GEMMs for `tokens` tokens (orchestrator.budget.machine_peak)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    x, y = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        x @ y
-    sync(torch.device(device))
-    t = time.perf_counter()
-    for _ in range(iters):
-        x @ y
-    sync(torch.device(device))
-    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e12
+    n = SQUARE_CPU if device == "cpu" else 8192
+    gemms = gemm_shapes(spec.hidden, spec.ffn, spec.vocab, spec.q_dim, tokens)
+    gemm = {k: matmul_flops(*shape, seconds=0.5, dtype=dtype, device=device) for k, shape in gemms.items()}
+    return {"square": n, "cpu_peak_flops" if device == "cpu" else "device_peak_flops":
+            matmul_flops(n, n, n, seconds=1.0, dtype=dtype, device=device),
+            "gemm_shapes": gemms, "gemm_flops": gemm, "gemm_peak_flops": max(gemm.values())}
 
 
 def measure(size: str, a) -> dict:
@@ -111,9 +136,17 @@ def measure(size: str, a) -> dict:
     extra = [f"engine.device={a.device}", f"engine.dtype={'bf16' if a.bf16 else 'fp32'}"]
     cfg, spec, data = one_stage_config(shape, a.batch, a.seq, extra=extra)
     stage = cfg.schedule.stages[0]
-    ours = LocalEngine(cfg, ResolvedStage.alone(stage, spec))
-    ours.load(build_model(spec, seed=0).canonical_state(), None, 0, None)
+    resolved = ResolvedStage.alone(stage, spec)
+    start = build_model(spec, seed=0).canonical_state()
+    ours = LocalEngine(cfg, resolved)
+    ours.load(start, None, 0, None)
     hf = HFRunner(spec, ours, a.seq, a.attn)
+    compiled = {}
+    if a.compile:  # ours first: a compiled engine starts from a fresh dynamo cache
+        cfg.train.compile = True
+        compiled["ours"] = LocalEngine(cfg, resolved)
+        compiled["ours"].load(start, None, 0, None)
+        compiled["hf"] = HFRunner(spec, ours, a.seq, a.attn, compiled=True)
     streams = {n: data.train[n] for n in sorted(data.train)}
     cursor = new_cursor(sorted(data.train))
     lr = 1e-3
@@ -124,10 +157,12 @@ def measure(size: str, a) -> dict:
         return b
 
     # the same first steps on both: a check that the two are the same model and optimizer
-    check = []
-    for _ in range(a.warmup):
+    check, check_compiled = [], []
+    for _ in range(max(a.warmup, 2 if a.compile else 0)):  # compiled: 2 steps give the compile time
         b = batch()
         check.append((ours.train_step(b, lr)[0], hf.train_step(b, lr)[0]))
+        if a.compile:
+            check_compiled.append((compiled["ours"].train_step(b, lr)[0], compiled["hf"].train_step(b, lr)[0]))
 
     def block(runner) -> float:
         """--steps steps on fresh batches; seconds per step."""
@@ -139,22 +174,33 @@ def measure(size: str, a) -> dict:
         sync(ours.device)
         return (time.perf_counter() - t) / len(chunk)
 
+    tokens = a.batch * a.seq
+    peaks = machine_peaks(spec, tokens, a.device, a.bf16)  # before timing, on the same threads
     timing = interleaved({"ours": lambda: block(ours), "hf": lambda: block(hf)}, a.target_spread,
                          a.min_pairs, a.max_pairs, a.max_load)
-    times = timing["blocks_s"]
-    tokens = a.batch * a.seq
-    tps = {k: tokens / median(v) for k, v in times.items()}  # for the table; the ratio is paired
-    fpt = flops_per_token(spec, a.seq)
+    times = dict(timing["blocks_s"])
     out = {"shape": dict(zip(("layers", "hidden", "ffn", "heads"), shape)), "params": sum(
         p.numel() for p in ours.model.parameters()), "batch": a.batch, "seq": a.seq,
-           "ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"],
            "ratio": timing["ratio"], "spread": timing["spread"], "timing": timing,
-           "first_losses_ours_hf": check, "max_first_loss_diff": max(abs(x - y) for x, y in check) if check else None,
-           "achieved_tflops_ours": fpt * tps["ours"] / 1e12, "achieved_tflops_hf": fpt * tps["hf"] / 1e12}
-    if a.peak_tflops:
-        out["peak_tflops"] = a.peak_tflops
-        out["mfu_ours"] = out["achieved_tflops_ours"] / a.peak_tflops
-        out["mfu_hf"] = out["achieved_tflops_hf"] / a.peak_tflops
+           "first_losses_ours_hf": check, "max_first_loss_diff": max(abs(x - y) for x, y in check) if check else None}
+    if a.compile:
+        ctiming = interleaved({"ours": lambda: block(compiled["ours"]), "hf": lambda: block(compiled["hf"])},
+                              a.target_spread, a.min_pairs, a.max_pairs, a.max_load)
+        times.update({f"{k}_compiled": v for k, v in ctiming["blocks_s"].items()})
+        out.update({"compiled_ratio": ctiming["ratio"], "compiled_ratio_is": "ours compiled vs transformers compiled",
+                    "compiled_spread": ctiming["spread"], "compiled_timing": ctiming,
+                    "compile_s": {k: r.compile_seconds() for k, r in compiled.items()},
+                    "first_losses_compiled_ours_hf": check_compiled,
+                    "max_first_loss_diff_compiled_vs_eager": max(
+                        abs(c - e) for cs, es in zip(check_compiled, check) for c, e in zip(cs, es))})
+    fpt = flops_per_token(spec, a.seq)
+    tps = {k: tokens / median(v) for k, v in times.items()}  # for the table; the ratios are paired
+    flops = {k: fpt * v for k, v in tps.items()}
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else peaks.get("cpu_peak_flops", peaks.get("device_peak_flops"))
+    out.update({"tokens_per_s": tps, "achieved_flops": flops, **peaks, "peak_flops_used": peak,
+                "mfu": {k: v / peak for k, v in flops.items()},
+                "mfu_vs_gemm": {k: v / peaks["gemm_peak_flops"] for k, v in flops.items()},
+                "ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"]})  # (the earlier files' keys)
     return out
 
 
@@ -176,16 +222,15 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation (ours uses SDPA)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="per-device peak for MFU; 0: measured with large matmuls on a GPU, none on the CPU")
+                   help="per-device peak for `mfu`; 0: the measured square matmul (CPU and GPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the compiled pair (ours and transformers under torch.compile)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     start_load = check_quiet(a.max_load)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    if not a.peak_tflops and a.device.startswith("cuda"):
-        a.peak_tflops = measured_peak_tflops(a.device, a.bf16)
-        console.print(f"measured matmul peak: {a.peak_tflops:.0f} TFLOP/s")
     results = {}
     for size in a.sizes.split(","):
         console.print(f"size {size}: measuring ...")
@@ -194,16 +239,23 @@ def main(argv=None) -> int:
         console.print(f"  ours {r['ours_tokens_per_s']:,.0f} tok/s  hf {r['hf_tokens_per_s']:,.0f} tok/s  "
                       f"ratio {r['ratio']:.3f} +- {r['spread']:.3f} over {r['timing']['pairs']} pairs  "
                       f"(first-step loss diff {r['max_first_loss_diff']:.2e})")
+        if a.compile:
+            console.print(f"  compiled: ratio {r['compiled_ratio']:.3f} +- {r['compiled_spread']:.3f} over "
+                          f"{r['compiled_timing']['pairs']} pairs; compile s ours {r['compile_s']['ours']:.1f} "
+                          f"hf {r['compile_s']['hf']:.1f}")
+    sides = ["ours", "hf"] + (["ours_compiled", "hf_compiled"] if a.compile else [])
     rows = [[s, r["params"], r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ratio"], r["spread"],
-             r["max_first_loss_diff"], r.get("mfu_ours"), r.get("mfu_hf")] for s, r in results.items()]
+             r.get("compiled_ratio"), r.get("compiled_spread"), r["peak_flops_used"] / 1e9,
+             r["gemm_peak_flops"] / 1e9, *(r["mfu"][k] for k in sides)] for s, r in results.items()]
     table(f"training tokens/s, ours vs transformers LlamaForCausalLM (batch {a.batch} x seq {a.seq}, "
-          f"{a.device}{' bf16' if a.bf16 else ' fp32'})",
-          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "+-", "first-loss diff", "MFU ours",
-           "MFU HF"],
+          f"{a.device}{' bf16' if a.bf16 else ' fp32'}; compiled ratio: compiled vs compiled; MFU over the square peak)",
+          ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "+-", "compiled ratio", "+-",
+           "peak GFLOP/s", "GEMM peak", *(f"MFU {k}" for k in sides)],
           rows)
+    checks = [r[k] for r in results.values() for k in ("timing", "compiled_timing") if k in r]
     return publish_timing("throughput.json", {"args": vars(a), "machine": machine(), "loadavg_1_start": start_load,
                                             "sizes": results},
-                          [r["timing"] for r in results.values()], a.resolution, torch.get_num_threads(), a.out)
+                          checks, a.resolution, torch.get_num_threads(), a.out)
 
 
 if __name__ == "__main__":
