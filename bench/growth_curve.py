@@ -18,15 +18,17 @@ What is done to fit a 2-core machine (all recorded in the JSON):
     takes >= 100 steps; warmup, re-warm, msg's mask ramp and the evaluation interval are
     fixed shares of scratch's steps (~30 evaluations of 4k-8k tokens a run);
   * LRs are swept at seed 0 only; seeds 1.. run at the chosen rate; clone runs at msg's chosen
-    rate (a sweep of its own only if it reaches the target); the timing probe uses the
+    rate, unswept (its other seeds only if it reaches the target there); the timing probe uses the
     operator's rate tuned at the default split;
-  * all points run side by side, --jobs `grow run`s at a time (the shortest point first, then the longest);
-    finished runs are cached in --work-dir by their overrides (bench/run_cache.py), so a
-    second call reuses them. No run is branched from another's checkpoint.
+  * all points run side by side, --jobs `grow run`s at a time, the longest point first (it
+    sets the total time); finished runs are cached in --work-dir by their overrides
+    (bench/run_cache.py), so a second call reuses them. No run is branched from another's
+    checkpoint (WSD would allow it for scratch; not done).
 
 FLOPs and losses do not depend on the machine's load (the load is recorded anyway).
 
-    python -m bench.growth_curve                          # 6 points, 0.5-20 tokens/param: ~160 runs
+    python -m bench.growth_curve --jobs 4                 # 5 points, 0.5-20 tokens/param: ~135 runs
+    python -m bench.growth_curve --tpp 0.5,1,2,5,10,20    # a sixth point (~+60% of the time)
     python -m bench.growth_curve --tpp 0.5,2,20 --seeds 1  # a quick look
 
 Writes bench/results/growth_curve.json (rewritten as each point finishes) and
@@ -274,8 +276,8 @@ def plot(result: dict, path: Path) -> None:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tpp", default="0.5,1,2,5,10,20", help="tokens per parameter of the scratch run")
-    p.add_argument("--priority", default="0.5,20,1,2,5,10",
+    p.add_argument("--tpp", default="0.5,1,2,5,20", help="tokens per parameter of the scratch run")
+    p.add_argument("--priority", default="20,0.5,5,2,1",
                    help="the order in which points get the CPU (points not listed go last)")
     p.add_argument("--operators", default="msg,zero,stack,clone")
     p.add_argument("--peak-lr", type=float, default=4e-3)
@@ -300,6 +302,8 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "growth_curve"))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--code-commit", help="recorded with the results: the commit of the code the runs used "
+                                        "(e.g. when run from `git archive` of it, with PYTHONPATH set to it)")
     a = p.parse_args(argv)
     # what growth_vs_scratch.overrides reads beside the point's own settings
     a.decay, a.parametrization, a.layer_insert, a.size = "wsd", "standard", "interleave", "curve"
