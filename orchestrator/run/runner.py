@@ -29,6 +29,7 @@ from orchestrator.run.state import NextStage, RunState, check_resumable, next_st
 from orchestrator.schedule import Schedule, max_seq_len, resolve
 from orchestrator.tracking.mlflow_tracker import make_tracker
 from orchestrator.tracking.report import MetricsLog, build_summary, plot_losses, print_table, write_summary
+from orchestrator.tracking.routing import with_routing
 
 def is_leader(cfg: RunConfig) -> bool:
     """Rank 0 of a multi-rank engine (or the only process) logs, tracks and reports."""
@@ -211,6 +212,7 @@ def _finish(ctx: RunContext, entries: list[dict], status: str) -> dict:
     for e in entries:  # a stage run created after the store came back has its id only now
         e["mlflow_run_id"] = ctx.tracker.run_id(e["name"]) or e.get("mlflow_run_id")
     summary = build_summary(entries, ctx.budget.ledger, ctx.tracker.written_info, status)
+    with_routing(summary, MetricsLog.read(ctx.run_dir / "metrics.jsonl"))  # a mixture's load balance per stage
     growth_steps, step = [], 0
     for e in entries:
         growth = GrowthRecord.from_dict(e["growth"])

@@ -13,6 +13,7 @@ from rich.table import Table
 from orchestrator.atomic import write_json_atomic
 from orchestrator.budget.ledger import Ledger
 from orchestrator.secrets import redact_url
+from orchestrator.tracking.routing import stage_routing
 
 
 def drop_torn_tail(path: Path) -> int:
@@ -128,7 +129,11 @@ def plot_losses(metrics_path: Path, out: Path, growth_steps: list[tuple[int, str
     val = [(p["step"], p["val/loss"]) for p in points if "val/loss" in p]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    routed = [p for p in points if "moe/max_load" in p]
+    if routed:  # a mixture of experts: its router's load balance in a panel below
+        fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, label="validation loss")
@@ -143,7 +148,33 @@ def plot_losses(metrics_path: Path, out: Path, growth_steps: list[tuple[int, str
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
+    if routed:
+        ax.set_xlabel("")
+        routing_panel(bx, routed, growth_steps)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def routing_panel(ax, routed: list[dict], growth_steps: list[tuple[int, str]]) -> None:
+    """The router's load balance per step: the busiest expert's load (1 = balanced) and the
+    load-balancing loss (top_k at balance), with each mixture stage's dropped share."""
+    steps = [p["step"] for p in routed]
+    ax.plot(steps, [p["moe/max_load"] for p in routed], lw=0.8, color="tab:purple", label="busiest expert's load")
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.set_ylabel("max load (1 = balanced)", fontsize=8)
+    aux = ax.twinx()
+    aux.plot(steps, [p.get("moe/aux_loss", float("nan")) for p in routed], lw=0.8, color="tab:green",
+             label="aux loss (top_k at balance)")
+    aux.set_ylabel("aux loss", fontsize=8)
+    for stage, r in stage_routing(routed).items():
+        first = next(p["step"] for p in routed if p["stage"] == stage)
+        ax.annotate(f"{stage}: dropped {r['dropped_share']:.1%}", (first, 0.95), xycoords=("data", "axes fraction"),
+                    va="top", fontsize=7)
+    for step, _ in growth_steps:
+        ax.axvline(step, color="tab:red", ls="--", lw=1)
+    lines = ax.get_lines()[:1] + aux.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="lower right")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
