@@ -327,3 +327,22 @@ def test_deepspeed_upcycles_exactly_with_dp_tp_and_pp_and_matches_local(moe_run,
     assert g["operator"] == "upcycle" and abs(g["val_loss_after"] - g["val_loss_before"]) <= 1e-5
     for a, b in zip(local["stages"], ds["stages"]):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=2e-4), (a["name"], a["val_loss"], b["val_loss"])
+
+
+def test_grow_plan_shows_total_and_active_parameters_and_counts_flops_by_the_active(tmp_path, capsys):
+    """schedule=upcycle (shipped): dense, wider, 4 experts; FLOPs from the active parameters,
+    the memory check from all of them."""
+    from ..conftest import grow_in_process
+
+    code = grow_in_process("plan", "schedule=upcycle", f"hydra.run.dir={tmp_path / 'p'}")
+    out = capsys.readouterr().out
+    assert code == 0 and "active)" in out and "4 experts" in out
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    dense, wide, moe = plan["stages"]
+    assert dense["active_params"] == dense["params"] and moe["experts"] == 4
+    assert moe["params"] > moe["active_params"] > wide["params"]  # the router and a second expert are active
+    spec = ModelSpec(layers=2, hidden=128, ffn=352, heads=4, kv_heads=4, head_dim=32, vocab=320, experts=4, top_k=2)
+    assert (moe["params"], moe["active_params"]) == (count_parameters(spec), active_parameters(spec))
+    assert moe["flops"] == pytest.approx(flops_per_token(spec, 128) * moe["tokens"])
+    assert moe["state_gib_per_gpu"] / wide["state_gib_per_gpu"] == pytest.approx(moe["params"] / wide["params"])
+    assert plan["scratch"]["active_params"] == moe["active_params"]
