@@ -107,6 +107,9 @@ class MoEConfig:
     # null: dropless; else each expert trains on at most ceil(factor x tokens x top_k / experts)
     # token assignments per micro-batch (the rest are dropped); evaluation is always dropless
     capacity_factor: Annotated[Optional[float], _POS] = None
+    # ranks the experts are spread over; only 1 for now (every rank holds every expert, tensor
+    # parallelism splits each expert's FFN)
+    expert_parallel: Annotated[int, _POS] = 1
 
 
 @dataclass

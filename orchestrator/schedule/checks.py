@@ -159,6 +159,11 @@ def moe_routing(schedule: Schedule) -> None:
         if moe is not None and moe.top_k > moe.experts:
             raise ConfigError(f"schedule.stages.{i}.moe.top_k", f"{moe.top_k} is more than the stage's "
                                                                f"{moe.experts} experts; allowed: 1..{moe.experts}")
+        if moe is not None and moe.expert_parallel != 1:
+            raise ConfigError(f"schedule.stages.{i}.moe.expert_parallel",
+                              f"{moe.expert_parallel}: expert parallelism is not supported yet (every rank holds "
+                              "every expert; layout.tp splits each expert's FFN, layout.dp/pp as for a dense "
+                              "model); allowed: 1")
 
 
 @check("schedule")

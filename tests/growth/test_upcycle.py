@@ -226,6 +226,7 @@ def refused_moe(capsys, tmp_path, *overrides) -> str:
     (["schedule.stages.1.moe.aux_loss_coef=-0.1"], "schedule.stages.1.moe.aux_loss_coef: must be >= 0"),
     (["schedule.stages.1.moe.capacity_factor=0"], "schedule.stages.1.moe.capacity_factor: must be > 0"),
     (["schedule.stages.1.moe.router=noisy"], "schedule.stages.1.moe.router: 'noisy' is not allowed"),
+    (["schedule.stages.1.moe.expert_parallel=2"], "schedule.stages.1.moe.expert_parallel: 2: expert parallelism is not"),
     # upcycle of a model already MoE with another expert count
     (["schedule.stages.2.moe.experts=8", "schedule.stages.2.growth.operator=upcycle"],
      "schedule.stages.2.moe.experts: the model already has 4 experts"),
@@ -242,7 +243,7 @@ def refused_moe(capsys, tmp_path, *overrides) -> str:
      "schedule.stages.1.growth.drop_ratio: must be in [0, 1]"),
     (["schedule.stages.1.growth.init=random"], "schedule.stages.1.growth.init: 'random' is not supported by upcycle"),
     (["schedule.stages.1.shape.ffn=96"], "schedule.stages.1.shape.ffn: clone tiles by integer factors"),
-], ids=["top_k>experts", "experts<2", "top_k<1", "aux-nan", "aux-inf", "aux<0", "capacity-0", "router",
+], ids=["top_k>experts", "experts<2", "top_k<1", "aux-nan", "aux-inf", "aux<0", "capacity-0", "router", "expert-parallel",
         "other-expert-count", "top_k-changes", "moe-to-dense", "grow-a-mixture", "msg-into-moe", "upcycle-to-dense",
         "drop_ratio-on-upcycle", "drop_ratio>1", "init", "clone-rule"])
 def test_bad_moe_input_is_refused_in_one_line(capsys, tmp_path, overrides, words):
