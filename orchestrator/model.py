@@ -276,6 +276,12 @@ class MoE(nn.Module):
         return F.linear(h, self.experts.down.weight[e])
 
     def forward(self, x, ffn_mask):
+        return self.dispatch(x, ffn_mask)
+
+    # Data-dependent shapes (tokens per expert) would recompile a torch.compile'd model at
+    # every step: the routed part runs eagerly, the rest of the model compiles around it.
+    @torch.compiler.disable
+    def dispatch(self, x, ffn_mask):
         shape, flat = x.shape, x.reshape(-1, x.shape[-1])
         n, k, e_count = flat.shape[0], self.top_k, self.experts_count
         probs = self.router(flat).float().softmax(-1)  # [N, E]
