@@ -3,7 +3,7 @@ compiled, and both sides' model FLOP utilisation against this machine's measured
 
 Both train the identical model (same shape, RMSNorm + SwiGLU + RoPE, tied embeddings, same
 initial weights copied tensor by tensor), on the same batches from the embedded corpus, with
-the same AdamW (decay on matrices only, same betas/eps/weight decay), the same gradient
+the same AdamW (torch's fused kernel, decay on matrices only, same betas/eps/weight decay), the same gradient
 clipping and the same fp32 cross-entropy on [B, T+1] token batches; both read the loss and
 the grad norm back each step as the engine does. Short blocks alternate in one process
 (ours, HF, HF, ours, ...: bench/common.interleaved) so both see the same machine load, pair
@@ -84,7 +84,7 @@ class HFRunner:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps)
+            lr=0.0, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)  # as ours, and transformers' Trainer's default
         self.clip = t.grad_clip
         self.model.train()
         self.forward = self.model

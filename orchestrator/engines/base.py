@@ -95,9 +95,16 @@ def adamw(named_params, train: TrainConfig, spec: ModelSpec) -> torch.optim.Adam
     else:
         groups = [([p for _, p in matrices], train.weight_decay, 1.0)]
     groups.append(([p for _, p in named if p.ndim < 2], 0.0, 1.0))
+    # torch's fused kernel, on every device that has one: on the CPU torch's default is a
+    # per-tensor loop, 1.4-9x slower (13.8M parameters, 2 cores). Numerics differ from it
+    # in the last bits, so every engine and every resume uses the same kernel.
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for _, p in named)
     return torch.optim.AdamW(
         [{"params": params, "weight_decay": decay, "lr_mult": mult} for params, decay, mult in groups if params],
-        lr=0.0, betas=(train.beta1, train.beta2), eps=train.eps)
+        lr=0.0, betas=(train.beta1, train.beta2), eps=train.eps, fused=True if fused else None)
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -58,7 +58,7 @@ class LocalEngine(Engine):
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             self.optimizer.state[p] = {
-                "step": torch.tensor(float(step)),
+                "step": torch.tensor(float(step), device=p.device),  # the fused kernel's: on the device
                 "exp_avg": moments["exp_avg"][name].to(self.device, torch.float32).clone(),
                 "exp_avg_sq": moments["exp_avg_sq"][name].to(self.device, torch.float32).clone()}
 

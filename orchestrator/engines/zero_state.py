@@ -58,8 +58,8 @@ def write_moments(ds_engine, local_moment: Callable[[torch.nn.Parameter, str], t
     MOMENTS); whatever no parameter covers (padding) stays zero."""
     zopt, flat_groups, param_groups = _partitions(ds_engine)
     for i, hp in enumerate(flat_groups):
-        st = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(hp),
-              "exp_avg_sq": torch.zeros_like(hp)}
+        st = {"step": torch.tensor(float(step), device=hp.device),  # the fused kernel's: on the device
+              "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
         for lp in param_groups[i]:
             m = _fragment(lp)
             if m is None:
