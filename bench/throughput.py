@@ -248,7 +248,8 @@ def main(argv=None) -> int:
              r.get("compiled_ratio"), r.get("compiled_spread"), r["peak_flops_used"] / 1e9,
              r["gemm_peak_flops"] / 1e9, *(r["mfu"][k] for k in sides)] for s, r in results.items()]
     table(f"training tokens/s, ours vs transformers LlamaForCausalLM (batch {a.batch} x seq {a.seq}, "
-          f"{a.device}{' bf16' if a.bf16 else ' fp32'}; compiled ratio: compiled vs compiled; MFU over the square peak)",
+          f"{a.device}{' bf16' if a.bf16 else ' fp32'}; compiled ratio: compiled vs compiled; "
+          "MFU over the square peak)",
           ["size", "params", "ours tok/s", "HF tok/s", "ratio ours/HF", "+-", "compiled ratio", "+-",
            "peak GFLOP/s", "GEMM peak", *(f"MFU {k}" for k in sides)],
           rows)
