@@ -7,11 +7,12 @@ through `grow search`, `grow predict` and `grow run`.
    run per point: a WSD branch per token count would need resuming a stable run under a new
    schedule, which `grow run` does not do); L(N, D) = E + A/N^alpha + B/D^beta fitted with
    bootstrap intervals (orchestrator/budget/law_fit.py); kept even when it is not a law
-   (predict.keep_unlawful=true), so the bench can report why.
+   (predict.keep_unlawful=true), so the bench can report why; fitted again in Kaplan et al.'s
+   form (predict.form=kaplan, no irreducible term) on the same proxies.
 3. train the held-out targets, none seen by the fit: 4x and 8x the widest proxy's
    non-embedding parameters at its largest token count, the widest proxy at 4x those
-   tokens, and a 3-stage grown schedule (widest proxy -> 4x -> 8x, msg, --grown-split of 4x
-   the tokens); --far adds the 8x model at 4x the tokens.
+   tokens, and a 3-stage grown schedule (widest proxy -> 4x -> 8x, msg, --grown-split of
+   --grown-tokens x the tokens); --far adds the 8x model at 4x the tokens.
 4. the grown-schedule correction: two small 3-stage schedules (the target's widths scaled
    down to the smallest proxy) at the grid's token counts; their mean relative gap to the
    law's carry-over prediction corrects the target's (orchestrator/budget/grown.py).
@@ -31,13 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.common import REPO, RESULTS, console, machine, stage_literal, table, write_json
-from bench.run_cache import cached_run
+from bench.run_cache import cached_run, run_dir_of
 
 GROW = str(Path(sys.executable).parent / "grow")
 
@@ -106,8 +108,9 @@ def grid_sweep(a) -> list[str]:
             "seed=" + ",".join(map(str, a.seeds))]
 
 
-def grid(a, work: Path, chosen: dict) -> tuple[int, Path]:
-    """The `grow predict` sweep over the grid (its fit kept even if not a law); (rc, loss_fit.json).
+def grid(a, work: Path, chosen: dict, form: str) -> tuple[int, Path]:
+    """The `grow predict` sweep over the grid, fitted in `form` (kept even if not a law; the
+    proxies trained once, reused by the second form); (rc, the fit's copy loss_fit.<form>.json).
     --runs-only: the same members trained by `grow run -m` (grow predict reuses them)."""
     directory = work / "grid"
     if a.runs_only:
@@ -116,9 +119,14 @@ def grid(a, work: Path, chosen: dict) -> tuple[int, Path]:
         return rc, directory / "loss_fit.json"
     args = ["predict", f"predict.widths={','.join(map(str, a.widths))}",
             f"predict.tokens={','.join(map(str, a.tokens))}", f"predict.seeds={','.join(map(str, a.seeds))}",
-            "predict.keep_unlawful=true", f"predict.bootstrap={a.bootstrap}", *grid_overrides(a, chosen),
-            f"hydra.sweep.dir={directory}"]
-    return grow(args, work / "grid.log"), directory / "loss_fit.json"
+            "predict.keep_unlawful=true", f"predict.bootstrap={a.bootstrap}", f"predict.form={form}",
+            *grid_overrides(a, chosen), f"hydra.sweep.dir={directory}"]
+    rc = grow(args, work / f"grid.{form}.log")
+    copy = directory / f"loss_fit.{form}.json"
+    if (directory / "loss_fit.json").exists():
+        shutil.copyfile(directory / "loss_fit.json", copy)
+        shutil.copyfile(directory / "loss_fit.png", directory / f"loss_fit.{form}.png")
+    return rc, copy
 
 
 def targets(a, chosen: dict) -> dict[str, list[str]]:
@@ -130,7 +138,7 @@ def targets(a, chosen: dict) -> dict[str, list[str]]:
            f"tokens_4x_w{widest}": one_stage(a, widest, 4 * d, lr) + init}
     split = [float(x) for x in a.grown_split.split(",")]
     out[f"grown_w{widest}-{a.wide4}-{a.wide8}"] = grown(
-        a, [widest, a.wide4, a.wide8], [whole(a, 4 * d * f / sum(split)) for f in split], lr) + init
+        a, [widest, a.wide4, a.wide8], [whole(a, a.grown_tokens * d * f / sum(split)) for f in split], lr) + init
     if a.far:
         out[f"far_8x_4x_w{a.wide8}"] = one_stage(a, a.wide8, 4 * d, lr) + init
     return out
@@ -144,7 +152,7 @@ def small_grown(a, chosen: dict) -> dict[str, list[str]]:
               round(w0 * a.wide8 / a.widths[-1] / a.head_dim) * a.head_dim]
     split = [float(x) for x in a.grown_split.split(",")]
     return {f"small_grown_w{'-'.join(map(str, widths))}_d{d}":
-            grown(a, widths, [whole(a, 4 * d * f / sum(split)) for f in split], chosen["lr"])
+            grown(a, widths, [whole(a, a.grown_tokens * d * f / sum(split)) for f in split], chosen["lr"])
             + [f"model.init_std={chosen['init_std']}"] for d in a.tokens[:2]}
 
 
@@ -154,8 +162,21 @@ def whole(a, tokens: float) -> int:
 
 
 def trained(a, runs: dict[str, list[str]], work: Path, seeds: list[int]) -> dict[str, list[Path]]:
-    return {name: [cached_run(f"{name}-s{s}", common(a, s) + ov, work / "runs", jobs=1) for s in seeds]
-            for name, ov in runs.items()}
+    """Each run's directory per seed, trained unless it finished before; --analyse-only: the
+    finished ones alone (a target none of whose seeds finished is left out, and said so)."""
+    out = {}
+    for name, ov in runs.items():
+        if a.analyse_only:
+            dirs = [d for d in (run_dir_of(f"{name}-s{s}", common(a, s) + ov, work / "runs") for s in seeds)
+                    if (d / "summary.json").exists() and json.loads((d / "summary.json").read_text())["status"]
+                    == "complete"]
+            if not dirs:
+                console.print(f"[yellow]{name}: not trained; left out[/]")
+                continue
+            out[name] = dirs
+        else:
+            out[name] = [cached_run(f"{name}-s{s}", common(a, s) + ov, work / "runs", jobs=1) for s in seeds]
+    return out
 
 
 def main() -> None:
@@ -169,6 +190,8 @@ def main() -> None:
     ap.add_argument("--wide8", type=int, default=136, help="width of ~8x the widest proxy's N")
     ap.add_argument("--far", action="store_true", help="also the 8x model at 4x the tokens")
     ap.add_argument("--grown-split", default="1,1,2", help="the grown schedule's token shares per stage")
+    ap.add_argument("--grown-tokens", type=float, default=2,
+                    help="the grown schedule's tokens, x the largest proxy token count (small ones: x theirs)")
     ap.add_argument("--search-width", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=8)
@@ -178,8 +201,11 @@ def main() -> None:
     ap.add_argument("--ramp", type=int, default=16, help="msg mask ramp steps after a growth")
     ap.add_argument("--eval-batches", type=int, default=64, help="final val loss over this many batches")
     ap.add_argument("--bootstrap", type=int, default=400, help="bootstrap samples of the fit")
+    ap.add_argument("--forms", default="chinchilla,kaplan", help="the law's forms fitted (grow predict predict.form)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs-only", action="store_true", help="train everything; no fit, no results")
+    ap.add_argument("--analyse-only", action="store_true",
+                    help="train no target or small schedule: report on those that finished")
     ap.add_argument("--work-dir", default="/tmp/grow-bench-loss-law")
     a = ap.parse_args()
     a.widths = sorted(int(w) for w in a.widths.split(","))
@@ -190,8 +216,14 @@ def main() -> None:
     t0 = time.time()
     chosen = search(a, work)
     console.print(f"search: lr {chosen['lr']}, init_std {chosen['init_std']} ({time.time() - t0:.0f} s)")
-    rc, fit_path = grid(a, work, chosen)
-    console.print(f"grid: grow predict exit status {rc} ({time.time() - t0:.0f} s)")
+    fits = {}
+    for form in a.forms.split(","):
+        rc, fits[form] = grid(a, work, chosen, form)
+        console.print(f"grid: grow predict predict.form={form}: exit status {rc} ({time.time() - t0:.0f} s)")
+        if rc not in (0, 5) and not a.runs_only:
+            sys.exit(f"grow predict failed (rc {rc}); see {work / f'grid.{form}.log'}")
+        if a.runs_only:
+            break
     seeds = [int(s) for s in a.target_seeds.split(",")]
     held = trained(a, targets(a, chosen), work, seeds)
     console.print(f"targets trained ({time.time() - t0:.0f} s)")
@@ -199,13 +231,13 @@ def main() -> None:
     console.print(f"small grown schedules trained ({time.time() - t0:.0f} s)")
     if a.runs_only:
         return
-    if rc not in (0, 5):
-        sys.exit(f"grow predict failed (rc {rc}); see {work / 'grid.log'}")
     from bench.loss_report import report  # the analysis: the law, the targets, the figures
-    result = report(a, json.loads(fit_path.read_text()), held, small, chosen)
-    result.update({"settings": {k: v for k, v in vars(a).items()}, "work_dir": str(work),
-                   "wall_s": round(time.time() - t0, 1), "loadavg_end": os.getloadavg(), "machine": machine()})
     name = "loss_prediction" if a.parametrization == "standard" else f"loss_prediction.{a.parametrization}"
+    result = {"forms": {form: report(a, json.loads(path.read_text()), held, small, chosen, f"{name}.{form}")
+                        for form, path in fits.items()}}
+    result.update({"parametrization": a.parametrization, "search": chosen,
+                   "settings": {k: v for k, v in vars(a).items()}, "work_dir": str(work),
+                   "wall_s": round(time.time() - t0, 1), "loadavg_end": os.getloadavg(), "machine": machine()})
     write_json(f"{name}.json", result)
 
 

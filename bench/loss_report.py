@@ -39,6 +39,8 @@ def growth_correction(fit: dict, small: dict[str, list[Path]]) -> dict:
         rows[name] = {"stages": m["stages"], "loss": m["loss"], "law_carry_over": predicted,
                       "gap": m["loss"] / predicted - 1}
     gaps = [r["gap"] for r in rows.values()]
+    if not gaps:
+        return {"schedules": {}, "correction": 0.0, "spread": None, "note": "no small grown schedule finished"}
     return {"schedules": rows, "correction": statistics.fmean(gaps),
             "spread": (max(gaps) - min(gaps)) / 2 if len(gaps) > 1 else None}
 
@@ -73,17 +75,18 @@ def grid_flops(fit: dict) -> float:
     return sum(_summary(sweep / str(m))["totals"]["flops"] for p in fit["points"] for m in p["members"])
 
 
-def report(a, fit: dict, held: dict[str, list[Path]], small: dict[str, list[Path]], chosen: dict) -> dict:
+def report(a, fit: dict, held: dict[str, list[Path]], small: dict[str, list[Path]], chosen: dict, name: str) -> dict:
     correction = growth_correction(fit, small)
     fit = {**fit, "growth_correction": correction["correction"]}
     checks = [check(fit, name, dirs) for name, dirs in held.items()]
     proxies = grid_flops(fit)
-    targets = sum(c["flops"] for c in checks)
+    targets = sum(c["flops"] for c in checks) or float("nan")
     for c in checks:
         c["grid_cost_fraction"] = proxies / c["flops"]
     fixed = fixed_token_case(fit, checks, a.bootstrap)
     p = fit["parameters"]
-    table(f"{fit['law']} ({a.parametrization}): {'a law' if fit['lawful'] else 'NOT a law'}: {fit['verdict']}",
+    verdict = f"{'a law' if fit['lawful'] else 'NOT a law'}: {fit['verdict']}"
+    table(f"{fit['law']} ({a.parametrization}): {verdict}",
           ["parameter", "value", "95% lo", "95% hi", "interval / value"],
           [[k, v["value"], v["lo"], v["hi"], f"{v['rel_width']:.2f}"] for k, v in {**p, **fit["derived"]}.items()])
     table(f"held out ({a.parametrization}; grid cost {proxies:.3g} FLOPs = {100 * proxies / targets:.1f}% of the "
@@ -91,19 +94,19 @@ def report(a, fit: dict, held: dict[str, list[Path]], small: dict[str, list[Path
           ["target", "N", "tokens", "measured", "predicted [95%]", "rel. error", "in interval", "grid / target"],
           [[c["name"], c["n"], c["tokens"], c["loss"], f"{c['predicted']:.4f} [{c['lo']:.4f}, {c['hi']:.4f}]",
             f"{100 * c['rel_error']:.2f}%", c["within_interval"], f"{c['grid_cost_fraction']:.2f}"] for c in checks])
-    name = "loss_prediction" if a.parametrization == "standard" else f"loss_prediction.{a.parametrization}"
     extra = [{"n": c["n"], "tokens": c["tokens"], "loss": c["loss"], "predicted": c["predicted"], "lo": c["lo"],
               "hi": c["hi"], "label": f"{c['name']} ({100 * c['rel_error']:.2f}%)"} for c in checks]
     plot = plot_fit(fit, RESULTS / f"{name}.png", extra=extra,
                     title=f"{fit['law']}, {a.parametrization}: {'a law' if fit['lawful'] else 'NOT a law'}; "
                           "bands and bars: 95% bootstrap")
     console.print(f"wrote {plot}")
-    return {"law": fit["law"], "n": fit["n"], "parametrization": a.parametrization, "lawful": fit["lawful"],
+    return {"law": fit["law"], "form": fit["form"], "n": fit["n"], "parametrization": a.parametrization,
+            "lawful": fit["lawful"],
             "verdict": fit["verdict"], "max_interval": fit["max_interval"], "parameters": p,
             "derived": fit["derived"], "reference": fit["reference"], "search": chosen,
             "points": fit["points"], "held_out_in_grid": fit["held_out"], "held_out": checks,
-            "max_rel_error": max(c["rel_error"] for c in checks), "growth_correction": correction,
+            "max_rel_error": max((c["rel_error"] for c in checks), default=None), "growth_correction": correction,
             "fixed_token_law": fixed, "grid_flops": proxies, "targets_flops": targets,
             "grid_cost_fraction_of_targets": proxies / targets, "bootstrap_samples": fit["bootstrap"]["samples"],
-            "loss_fit": str(Path(fit["sweep_dir"]) / "loss_fit.json"),
+            "loss_fit": str(Path(fit["sweep_dir"]) / f"loss_fit.{fit['form']}.json"), "plot": str(plot),
             "note": "losses and FLOPs do not depend on the machine's load"}

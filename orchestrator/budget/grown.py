@@ -17,6 +17,7 @@ the schedule's shape ratios and token split, and carried to larger ones as a rat
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 
@@ -26,17 +27,32 @@ class SizeTokenLaw(Protocol):
     alpha: float
     B: float
     beta: float
+    form: str
 
     def __call__(self, n: float, d: float | None = None) -> float: ...
 
 
 def carried_tokens(law: SizeTokenLaw, n_before: float, d_before: float, n_after: float) -> float:
     """The tokens a model of n_after needs to reach the loss a model of n_before reaches on
-    d_before tokens (fewer when it is larger)."""
-    data_term = law.B * d_before ** -law.beta + law.A * (n_before ** -law.alpha - n_after ** -law.alpha)
-    if data_term <= 0:  # the larger model's size term alone is above that loss: it is reached at once
+    d_before tokens (fewer when it is larger). Closed form for the Chinchilla law; any other
+    law falling in D is solved for it (bisection in log D)."""
+    if law.form == "chinchilla":
+        data_term = law.B * d_before ** -law.beta + law.A * (n_before ** -law.alpha - n_after ** -law.alpha)
+        if data_term <= 0:  # the larger model's size term alone is above that loss: it is reached at once
+            return 0.0
+        return (law.B / data_term) ** (1 / law.beta)
+    target = law(n_before, d_before)
+    lo, hi = math.log(1e-6), math.log(max(d_before, 1.0)) + 1.0
+    if law(n_after, math.exp(lo)) <= target:
         return 0.0
-    return (law.B / data_term) ** (1 / law.beta)
+    while law(n_after, math.exp(hi)) > target:  # a smaller model after "growth": more tokens
+        hi += 1.0
+        if hi > 120:  # not reached on any number of tokens
+            return math.inf
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if law(n_after, math.exp(mid)) > target else (lo, mid)
+    return math.exp((lo + hi) / 2)
 
 
 def grown_losses(law: SizeTokenLaw, stages: list[tuple[float, float]], correction: float = 0.0) -> list[dict]:

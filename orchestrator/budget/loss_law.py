@@ -26,6 +26,9 @@ from orchestrator.config.errors import ConfigError
 
 LAW = "L(N, D) = E + A/N^alpha + B/D^beta"
 LAW_FIXED_TOKENS = "L(N) = E + A/N^alpha (at the proxies' tokens)"
+# Kaplan et al. 2020 (eq. 1.5), written with alpha = alpha_N/alpha_D and beta = alpha_D: no
+# irreducible term, for proxies far above the loss floor, where E is not measurable
+LAW_KAPLAN = "L(N, D) = (A/N^alpha + B/D)^beta"
 N_MEANING = "non-embedding parameters"
 MIN_SIZES = 3
 
@@ -45,15 +48,19 @@ def non_embedding_parameters(spec: ModelSpec) -> int:
 
 @dataclass(frozen=True)
 class Law:
-    """E + A/N^alpha + B/D^beta; a fixed-token law (B = 0) holds at `tokens` only."""
+    """chinchilla: E + A/N^alpha + B/D^beta; a fixed-token law (B = 0) holds at `tokens` only.
+    kaplan: (A/N^alpha + B/D)^beta (E unused)."""
     E: float
     A: float
     alpha: float
     B: float = 0.0
     beta: float = 0.0
     tokens: int | None = None
+    form: str = "chinchilla"
 
     def __call__(self, n: float, d: float | None = None) -> float:
+        if self.form == "kaplan":
+            return (self.A * n ** -self.alpha + self.B / d) ** self.beta
         loss = self.E + self.A * n ** -self.alpha
         return loss + self.B * d ** -self.beta if self.B and d is not None else loss
 
@@ -66,7 +73,7 @@ class Law:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Law":
-        return cls(**{k: d[k] for k in ("E", "A", "alpha", "B", "beta", "tokens")})
+        return cls(**{k: d[k] for k in ("E", "A", "alpha", "B", "beta", "tokens")}, form=d.get("form", "chinchilla"))
 
 
 def relative_error(predicted: float, actual: float) -> float:

@@ -18,7 +18,9 @@ wider than predict.max_interval (default 1.0) times its value: it is written, an
 predict exits 5 with one line, unless predict.keep_unlawful=true; grow plan shows no
 prediction from it. predict.bootstrap: the bootstrap's samples (default 400);
 predict.growth_correction: the relative correction of a grown schedule's final loss,
-measured on small grown schedules (bench/loss_prediction.py).
+measured on small grown schedules (bench/loss_prediction.py). predict.form=kaplan fits
+Kaplan et al.'s L(N, D) = (A/N^alpha + B/D)^beta instead, which has no irreducible term:
+for proxies far above the loss floor, where the Chinchilla fit puts E on its bound.
 Exit status: 0 a law (or one kept); 5 not a law; 2 bad input (fewer than 3 widths, a width
 the head size does not divide, a schedule with more than one stage, a proxy whose config a
 run would refuse: every member is checked before the first trains) or too few finished
@@ -40,7 +42,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import RunConfig, ShapeConfig
 from orchestrator.commands.options import bool_option, float_option, int_option
 from orchestrator.exits import EXIT_CONFIG, EXIT_NOT_A_LAW, exit_status, fail
-from orchestrator.budget.law_fit import BOOTSTRAP_SAMPLES, MAX_INTERVAL, fit_report
+from orchestrator.budget.law_fit import BOOTSTRAP_SAMPLES, FORMS, MAX_INTERVAL, fit_report
 from orchestrator.budget.loss_law import (LAW, MIN_SIZES, FitError, law_of, non_embedding_parameters, plot_fit,
                                         schedule_prediction)
 from orchestrator.proxy.search import swept_on_command_line
@@ -52,7 +54,7 @@ from orchestrator.secrets import overrides_without_secrets
 SHAPE_KEY = "schedule.stages.0.shape"
 TOKENS_KEY = "schedule.stages.0.tokens"
 OPTIONS = ("widths", "tokens", "seeds", "target", "keep_unlawful", "max_interval", "bootstrap",
-           "growth_correction")
+           "growth_correction", "form")
 SEED_KEY = "seed"
 
 
@@ -147,6 +149,7 @@ class Request:
     max_interval: float
     bootstrap: int
     growth_correction: float
+    form: str
 
 
 def parse_request(opts: dict[str, str]) -> Request:
@@ -155,7 +158,14 @@ def parse_request(opts: dict[str, str]) -> Request:
                    keep_unlawful=bool_option(opts, "keep_unlawful", False),
                    max_interval=float_option(opts, "max_interval", MAX_INTERVAL),
                    bootstrap=int_option(opts, "bootstrap", BOOTSTRAP_SAMPLES, minimum=20),
-                   growth_correction=float_option(opts, "growth_correction", 0.0, minimum=-0.5))
+                   growth_correction=float_option(opts, "growth_correction", 0.0, minimum=-0.5),
+                   form=_form(opts.get("form", FORMS[0])))
+
+
+def _form(raw: str) -> str:
+    if raw not in FORMS:
+        raise UsageError(f"predict.form: {raw!r} is not allowed; allowed: {', '.join(FORMS)}")
+    return raw
 
 
 def _prepare(args: list[str]):
@@ -203,7 +213,8 @@ def _predict(cmd: CommandLine, req: Request, cfg: RunConfig, shapes: list[dict],
     status, members, finished = sweep_members(cmd, cmd.overrides, grid_sweep(shapes, req.tokens, req.seeds),
                                               directory, planned)
     try:
-        fit = fit_report(points_of(cfg, finished), samples=req.bootstrap, max_interval=req.max_interval)
+        fit = fit_report(points_of(cfg, finished), samples=req.bootstrap, max_interval=req.max_interval,
+                         form=req.form)
     except FitError as e:
         return fail(EXIT_CONFIG, f"predict: {len(finished)} of {planned} proxies finished in {directory} "
                                  f"(sweep exit status {status}; {statuses(members)}): {e}")

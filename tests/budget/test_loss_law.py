@@ -74,6 +74,21 @@ def test_held_out_checks_are_fitted_without_what_they_check():
         assert h["rel_error"] == pytest.approx(1 / 101, rel=0.02)
 
 
+KAPLAN = Law(E=0.0, A=3000.0, alpha=0.7, B=5e5, beta=0.3, form="kaplan")
+
+
+def test_the_kaplan_form_is_recovered_with_covering_intervals():
+    fit = fit_report(grid(KAPLAN, noise=0.002), samples=60, form="kaplan")
+    assert fit["law"] == "L(N, D) = (A/N^alpha + B/D)^beta" and set(fit["parameters"]) == {"a", "alpha", "b", "beta"}
+    n0, d0 = fit["reference"]["N0"], fit["reference"]["D0"]
+    truth = {"a": KAPLAN.A * n0 ** -KAPLAN.alpha, "alpha": KAPLAN.alpha, "b": KAPLAN.B / d0, "beta": KAPLAN.beta}
+    for k, p in fit["parameters"].items():
+        assert p["lo"] <= truth[k] <= p["hi"], (k, p, truth[k])
+    assert fit["lawful"], fit["verdict"]
+    exact = law_of(fit_report(grid(KAPLAN, seeds=1), samples=20, form="kaplan"))
+    assert (exact.A, exact.alpha, exact.B, exact.beta) == pytest.approx((3000.0, 0.7, 5e5, 0.3), rel=1e-3)
+
+
 def test_one_token_count_fits_the_fixed_token_law():
     truth = Law(E=2.0, A=80.0, alpha=0.3)
     fit = fit_report(grid(truth, ds=[524288], seeds=2, ns=[2e4, 5e4, 1.3e5, 4e5, 1e6]), samples=20)
@@ -89,7 +104,7 @@ def test_a_parameter_at_its_bound_is_not_a_law():
     # no irreducible loss (E = 0): the fit puts E on its lower bound
     fit = fit_report(grid(Law(E=0.0, A=40.0, alpha=0.3, B=90.0, beta=0.35), seeds=1), samples=20)
     assert not fit["lawful"] and "E at its lower bound" in fit["verdict"]
-    assert fit["parameters"]["E"]["at_bound"]
+    assert fit["parameters"]["E"]["at_bound"] and "(predict.form=kaplan has none)" in fit["verdict"]
 
 
 def test_an_interval_wider_than_the_limit_is_not_a_law():
@@ -102,8 +117,11 @@ def test_an_interval_wider_than_the_limit_is_not_a_law():
 def test_too_few_points_cannot_be_fitted():
     with pytest.raises(FitError, match="2 model sizes"):
         fit_report(grid(TRUTH, ns=NS[:2]), samples=20)
-    with pytest.raises(FitError, match="needs at least 6"):
-        fit_report(grid(TRUTH, ns=NS[:3], ds=DS[:2], seeds=1)[:5], samples=20)
+    with pytest.raises(FitError, match="2 token counts; .* needs at least 3"):
+        fit_report(grid(TRUTH, ds=DS[:2]), samples=20)
+    sparse = [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2)]  # 3 sizes, 3 token counts, 5 points for 5 parameters
+    with pytest.raises(FitError, match="5 points .* needs at least 6"):
+        fit_report([{"n": NS[i], "tokens": DS[j], "loss": TRUTH(NS[i], DS[j])} for i, j in sparse], samples=20)
 
 
 # -- a grown schedule ------------------------------------------------------------------
@@ -114,6 +132,12 @@ def test_carried_tokens_reach_the_smaller_models_loss():
     assert 0 < carried < d1  # the larger model needs fewer tokens to reach the same loss
     assert TRUTH(n2, carried) == pytest.approx(TRUTH(n1, d1), rel=1e-12)
     assert carried_tokens(TRUTH, n1, d1, n1) == pytest.approx(d1)  # no growth: every token carries
+
+
+def test_carried_tokens_of_the_kaplan_form_are_solved_for():
+    n1, d1, n2 = 7.4e4, 5.2e5, 3e5
+    carried = carried_tokens(KAPLAN, n1, d1, n2)
+    assert 0 < carried < d1 and KAPLAN(n2, carried) == pytest.approx(KAPLAN(n1, d1), rel=1e-12)
 
 
 def test_grown_losses_chain_the_stages_and_correct_the_last():

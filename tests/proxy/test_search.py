@@ -117,6 +117,7 @@ def test_search_refuses_bad_input_before_any_member_runs(tmp_path, capsys, args,
                                                                  "boolean"),
     (["predict.widths=32,48,64", "predict.max_interval=-1"], "grow: predict: max_interval: -1 is not allowed"),
     (["predict.widths=32,48,64", "predict.bootstrap=5"], "grow: predict: bootstrap: 5 is not allowed"),
+    (["predict.widths=32,48,64", "predict.form=power"], "grow: predict: predict.form: 'power' is not allowed"),
     (["predict.widths=32,48,64", "schedule=tiny"], "grow: predict: the proxy schedule 'tiny' has 3 stages"),
     (["predict.widths=32,48,64", "schedule.stages.0.lr.peak=1e-3,1e-2"], "grow: predict: swept overrides"),
     (["predict.widths=32,48,64", "predict.target=nope"], "grow: predict: predict.target: overrides: In 'config': "
@@ -139,13 +140,13 @@ def test_plan_refuses_a_missing_or_foreign_loss_fit(tmp_path, capsys):
     assert not (tmp_path / "plan").exists()
 
 
-GRID = ["predict.widths=16,32,48", "predict.tokens=2048,4096", "predict.seeds=0,1", "predict.bootstrap=40"]
+GRID = ["predict.widths=16,32,48", "predict.tokens=2048,3072,4096", "predict.seeds=0,1", "predict.bootstrap=40"]
 
 
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory, data_cache):
-    """One real `grow predict` over 3 widths x 2 token counts x 2 seeds (12 proxies of a few
-    steps), its fit kept whatever the verdict; (sweep directory, tmp dir, stdout)."""
+    """One real `grow predict` over 3 widths x 3 token counts x 2 seeds (18 proxies of a few
+    steps), its fit kept whatever the verdict; (sweep directory, tmp dir)."""
     tmp = tmp_path_factory.mktemp("grid")
     sweep = tmp / "predict"
     code = grow_in_process("predict", *GRID, "predict.target=tiny", "predict.keep_unlawful=true",
@@ -160,8 +161,8 @@ def test_predict_fits_a_grid_of_widths_tokens_and_seeds(grid_sweep):
     fit = json.loads((sweep / "loss_fit.json").read_text())
     assert fit["law"].startswith("L(N, D)") and fit["n"] == "non-embedding parameters"
     assert [(p["width"], p["tokens"], len(p["seed_losses"])) for p in fit["points"]] == [
-        (w, d, 2) for w in (16, 32, 48) for d in (2048, 4096)]
-    assert fit["finished"] == 12 and not fit["partial"] and (sweep / "loss_fit.png").stat().st_size > 0
+        (w, d, 2) for w in (16, 32, 48) for d in (2048, 3072, 4096)]
+    assert fit["finished"] == 18 and not fit["partial"] and (sweep / "loss_fit.png").stat().st_size > 0
     for p in fit["points"]:  # the measured losses; N of 2 llama blocks (attention 4h^2, SwiGLU 3 x 4h^2, 2 norms)
         losses = [json.loads((sweep / str(m) / "summary.json").read_text())["stages"][-1]["val_loss"]
                   for m in p["members"]]  # and the final norm
