@@ -3,23 +3,26 @@
 At each point (the final model's tokens per parameter of the scratch run, T / N) the
 growth-vs-scratch measurement of bench/growth_vs_scratch.py runs at one small final size:
 tuned scratch (the final shape, T tokens, wsd decay) against one growth schedule per
-operator ending at that shape (1.25 T tokens, wsd in every stage), every configuration's
-peak LR swept at seed 0 over --sweep-lr x --peak-lr and widened (halving or doubling, up to
---sweep-extend times) while its best rate sits on the edge of those tried. `flops_frac`: the
+operator ending at that shape (1.25 T tokens, wsd in every stage). Scratch's and the --swept
+operators' peak LRs are swept at seed 0 over --sweep-lr x --peak-lr and widened (halving or
+doubling, up to --sweep-extend times) while the best rate sits on the edge of those tried;
+the other operators run at the first swept one's rate. `flops_frac`: the
 FLOPs at which a growth run's validation loss first reaches the same seed's scratch final
 loss, over scratch's FLOPs (null if never). The growth timing (the share of the schedule's
 tokens before each growth) is probed at seed 0 with the best preserving operator at its
-chosen rate over --splits; the best split then runs at every seed too.
+chosen rate over --splits; at the best split it then runs at every seed (scratch too):
+that is the point's figure. The other operators are measured at seed 0.
 
 What is done to fit a 2-core machine (all recorded in the JSON):
   * a final model of 61k parameters (4 layers x 32 hidden, ffn 88, 2 heads of 16; byte
     vocabulary, 10k embedding parameters), so 20 tokens per parameter are 1.2M tokens;
-  * the batch (up to 16 sequences of 128 tokens) halves at the shorter points until scratch
-    takes >= 100 steps; warmup, re-warm, msg's mask ramp and the evaluation interval are
-    fixed shares of scratch's steps (~30 evaluations of 4k-8k tokens a run);
-  * LRs are swept at seed 0 only; seeds 1.. run at the chosen rate; clone runs at msg's chosen
-    rate, unswept (its other seeds only if it reaches the target there); the timing probe uses the
-    operator's rate tuned at the default split;
+  * the batch (16 sequences of 128 tokens) halves at the shorter points until scratch takes
+    >= 50 steps; warmup, re-warm, msg's mask ramp and the evaluation interval are fixed
+    shares of scratch's steps (<= 30 evaluations of 4k-8k tokens a run);
+  * LRs are swept at seed 0 only, for scratch, msg and stack; zero and clone run at msg's
+    chosen rate (at the small size of growth_vs_scratch msg, zero and clone chose the same
+    rate); the timing probe uses the operator's rate tuned at the default split; seeds 1..
+    run for scratch and the best preserving operator at its best timing only;
   * all points run side by side, --jobs `grow run`s at a time, the longest point first (it
     sets the total time); finished runs are cached in --work-dir by their overrides
     (bench/run_cache.py), so a second call reuses them. No run is branched from another's
@@ -27,7 +30,7 @@ What is done to fit a 2-core machine (all recorded in the JSON):
 
 FLOPs and losses do not depend on the machine's load (the load is recorded anyway).
 
-    python -m bench.growth_curve --jobs 4                 # 5 points, 0.5-20 tokens/param: ~135 runs
+    python -m bench.growth_curve --jobs 4                 # 5 points, 0.5-20 tokens/param: ~100 runs
     python -m bench.growth_curve --tpp 0.5,1,2,5,10,20    # a sixth point (~+60% of the time)
     python -m bench.growth_curve --tpp 0.5,2,20 --seeds 1  # a quick look
 
@@ -109,7 +112,7 @@ def point_args(a, tpp: float, params: int) -> argparse.Namespace:
     p.warmup = max(3, round(a.warmup_frac * steps))
     p.rewarm = max(2, round(a.rewarm_frac * steps))
     p.ramp = max(2, round(a.ramp_frac * steps))
-    p.eval_every = max(1, steps // a.evals)
+    p.eval_every = max(2, steps // a.evals)
     p.eval_batches = max(1, a.eval_tokens // (batch * a.seq))
     p.steps = steps
     return p
@@ -142,12 +145,13 @@ class Point:
 
     def measure(self) -> dict:
         a, p, started = self.a, self.p, time.time()
-        ops = [o for o in a.operators.split(",") if o != "clone"]
-        names, w, seeds = ["scratch"] + ops, p.warmup, range(a.seeds)
+        every = a.operators.split(",")
+        swept = [o for o in a.swept.split(",") if o in every]
+        names, w, seeds = ["scratch"] + swept, p.warmup, range(a.seeds)
         base = [a.peak_lr * float(m) for m in a.sweep_lr.split(",")]
         sweep: dict[tuple, dict] = {}
         todo = {(n, lr, w, 0): overrides(p, n, lr, w, 0) for n in names for lr in base}
-        while todo:  # every configuration's next edge point side by side
+        while todo:  # every swept configuration's next edge point side by side
             sweep.update(self.run(todo))
             chosen, sweeps = choose(sweep, names)
             todo = {}
@@ -155,57 +159,45 @@ class Point:
                 nxt = next_lr(tried_lrs(sweep, n), lr, base, a.sweep_extend)
                 if nxt is not None:
                     todo[n, nxt, w, 0] = overrides(p, n, nxt, w, 0)
-        scratch0 = sweep["scratch", *chosen["scratch"], 0]
-        rows0 = {op: fractions(sweep[op, *chosen[op], 0], scratch0) for op in ops}
-        best0 = min((op for op in ops if op in PRESERVING), key=lambda op: rank(rows0[op]))
-        # seeds at the chosen rates, clone at msg's, and the timing probe, all side by side
-        todo = {(n, *chosen[n], s): overrides(p, n, *chosen[n], s) for n in names for s in seeds if s > 0}
-        clone_lr = chosen.get("msg", chosen[best0])
-        if "clone" in a.operators.split(","):
-            todo["clone", *clone_lr, 0] = overrides(p, "clone", *clone_lr, 0)
-        others = [s for s in a.splits.split("/") if s != a.split]
-        for s in others:
-            todo[best0, *chosen[best0], 0, s] = overrides(with_split(p, s), best0, *chosen[best0], 0)
-        runs = {**{k: v for k, v in sweep.items() if k[3] == 0 and (k[0], *k[1:3]) in
-                   {(n, *chosen[n]) for n in names}}, **self.run(todo)}
+        # the unswept operators at the rate of the first swept one (msg: the same optimum as zero and
+        # clone at the small size of growth_vs_scratch), then all at seed 0 against tuned scratch
+        lead = swept[0]
+        for op in every:
+            chosen.setdefault(op, chosen[lead])
+        todo = {(op, *chosen[op], 0): overrides(p, op, *chosen[op], 0) for op in every if op not in swept}
+        todo.update({("scratch", *chosen["scratch"], s): overrides(p, "scratch", *chosen["scratch"], s)
+                     for s in seeds if s > 0})
+        runs = {**{k: v for k, v in sweep.items() if (k[0], *k[1:3]) in {(n, *chosen[n]) for n in names}},
+                **self.run(todo)}
         scratch = {s: runs["scratch", *chosen["scratch"], s] for s in seeds}
-        timing = [{"split": a.split, **fractions(runs[best0, *chosen[best0], 0], scratch[0])}]
+        rows0 = {op: fractions(runs[op, *chosen[op], 0], scratch[0]) for op in every}
+        best0 = min((op for op in every if op in PRESERVING), key=lambda op: rank(rows0[op]))
+        # the growth timing, probed with the best preserving operator at seed 0
+        others = [s for s in a.splits.split("/") if s != a.split]
+        probe = self.run({(best0, *chosen[best0], 0, s): overrides(with_split(p, s), best0, *chosen[best0], 0)
+                          for s in others})
+        runs.update(probe)
+        timing = [{"split": a.split, **rows0[best0]}]
         timing += [{"split": s, **fractions(runs[best0, *chosen[best0], 0, s], scratch[0])} for s in others]
         best_split = min(timing, key=rank)["split"]
-        todo = {}
-        if "clone" in a.operators.split(","):
-            clone0 = fractions(runs["clone", *clone_lr, 0], scratch[0])
-            if clone0["flops_frac"] is not None:  # it reaches the target: its seeds too
-                chosen["clone"] = clone_lr
-                todo.update({("clone", *clone_lr, s): overrides(p, "clone", *clone_lr, s) for s in seeds if s > 0})
-        if best_split != a.split:
-            todo.update({(best0, *chosen[best0], s, best_split): overrides(with_split(p, best_split), best0,
-                                                                            *chosen[best0], s)
-                         for s in seeds if s > 0})
-        runs.update(self.run(todo) if todo else {})
 
-        def seeds_of(op, split=None):
-            key = (lambda s: (op, *chosen[op], s)) if split in (None, a.split) else \
-                (lambda s: (op, *chosen[op], s, split))
-            rows = [{"seed": s, **fractions(runs[key(s)], scratch[s])} for s in seeds]
-            return rows, spread([r["flops_frac"] for r in rows])
+        def key(op, s, split):
+            return (op, *chosen[op], s) if split == a.split else (op, *chosen[op], s, split)
+        # the best preserving operator at its best timing: every seed
+        runs.update(self.run({key(best0, s, best_split): overrides(with_split(p, best_split), best0, *chosen[best0], s)
+                              for s in seeds if s > 0}))
+        best_rows = [{"seed": s, **fractions(runs[key(best0, s, best_split)], scratch[s])} for s in seeds]
 
         operators = {}
-        for op in ops + (["clone"] if "clone" in a.operators.split(",") else []):
-            if op not in chosen:  # clone that never reached the target at msg's rate
-                c = fractions(runs["clone", *clone_lr, 0], scratch[0])
-                operators[op] = {"peak_lr": clone_lr[0], "lr_swept": False, "seeds": [{"seed": 0, **c}],
-                                 "flops_frac": spread([c["flops_frac"]]), "split": a.split}
-                continue
-            rows, sp = seeds_of(op)
-            operators[op] = {"peak_lr": chosen[op][0], "lr_swept": op != "clone",
-                             "lrs_tried": sorted(tried_lrs(sweep, op)) if op != "clone" else [chosen[op][0]],
-                             "lr_bracketed": None if op == "clone" else
-                             min(tried_lrs(sweep, op)) < chosen[op][0] < max(tried_lrs(sweep, op)),
-                             "split": a.split, "seeds": rows, "flops_frac": sp,
-                             "total_flops_frac": runs[op, *chosen[op], 0]["total_flops"]
-                             / scratch[0]["total_flops"]}
-        rows, sp = seeds_of(best0, best_split)
+        for op in every:
+            r = {"seed": 0, **rows0[op]}
+            rows = [r] + ([x for x in best_rows if x["seed"] > 0] if op == best0 and best_split == a.split else [])
+            tried = sorted(tried_lrs(sweep, op)) if op in swept else None
+            operators[op] = {"peak_lr": chosen[op][0], "lr_swept": op in swept, "lrs_tried": tried,
+                             "lr_bracketed": tried[0] < chosen[op][0] < tried[-1] if tried else None,
+                             "lr_from": None if op in swept else lead,
+                             "split": a.split, "seeds": rows, "flops_frac": spread([x["flops_frac"] for x in rows]),
+                             "total_flops_frac": runs[op, *chosen[op], 0]["total_flops"] / scratch[0]["total_flops"]}
         tried = tried_lrs(sweep, "scratch")
         return {
             "tokens_per_param": self.tpp, "tokens": p.tokens, "params": self.params, "batch": p.batch,
@@ -218,7 +210,8 @@ class Point:
             "operators": operators,
             "timing": {"operator": best0, "peak_lr": chosen[best0][0], "seed": 0, "rows": timing,
                        "best_split": best_split},
-            "best": {"operator": best0, "split": best_split, "seeds": rows, "flops_frac": sp},
+            "best": {"operator": best0, "split": best_split, "seeds": best_rows,
+                     "flops_frac": spread([x["flops_frac"] for x in best_rows])},
             "sweeps": sweeps, "runs": self.runs,
             "runs_loadavg_1min_end": [min(self.loads), max(self.loads)] if self.loads else None,
             "elapsed_s": round(time.time() - started, 1)}
@@ -249,7 +242,7 @@ def plot(result: dict, path: Path) -> None:
               and p["operators"][op]["flops_frac"]["mean"] is not None]
         if xs:
             ax.errorbar([x for x, _ in xs], [f["mean"] for _, f in xs], yerr=[f["std"] or 0 for _, f in xs],
-                        color=color, marker="o", ms=4, lw=1.0, capsize=2, label=f"{op} (split {result['split']})")
+                        color=color, marker="o", ms=4, lw=1.0, capsize=2, label=f"{op} (seed 0, split {result['split']})")
     best = [(p["tokens_per_param"], p["best"]["flops_frac"]) for p in pts if p["best"]["flops_frac"]["mean"] is not None]
     if best:
         ax.errorbar([x for x, _ in best], [f["mean"] for _, f in best], yerr=[f["std"] or 0 for _, f in best],
@@ -258,17 +251,20 @@ def plot(result: dict, path: Path) -> None:
         if an["tokens_per_param"]:
             ax.plot([an["tokens_per_param"]], [an["flops_frac"]], marker="*", ms=12, color="purple", ls="none")
             ax.annotate(an["name"], (an["tokens_per_param"], an["flops_frac"]), textcoords="offset points",
-                        xytext=(-60, 8), fontsize=7)
+                        xytext=(-100, -16), fontsize=7)
         else:
             ax.axhline(an["flops_frac"], color="purple", ls=":", lw=0.8)
-            ax.text(0.4, an["flops_frac"] + 0.01, an["name"], fontsize=7, color="purple")
+            ax.text(0.01, an["flops_frac"] + 0.01, an["name"], fontsize=7, color="purple",
+                    transform=ax.get_yaxis_transform())  # x in axes fraction: no tokens/param given
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(0.45, color="gray", ls="--", lw=0.8, label="aim 0.45")
     ax.set_xscale("log")
+    ax.set_xlim(0.3, 70)
+    ax.set_ylim(0.0, 1.2)
     ax.set_xlabel(f"tokens per parameter of the final model ({result['params'] / 1e3:.0f}k params)")
     ax.set_ylabel("flops_frac (FLOPs to scratch's final loss / scratch's)")
-    ax.set_title(f"Where growth pays (3 seeds, tuned LRs, wsd)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Where growth pays (tuned LRs, wsd; operators seed 0, best: seeds' mean)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -280,6 +276,8 @@ def parse(argv=None):
     p.add_argument("--priority", default="20,0.5,5,2,1",
                    help="the order in which points get the CPU (points not listed go last)")
     p.add_argument("--operators", default="msg,zero,stack,clone")
+    p.add_argument("--swept", default="msg,stack",
+                   help="operators whose LR is swept; the others run at the first one's chosen rate")
     p.add_argument("--peak-lr", type=float, default=4e-3)
     p.add_argument("--sweep-lr", default="0.5,1,2")
     p.add_argument("--sweep-extend", type=int, default=2)
@@ -290,7 +288,7 @@ def parse(argv=None):
     p.add_argument("--growth-tokens", type=float, default=1.25, help="growth schedules' tokens as a multiple of T")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--min-steps", type=int, default=100, help="the batch halves until scratch has this many steps")
+    p.add_argument("--min-steps", type=int, default=50, help="the batch halves until scratch has this many steps")
     p.add_argument("--warmup-frac", type=float, default=0.1, help="first-stage warmup, share of scratch's steps")
     p.add_argument("--rewarm-frac", type=float, default=0.03, help="re-warm after a growth, share of scratch's steps")
     p.add_argument("--ramp-frac", type=float, default=0.06, help="msg mask ramp, share of scratch's steps")
