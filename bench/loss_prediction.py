@@ -7,8 +7,8 @@ through `grow search`, `grow predict` and `grow run`.
    run per point: a WSD branch per token count would need resuming a stable run under a new
    schedule, which `grow run` does not do); L(N, D) = E + A/N^alpha + B/D^beta fitted with
    bootstrap intervals (orchestrator/budget/law_fit.py); kept even when it is not a law
-   (predict.keep_unlawful=true), so the bench can report why; fitted again in Kaplan et al.'s
-   form (predict.form=kaplan, no irreducible term) on the same proxies.
+   (predict.keep_unlawful=true), so the bench can report why; the same points fitted again in
+   Kaplan et al.'s form (predict.form=kaplan: no irreducible term) in this process.
 3. train the held-out targets, none seen by the fit: 4x and 8x the widest proxy's
    non-embedding parameters at its largest token count, the widest proxy at 4x those
    tokens, and a 3-stage grown schedule (widest proxy -> 4x -> 8x, msg, --grown-split of
@@ -109,24 +109,39 @@ def grid_sweep(a) -> list[str]:
 
 
 def grid(a, work: Path, chosen: dict, form: str) -> tuple[int, Path]:
-    """The `grow predict` sweep over the grid, fitted in `form` (kept even if not a law; the
-    proxies trained once, reused by the second form); (rc, the fit's copy loss_fit.<form>.json).
+    """The `grow predict` sweep over the grid, fitted in `form` (kept even if not a law);
+    (rc, the fit's copy loss_fit.<form>.json); --reuse-fit: that copy when it exists.
     --runs-only: the same members trained by `grow run -m` (grow predict reuses them)."""
     directory = work / "grid"
+    copy = directory / f"loss_fit.{form}.json"
     if a.runs_only:
         rc = grow(["run", "-m", *grid_overrides(a, chosen), *grid_sweep(a), f"hydra.sweep.dir={directory}"],
                   work / "grid-runs.log")
-        return rc, directory / "loss_fit.json"
+        return rc, copy
+    if a.reuse_fit and copy.exists():
+        return 0, copy
     args = ["predict", f"predict.widths={','.join(map(str, a.widths))}",
             f"predict.tokens={','.join(map(str, a.tokens))}", f"predict.seeds={','.join(map(str, a.seeds))}",
             "predict.keep_unlawful=true", f"predict.bootstrap={a.bootstrap}", f"predict.form={form}",
             *grid_overrides(a, chosen), f"hydra.sweep.dir={directory}"]
     rc = grow(args, work / f"grid.{form}.log")
-    copy = directory / f"loss_fit.{form}.json"
-    if (directory / "loss_fit.json").exists():
+    if rc in (0, 5):
         shutil.copyfile(directory / "loss_fit.json", copy)
         shutil.copyfile(directory / "loss_fit.png", directory / f"loss_fit.{form}.png")
     return rc, copy
+
+
+def refit(a, fit: dict, form: str, path: Path) -> Path:
+    """The same proxies' points fitted in another form, in this process (grow predict's fit,
+    without relaunching the 36 finished members), written beside the first."""
+    from orchestrator.budget.law_fit import fit_report
+    points = [{"n": c["n"], "tokens": c["tokens"], "width": c["width"], "loss": x, "seed": s, "member": m}
+              for c in fit["points"] for x, s, m in zip(c["seed_losses"], c["seeds"], c["members"])]
+    other = fit_report(points, samples=a.bootstrap, max_interval=fit["max_interval"], form=form)
+    keep = ("proxy_schedule", "parametrization", "sweep_dir", "sweep_exit_status", "planned", "partial")
+    other.update({k: fit[k] for k in keep}, growth_correction=0.0, kept_unlawful=not other["lawful"])
+    path.write_text(json.dumps(other, indent=1))
+    return path
 
 
 def targets(a, chosen: dict) -> dict[str, list[str]]:
@@ -204,6 +219,7 @@ def main() -> None:
     ap.add_argument("--forms", default="chinchilla,kaplan", help="the law's forms fitted (grow predict predict.form)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs-only", action="store_true", help="train everything; no fit, no results")
+    ap.add_argument("--reuse-fit", action="store_true", help="the grid's fit from an earlier call, if any")
     ap.add_argument("--analyse-only", action="store_true",
                     help="train no target or small schedule: report on those that finished")
     ap.add_argument("--work-dir", default="/tmp/grow-bench-loss-law")
@@ -216,14 +232,15 @@ def main() -> None:
     t0 = time.time()
     chosen = search(a, work)
     console.print(f"search: lr {chosen['lr']}, init_std {chosen['init_std']} ({time.time() - t0:.0f} s)")
-    fits = {}
-    for form in a.forms.split(","):
-        rc, fits[form] = grid(a, work, chosen, form)
-        console.print(f"grid: grow predict predict.form={form}: exit status {rc} ({time.time() - t0:.0f} s)")
-        if rc not in (0, 5) and not a.runs_only:
-            sys.exit(f"grow predict failed (rc {rc}); see {work / f'grid.{form}.log'}")
-        if a.runs_only:
-            break
+    forms = a.forms.split(",")
+    rc, first = grid(a, work, chosen, forms[0])
+    console.print(f"grid: grow predict predict.form={forms[0]}: exit status {rc} ({time.time() - t0:.0f} s)")
+    if rc not in (0, 5) and not a.runs_only:
+        sys.exit(f"grow predict failed (rc {rc}); see {work / f'grid.{forms[0]}.log'}")
+    fits = {forms[0]: first}
+    if not a.runs_only:
+        for form in forms[1:]:
+            fits[form] = refit(a, json.loads(first.read_text()), form, first.with_name(f"loss_fit.{form}.json"))
     seeds = [int(s) for s in a.target_seeds.split(",")]
     held = trained(a, targets(a, chosen), work, seeds)
     console.print(f"targets trained ({time.time() - t0:.0f} s)")
