@@ -9,7 +9,8 @@ from pathlib import Path
 
 from growth_ops import MaskState, ModelSpec
 
-from orchestrator.checkpoint.init_model import MODEL_KEYS, SHAPE_FIELDS, model_at_start, override, shape_override
+from orchestrator.checkpoint.init_model import (MODEL_KEYS, MOE_FIELDS, SHAPE_FIELDS, model_at_start, moe_override,
+                                                override, shape_override)
 from orchestrator.config.checks import check
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.tokenizer_file import hf_vocab_digest
@@ -109,11 +110,12 @@ def _first_shape(schedule: Schedule, given: str, spec: ModelSpec) -> None:
     """Stage 1 starts at the checkpoint's shape or grows into a larger one, by the rules
     between two stages (stage 1's growth settings)."""
     first = schedule[0]
-    if all(getattr(spec, f) == getattr(first.spec, f) for f in SHAPE_FIELDS):
+    if all(getattr(spec, f) == getattr(first.spec, f) for f in SHAPE_FIELDS + MOE_FIELDS):
         return
     try:
         check_growth(ResolvedStage.alone(first.config, spec), first)
     except ConfigError as e:
-        shape = " ".join(f"{f}={getattr(spec, f)}" for f in SHAPE_FIELDS)
+        shape = " ".join(f"{f}={getattr(spec, f)}" for f in SHAPE_FIELDS + (MOE_FIELDS if spec.is_moe else ()))
+        starts = " ".join([shape_override(spec), *([moe_override(spec)] if spec.is_moe else [])])
         raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]}; init_from {given} is {shape}: stage 1 starts at "
-                                 f"that shape ({shape_override(spec)}) or grows into a larger one") from None
+                                 f"that shape ({starts}) or grows into a larger one") from None

@@ -20,6 +20,7 @@ MODEL_KEYS = {"norm": "model.norm", "mlp": "model.mlp", "position": "model.posit
               "mup_base_hidden": "model.mup.base_hidden", "mup_output_mult": "model.mup.output_mult",
               "mup_embed_mult": "model.mup.embed_mult", "mup_attn_scale": "model.mup.attn_scale"}
 SHAPE_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads")
+MOE_FIELDS = ("experts", "top_k")  # a mixture's structure (stage 1's `moe`): part of where it starts
 
 
 def model_at_start(schedule: Schedule) -> ModelSpec:
@@ -40,9 +41,19 @@ def shape_override(spec: ModelSpec) -> str:
     return f"'schedule.stages.0.shape={{{fields}}}'"
 
 
+def moe_override(spec: ModelSpec) -> str:
+    """Stage 1's `moe` of a mixture of experts, quoted for a shell. Merged into the stage
+    (schedule.stages.0={moe: ...}): OmegaConf 2.3 cannot merge a dict into a stage's null
+    `moe` itself (schedule.stages.0.moe={...} fails with 'NoneType' object has no attribute 'get')."""
+    cap = "null" if spec.capacity_factor is None else spec.capacity_factor
+    return (f"'schedule.stages.0={{moe: {{experts: {spec.experts}, top_k: {spec.top_k}, "
+            f"aux_loss_coef: {spec.aux_loss_coef}, capacity_factor: {cap}}}}}'")
+
+
 def model_overrides(spec: ModelSpec) -> list[str]:
     """The `grow run` overrides under which stage 1 is exactly `spec`'s model: model.* (muP's
-    only when it is one), the vocabulary rows and the shape."""
+    only when it is one), the vocabulary rows, the shape and a mixture's experts."""
     fields = [f for f in MODEL_KEYS if spec.is_mup or not f.startswith("mup_")]
     return [*(override(MODEL_KEYS[f], getattr(spec, f)) for f in fields),
-            override("model.vocab_size", spec.vocab), shape_override(spec)]
+            override("model.vocab_size", spec.vocab), shape_override(spec),
+            *([moe_override(spec)] if spec.is_moe else [])]

@@ -180,8 +180,9 @@ def import_hf(src: Path, out: Path, overwrite: bool = False) -> tuple[ModelSpec,
             t = hf_mixtral.read_moe_tensor(name, spec, tensors) if hf_mixtral.is_moe_tensor(name) \
                 else tensors[hf_name(name)]
             if tuple(t.shape) != shape:
-                raise OfflineError(name, f"{hf_sources(name, spec, tensors)[0]} gives shape {tuple(t.shape)}, "
-                                         f"config says {shape}")
+                what = hf_sources(name, spec, tensors)
+                what = what[0] if len(what) == 1 else f"{what[0]} .. {what[-1]} (stacked)"
+                raise OfflineError(name, f"{what} has shape {tuple(t.shape)}, config says {shape}")
             yield name, t.float()
 
     def write_files(tmp: Path) -> None:

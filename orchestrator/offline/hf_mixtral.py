@@ -104,7 +104,11 @@ def read_moe_tensor(name: str, spec: ModelSpec, tensors) -> torch.Tensor:
         return gate_up.chunk(2, dim=1)[0 if part == "gate" else 1].contiguous()
     if len(sources) == 1:
         return tensors[sources[0]]
-    return torch.stack([tensors[s] for s in sources])
+    parts = [tensors[s] for s in sources]
+    for s, t in zip(sources, parts):  # one expert's shape, named, before stacking
+        if t.shape != parts[0].shape:
+            raise OfflineError(name, f"{s} has shape {tuple(t.shape)}, {sources[0]} has {tuple(parts[0].shape)}")
+    return torch.stack(parts)
 
 
 # -- export ----------------------------------------------------------------------------------

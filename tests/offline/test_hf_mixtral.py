@@ -148,3 +148,17 @@ def test_export_refuses_gelu_experts(tmp_path, capsys):
     assert "model.mlp: 'gelu' has no Mixtral equivalent (its experts are SwiGLU); allowed: swiglu" \
         in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_import_refuses_an_expert_of_another_shape(tmp_path, capsys):
+    from safetensors.torch import load_file
+    random_mixtral().save_pretrained(tmp_path / "hf")
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    key = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    sd[key] = sd[key][:, :19].contiguous()  # one expert narrower than the config's intermediate_size
+    save_file(sd, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()  # transformers' own progress output
+    assert import_command([f"src={tmp_path / 'hf'}", f"out={tmp_path / 'ckpt'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{key} has shape (32, 19)" in err, err
+    assert not (tmp_path / "ckpt").exists()
