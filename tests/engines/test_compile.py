@@ -118,6 +118,15 @@ BAD = [
 ]
 
 
+def test_compile_of_a_mixture_of_experts_refused(tmp_path, data_cache, capsys):
+    """Routing gives each expert a data-dependent number of tokens: not compiled (conf/schedule/upcycle.yaml)."""
+    code = grow_in_process("run", "schedule=upcycle", "tracking=off", f"data.cache_dir={data_cache}",
+                           "train.compile=true", f"hydra.run.dir={tmp_path / 'run'}")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "schedule.stages.2 is a mixture of experts" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("overrides,key", BAD)
 def test_bad_compile_settings_refused(tmp_path, data_cache, capsys, overrides, key):
     code = grow_in_process("run", *COMMON, f"data.cache_dir={data_cache}", *overrides,
