@@ -114,6 +114,9 @@ def grid(a, work: Path, chosen: dict, form: str) -> tuple[int, Path]:
     --runs-only: the same members trained by `grow run -m` (grow predict reuses them)."""
     directory = work / "grid"
     copy = directory / f"loss_fit.{form}.json"
+    planned = len(a.widths) * len(a.tokens) * len(a.seeds)
+    if a.runs_only and all(_complete(directory / str(i)) for i in range(planned)):
+        return 0, copy  # relaunching finished members only to find them finished: minutes on a loaded machine
     if a.runs_only:
         rc = grow(["run", "-m", *grid_overrides(a, chosen), *grid_sweep(a), f"hydra.sweep.dir={directory}"],
                   work / "grid-runs.log")
@@ -129,6 +132,11 @@ def grid(a, work: Path, chosen: dict, form: str) -> tuple[int, Path]:
         shutil.copyfile(directory / "loss_fit.json", copy)
         shutil.copyfile(directory / "loss_fit.png", directory / f"loss_fit.{form}.png")
     return rc, copy
+
+
+def _complete(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["status"] == "complete"
 
 
 def refit(a, fit: dict, form: str, path: Path) -> Path:
