@@ -124,10 +124,11 @@ def watch_transition(proc: subprocess.Popen, step0: Path) -> dict:
         for child in children:
             if child.pid not in ranks:
                 try:
-                    rank = child.environ().get("RANK")
-                except psutil.Error:
+                    env = child.environ()
+                except psutil.Error:  # ended meanwhile
                     continue
-                if rank is None or "LOCAL_RANK" not in child.environ():
+                rank = env.get("RANK")
+                if rank is None or "LOCAL_RANK" not in env:
                     continue
                 ranks[child.pid] = int(rank)
             anon = rss_anon(child.pid)
@@ -138,6 +139,7 @@ def watch_transition(proc: subprocess.Popen, step0: Path) -> dict:
                 first.setdefault(rank, anon)
         time.sleep(SAMPLE_S)
     reader.join(timeout=5)
+    (step0.parents[3] / "transition.log").write_text("".join(lines))  # the whole run's output, kept in --work-dir
     if "end" not in marks and step0.exists():
         marks["end"] = time.time()
     if "start" not in marks or "end" not in marks:

@@ -1,10 +1,11 @@
 """What a growth transition costs, before anything runs (`grow plan`).
 
-The transition into a grown stage (orchestrator/run/transition.py `start_stage`): every rank
-of the new layout evaluates the old model from its slices of the old checkpoint, the
-writer ranks grow the state tensor by tensor from the old files into the new stage's
-step-0 checkpoint (each old tensor read once, each grown tensor written once), and every
-rank loads its slices of it. Bytes are fp32 weights plus two fp32 Adam moments, as the
+The transition into a grown stage (orchestrator/run/transition.py `start_stage`): the old
+model's check loss was taken at the end of its stage and kept in its final checkpoint (no
+old model is rebuilt), the writer ranks grow the state tensor by tensor from the old files
+into the new stage's step-0 checkpoint (each old tensor read once, each grown tensor
+written and hashed once, in the same pass), and every rank loads its slices of it; the
+seal reads nothing back. Bytes are fp32 weights plus two fp32 Adam moments, as the
 canonical checkpoint stores them. Per GPU: the new stage's model states (what the engine
 holds once loaded; the old model's slice, weights only, is smaller and freed before).
 Per host: what the growth itself holds, one grown tensor, its old source and the random
@@ -35,7 +36,7 @@ def transition_cost(cfg: RunConfig, old: ResolvedStage, new: ResolvedStage) -> d
     p_old, p_new = count_parameters(old.spec), count_parameters(new.spec)
     lay = new.layout
     written = STATE_BYTES * p_new
-    read = STATE_BYTES * p_old + FP32 * p_old + written  # grow from the old state; 'before' eval; load
+    read = STATE_BYTES * p_old + written  # grow from the old state; load the grown one
     per_gpu = p_new / (lay.tp * lay.pp) * state_bytes_per_param(cfg.engine.dtype, lay.dp)
     ranks_per_host = min(new.world, cfg.cluster.gpus_per_node or new.world)
     per_host = ranks_per_host * GROWTH_WORKING_SET * largest_tensor_bytes(new.spec)

@@ -43,6 +43,7 @@ from orchestrator.model import moe_metrics, moe_stats, set_aux_grad_scale
 from orchestrator.schedule import ResolvedStage
 from orchestrator.data import rank_slice
 from orchestrator.engines.device import backend_for, pick_device
+from orchestrator.engines.host_memory import release_free_heap
 from orchestrator.engines.parallel_model import BlockLayer, MaskBox, megatron_config, split_dim
 
 
@@ -165,6 +166,7 @@ class DeepSpeedEngine(Engine):
         self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config,
                                                mpu=self.steps.mpu())
         self.steps.check(self.engine, self.rank, (self.tp_rank, self.dp_rank, self.pp_rank))
+        release_free_heap()  # DeepSpeed's transient copies, before the moments are allocated
         if self.compiled:
             self.engine.compile(backend="inductor", compile_kwargs=compile_options(self.cfg.train.compile_mode))
         if self.bf16:  # the optimizer's masters were made from bf16 copies: restore them exactly

@@ -22,6 +22,7 @@ from orchestrator.run.evaluation import by_source, evaluate_sources
 from orchestrator.run.lr import lr_at
 from orchestrator.run.signals import take_pending
 from orchestrator.run.state import RunState
+from orchestrator.run.transition import next_check
 from orchestrator.schedule import ResolvedStage
 
 
@@ -80,6 +81,8 @@ def save_state(ctx: RunContext, engine: Engine, state: RunState, complete: bool 
     """Checkpoint `state` with the engine's weights and moments (many ranks: each writes its
     share of full tensors); returns its path."""
     weights, moments, state.optimizer_step = engine.export()
+    if complete:  # the growth into the next stage then needs no old model (a job of its own would rebuild it)
+        state.next_check = next_check(ctx, state, engine)
     meta = checkpoint_meta(ctx, engine, state, complete)
     path = ctx.checkpointer.path(state.stage_index, state.stage_name, state.step)
     if ctx.checkpointer.save(path, weights, moments, meta, engine.shard_role()):

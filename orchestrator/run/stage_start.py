@@ -46,7 +46,8 @@ def begin(ctx: RunContext, nxt: NextStage, ckpt: Path | None, meta: dict | None)
 def source_after(prev: RunState, final: OpenedCheckpoint, engine: Engine | None = None) -> StageSource:
     """What the stage after `prev` starts from: `prev`'s final checkpoint, opened lazily (a
     growth reads it tensor by tensor), and the engine that trained it when this process did."""
-    return StageSource(final.weights, final.moments, prev.spec, prev.optimizer_step, prev.stage_name, engine)
+    return StageSource(final.weights, final.moments, prev.spec, prev.optimizer_step, prev.stage_name, engine,
+                       prev.next_check)
 
 
 def grow_into(ctx: RunContext, index: int, prev: RunState, source: StageSource) -> ActiveStage:

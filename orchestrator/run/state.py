@@ -42,6 +42,9 @@ class RunState:
     rng: dict | None = None
     tracking: dict = field(default_factory=dict)
     saved_at: float | None = None
+    # at a stage's end, when the next stage grows: the old model's loss on the growth check's
+    # batches, taken while the engine was live (run/transition.py `next_check`)
+    next_check: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.growth, dict):  # as meta.json holds it
@@ -60,7 +63,8 @@ class RunState:
                 "ledger": self.ledger.to_dict(), "tracking": self.tracking,
                 "growth": None if self.growth is None else self.growth.to_dict(),
                 "val_loss": self.val_loss, "completed_stages": self.completed_stages,
-                "saved_at": self.saved_at, "optimizer_step": self.optimizer_step}
+                "saved_at": self.saved_at, "optimizer_step": self.optimizer_step,
+                **({"next_check": self.next_check} if self.next_check is not None else {})}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "RunState":
@@ -75,7 +79,8 @@ class RunState:
                    stage_complete=meta["stage_complete"], lr=meta["lr"], val_loss=meta["val_loss"],
                    growth=GrowthRecord.from_dict(meta["growth"]), completed_stages=meta["completed_stages"],
                    masks=MaskState.from_dict(meta["masks"]), optimizer_step=meta.get("optimizer_step", 0),
-                   rng=meta.get("rng"), tracking=meta.get("tracking") or {}, saved_at=meta.get("saved_at"))
+                   rng=meta.get("rng"), tracking=meta.get("tracking") or {}, saved_at=meta.get("saved_at"),
+                   next_check=meta.get("next_check"))
 
 
 def check_resumable(meta: dict) -> None:

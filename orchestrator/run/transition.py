@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,11 @@ from growth_ops.spec import ARCHITECTURE, PARAMETRIZATION, moe_settings_only
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.engines.base import Engine
+from orchestrator.engines.host_memory import release_free_heap
 from orchestrator.faults import failpoint
 from orchestrator.run.context import RunContext
 from orchestrator.run.growth_record import GrowthRecord, PositionSwitch
+from orchestrator.run.state import RunState
 from orchestrator.schedule import ResolvedStage
 
 
@@ -53,6 +56,47 @@ def check_batches(ctx: RunContext, stage: ResolvedStage) -> list[torch.Tensor]:
     return [b for v in ctx.val_sets(stage).values() for b in v.batches[:CHECK_BATCHES]]
 
 
+def batches_digest(batches: list[torch.Tensor]) -> str:
+    """Which batches a loss was taken on (their shapes and tokens)."""
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(str(tuple(b.shape)).encode())
+        h.update(b.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def next_check(ctx: RunContext, state: RunState, engine: Engine) -> dict | None:
+    """At the end of stage `state` (its `engine` still live, at its own RoPE scaling): when
+    the next stage grows, the old model's loss on that growth check's batches, as the check
+    computes it (fp32 only: elsewhere a layout change moves the loss by more than rounding).
+    The final checkpoint keeps it, so the transition, in this job or the next, uses it and
+    never rebuilds the old model to evaluate it again. A multi-rank engine takes only batches
+    of its own stage's shape (its data-parallel split and micro-batches fit those); else the
+    transition evaluates the old model on the new layout, as before."""
+    if state.stage_index + 1 >= len(ctx.schedule) or engine.check_dtype != "fp32":
+        return None
+    stage, nxt = ctx.schedule[state.stage_index], ctx.schedule[state.stage_index + 1]
+    if dataclasses.replace(nxt.spec, **state.spec.rope_scaling()) == state.spec:  # no growth
+        return None
+    shape = (nxt.config.batch_size, nxt.config.seq_len)
+    if engine.shard_role() is not None and shape != (stage.config.batch_size, stage.config.seq_len):
+        return None
+    batches = check_batches(ctx, nxt)
+    return {"stage": nxt.name, "val_loss": engine.evaluate(batches, exact=True), "check_dtype": engine.check_dtype,
+            "batches": batches_digest(batches)}
+
+
+def known_before(source: "StageSource", stage: ResolvedStage, batches: list[torch.Tensor]) -> float | None:
+    """The old model's loss on `batches` if `source`'s stage recorded it at its end (`next_check`)
+    for this stage and these very batches; None: evaluate it."""
+    known = source.known_check
+    if not isinstance(known, dict) or known.get("stage") != stage.name or known.get("check_dtype") != "fp32":
+        return None
+    if known.get("batches") != batches_digest(batches) or not isinstance(known.get("val_loss"), (int, float)):
+        return None
+    return float(known["val_loss"])
+
+
 @dataclass
 class StageSource:
     """The model state a stage starts from: weights of shape `spec` (a checkpoint's, opened
@@ -67,6 +111,7 @@ class StageSource:
     optimizer_step: int
     name: str
     engine: Engine | None = None
+    known_check: dict | None = None  # the old model's check loss, taken at its stage's end (`next_check`)
 
     def take_engine(self) -> Engine | None:
         engine, self.engine = self.engine, None
@@ -132,14 +177,18 @@ def _grow(ctx: RunContext, stage: ResolvedStage, source: StageSource, batches) -
                              init=growth.init, moments=growth.moments, drop_ratio=growth.drop_ratio)
     clock.lap("plan")
     old_engine = source.take_engine()
-    if old_engine is None:
-        old_engine = ctx.engine(dataclasses.replace(stage, spec=old_spec))
-        old_engine.load(source.weights, None, 0, None)
-    before = old_engine.evaluate(batches, exact=True)
-    del old_engine
-    gc.collect()  # DeepSpeed's engine keeps reference cycles: free the old model before the new one
+    before = known_before(source, stage, batches)
+    if before is None:
+        if old_engine is None:
+            old_engine = ctx.engine(dataclasses.replace(stage, spec=old_spec))
+            old_engine.load(source.weights, None, 0, None)
+        before = old_engine.evaluate(batches, exact=True)
+    if old_engine is not None:
+        del old_engine
+        gc.collect()  # DeepSpeed's engine keeps reference cycles: free the old model before the new one
     clock.lap("old_check")
     engine = ctx.engine(stage)  # this rank's slices of the new model, filled by load below
+    release_free_heap()  # what building it freed (Megatron's full-size init copies) is not kept
     role = engine.shard_role()
     clock.lap("build")
     generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + stage.index)
@@ -150,6 +199,7 @@ def _grow(ctx: RunContext, stage: ResolvedStage, source: StageSource, batches) -
     writers = checkpointer.staged_seconds(staged) if role is None or role.leader else {}
     grown = checkpointer.open_staged(staged)
     engine.load(grown.weights, grown.moments if opt_step else None, opt_step, masks)
+    release_free_heap()  # the slices read while loading: the stage trains without them
     clock.lap("load")
     engine.set_rope_scaling(new_spec)  # the check runs at the scaling the state was trained with
     after = engine.evaluate(batches, exact=True)
