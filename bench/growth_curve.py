@@ -6,12 +6,12 @@ tuned scratch (the final shape, T tokens, wsd decay) against one growth schedule
 operator ending at that shape (1.25 T tokens, wsd in every stage). Scratch's and the --swept
 operators' peak LRs are swept at seed 0 over --sweep-lr x --peak-lr and widened (halving or
 doubling, up to --sweep-extend times) while the best rate sits on the edge of those tried;
-the other operators run at the first swept one's rate. `flops_frac`: the
+the other operators run at the first swept one's (msg's) rate. `flops_frac`: the
 FLOPs at which a growth run's validation loss first reaches the same seed's scratch final
 loss, over scratch's FLOPs (null if never). The growth timing (the share of the schedule's
-tokens before each growth) is probed at seed 0 with the best preserving operator at its
-chosen rate over --splits; at the best split it then runs at every seed (scratch too):
-that is the point's figure. The other operators are measured at seed 0.
+tokens before each growth) is probed with msg at its chosen rate over --splits, every seed
+(scratch too); the split with the lowest mean is the point's figure ("best"). The other
+operators are measured at seed 0, and the best preserving one there is recorded too.
 
 What is done to fit a 2-core machine (all recorded in the JSON):
   * a final model of 61k parameters (4 layers x 32 hidden, ffn 88, 2 heads of 16; byte
@@ -21,8 +21,8 @@ What is done to fit a 2-core machine (all recorded in the JSON):
     shares of scratch's steps (<= 30 evaluations of 4k-8k tokens a run);
   * LRs are swept at seed 0 only, for scratch, msg and stack; zero and clone run at msg's
     chosen rate (at the small size of growth_vs_scratch msg, zero and clone chose the same
-    rate); the timing probe uses the operator's rate tuned at the default split; seeds 1..
-    run for scratch and the best preserving operator at its best timing only;
+    rate); the timing probe uses msg's rate tuned at the default split; seeds 1.. run for
+    scratch and msg only (they run beside the unswept operators, in one round after the sweep);
   * all points run side by side, --jobs `grow run`s at a time, the longest point first (it
     sets the total time); finished runs are cached in --work-dir by their overrides
     (bench/run_cache.py), so a second call reuses them. No run is branched from another's
@@ -160,38 +160,41 @@ class Point:
                 if nxt is not None:
                     todo[n, nxt, w, 0] = overrides(p, n, nxt, w, 0)
         # the unswept operators at the rate of the first swept one (msg: the same optimum as zero and
-        # clone at the small size of growth_vs_scratch), then all at seed 0 against tuned scratch
+        # clone at the small size of growth_vs_scratch); scratch's other seeds; and the growth
+        # timing, probed with that operator at every split and seed - all side by side, one round
         lead = swept[0]
         for op in every:
             chosen.setdefault(op, chosen[lead])
+        splits = [a.split] + [s for s in a.splits.split("/") if s != a.split]
+
+        def key(op, s, split):
+            return (op, *chosen[op], s) if split == a.split else (op, *chosen[op], s, split)
         todo = {(op, *chosen[op], 0): overrides(p, op, *chosen[op], 0) for op in every if op not in swept}
         todo.update({("scratch", *chosen["scratch"], s): overrides(p, "scratch", *chosen["scratch"], s)
                      for s in seeds if s > 0})
+        todo.update({key(lead, s, split): overrides(with_split(p, split), lead, *chosen[lead], s)
+                     for split in splits for s in seeds if (s, split) != (0, a.split)})
         runs = {**{k: v for k, v in sweep.items() if (k[0], *k[1:3]) in {(n, *chosen[n]) for n in names}},
                 **self.run(todo)}
         scratch = {s: runs["scratch", *chosen["scratch"], s] for s in seeds}
         rows0 = {op: fractions(runs[op, *chosen[op], 0], scratch[0]) for op in every}
         best0 = min((op for op in every if op in PRESERVING), key=lambda op: rank(rows0[op]))
-        # the growth timing, probed with the best preserving operator at seed 0
-        others = [s for s in a.splits.split("/") if s != a.split]
-        probe = self.run({(best0, *chosen[best0], 0, s): overrides(with_split(p, s), best0, *chosen[best0], 0)
-                          for s in others})
-        runs.update(probe)
-        timing = [{"split": a.split, **rows0[best0]}]
-        timing += [{"split": s, **fractions(runs[best0, *chosen[best0], 0, s], scratch[0])} for s in others]
-        best_split = min(timing, key=rank)["split"]
+        by_split = {split: [{"seed": s, **fractions(runs[key(lead, s, split)], scratch[s])} for s in seeds]
+                    for split in splits}
 
-        def key(op, s, split):
-            return (op, *chosen[op], s) if split == a.split else (op, *chosen[op], s, split)
-        # the best preserving operator at its best timing: every seed
-        runs.update(self.run({key(best0, s, best_split): overrides(with_split(p, best_split), best0, *chosen[best0], s)
-                              for s in seeds if s > 0}))
-        best_rows = [{"seed": s, **fractions(runs[key(best0, s, best_split)], scratch[s])} for s in seeds]
+        def mean_rank(split):  # all seeds reached first, then fewer FLOPs, then lower final loss
+            rows = by_split[split]
+            fr = [r["flops_frac"] for r in rows]
+            return (any(f is None for f in fr), statistics.fmean(f or 0.0 for f in fr),
+                    statistics.fmean(r["final_val_loss"] for r in rows))
+        best_split = min(splits, key=mean_rank)
+        timing = [{"split": split, "seed0": by_split[split][0], "seeds": by_split[split],
+                   "flops_frac": spread([r["flops_frac"] for r in by_split[split]])} for split in splits]
+        best_rows = by_split[best_split]
 
         operators = {}
         for op in every:
-            r = {"seed": 0, **rows0[op]}
-            rows = [r] + ([x for x in best_rows if x["seed"] > 0] if op == best0 and best_split == a.split else [])
+            rows = by_split[a.split] if op == lead else [{"seed": 0, **rows0[op]}]
             tried = sorted(tried_lrs(sweep, op)) if op in swept else None
             operators[op] = {"peak_lr": chosen[op][0], "lr_swept": op in swept, "lrs_tried": tried,
                              "lr_bracketed": tried[0] < chosen[op][0] < tried[-1] if tried else None,
@@ -208,9 +211,10 @@ class Point:
                         "final_val_loss": [scratch[s]["val_loss"][-1] for s in seeds],
                         "flops": scratch[0]["flops"][-1]},
             "operators": operators,
-            "timing": {"operator": best0, "peak_lr": chosen[best0][0], "seed": 0, "rows": timing,
+            "timing": {"operator": lead, "peak_lr": chosen[lead][0], "seeds": list(seeds), "rows": timing,
                        "best_split": best_split},
-            "best": {"operator": best0, "split": best_split, "seeds": best_rows,
+            "best_preserving_seed0": {"operator": best0, "split": a.split, **rows0[best0]},
+            "best": {"operator": lead, "split": best_split, "seeds": best_rows,
                      "flops_frac": spread([x["flops_frac"] for x in best_rows])},
             "sweeps": sweeps, "runs": self.runs,
             "runs_loadavg_1min_end": [min(self.loads), max(self.loads)] if self.loads else None,
