@@ -19,7 +19,7 @@ first reaches it (interpolated between evaluations) over the dense arm's stage-2
 zero over the dense arm's total. Losses and FLOPs do not depend on the machine's load (it is
 recorded anyway); no wall time is published.
 
-    python -m bench.upcycle                        # 3 seeds, ~21 runs, ~40 min on 2 shared cores
+    python -m bench.upcycle --jobs 4               # 3 seeds, 25 runs: ~90 min on 2 cores at load 15-25
     python -m bench.upcycle --seeds 1 --sweep-lr 1 # a quick look (4 runs)
 
 Writes bench/results/upcycle.json (rewritten at the end) and upcycle.png (validation loss
