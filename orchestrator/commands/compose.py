@@ -151,7 +151,23 @@ def compose(cmd: CommandLine, run_dir: str = UNUSED_RUN_DIR):
             hint = " (YAML indents with spaces, not tabs)" if "'\\t'" in str(bad.problem) else ""
             raise ConfigError(f"{mark.name}, line {mark.line + 1}",
                               f"{bad.problem}{hint}") from None
-        raise composition_error(e) from None
+        raise _into_null(cmd, e) or composition_error(e) from None
+
+
+def _into_null(cmd: CommandLine, e: BaseException) -> ConfigError | None:
+    """OmegaConf 2.3 cannot merge a mapping into a field that is null inside a list entry
+    (`schedule.stages.1.moe={experts: 4}`) and fails with an AttributeError that names
+    nothing; the whole entry can be set, so say how."""
+    if not (isinstance(e, AttributeError) and "'NoneType' object has no attribute" in str(e)):
+        return None
+    for o in cmd.overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if value.lstrip().startswith("{") and "." in key:
+            parent, field = key.rsplit(".", 1)
+            return ConfigError(key, f"is null here, and the command line cannot merge a mapping into it; "
+                                    f"set the entry whole: '{parent}={{{field}: {value.strip()}}}'")
+    return None
 
 
 def load_schedule(cmd: CommandLine, planning: bool = False, run_dir: str = UNUSED_RUN_DIR,
