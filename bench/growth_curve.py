@@ -34,6 +34,9 @@ FLOPs and losses do not depend on the machine's load (the load is recorded anywa
     python -m bench.growth_curve --tpp 0.5,1,2,5,10,20    # a sixth point (~+60% of the time)
     python -m bench.growth_curve --tpp 0.5,2,20 --seeds 1  # a quick look
 
+    python -m bench.growth_curve --partial-only           # runs nothing: adds what the cache holds for
+                                                          # the points not finished (partial_points)
+
 Writes bench/results/growth_curve.json (rewritten as each point finishes) and
 growth_curve.png (flops_frac against tokens per parameter, the published anchors beside it).
 `grow plan` reads the JSON (orchestrator/budget/growth_curve.py).
@@ -57,7 +60,7 @@ from pathlib import Path
 from bench.common import RESULTS, console, machine, table
 from bench.growth_vs_scratch import (choose, curve, fractions, next_lr, overrides, rank, spread, tried_lrs,
                                      whole_steps)
-from bench.run_cache import cached_run
+from bench.run_cache import cached_run, run_dir_of
 
 SHAPES = dict(final=(4, 32, 88, 2), width_path=[(2, 16, 44, 1), (2, 32, 88, 2)],
               depth_path=[(1, 32, 88, 2), (2, 32, 88, 2)])
@@ -233,6 +236,7 @@ def summary_rows(points: list[dict]) -> list[list]:
 
 
 COLORS = {"msg": "tab:blue", "zero": "tab:orange", "clone": "tab:green", "stack": "tab:red"}
+SHIFT = {"msg": 0.93, "zero": 0.98, "clone": 1.03, "stack": 1.08}  # side by side at a point (log x)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -246,11 +250,30 @@ def plot(result: dict, path: Path) -> None:
               and p["operators"][op]["flops_frac"]["mean"] is not None]
         if xs:
             ax.errorbar([x for x, _ in xs], [f["mean"] for _, f in xs], yerr=[f["std"] or 0 for _, f in xs],
-                        color=color, marker="o", ms=4, lw=1.0, capsize=2, label=f"{op} (seed 0, split {result['split']})")
+                        color=color, marker="o", ms=4, lw=1.0, capsize=2)
+        ax.plot([], [], color=color, marker="o", ms=4, label=f"{op} (seed 0, split {result['split']})")
     best = [(p["tokens_per_param"], p["best"]["flops_frac"]) for p in pts if p["best"]["flops_frac"]["mean"] is not None]
     if best:
         ax.errorbar([x for x, _ in best], [f["mean"] for _, f in best], yerr=[f["std"] or 0 for _, f in best],
                     color="black", marker="s", ms=6, lw=2.0, capsize=3, label="best preserving, best timing")
+    for op, color in COLORS.items():  # x at the top: never reached scratch's final loss
+        xs = [p["tokens_per_param"] for p in pts if op in p["operators"] and p["operators"][op]["flops_frac"]["mean"] is None]
+        ax.plot([x * SHIFT[op] for x in xs], [1.1] * len(xs), marker="x", ms=7, color=color, ls="none")
+    xs = [p["tokens_per_param"] for p in pts if p["best"]["flops_frac"]["mean"] is None]
+    ax.plot(xs, [1.12] * len(xs), marker="x", ms=9, color="black", ls="none")
+    hollow = False
+    for pp in result.get("partial_points", []):  # stopped for time: seed 0, the best rate and split so far
+        for op, color in COLORS.items():
+            vals = [r["flops_frac"] for r in pp["runs"] if r["name"] == op and r["seed"] == 0
+                    and r.get("flops_frac") is not None]
+            tried = any(r["name"] == op for r in pp["runs"])
+            if vals or tried:
+                ax.plot([pp["tokens_per_param"] * SHIFT[op]], [min(vals) if vals else 1.1], marker="o" if vals else "x",
+                        mfc="none", ms=7, color=color, ls="none",
+                        label=None if hollow else "hollow: a point stopped for time (seed 0, best so far)")
+                hollow = True
+    ax.text(0.99, 1.14, "x: never reached scratch's loss", fontsize=7, ha="right",
+            transform=ax.get_yaxis_transform())
     for an in ANCHORS:
         if an["tokens_per_param"]:
             ax.plot([an["tokens_per_param"]], [an["flops_frac"]], marker="*", ms=12, color="purple", ls="none")
@@ -268,10 +291,54 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel(f"tokens per parameter of the final model ({result['params'] / 1e3:.0f}k params)")
     ax.set_ylabel("flops_frac (FLOPs to scratch's final loss / scratch's)")
     ax.set_title("Where growth pays (tuned LRs, wsd; operators seed 0, best: seeds' mean)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def partial_point(a, tpp: float, params: int) -> dict | None:
+    """What the run cache holds for a point that did not finish (stopped for time): every
+    finished seed-0 run of the LR sweep and msg's timing probe, each growth run against the
+    best scratch run there. No figure here is tuned to the end or averaged over seeds."""
+    p = point_args(a, tpp, params)
+    work = Path(a.work_dir) / f"tpp{tpp:g}"
+    base = [a.peak_lr * float(m) for m in a.sweep_lr.split(",")]
+    lrs = sorted({lr * 2.0 ** k for lr in base for k in range(-a.sweep_extend, a.sweep_extend + 1)})
+    splits = [a.split] + [s for s in a.splits.split("/") if s != a.split]
+    found = {}
+    for name in ["scratch"] + a.operators.split(","):
+        for lr in lrs:
+            for split in (splits if name != "scratch" else [a.split]):
+                for seed in range(a.seeds):
+                    d = run_dir_of(name, overrides(with_split(p, split), name, lr, p.warmup, seed), work)
+                    summary = d / "summary.json"
+                    if summary.exists() and json.loads(summary.read_text())["status"] == "complete":
+                        found[name, lr, split, seed] = curve(d)
+    sc = {k: c for k, c in found.items() if k[0] == "scratch" and k[3] == 0}
+    if not sc:
+        return None
+    best = min(sc, key=lambda k: sc[k]["val_loss"][-1])
+    runs = [{"name": k[0], "peak_lr": k[1], "split": k[2], "seed": k[3],
+             **({"final_val_loss": c["val_loss"][-1]} if k[0] == "scratch" else
+                fractions(c, found[best] if k[3] == 0 else found.get(("scratch", best[1], a.split, k[3]), found[best])))}
+            for k, c in sorted(found.items())]
+    loads = [c["loadavg_1min_end"] for c in found.values() if c["loadavg_1min_end"] is not None]
+    return {"tokens_per_param": tpp, "complete": False, "tokens": p.tokens, "params": params, "batch": p.batch,
+            "steps": p.steps, "scratch_best": {"peak_lr": best[1], "final_val_loss": sc[best]["val_loss"][-1],
+                                               "lrs_tried": sorted(k[1] for k in sc)},
+            "runs": runs, "runs_loadavg_1min_end": [min(loads), max(loads)] if loads else None}
+
+
+def add_partial(a, path: Path) -> dict:
+    """The results file with `partial_points` for every --tpp point it lacks."""
+    result = json.loads(path.read_text()) if path.exists() else {"points": [], "split": a.split}
+    params = result.setdefault("params", final_params(a))
+    result.setdefault("split", a.split)
+    done = {p["tokens_per_param"] for p in result.get("points", [])}
+    result["partial_points"] = [pt for tpp in (float(x) for x in a.tpp.split(",")) if tpp not in done
+                                for pt in [partial_point(a, tpp, params)] if pt]
+    return result
 
 
 def parse(argv=None):
@@ -304,6 +371,9 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "growth_curve"))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--partial-only", action="store_true",
+                   help="run nothing: add what the run cache holds for the points the results file lacks "
+                        "(partial_points) and redraw the plot")
     p.add_argument("--code-commit", help="recorded with the results: the commit of the code the runs used "
                                         "(e.g. when run from `git archive` of it, with PYTHONPATH set to it)")
     a = p.parse_args(argv)
@@ -314,6 +384,14 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     a = parse(argv)
+    if a.partial_only:
+        path = Path(a.out) / "growth_curve.json"
+        result = add_partial(a, path)
+        path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        if result.get("points") or result.get("partial_points"):
+            plot(result, Path(a.out) / "growth_curve.png")
+        console.print(f"wrote {path}: {len(result['partial_points'])} partial points")
+        return 0
     started, load_before = time.time(), os.getloadavg()
     params = final_params(a)
     order = [float(x) for x in a.priority.split(",")]
