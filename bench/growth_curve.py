@@ -251,7 +251,9 @@ def plot(result: dict, path: Path) -> None:
         if xs:
             ax.errorbar([x for x, _ in xs], [f["mean"] for _, f in xs], yerr=[f["std"] or 0 for _, f in xs],
                         color=color, marker="o", ms=4, lw=1.0, capsize=2)
-        ax.plot([], [], color=color, marker="o", ms=4, label=f"{op} (seed 0, split {result['split']})")
+        seeded = pts and pts[0]["timing"]["operator"] == op  # the timing probe's operator ran every seed
+        ax.plot([], [], color=color, marker="o", ms=4,
+                label=f"{op} ({'seeds mean' if seeded else 'seed 0'}, split {result['split']})")
     best = [(p["tokens_per_param"], p["best"]["flops_frac"]) for p in pts if p["best"]["flops_frac"]["mean"] is not None]
     if best:
         ax.errorbar([x for x, _ in best], [f["mean"] for _, f in best], yerr=[f["std"] or 0 for _, f in best],

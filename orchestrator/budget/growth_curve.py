@@ -2,12 +2,12 @@
 
 bench/growth_curve.py measures, at several tokens per parameter of a small final model, the
 FLOPs a function-preserving growth schedule needs to reach a tuned scratch run's final
-validation loss, over scratch's (`flops_frac`; the best preserving operator at its best
-growth timing, mean over seeds). Its JSON ships with the package (package_data.GROWTH_CURVE).
+validation loss, over scratch's (`flops_frac`: the point's "best", msg at its best growth
+timing, mean over seeds). Its JSON ships with the package (package_data.GROWTH_CURVE).
 `grow plan` prints the figure at the plan's tokens per parameter beside the FLOPs it computes:
 interpolated linearly in log(tokens per parameter) between the two measured points around it;
-outside the measured range, or next to a point where growth never reached scratch's loss, it
-says so instead of guessing.
+outside the measured range, or next to a point where growth did not reach scratch's loss in
+every seed, it says so instead of guessing.
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def measured_saving(tokens_per_param: float, curve: dict | None, path: Path | st
     (x0, f0, s0, op0), (x1, f1, s1, op1) = left, right
     if f0 is None or f1 is None:
         never = _fmt(x0) if f0 is None else _fmt(x1)
-        return result(None, None, f"measured saving: none at {_fmt(t)} tokens/param: growth never reached "
-                                  f"scratch's loss at {never} tokens/param ({where})")
+        return result(None, None, f"measured saving: none at {_fmt(t)} tokens/param: growth did not reach "
+                                  f"scratch's loss in every seed at {never} tokens/param ({where})")
     w = 0.0 if x1 == x0 else (math.log(t) - math.log(x0)) / (math.log(x1) - math.log(x0))
     frac = f0 + w * (f1 - f0)
     std = None if s0 is None or s1 is None else s0 + w * (s1 - s0)
