@@ -185,10 +185,10 @@ class Point:
         by_split = {split: [{"seed": s, **fractions(runs[key(lead, s, split)], scratch[s])} for s in seeds]
                     for split in splits}
 
-        def mean_rank(split):  # all seeds reached first, then fewer FLOPs, then lower final loss
+        def mean_rank(split):  # more seeds reaching scratch first, then fewer FLOPs, then lower final loss
             rows = by_split[split]
-            fr = [r["flops_frac"] for r in rows]
-            return (any(f is None for f in fr), statistics.fmean(f or 0.0 for f in fr),
+            fr = [r["flops_frac"] for r in rows if r["flops_frac"] is not None]
+            return (len(rows) - len(fr), statistics.fmean(fr) if fr else 0.0,
                     statistics.fmean(r["final_val_loss"] for r in rows))
         best_split = min(splits, key=mean_rank)
         timing = [{"split": split, "seed0": by_split[split][0], "seeds": by_split[split],
